@@ -1,0 +1,275 @@
+"""Tests for distar.py. CPU only, no download. Run: python -m pytest -q test_distar.py
+
+Exactness checks are in float64 against closed-form Gaussian answers; the smoke tests run
+the real command lines in subprocesses (including torchrun)."""
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import distar
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ENV = {**os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+f64 = torch.float64
+
+
+def run(*args, timeout=300):
+    return subprocess.run([sys.executable, os.path.join(HERE, "distar.py"), *args], cwd=HERE,
+                          env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+# -----------------------------------------------------------------------------
+# the pure loss functions, against exact answers
+
+
+def test_distance_grad_is_the_derivative_of_the_distance_over_the_whole_sample():
+    torch.manual_seed(0)
+    y = torch.randn(3, 4, 5, 6, dtype=f64, requires_grad=True)
+    c = torch.tensor([0.5, 2.0, 7.0], dtype=f64)
+    sq = (y**2).flatten(1).sum(1)
+    for distance, d in (("l2", sq), ("pseudo_huber", torch.sqrt(sq + c**2) - c)):
+        (grad,) = torch.autograd.grad(d.sum(), y, retain_graph=True)
+        assert torch.allclose(distar.distance_grad(y, distance, c), grad, rtol=1e-12, atol=0)
+    # a float c is the same as a constant per-sample tensor, and c matters
+    ph = distar.distance_grad(y, "pseudo_huber", 2.0)
+    assert torch.allclose(ph, distar.distance_grad(y, "pseudo_huber", torch.full((3,), 2.0, dtype=f64)))
+    assert not torch.allclose(ph, distar.distance_grad(y, "pseudo_huber", 0.01))
+
+
+def test_losses_are_per_sample_over_all_non_batch_dims():
+    """(B, C, H, W) inputs: each loss is one number per sample, equal to the loss of that sample
+    alone, with per-sample weight and c."""
+    torch.manual_seed(1)
+    B = 4
+    x_t = torch.randn(B, 4, 8, 8, dtype=f64)
+    cond = torch.randn_like(x_t)
+    W1, W2 = torch.randn(2, 4 * 64, 4 * 64, dtype=f64) / 16
+    fake = lambda x: torch.tanh((x.flatten(1) @ W1).view_as(x))
+    ref = lambda x: (x.flatten(1) @ W2).view_as(x)
+    w, c = torch.rand(B, dtype=f64) + 0.5, torch.rand(B, dtype=f64) + 0.1
+    losses = {
+        "div_ph": lambda i: distar.score_divergence_loss(x_t[i], cond[i], fake, ref, "pseudo_huber", c=c[i], weight=w[i]),
+        "div_l2": lambda i: distar.score_divergence_loss(x_t[i], cond[i], fake, ref, "l2", weight=w[i]),
+        "kl": lambda i: distar.kl_loss(x_t[i], fake, ref, weight=w[i]),
+        "cfg": lambda i: distar.cfg_reward_loss(x_t[i], fake, ref, weight=w[i]),
+        "dsm": lambda i: distar.dsm_loss(fake(x_t[i]), cond[i], weight=w[i]),
+    }
+    for name, f in losses.items():
+        whole = f(slice(None))
+        assert whole.shape == (B,), name
+        one_by_one = torch.cat([f(slice(i, i + 1)) for i in range(B)])
+        assert torch.allclose(whole, one_by_one, rtol=1e-12), name
+    # and the pseudo-Huber value written out by hand: one norm over C*H*W per sample
+    y = (fake(x_t) - ref(x_t)).flatten(1)
+    u = y / torch.sqrt((y**2).sum(1, keepdim=True) + c[:, None] ** 2)
+    expect = -w * (u * (fake(x_t) - cond).flatten(1)).sum(1)
+    assert torch.allclose(losses["div_ph"](slice(None)), expect, rtol=1e-12)
+
+
+def test_kl_and_cfg_losses_do_not_backpropagate_through_the_nets():
+    """kl_loss: d/dx_t = (s_fake - s_ref)(x_t); cfg_reward_loss: d/dx_t = -(s_c - s_u)(x_t)."""
+    torch.manual_seed(2)
+    x_t = torch.randn(5, 3, dtype=f64, requires_grad=True)
+    f1, f2 = (lambda x: torch.sin(3 * x)), (lambda x: x**3)
+    (g,) = torch.autograd.grad(distar.kl_loss(x_t, f1, f2, weight=2.0).sum(), x_t)
+    assert torch.allclose(g, 2 * (f1(x_t) - f2(x_t)).detach(), rtol=1e-12)
+    (g,) = torch.autograd.grad(distar.cfg_reward_loss(x_t, f1, f2).sum(), x_t)
+    assert torch.allclose(g, -(f1(x_t) - f2(x_t)).detach(), rtol=1e-12)
+
+
+def test_cfg_score_is_the_score_of_the_guided_density():
+    """s_u + w (s_c - s_u) = grad log p_c^w p_u^(1-w), exactly (the printed s_c + a s_u is not)."""
+    world = distar.make_toy_world()
+    world.means = world.means.to(f64)
+    torch.manual_seed(3)
+    x = torch.randn(64, 2, dtype=f64) * 2
+    a, s = torch.full((64,), 0.7, dtype=f64), torch.full((64,), 0.714, dtype=f64)
+    c = torch.randint(world.K, (64,))
+    for omega in (0.0, 1.0, 3.0, 8.5):
+        xg = x.clone().requires_grad_(True)
+        logp = omega * world.log_prob(xg, a, s, c) + (1 - omega) * world.log_prob(xg, a, s, None)
+        (exact,) = torch.autograd.grad(logp.sum(), xg)
+        s_c, s_u = world.score(x, a, s, c), world.score(x, a, s, None)
+        assert torch.allclose(distar.cfg_score(s_c, s_u, omega), exact, atol=1e-10)
+    printed = s_c + 7.5 * s_u
+    assert (printed - exact).norm() > 0.1 * exact.norm()
+
+
+def test_toy_scores_are_the_gradients_of_the_toy_log_densities():
+    world = distar.make_toy_world()
+    world.means = world.means.to(f64)
+    torch.manual_seed(4)
+    x = (torch.randn(100, 2, dtype=f64) * 2).requires_grad_(True)
+    ab = torch.rand(100, dtype=f64)
+    a, s = ab.sqrt(), (1 - ab).sqrt()
+    for c in (torch.randint(world.K, (100,)), None):
+        (g,) = torch.autograd.grad(world.log_prob(x, a, s, c).sum(), x)
+        assert torch.allclose(world.score(x, a, s, c), g, atol=1e-10)
+
+
+def test_dsm_loss_is_minimised_by_the_true_score():
+    """E||s - grad log p_t(x_t|x_0)||^2 = E||s - s_true||^2 + const (eq. 2.2): a constant offset
+    d raises the loss by exactly |d|^2 in expectation."""
+    world = distar.make_toy_world()
+    world.means = world.means.to(f64)
+    gen = torch.Generator().manual_seed(5)
+    n = 400_000
+    k = torch.randint(2, (n,), generator=gen)
+    x0 = world.means[0, k] + world.std * torch.randn(n, 2, dtype=f64, generator=gen)
+    eps = torch.randn(n, 2, dtype=f64, generator=gen)
+    a, s = torch.full((n,), 0.8, dtype=f64), torch.full((n,), 0.6, dtype=f64)
+    x_t = a[:, None] * x0 + s[:, None] * eps
+    s_true = world.score(x_t, a, s, torch.zeros(n, dtype=torch.long))
+    base = distar.dsm_loss(s_true, -eps / 0.6)
+    for d in ([0.3, 0.0], [0.0, -0.5], [0.4, 0.4]):
+        d = torch.tensor(d, dtype=f64)
+        extra = distar.dsm_loss(s_true + d, -eps / 0.6) - base
+        se = extra.std() / math.sqrt(n)
+        assert abs(extra.mean() - d @ d) < 5 * se + 1e-12
+        assert extra.mean() > 0
+
+
+# -----------------------------------------------------------------------------
+# Theorems 3.1 and 3.2 by Monte Carlo against the exact gradients (the toy's gradient check)
+
+
+@pytest.fixture(scope="module")
+def grad_check():
+    return {r["name"].strip(): r for r in distar.gradient_check()}
+
+
+@pytest.mark.parametrize("name", ["eq 3.4 pseudo-Huber (Thm 3.1)", "eq 3.4 l2 (Thm 3.1)",
+                                  "kl_loss vs closed-form KL", "cfg_reward_loss (Thm 3.2, sign -)",
+                                  "choice 2: cfg_score reference"])
+def test_tractable_losses_have_the_exact_gradient(grad_check, name):
+    r = grad_check[name]
+    assert r["should_match"] and r["ok"], r
+    # mean AND scale parameters: a wrong stop-gradient can get mu right and A wrong
+    assert r["rel"]["mu"] < max(r["tol"], 1e-9) * 3 and r["rel"]["A"] < max(r["tol"], 1e-9) * 3, r
+    assert r["tol"] < 0.05  # the check has the power to see a 5% error
+
+
+@pytest.mark.parametrize("name", ["wrong: x_t detached inside d'", "wrong: x_t detached in 2nd s_fake",
+                                  "printed sign + (eqs 3.5, 3.6)", "printed choice 2: s_c + a s_u"])
+def test_wrong_variants_are_caught(grad_check, name):
+    r = grad_check[name]
+    assert not r["should_match"] and r["ok"] and r["rel"]["all"] > 5 * r["tol"], r
+
+
+def test_theorem_3_2_printed_sign_gives_the_opposite_gradient(grad_check):
+    assert abs(grad_check["printed sign + (eqs 3.5, 3.6)"]["rel"]["all"] - 2.0) < 1e-6
+
+
+# -----------------------------------------------------------------------------
+# the loop's plumbing
+
+
+def _toy(args):
+    cfg = distar.parse_args(["--toy", *args])
+    world = distar.make_toy_world()
+    world.cfg = cfg
+    return world
+
+
+def test_kl_gradient_is_the_same_for_cfg_in_and_out():
+    """With alpha_cfg the guidance strength (omega = 1 + alpha_cfg), choice 1 and choice 2 give
+    the same KL gradient: -(s_fake - s_u - omega (s_c - s_u)) = -(s_fake - s_c) + alpha (s_c - s_u)."""
+    grads = []
+    for mode in ("in", "out"):
+        world = _toy(["--divergence=kl", f"--cfg={mode}", "--alpha_cfg=3", "--alpha_rew=0"])
+        torch.manual_seed(0)
+        world.generator.load_state_dict(distar.make_toy_world().generator.state_dict())
+        world.assistant.load_state_dict(distar.make_toy_world().assistant.state_dict())
+        torch.manual_seed(1)
+        loss, _ = distar.generator_loss(world, world.generator, world.sample_cond(64))
+        grads.append(torch.autograd.grad(loss, list(world.generator.parameters())))
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_generator_phase_backpropagates_through_the_assistant_input_but_not_its_weights():
+    world = _toy(["--alpha_rew=0", "--alpha_cfg=0"])
+    world.assistant.requires_grad_(False)
+    loss, _ = distar.generator_loss(world, world.generator, world.sample_cond(32))
+    loss.backward()
+    assert all(p.grad is None for p in world.assistant.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in world.generator.parameters())
+
+
+# -----------------------------------------------------------------------------
+# the toy, end to end
+
+
+def _class_energy_ratios(path):
+    samples = torch.load(path, weights_only=True)
+    gen, ref = samples["generator"], samples["reference"]
+    assert gen.dtype == ref.dtype == torch.float32 and gen.shape == ref.shape
+    K, N, two = gen.shape
+    assert K == 3 and N >= 2000 and two == 2
+    torch.manual_seed(0)
+    normal = torch.randn(N, 2)
+    return gen, ref, [distar.energy_distance(gen[k], ref[k]) / distar.energy_distance(normal, ref[k])
+                      for k in range(K)]
+
+
+def test_toy_without_reward_or_cfg_converges_to_the_reference(tmp_path):
+    p = run("--toy", "--alpha_rew=0", "--alpha_cfg=0", f"--out_dir={tmp_path}")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.startswith("gradient check")  # printed first
+    assert "FAILED" not in p.stdout
+    _, _, ratios = _class_energy_ratios(tmp_path / "toy_samples.pt")
+    assert max(ratios) < 0.02, ratios
+    assert (tmp_path / "toy.png").stat().st_size > 1000
+
+
+def test_toy_with_reward_moves_toward_higher_reward(tmp_path):
+    p = run("--toy", "--alpha_rew=300", "--alpha_cfg=0", f"--out_dir={tmp_path}")
+    assert p.returncode == 0, p.stderr[-2000:]
+    gen, ref, _ = _class_energy_ratios(tmp_path / "toy_samples.pt")
+    gain = gen[..., 0].mean(1) - ref[..., 0].mean(1)  # r = reward_scale * x[0]
+    assert (gain > 0.05).all(), gain
+
+
+def test_torchrun_two_processes(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(HERE, "distar.py"), "--toy", "--max_steps=30", f"--out_dir={tmp_path}"]
+    p = subprocess.run(cmd, cwd=HERE, env=ENV, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "on 2 process(es), parameters identical on all ranks" in p.stdout
+    assert p.stdout.count("gradient check:") == 1  # rank 0 prints
+    assert (tmp_path / "toy_samples.pt").exists()
+
+
+# -----------------------------------------------------------------------------
+# configuration errors: one line, non-zero exit, no traceback
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--toy", "--nope=1"], "unknown option --nope"),
+    (["--toy", "--max_steps=ten"], "--max_steps expects int, got 'ten'"),
+    (["--toy", "--alpha_rew"], "--alpha_rew needs a value"),
+    (["--toy", "--cfg=sideways"], "--cfg must be one of in|out"),
+    (["--toy", "--divergence=tv"], "--divergence must be one of"),
+    (["--toy", "--toy=maybe"], "--toy takes true or false"),
+    (["--toy", "stray"], "unexpected argument"),
+    (["--toy", "--t_min=990"], "t_min <= t_max"),
+])
+def test_bad_config_is_one_clear_line(args, words):
+    p = run(*args, timeout=60)
+    assert p.returncode == 2
+    assert "Traceback" not in p.stderr and p.stdout == ""
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and words in lines[0], p.stderr
+
+
+def test_config_parsing():
+    cfg = distar.parse_args(["--toy", "--alpha_rew=3", "--cfg=out", "--seed=7"])
+    assert cfg.toy is True and cfg.alpha_rew == 3.0 and cfg.cfg == "out" and cfg.seed == 7
+    assert cfg.max_steps == distar.TOY_DEFAULTS["max_steps"]  # toy defaults apply
+    assert distar.parse_args(["--toy", "--max_steps=5"]).max_steps == 5  # and the user wins
+    assert distar.parse_args([]).alpha_cfg == 7.5 and distar.parse_args([]).cfg == "in"
