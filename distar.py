@@ -18,8 +18,10 @@ its gradient check, the alternating loop (written once, given a world), distribu
 main. Every option is a field of Config below and is overridden as --key=value.
 """
 
+import json
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
@@ -38,6 +40,15 @@ from tqdm import tqdm
 @dataclass
 class Config:
     toy: bool = False  # the 2-D Gaussian world: CPU, seconds, exact reference scores
+    tiny: bool = False  # write tiny random SDXL-shaped models to {out_dir}/tiny and train on them
+    # models: hub ids or local folders (SDXL mode)
+    pretrained: str = "stabilityai/stable-diffusion-xl-base-1.0"  # s_ref, s_psi's init, VAE, text encoders
+    generator_init: str = "tianweiy/DMD2/dmd2_sdxl_1step_unet_fp16.bin"  # state-dict file or UNet folder; "" = pretrained
+    reward_model: str = "yuvalkirstain/PickScore_v1"  # any transformers CLIPModel
+    reward_processor: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"  # its tokenizer and image size/mean/std
+    prompts: str = ""  # text file, one prompt per line; "" = a few built-in prompts
+    resolution: int = 1024
+    conditioning_t: int = 399  # the one-step generator's conditioning timestep (DMD2, DI*)
     # the DI* objective (Algorithm 1); paper defaults: alpha_rew 100, alpha_cfg 7.5, cfg in
     alpha_rew: float = 100.0  # alpha_rew: scale of the explicit reward r(x_0, c)
     alpha_cfg: float = 7.5  # alpha_cfg: guidance strength; CFG scale omega = 1 + alpha_cfg
@@ -57,23 +68,36 @@ class Config:
     weight_decay: float = 0.01
     grad_clip: float = 10.0  # max grad norm of each net
     seed: int = 0  # rank r uses seed * world_size + r
+    # precision and memory
+    precision: str = "bf16"  # bf16: autocast, fp32 master weights, frozen nets in bf16 | fp32
+    grad_checkpointing: bool = False  # UNets and VAE recompute activations in backward
+    zero: bool = False  # shard optimizer states across ranks (ZeroRedundancyOptimizer)
+    # output
     out_dir: str = "out"
     log_interval: int = 10  # steps between metrics lines
+    ckpt_interval: int = 500  # steps between checkpoints (and one at the end)
+    sample_interval: int = 500  # steps between sample grids
+    keep_checkpoints: int = 2  # newest complete checkpoints kept (an SDXL one is ~60 GB)
+    resume: bool = False  # continue from the newest complete checkpoint in out_dir
 
 
 # the toy is a different problem size: these replace the defaults, and --key=value still wins
 TOY_DEFAULTS = dict(batch_size=256, max_steps=1000, lr_g=1e-3, lr_psi=3e-3, assistant_steps=4,
-                    weight_decay=0.0, log_interval=100, out_dir="out_toy")
-CHOICES = dict(cfg=("in", "out"), divergence=("pseudo_huber", "l2", "kl"))
+                    weight_decay=0.0, log_interval=100, ckpt_interval=1000, out_dir="out_toy")
+# tiny random models on CPU: a smoke-test size; --key=value still wins
+TINY_DEFAULTS = dict(resolution=64, batch_size=2, max_steps=4, lr_g=1e-4, lr_psi=1e-4, assistant_steps=2,
+                     precision="fp32", log_interval=1, ckpt_interval=2, sample_interval=2, out_dir="out_tiny")
+CHOICES = dict(cfg=("in", "out"), divergence=("pseudo_huber", "l2", "kl"), precision=("bf16", "fp32"))
 
 
 class ConfigError(ValueError):
     pass
 
 
-def parse_args(argv):
-    """--key=value overrides of Config, type-checked; unknown keys and bad values are errors."""
-    types = {f.name: f.type for f in fields(Config)}
+def parse_overrides(argv, cls):
+    """--key=value overrides of a config dataclass, type-checked; unknown keys and bad values are
+    errors. A bare --flag means True."""
+    types = {f.name: f.type for f in fields(cls)}
     overrides = {}
     for arg in argv:
         if not arg.startswith("--"):
@@ -95,8 +119,17 @@ def parse_args(argv):
             raise ConfigError(f"--{key} expects {typ.__name__}, got {val!r}") from None
         if key in CHOICES and val not in CHOICES[key]:
             raise ConfigError(f"--{key} must be one of {'|'.join(CHOICES[key])}, not {val!r}")
-    defaults = TOY_DEFAULTS if overrides.get("toy") else {}
+    return overrides
+
+
+def parse_args(argv):
+    overrides = parse_overrides(argv, Config)
+    defaults = TOY_DEFAULTS if overrides.get("toy") else TINY_DEFAULTS if overrides.get("tiny") else {}
     cfg = Config(**{**defaults, **overrides})
+    if cfg.toy and cfg.tiny:
+        raise ConfigError("--toy and --tiny are different worlds: choose one")
+    if cfg.resolution % 8 or cfg.resolution < 8:
+        raise ConfigError(f"--resolution must be a multiple of 8, got {cfg.resolution}")
     if not 0 <= cfg.t_min <= cfg.t_max <= 999:
         raise ConfigError(f"need 0 <= t_min <= t_max <= 999, got {cfg.t_min} and {cfg.t_max}")
     if cfg.batch_size < 1 or cfg.max_steps < 0 or cfg.assistant_steps < 0:
@@ -412,6 +445,245 @@ def print_gradient_check(results):
 
 
 # -----------------------------------------------------------------------------
+# the SDXL world: the same interface as the toy, with SDXL's UNets, VAE, CLIP text encoders and
+# a CLIP reward. Nets predict eps; scores are s = -eps_hat / sigma_t (the loop converts).
+
+BUILTIN_PROMPTS = ["a photo of a cat sitting on a windowsill", "the skyline of New York City at dusk",
+                   "a shiba inu wearing a red scarf", "a volcano exploding next to a marina",
+                   "a bowl of ramen, studio lighting", "an astronaut riding a horse on the moon",
+                   "a watercolor painting of a lighthouse", "a cozy cabin in a snowy forest"]
+
+
+class LoadError(RuntimeError):
+    pass
+
+
+def load(flag, value, fn, *args, **kwargs):
+    """Run a from_pretrained-style loader; a failure becomes one line naming the flag."""
+    try:
+        return fn(*args, **kwargs)
+    except Exception as e:  # OSError, ValueError, HFValidationError, ...: report, do not trace
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise LoadError(f"cannot load --{flag}={value}: {first}") from None
+
+
+def load_unet(path, **kw):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel.from_pretrained(path, subfolder=kw.pop("subfolder", None), **kw)
+
+
+def load_generator(cfg):
+    """--generator_init: a UNet folder, a state-dict file (.bin/.pt/.safetensors, local or
+    'owner/repo/file' on the hub, e.g. DMD2's), or "" for the pretrained UNet."""
+    if not cfg.generator_init:
+        return load("pretrained", cfg.pretrained, load_unet, cfg.pretrained, subfolder="unet")
+    path = cfg.generator_init
+    if not path.endswith((".bin", ".pt", ".pth", ".safetensors")):  # a diffusers UNet folder
+        sub = "unet" if os.path.isdir(os.path.join(path, "unet")) else None
+        return load("generator_init", path, load_unet, path, subfolder=sub)
+
+    def from_state_dict():
+        from diffusers import UNet2DConditionModel
+        from safetensors.torch import load_file
+
+        file = path
+        if not os.path.exists(file):  # owner/repo/filename on the hub
+            from huggingface_hub import hf_hub_download
+
+            repo, _, name = path.rpartition("/")
+            file = hf_hub_download(repo, name)
+        sd = load_file(file) if file.endswith(".safetensors") else torch.load(file, map_location="cpu", weights_only=True)
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(cfg.pretrained, subfolder="unet"))
+        unet.load_state_dict(sd)
+        return unet
+
+    return load("generator_init", path, from_state_dict)
+
+
+class ClipReward(nn.Module):
+    """r(x, c) = cos(CLIP_image(x), CLIP_text(c)): PickScore with PickScore_v1's CLIPModel, CLIP score
+    with any other. alpha_rew multiplies this raw cosine (about 0.22 for PickScore), not the x100
+    logit. The image path is differentiable: bicubic antialiased resize of the short side to the
+    CLIP size, centre crop, CLIP mean/std; the text side runs under no_grad."""
+
+    def __init__(self, model_path, processor_path, dtype=torch.float32):
+        super().__init__()
+        from transformers import AutoProcessor, CLIPModel
+
+        proc = load("reward_processor", processor_path, AutoProcessor.from_pretrained, processor_path)
+        self.tokenizer, ip = proc.tokenizer, proc.image_processor
+        self.model = load("reward_model", model_path, CLIPModel.from_pretrained, model_path, dtype=dtype)
+        self.model.requires_grad_(False).eval()
+        self.size = ip.size.get("shortest_edge", ip.size.get("height"))
+        self.crop = (ip.crop_size["height"], ip.crop_size["width"])
+        self.register_buffer("mean", torch.tensor(ip.image_mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(ip.image_std).view(1, 3, 1, 1), persistent=False)
+
+    @torch.no_grad()
+    def text_features(self, prompts):
+        dev = self.mean.device
+        tok = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=77, return_tensors="pt")
+        f = self.model.get_text_features(input_ids=tok.input_ids.to(dev), attention_mask=tok.attention_mask.to(dev))
+        return F.normalize(f.pooler_output.float(), dim=-1)  # (B, P)
+
+    def forward(self, images, text_features):
+        """images (B, 3, H, W) in [0, 1], differentiable -> cosine similarity (B,)."""
+        h, w = images.shape[-2:]
+        scale = self.size / min(h, w)
+        x = F.interpolate(images, size=(max(self.crop[0], round(h * scale)), max(self.crop[1], round(w * scale))),
+                          mode="bicubic", antialias=True, align_corners=False)
+        top, left = (x.shape[-2] - self.crop[0]) // 2, (x.shape[-1] - self.crop[1]) // 2
+        x = x[..., top:top + self.crop[0], left:left + self.crop[1]]
+        x = ((x - self.mean) / self.std).to(self.model.dtype)
+        f = self.model.get_image_features(pixel_values=x).pooler_output.float()
+        return (F.normalize(f, dim=-1) * text_features).sum(-1)
+
+
+class SDXLWorld:
+    """Algorithm 1 on SDXL. Trained in fp32 (master weights): the generator g_theta (a UNet read at
+    conditioning timestep 399) and the assistant s_psi (a UNet, initialised from the reference).
+    Frozen, in bf16 with --precision=bf16: the reference UNet s_ref, both text encoders, the reward
+    CLIP. The VAE stays fp32 (SDXL's VAE overflows in half precision)."""
+
+    def __init__(self, cfg, device, rank=0, world_size=1):
+        from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline
+
+        self.cfg, self.device = cfg, device
+        frozen = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+        self.autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+        prompts = read_prompts(cfg.prompts)
+        self.prompts = prompts[rank::world_size] or prompts  # this rank's shard
+        # text encoders and tokenizers through the SDXL pipeline (its encode_prompt is SDXL's
+        # conditioning: penultimate hidden states of both encoders concatenated, pooled output of 2)
+        self.pipe = load("pretrained", cfg.pretrained, StableDiffusionXLPipeline.from_pretrained, cfg.pretrained,
+                         unet=None, vae=None, dtype=frozen).to(device)
+        self.pipe.set_progress_bar_config(disable=True)
+        sched = load("pretrained", cfg.pretrained, DDPMScheduler.from_pretrained, cfg.pretrained, subfolder="scheduler")
+        self.alphas_cumprod = sched.alphas_cumprod.to(device)  # alphabar_t, (1000,)
+        self.vae = load("pretrained", cfg.pretrained, AutoencoderKL.from_pretrained, cfg.pretrained,
+                        subfolder="vae").to(device).requires_grad_(False)
+        self.s_ref = load("pretrained", cfg.pretrained, load_unet, cfg.pretrained, subfolder="unet",
+                          dtype=frozen).to(device).requires_grad_(False).eval()
+        self.assistant = load("pretrained", cfg.pretrained, load_unet, cfg.pretrained, subfolder="unet").to(device)
+        self.generator = load_generator(cfg).to(device, torch.float32)
+        self.reward_fn = ClipReward(cfg.reward_model, cfg.reward_processor, frozen).to(device)
+        if cfg.grad_checkpointing:  # frozen nets too: they sit on the generator's gradient path
+            for m in (self.generator, self.assistant, self.s_ref, self.vae):
+                m.enable_gradient_checkpointing()
+        r, lat = cfg.resolution, cfg.resolution // 8
+        self.latent_shape = (self.generator.config.in_channels, lat, lat)
+        self.time_ids = torch.tensor([[r, r, 0, 0, r, r]], dtype=torch.float32, device=device)  # (1, 6)
+
+    def sample_cond(self, n):
+        idx = torch.randint(len(self.prompts), (n,)).tolist()  # global RNG: reproducible on resume
+        return self.encode([self.prompts[i] for i in idx])
+
+    @torch.no_grad()
+    def encode(self, prompts):
+        emb, _, pooled, _ = self.pipe.encode_prompt(prompts, device=self.device, do_classifier_free_guidance=False)
+        return dict(prompts=prompts, embeds=emb.float(), pooled=pooled.float(),  # (B, 77, 2048), (B, 1280)
+                    text_features=self.reward_fn.text_features(prompts))
+
+    def unet(self, net, x, t, cond):
+        """eps_hat = net(x_t, t, c); cond None: SDXL's unconditional input, all zeros."""
+        B = len(x)
+        if cond is None:  # force_zeros_for_empty_prompt
+            emb = torch.zeros(B, 77, self.pipe.text_encoder.config.hidden_size + self.pipe.text_encoder_2.config.hidden_size, device=x.device)
+            pooled = torch.zeros(B, self.pipe.text_encoder_2.config.projection_dim, device=x.device)
+        else:
+            emb, pooled = cond["embeds"], cond["pooled"]
+        t = torch.as_tensor(t, device=x.device).expand(B)
+        with torch.autocast(**self.autocast):
+            eps = net(x, t, encoder_hidden_states=emb,
+                      added_cond_kwargs={"text_embeds": pooled, "time_ids": self.time_ids.expand(B, 6)}).sample
+        return eps.float()
+
+    def generate(self, g, cond, z=None):
+        """The one-step generator as DMD2 and DI* read it: x_0 = (z - sigma eps_hat) / a at t = 399."""
+        if z is None:
+            z = torch.randn(len(cond["prompts"]), *self.latent_shape, device=self.device)  # (B, 4, R/8, R/8)
+        ab = self.alphas_cumprod[self.cfg.conditioning_t]
+        eps_hat = self.unet(g, z, self.cfg.conditioning_t, cond)
+        return (z - (1 - ab).sqrt() * eps_hat) / ab.sqrt()  # x_0 = g_theta(z, c)
+
+    def eps_fake(self, s_psi, x_t, t, cond):
+        return self.unet(s_psi, x_t, t, cond)
+
+    def eps_ref(self, x_t, t, cond):
+        return self.unet(self.s_ref, x_t, t, cond)
+
+    def decode(self, x0):
+        with torch.autocast(self.device.type, enabled=False):  # the VAE in fp32
+            img = self.vae.decode(x0.float() / self.vae.config.scaling_factor).sample
+        return (img / 2 + 0.5).clamp(0, 1)  # (B, 3, R, R) in [0, 1]
+
+    def reward(self, x0, cond):
+        return self.reward_fn(self.decode(x0), cond["text_features"])  # r(x_0, c), (B,)
+
+
+def read_prompts(path):
+    if not path:
+        return BUILTIN_PROMPTS
+    if not os.path.isfile(path):
+        raise LoadError(f"--prompts={path}: no such file")
+    with open(path, encoding="utf-8") as f:
+        prompts = [line.strip() for line in f if line.strip()]
+    if not prompts:
+        raise LoadError(f"--prompts={path}: the file has no prompts (one per line)")
+    return prompts
+
+
+def build_tiny(root, resolution=64):
+    """Tiny random SDXL-architecture components, written as the real ones are laid out:
+    {root}/sdxl (a StableDiffusionXLPipeline folder) and {root}/reward (a CLIPModel + processor)."""
+    with torch.random.fork_rng():  # the same tiny models every time; the caller's RNG untouched
+        torch.manual_seed(0)
+        return _build_tiny(root, resolution)
+
+
+def _build_tiny(root, resolution):
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTextConfig,
+                              CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, CLIPVisionConfig)
+
+    letters = "abcdefghijklmnopqrstuvwxyz,.!"
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for ch in letters:
+        vocab.setdefault(ch, len(vocab))
+        vocab.setdefault(ch + "</w>", len(vocab))
+    vocab["ab</w>"] = len(vocab)  # one merge, so the BPE model is well formed
+    tok = CLIPTokenizer(vocab=vocab, merges=[("a", "b</w>")], model_max_length=77)
+    text = lambda proj: CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
+                                       num_hidden_layers=2, num_attention_heads=4, projection_dim=proj,
+                                       max_position_embeddings=77, bos_token_id=0, eos_token_id=tok.eos_token_id,
+                                       pad_token_id=tok.pad_token_id)
+    unet = UNet2DConditionModel(sample_size=resolution // 8, in_channels=4, out_channels=4, layers_per_block=1,
+                                block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
+                                cross_attention_dim=64, norm_num_groups=8, use_linear_projection=True,
+                                addition_embed_type="text_time", addition_time_embed_dim=8,
+                                projection_class_embeddings_input_dim=32 + 6 * 8)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16, 32, 32),
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        layers_per_block=1, norm_num_groups=8, sample_size=resolution, scaling_factor=0.13025)
+    sched = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                   timestep_spacing="leading", steps_offset=1)
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=CLIPTextModel(text(32)), tokenizer=tok,
+                                     text_encoder_2=CLIPTextModelWithProjection(text(32)), tokenizer_2=tok,
+                                     unet=unet, scheduler=sched)
+    pipe.save_pretrained(os.path.join(root, "sdxl"))
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              image_size=32, patch_size=8)
+    clip = CLIPModel(CLIPConfig(text_config=text(16).to_dict(), vision_config=vision.to_dict(), projection_dim=16))
+    clip.save_pretrained(os.path.join(root, "reward"))
+    proc = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
+                                                            crop_size={"height": 32, "width": 32}), tokenizer=tok)
+    proc.save_pretrained(os.path.join(root, "reward"))
+    return os.path.join(root, "sdxl"), os.path.join(root, "reward")
+
+
+# -----------------------------------------------------------------------------
 # the alternating loop (Algorithm 1), written once and given a world
 # A world holds .generator and .assistant (the trained nets), .alphas_cumprod, and
 # sample_cond(n), generate(g, cond), eps_fake(s_psi, x_t, t, cond), eps_ref(x_t, t, cond or
@@ -477,26 +749,49 @@ def generator_loss(world, g, cond):
     return loss, dict(loss_div=loss_div.mean(), loss_cfg=loss_cfg.mean(), reward=reward.mean())
 
 
-def train(world, dist_info, start_step=0):
+def make_optimizer(cfg, params, lr):
+    adamw = dict(lr=lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+    if cfg.zero and dist.is_initialized():  # each rank keeps 1/world_size of the Adam states
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        return ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.AdamW, **adamw)
+    return torch.optim.AdamW(params, **adamw)
+
+
+def peak_memory_gb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource  # CPU: the process's peak resident set (KiB on Linux)
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def train(world, dist_info):
     """Alternate K_TA assistant updates and one generator update (Algorithm 1)."""
     cfg = world.cfg
     rank, world_size, device = dist_info
     g, s_psi = world.generator, world.assistant  # fp32 master weights
     wrap = (lambda m: DDP(m)) if world_size > 1 else (lambda m: m)
     g_ddp, s_psi_ddp = wrap(g), wrap(s_psi)  # DDP only on the two trained nets
-    adamw = lambda params, lr: torch.optim.AdamW(params, lr=lr, betas=(cfg.beta1, cfg.beta2),
-                                                 weight_decay=cfg.weight_decay)
-    opt_g, opt_psi = adamw(g.parameters(), cfg.lr_g), adamw(s_psi.parameters(), cfg.lr_psi)
-    bar = tqdm(range(start_step, cfg.max_steps), disable=None if rank == 0 else True, dynamic_ncols=True)
+    opt_g, opt_psi = make_optimizer(cfg, g.parameters(), cfg.lr_g), make_optimizer(cfg, s_psi.parameters(), cfg.lr_psi)
+    start = load_checkpoint(cfg, world, opt_g, opt_psi, dist_info) if cfg.resume else 0
+    bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps,
+               disable=None if rank == 0 else True, dynamic_ncols=True)
     for step in bar:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        # assistant phase: freeze theta, K_TA DSM updates of psi (eq. 2.2)
         t0 = time.perf_counter()
-        # assistant phase: freeze theta, K_TA DSM updates of psi
+        loss_psi = torch.zeros((), device=device)
         for _ in range(cfg.assistant_steps):
             loss_psi = assistant_loss(world, s_psi_ddp, world.sample_cond(cfg.batch_size))
             opt_psi.zero_grad(set_to_none=True)
             loss_psi.backward()
             torch.nn.utils.clip_grad_norm_(s_psi.parameters(), cfg.grad_clip)
             opt_psi.step()
+        mem_psi, t1 = peak_memory_gb(device), time.perf_counter()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         # generator phase: freeze psi (its parameters, not its input), one update of theta
         s_psi.requires_grad_(False)
         loss_g, terms = generator_loss(world, g_ddp, world.sample_cond(cfg.batch_size))
@@ -505,15 +800,36 @@ def train(world, dist_info, start_step=0):
         s_psi.requires_grad_(True)
         grad_norm = torch.nn.utils.clip_grad_norm_(g.parameters(), cfg.grad_clip)
         opt_g.step()
-        metrics = dict(loss_g=loss_g.detach(), **{k: v.detach() for k, v in terms.items()},
-                       grad_norm=grad_norm, loss_psi=loss_psi.detach() if cfg.assistant_steps else torch.zeros(()))
+        t2 = time.perf_counter()
         if (step + 1) % cfg.log_interval == 0 or step + 1 == cfg.max_steps:
-            metrics = all_reduce_mean(metrics, world_size)
-            bar.set_postfix({k: f"{v:.3g}" for k, v in metrics.items()}, refresh=False)
-        world.last_step_time = time.perf_counter() - t0
+            metrics = all_reduce_mean(dict(loss_g=loss_g.detach(), **{k: v.detach() for k, v in terms.items()},
+                                           loss_psi=loss_psi.detach(), grad_norm=grad_norm), world_size)
+            metrics.update(step=step + 1, sec_assistant=(t1 - t0), sec_generator=(t2 - t1),
+                           mem_assistant_gb=mem_psi, mem_generator_gb=peak_memory_gb(device))
+            bar.set_postfix({k: f"{v:.3g}" for k, v in metrics.items() if k != "step"}, refresh=False)
+            if rank == 0 and not cfg.toy:
+                with open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") as f:
+                    f.write(json.dumps(metrics) + "\n")
+        if not cfg.toy and ((step + 1) % cfg.sample_interval == 0 or step + 1 == cfg.max_steps) and rank == 0:
+            save_sample_grid(world, os.path.join(cfg.out_dir, f"samples-{step + 1:06d}.png"))
+        if (step + 1) % cfg.ckpt_interval == 0 or step + 1 == cfg.max_steps:
+            save_checkpoint(cfg, step + 1, world, opt_g, opt_psi, dist_info)
     for net in (g, s_psi):
         assert_ranks_in_sync(net, world_size)
-    return cfg.max_steps
+
+
+@torch.no_grad()
+def save_sample_grid(world, path, n=4):
+    """Fixed prompts and fixed noise, so grids from different steps are comparable."""
+    from PIL import Image
+
+    gen = torch.Generator().manual_seed(1234)
+    z = torch.randn(n, *world.latent_shape, generator=gen).to(world.device)
+    cond = world.encode([BUILTIN_PROMPTS[i % len(BUILTIN_PROMPTS)] for i in range(n)])
+    img = world.decode(world.generate(world.generator, cond, z))  # (n, 3, R, R)
+    grid = (img.permute(0, 2, 3, 1).reshape(-1, img.shape[-1], 3) * 255).round().byte()  # stacked vertically
+    grid = grid.view(n, img.shape[-2], img.shape[-1], 3).permute(1, 0, 2, 3).reshape(img.shape[-2], -1, 3)
+    Image.fromarray(grid.cpu().numpy()).save(path)  # one row of n images
 
 
 # -----------------------------------------------------------------------------
@@ -533,16 +849,17 @@ def setup_distributed():
 
 
 def assert_ranks_in_sync(net, world_size):
-    """DDP must keep every rank's copy identical: compare each rank's parameters with rank 0's."""
+    """DDP must keep every rank's copy identical: compare per-tensor fingerprints with rank 0's."""
     if world_size == 1:
         return
-    flat = torch.cat([p.detach().float().flatten() for p in net.parameters()])
-    ref = flat.clone()
+    fp = torch.stack([torch.stack([p.detach().double().sum(), p.detach().double().square().sum()])
+                      for p in net.parameters()])  # (n_tensors, 2); exact copies give exact equality
+    ref = fp.clone()
     dist.broadcast(ref, 0)
-    diff = (flat - ref).abs().max()
+    diff = (fp - ref).abs().max()
     dist.all_reduce(diff, op=dist.ReduceOp.MAX)
     if diff > 0:
-        raise RuntimeError(f"ranks out of sync: max |param - rank 0's| = {diff.item():.3g}")
+        raise RuntimeError(f"ranks out of sync: parameter fingerprints differ by {diff.item():.3g}")
 
 
 def all_reduce_mean(metrics, world_size):
@@ -551,6 +868,137 @@ def all_reduce_mean(metrics, world_size):
         dist.all_reduce(vals)
         vals /= world_size
     return dict(zip(metrics, vals.tolist()))
+
+
+# -----------------------------------------------------------------------------
+# checkpoints: {out_dir}/checkpoint-{step:06d}/ with generator/ and assistant/ (diffusers UNet
+# folders, safetensors), optimizers.safetensors, rng.safetensors and state.json (step, config).
+# Rank 0 writes everything into a hidden temporary folder and renames it into place: a crash or
+# SIGKILL mid-save leaves only the temporary folder, which resume ignores, and never touches an
+# earlier checkpoint. No pickle anywhere.
+
+CKPT_RE = r"checkpoint-\d{6}"
+
+
+def save_net(net, path):
+    if hasattr(net, "save_pretrained"):  # diffusers UNet: config.json + safetensors shards
+        net.save_pretrained(path, safe_serialization=True)
+    else:  # toy MLP
+        from safetensors.torch import save_file
+
+        os.makedirs(path, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, os.path.join(path, "model.safetensors"))
+
+
+def load_net(net, path):
+    from safetensors.torch import load_file
+
+    sd = {}
+    for name in sorted(os.listdir(path)):
+        if name.endswith(".safetensors"):
+            sd.update(load_file(os.path.join(path, name)))
+    net.load_state_dict(sd)
+
+
+def _flatten_optimizer(name, opt):
+    """An optimizer state dict as safetensors tensors plus JSON for the rest."""
+    sd = opt.state_dict()
+    tensors = {f"{name}/{i}/{k}": torch.as_tensor(v).contiguous() for i, st in sd["state"].items() for k, v in st.items()}
+    return tensors, json.dumps({k: v for k, v in sd.items() if k != "state"})
+
+
+def _unflatten_optimizer(name, tensors, meta):
+    sd = dict(json.loads(meta), state={})
+    for key, v in tensors.items():
+        owner, i, k = key.split("/")
+        if owner == name:
+            sd["state"].setdefault(int(i), {})[k] = v
+    return sd
+
+
+def save_checkpoint(cfg, step, world, opt_g, opt_psi, dist_info):
+    from safetensors.torch import save_file
+
+    rank, world_size, device = dist_info
+    opt_states = {}
+    for name, opt in (("opt_g", opt_g), ("opt_psi", opt_psi)):
+        if hasattr(opt, "consolidate_state_dict"):  # ZeRO: gather the shards on rank 0
+            opt.consolidate_state_dict(to=0)
+        if rank == 0:
+            opt_states[name] = _flatten_optimizer(name, opt)
+    rng = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(device)
+    rngs = [rng]
+    if world_size > 1:
+        rngs = [None] * world_size
+        dist.all_gather_object(rngs, rng)
+    if rank == 0:
+        final = os.path.join(cfg.out_dir, f"checkpoint-{step:06d}")
+        tmp = os.path.join(cfg.out_dir, f".tmp-checkpoint-{step:06d}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_net(world.generator, os.path.join(tmp, "generator"))
+        save_net(world.assistant, os.path.join(tmp, "assistant"))
+        save_file({k: v for t, _ in opt_states.values() for k, v in t.items()}, os.path.join(tmp, "optimizers.safetensors"),
+                  metadata={name: meta for name, (_, meta) in opt_states.items()})
+        save_file({f"{kind}/{r}": s.cpu() for r, st in enumerate(rngs) for kind, s in st.items()},
+                  os.path.join(tmp, "rng.safetensors"))
+        with open(os.path.join(tmp, "state.json"), "w") as f:  # written last
+            json.dump(dict(step=step, world_size=world_size, config=asdict(cfg)), f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        if os.path.exists(final):  # the same step saved again: swap, then drop the old copy
+            os.rename(final, tmp + ".old")
+        os.rename(tmp, final)  # atomic: the checkpoint appears complete or not at all
+        shutil.rmtree(tmp + ".old", ignore_errors=True)
+        for old in list_checkpoints(cfg.out_dir)[:-cfg.keep_checkpoints]:
+            shutil.rmtree(old)
+    if world_size > 1:
+        dist.barrier()  # rank 0 saves, then everyone goes on
+
+
+def list_checkpoints(out_dir):
+    import re
+
+    if not os.path.isdir(out_dir):
+        return []
+    names = sorted(d for d in os.listdir(out_dir) if re.fullmatch(CKPT_RE, d)
+                   and os.path.isfile(os.path.join(out_dir, d, "state.json")))
+    return [os.path.join(out_dir, d) for d in names]
+
+
+def load_checkpoint(cfg, world, opt_g, opt_psi, dist_info):
+    """Restore the newest complete checkpoint in out_dir; returns the step to continue from."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    rank, world_size, device = dist_info
+    ckpts = list_checkpoints(cfg.out_dir)
+    if not ckpts:
+        if rank == 0:
+            print(f"resume: no complete checkpoint in {cfg.out_dir}; starting at step 0")
+        return 0
+    path = ckpts[-1]
+    with open(os.path.join(path, "state.json")) as f:
+        state = json.load(f)
+    load_net(world.generator, os.path.join(path, "generator"))
+    load_net(world.assistant, os.path.join(path, "assistant"))
+    opt_file = os.path.join(path, "optimizers.safetensors")
+    with safe_open(opt_file, "pt") as f:
+        meta = f.metadata()
+    tensors = load_file(opt_file, device=str(device))
+    for name, opt in (("opt_g", opt_g), ("opt_psi", opt_psi)):
+        opt.load_state_dict(_unflatten_optimizer(name, tensors, meta[name]))
+    rng = load_file(os.path.join(path, "rng.safetensors"))
+    if state["world_size"] == world_size:  # each rank continues its own random stream
+        torch.set_rng_state(rng[f"cpu/{rank}"])
+        if device.type == "cuda" and f"cuda/{rank}" in rng:
+            torch.cuda.set_rng_state(rng[f"cuda/{rank}"], device)
+    elif rank == 0:
+        print(f"resume: saved with {state['world_size']} ranks, running {world_size}: fresh random streams")
+    if rank == 0:
+        print(f"resumed from {path} (step {state['step']})")
+    return state["step"]
 
 
 # -----------------------------------------------------------------------------
@@ -589,6 +1037,7 @@ def run_toy(cfg, dist_info):
         raise SystemExit("gradient check FAILED: a tractable loss is off beyond Monte-Carlo tolerance")
     world = make_toy_world(device)
     world.cfg = cfg
+    os.makedirs(cfg.out_dir, exist_ok=True)
     t0 = time.perf_counter()
     train(world, dist_info)
     train_time = time.perf_counter() - t0
@@ -600,7 +1049,6 @@ def run_toy(cfg, dist_info):
                            for k in range(world.K)]).cpu()  # (K, N, 2)
     ref = torch.stack([world.sample_ref(k, n) for k in range(world.K)]).cpu()
     normal = torch.randn(n, 2)
-    os.makedirs(cfg.out_dir, exist_ok=True)
     torch.save({"generator": gen, "reference": ref}, os.path.join(cfg.out_dir, "toy_samples.pt"))
     save_toy_png(os.path.join(cfg.out_dir, "toy.png"), ref, gen, world.K)
     print(f"trained {cfg.max_steps} steps in {train_time:.1f} s on {world_size} process(es)"
@@ -617,19 +1065,57 @@ def run_toy(cfg, dist_info):
 # main
 
 
+# -----------------------------------------------------------------------------
+# SDXL mode and main
+
+
+def run_sdxl(cfg, dist_info):
+    rank, world_size, device = dist_info
+    read_prompts(cfg.prompts)  # fail on a bad prompt file before writing anything
+    if cfg.tiny:  # tiny random models, saved and then loaded through the same from_pretrained code
+        root = os.path.join(cfg.out_dir, "tiny")
+        if rank == 0 and not os.path.isfile(os.path.join(root, "reward", "config.json")):
+            build_tiny(root, cfg.resolution)
+        if world_size > 1:
+            dist.barrier()
+        cfg.pretrained, cfg.generator_init = os.path.join(root, "sdxl"), ""
+        cfg.reward_model = cfg.reward_processor = os.path.join(root, "reward")
+    world = SDXLWorld(cfg, device, rank, world_size)
+    world.cfg = cfg
+    if rank == 0:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+    t0 = time.perf_counter()
+    train(world, dist_info)
+    if rank == 0:
+        print(f"trained to step {cfg.max_steps} in {time.perf_counter() - t0:.1f} s on {world_size} process(es)"
+              + (", parameters identical on all ranks" if world_size > 1 else "") + f"; outputs in {cfg.out_dir}")
+
+
+def quiet_libraries():
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    for lib in (diffusers_logging, transformers_logging):
+        lib.set_verbosity_error()
+        lib.disable_progress_bar()
+
+
 def main(argv):
     try:
         cfg = parse_args(argv)
     except ConfigError as e:
         print(f"distar: error: {e}", file=sys.stderr)
         return 2
-    if not cfg.toy:
-        print("distar: error: only --toy is implemented so far", file=sys.stderr)
-        return 2
+    quiet_libraries()
     dist_info = setup_distributed()
     rank, world_size, _ = dist_info
     torch.manual_seed(cfg.seed * world_size + rank)
-    run_toy(cfg, dist_info)
+    try:
+        run_toy(cfg, dist_info) if cfg.toy else run_sdxl(cfg, dist_info)
+    except LoadError as e:  # bad model path or prompt file: one line, before anything is written
+        if rank == 0:
+            print(f"distar: error: {e}", file=sys.stderr)
+        return 2
     if world_size > 1:
         dist.barrier()  # rank 0 has written its files; leave together
         dist.destroy_process_group()
