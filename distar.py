@@ -559,6 +559,8 @@ class SDXLWorld:
         self.pipe = load("pretrained", cfg.pretrained, StableDiffusionXLPipeline.from_pretrained, cfg.pretrained,
                          unet=None, vae=None, dtype=frozen).to(device)
         self.pipe.set_progress_bar_config(disable=True)
+        self.pipe.text_encoder.requires_grad_(False)
+        self.pipe.text_encoder_2.requires_grad_(False)
         sched = load("pretrained", cfg.pretrained, DDPMScheduler.from_pretrained, cfg.pretrained, subfolder="scheduler")
         self.alphas_cumprod = sched.alphas_cumprod.to(device)  # alphabar_t, (1000,)
         self.vae = load("pretrained", cfg.pretrained, AutoencoderKL.from_pretrained, cfg.pretrained,

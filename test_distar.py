@@ -3,6 +3,7 @@
 Exactness checks are in float64 against closed-form Gaussian answers; the smoke tests run
 the real command lines in subprocesses (including torchrun)."""
 
+import json
 import math
 import os
 import subprocess
@@ -273,3 +274,193 @@ def test_config_parsing():
     assert cfg.max_steps == distar.TOY_DEFAULTS["max_steps"]  # toy defaults apply
     assert distar.parse_args(["--toy", "--max_steps=5"]).max_steps == 5  # and the user wins
     assert distar.parse_args([]).alpha_cfg == 7.5 and distar.parse_args([]).cfg == "in"
+
+
+# -----------------------------------------------------------------------------
+# SDXL mode on tiny random models (same loading code as the real ones)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    distar.quiet_libraries()
+    sdxl, reward = distar.build_tiny(str(tmp_path_factory.mktemp("tiny")))
+    return sdxl, reward
+
+
+def _sdxl_world(tiny, *args):
+    sdxl, reward = tiny
+    cfg = distar.parse_args(["--tiny", f"--pretrained={sdxl}", "--generator_init=", f"--reward_model={reward}",
+                             f"--reward_processor={reward}", *args])
+    distar.quiet_libraries()
+    world = distar.SDXLWorld(cfg, torch.device("cpu"))
+    world.cfg = cfg
+    # a generator that differs from the reference, as after DMD2 initialisation
+    with torch.no_grad():
+        for p in world.generator.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    return world
+
+
+def _state(net):
+    return {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+
+def test_one_alternating_step_changes_the_trained_nets_only(tiny, tmp_path):
+    world = _sdxl_world(tiny, "--max_steps=1", "--assistant_steps=1", f"--out_dir={tmp_path}")
+    frozen = {"s_ref": world.s_ref, "vae": world.vae, "text_encoder": world.pipe.text_encoder,
+              "text_encoder_2": world.pipe.text_encoder_2, "reward": world.reward_fn.model}
+    before = {k: _state(m) for k, m in {**frozen, "g": world.generator, "psi": world.assistant}.items()}
+    distar.train(world, (0, 1, torch.device("cpu")))
+    for name, net in {**frozen, "g": world.generator, "psi": world.assistant}.items():
+        after = _state(net)
+        changed = any(not torch.equal(after[k], before[name][k]) for k in after)
+        assert changed == (name in ("g", "psi")), name
+    assert all(not p.requires_grad for m in frozen.values() for p in m.parameters())
+
+
+@pytest.mark.parametrize("mode", ["in", "out"])
+def test_generator_gradient_flows_through_reward_and_frozen_unet_inputs(tiny, mode):
+    world = _sdxl_world(tiny, f"--cfg={mode}", "--alpha_cfg=2", "--alpha_rew=10")
+    grads = {}
+
+    def watch(name):
+        def pre_hook(module, args, kwargs):
+            x = kwargs.get("pixel_values", args[0] if args else None)
+            if x.requires_grad:
+                x.register_hook(lambda g: grads.setdefault(name, []).append(g.abs().sum().item()))
+        return pre_hook
+
+    hooks = [world.s_ref.register_forward_pre_hook(watch("s_ref"), with_kwargs=True),
+             world.assistant.register_forward_pre_hook(watch("s_psi"), with_kwargs=True),
+             world.reward_fn.model.vision_model.register_forward_pre_hook(watch("reward"), with_kwargs=True)]
+    world.assistant.requires_grad_(False)
+    loss, _ = distar.generator_loss(world, world.generator, world.sample_cond(2))
+    loss.backward()
+    for h in hooks:
+        h.remove()
+    # choice 2: s_ref runs twice (c and empty) inside d', both on the gradient path;
+    # choice 1: s_ref (c) inside d' carries gradient, the CFG term's two calls are at sg[x_t]
+    assert len(grads["s_ref"]) == (2 if mode == "in" else 1) and all(v > 0 for v in grads["s_ref"])
+    assert len(grads["s_psi"]) == 1 and grads["s_psi"][0] > 0
+    assert len(grads["reward"]) == 1 and grads["reward"][0] > 0
+    assert all(p.grad is None for p in world.assistant.parameters())
+    assert all(p.grad is None for p in world.s_ref.parameters())
+
+
+def test_training_x0_equals_the_lcm_one_step_pipeline(tiny):
+    from diffusers import LCMScheduler, StableDiffusionXLPipeline
+
+    world = _sdxl_world(tiny)
+    prompts = ["a red fox", "a blue car"]
+    z = torch.randn(2, *world.latent_shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        x0 = world.generate(world.generator, world.encode(prompts), z)
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny[0], unet=world.generator)
+    pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(prompts, num_inference_steps=1, timesteps=[399], guidance_scale=0, latents=z.clone(),
+               height=64, width=64, output_type="latent").images
+    assert torch.allclose(out, x0, atol=1e-4), (out - x0).abs().max()
+    assert (x0 - z).abs().mean() > 0.1  # not trivially equal
+
+
+def test_bf16_path_runs(tmp_path):
+    p = run("--tiny", "--precision=bf16", "--max_steps=2", f"--out_dir={tmp_path}", timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(math.isfinite(r["loss_g"]) and math.isfinite(r["loss_psi"]) for r in rows)
+
+
+def _generator_weights(ckpt):
+    from safetensors.torch import load_file
+
+    folder = ckpt / "generator"
+    return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+def test_sigkill_then_resume_reproduces_the_uninterrupted_run(tmp_path):
+    import time
+
+    args = ["--tiny", "--max_steps=6", "--ckpt_interval=2", "--sample_interval=100", "--keep_checkpoints=5"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert run(*args, f"--out_dir={a}").returncode == 0
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "distar.py"), *args, f"--out_dir={b}"],
+                            cwd=HERE, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not (b / "checkpoint-000002" / "state.json").exists() and proc.poll() is None:
+        time.sleep(0.02)
+    proc.kill()  # SIGKILL
+    assert proc.wait() == -9, "the run finished before it could be killed"
+    assert not (b / "checkpoint-000006").exists()
+    p = run(*args, f"--out_dir={b}", "--resume")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "resumed from" in p.stdout
+    wa, wb = _generator_weights(a / "checkpoint-000006"), _generator_weights(b / "checkpoint-000006")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    w2 = _generator_weights(a / "checkpoint-000002")
+    assert any(not torch.equal(wa[k], w2[k]) for k in wa)  # training moved the weights
+
+
+def test_incomplete_checkpoints_are_ignored(tmp_path):
+    for name in ("checkpoint-000002", "checkpoint-000004", ".tmp-checkpoint-000006", "checkpoint-000008"):
+        (tmp_path / name).mkdir()
+    for name in ("checkpoint-000002", "checkpoint-000004", ".tmp-checkpoint-000006"):
+        (tmp_path / name / "state.json").write_text("{}")
+    found = [os.path.basename(p) for p in distar.list_checkpoints(str(tmp_path))]
+    assert found == ["checkpoint-000002", "checkpoint-000004"]
+
+
+def test_torchrun_two_processes_sdxl_keeps_ranks_identical(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(HERE, "distar.py"), "--tiny", "--max_steps=2", "--zero", f"--out_dir={tmp_path}"]
+    p = subprocess.run(cmd, cwd=HERE, env=ENV, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "on 2 process(es), parameters identical on all ranks" in p.stdout
+    assert (tmp_path / "checkpoint-000002" / "state.json").exists()
+
+
+def test_sdxl_outputs(tmp_path):
+    p = run("--tiny", "--max_steps=2", "--sample_interval=1", f"--out_dir={tmp_path}")
+    assert p.returncode == 0, p.stderr[-2000:]
+    from diffusers import UNet2DConditionModel
+    from PIL import Image
+
+    unet = UNet2DConditionModel.from_pretrained(tmp_path / "checkpoint-000002" / "generator")  # loads in diffusers
+    assert unet.config.addition_embed_type == "text_time"
+    assert Image.open(tmp_path / "samples-000001.png").size == (4 * 64, 64)
+    state = json.loads((tmp_path / "checkpoint-000002" / "state.json").read_text())
+    assert state["step"] == 2 and state["config"]["tiny"] is True
+    row = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    for key in ("loss_g", "loss_div", "reward", "grad_norm", "sec_generator", "sec_assistant", "mem_generator_gb"):
+        assert key in row
+
+
+def _tree_digest(folder):
+    import hashlib
+
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def trained_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("trained")
+    assert run("--tiny", "--max_steps=2", f"--out_dir={d}").returncode == 0
+    return d
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--pretrained=/nonexistent/sdxl"], "cannot load --pretrained=/nonexistent/sdxl"),
+    (["--tiny", "--prompts=/nonexistent/prompts.txt"], "--prompts=/nonexistent/prompts.txt: no such file"),
+    (["--tiny", "--prompts={empty}"], "has no prompts"),
+    (["--tiny", "--resolution=30"], "--resolution must be a multiple of 8"),
+    (["--tiny", "--precision=fp8"], "--precision must be one of bf16|fp32"),
+])
+def test_bad_sdxl_input_is_one_line_and_leaves_checkpoints_intact(trained_dir, tmp_path, args, words):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    before = _tree_digest(trained_dir)
+    p = run(*[a.replace("{empty}", str(empty)) for a in args], f"--out_dir={trained_dir}", "--resume", timeout=120)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and words in lines[0], p.stderr
+    assert _tree_digest(trained_dir) == before
