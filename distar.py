@@ -13,9 +13,23 @@ Toy 2-D Gaussian world, any laptop, no download (gradient check first, then Algo
 $ python distar.py --toy
 $ torchrun --standalone --nproc_per_node=2 distar.py --toy
 
+Tiny random SDXL-shaped models on CPU (the real code path, a smoke test):
+$ torchrun --standalone --nproc_per_node=2 distar.py --tiny --max_steps=4
+
+SDXL (defaults: SDXL-base reference, DMD2 one-step init, PickScore reward, bf16):
+one GPU (needs ~81 GB before activations, so a 141 GB card; see README):
+$ python distar.py --prompts=prompts.txt --grad_checkpointing
+one node of 8 GPUs:
+$ torchrun --standalone --nproc_per_node=8 distar.py --prompts=prompts.txt --zero --grad_checkpointing
+8 nodes of 8 GPUs (run on every node, with the first node's address):
+$ torchrun --nnodes=8 --nproc_per_node=8 --node_rank=$NODE_RANK --master_addr=$MASTER_ADDR \
+    --master_port=29500 distar.py --prompts=prompts.txt --zero --grad_checkpointing
+continue an interrupted run: the same command with --resume
+
 Read it top to bottom: config, the loss math (one function per equation), the toy world and
-its gradient check, the alternating loop (written once, given a world), distributed setup,
-main. Every option is a field of Config below and is overridden as --key=value.
+its gradient check, the SDXL world, the alternating loop (written once, given a world),
+distributed setup and checkpoints, main. Every option is a field of Config below and is
+overridden as --key=value.
 """
 
 import json
@@ -791,6 +805,7 @@ def train(world, dist_info):
             loss_psi.backward()
             torch.nn.utils.clip_grad_norm_(s_psi.parameters(), cfg.grad_clip)
             opt_psi.step()
+            opt_psi.zero_grad(set_to_none=True)  # free psi's grads before the generator phase
         mem_psi, t1 = peak_memory_gb(device), time.perf_counter()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -802,6 +817,7 @@ def train(world, dist_info):
         s_psi.requires_grad_(True)
         grad_norm = torch.nn.utils.clip_grad_norm_(g.parameters(), cfg.grad_clip)
         opt_g.step()
+        opt_g.zero_grad(set_to_none=True)
         t2 = time.perf_counter()
         if (step + 1) % cfg.log_interval == 0 or step + 1 == cfg.max_steps:
             metrics = all_reduce_mean(dict(loss_g=loss_g.detach(), **{k: v.detach() for k, v in terms.items()},
