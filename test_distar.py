@@ -6,13 +6,18 @@ the real command lines in subprocesses (including torchrun)."""
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-import distar
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub, in-process either
+import distar  # noqa: E402
+import sample  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ENV = {**os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
@@ -464,3 +469,137 @@ def test_bad_sdxl_input_is_one_line_and_leaves_checkpoints_intact(trained_dir, t
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and words in lines[0], p.stderr
     assert _tree_digest(trained_dir) == before
+
+
+# -----------------------------------------------------------------------------
+# sample.py
+
+
+def run_sample(*args, timeout=300):
+    return subprocess.run([sys.executable, os.path.join(HERE, "sample.py"), *args], cwd=HERE,
+                          env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def pngs(out_dir, n):
+    assert sorted(os.listdir(out_dir)) == [f"{i:03d}.png" for i in range(n)]
+    return np.stack([np.asarray(Image.open(os.path.join(out_dir, f"{i:03d}.png")).convert("RGB")) for i in range(n)])
+
+
+def lcm_one_step(sdxl, batches, seed, unet=None):
+    """diffusers' own 1-step LCM sampling at t=399; batch b seeded with seed + b -> (N, 64, 64, 3) in [0, 1]."""
+    from diffusers import LCMScheduler, StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(sdxl, **({"unet": unet} if unet is not None else {}))
+    pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    out = [pipe(prompt=p, num_inference_steps=1, timesteps=[399], guidance_scale=0, height=64, width=64,
+                generator=torch.Generator("cpu").manual_seed(seed + b), output_type="np").images
+           for b, p in enumerate(batches)]
+    return np.concatenate(out)
+
+
+def test_sample_equals_the_diffusers_lcm_one_step_pipeline(tiny, tmp_path):
+    sdxl, _ = tiny
+    out = tmp_path / "s3"
+    r = run_sample(f"--pretrained={sdxl}", "--prompt=a cat", "--images_per_prompt=3", "--batch_size=2",
+                   "--seed=3", "--resolution=64", f"--out_dir={out}")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == ""  # no warnings, no progress bars
+    got = pngs(out, 3) / 255
+    expect = lcm_one_step(sdxl, [["a cat", "a cat"], ["a cat"]], seed=3)  # batch 1 uses seed 4
+    assert np.abs(got - expect).max() <= 1 / 255 + 1e-6
+    assert got.std() > 0.05 and np.abs(got[0] - got[1]).mean() > 0.01  # not blank; one noise per image
+    # another seed, other images
+    assert sample.main([f"--pretrained={sdxl}", "--prompt=a cat", "--seed=4", "--resolution=64",
+                        f"--out_dir={tmp_path / 's4'}"]) == 0
+    assert np.abs(pngs(tmp_path / "s4", 1)[0] / 255 - got[0]).mean() > 0.01
+
+
+def test_score_prints_the_clip_reward_of_the_saved_images(tiny, tmp_path, capsys):
+    sdxl, reward = tiny
+    prompts = ["a cat", "a dog", "a red cab"]
+    (tmp_path / "p.txt").write_text("\n".join(prompts) + "\n\n")
+    out = tmp_path / "out"
+    assert sample.main([f"--pretrained={sdxl}", f"--prompts={tmp_path / 'p.txt'}", "--batch_size=2", "--score",
+                        f"--reward_model={reward}", f"--reward_processor={reward}", "--resolution=64",
+                        f"--out_dir={out}"]) == 0
+    stdout = capsys.readouterr().out
+    printed = [(m[1], float(m[2]), m[3]) for m in re.finditer(r"^(\d{3}\.png) (-?\d+\.\d+) (.*)$", stdout, re.M)]
+    assert [(f, p) for f, _, p in printed] == [(f"{i:03d}.png", p) for i, p in enumerate(prompts)]
+    mean = float(re.search(r"^mean score (-?\d+\.\d+) over 3 images", stdout, re.M)[1])
+    # independently: distar.ClipReward on the PNGs as written
+    r = distar.ClipReward(reward, reward)
+    images = torch.from_numpy(pngs(out, 3)).permute(0, 3, 1, 2).float() / 255
+    with torch.no_grad():
+        expect = r(images, r.text_features(prompts))
+    assert expect.std() > 1e-2 and abs(expect.mean()) > 1e-2  # so that the checks below have power
+    assert np.allclose([s for _, s, _ in printed], expect.numpy(), atol=1e-4)
+    assert abs(mean - expect.mean().item()) < 2e-4  # printed to 4 decimals
+
+
+def test_generator_flag_replaces_the_unet(tiny, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    sdxl, _ = tiny
+    torch.manual_seed(123)
+    unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(sdxl, subfolder="unet"))
+    unet.save_pretrained(tmp_path / "unet")
+    args = ["--prompt=a dog", "--images_per_prompt=2", "--batch_size=2", "--seed=7", "--resolution=64"]
+    runs = {}
+    for name, extra in (("default", []), ("gen", [f"--generator={tmp_path / 'unet'}"]),
+                        ("pipe", [f"--generator={sdxl}"])):  # a pipeline folder: its unet/
+        assert sample.main([f"--pretrained={sdxl}", *args, *extra, f"--out_dir={tmp_path / name}"]) == 0
+        runs[name] = pngs(tmp_path / name, 2) / 255
+    assert np.abs(runs["gen"] - runs["default"]).mean() > 0.01
+    assert np.abs(runs["gen"] - lcm_one_step(sdxl, [["a dog", "a dog"]], 7, unet=unet)).max() <= 1 / 255 + 1e-6
+    assert np.array_equal(runs["pipe"], runs["default"])
+
+
+def test_toy_checkpoint_gives_a_scatter_png(tmp_path):
+    from safetensors.torch import save_file
+
+    ckpt = tmp_path / "out_toy" / "checkpoint-000004"
+    (ckpt / "generator").mkdir(parents=True)
+    net = distar.ToyNet(3, use_t=False)
+    with torch.no_grad():  # every sample at (1, -1): a known pixel in each panel takes the class colour
+        net.net[-1].weight.zero_()
+        net.net[-1].bias.copy_(torch.tensor([1.0, -1.0]))
+    save_file(net.state_dict(), str(ckpt / "generator" / "model.safetensors"))
+    (ckpt / "state.json").write_text(json.dumps({"step": 4, "config": {"toy": True, "max_steps": 4}}))
+    assert sample.main([f"--generator={ckpt / 'generator'}", f"--out_dir={tmp_path / 'o'}"]) == 0
+    with Image.open(tmp_path / "o" / "toy_samples.png") as im:
+        assert im.format == "PNG"
+        im.verify()
+    im = Image.open(tmp_path / "o" / "toy_samples.png").convert("RGB")
+    assert im.size == (3 * 320, 320 + 24)
+    colours = [(214, 39, 40), (31, 119, 180), (44, 160, 44)]
+    x, y = (1 + 3.2) / 6.4 * 320, (3.2 + 1) / 6.4 * 320 + 24  # save_toy_png's mapping of (1, -1)
+    assert [im.getpixel((round(k * 320 + x), round(y))) for k in range(3)] == colours
+
+
+@pytest.mark.parametrize("case", ["missing_pretrained", "missing_generator", "missing_prompts", "empty_prompts",
+                                  "missing_reward", "unknown_flag", "bad_value", "prompt_and_prompts"])
+def test_bad_input_is_one_line_and_exit_2(tiny, tmp_path, capsys, case):
+    sdxl, reward = tiny
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    args = {"missing_pretrained": [f"--pretrained={tmp_path / 'nope'}"],
+            "missing_generator": [f"--pretrained={sdxl}", f"--generator={tmp_path / 'nope'}"],
+            "missing_prompts": [f"--pretrained={sdxl}", f"--prompts={tmp_path / 'nope.txt'}"],
+            "empty_prompts": [f"--pretrained={sdxl}", f"--prompts={tmp_path / 'empty.txt'}"],
+            "missing_reward": [f"--pretrained={sdxl}", "--score", f"--reward_model={tmp_path / 'nope'}",
+                               f"--reward_processor={reward}"],
+            "unknown_flag": ["--steps=4"],
+            "bad_value": ["--resolution=60"],
+            "prompt_and_prompts": ["--prompt=a", f"--prompts={tmp_path / 'empty.txt'}"]}[case]
+    assert sample.main(["--resolution=64", f"--out_dir={tmp_path / 'o'}", *args]) == 2  # later flags win
+    err = capsys.readouterr().err
+    assert err.startswith("sample: error: ") and err.count("\n") == 1, err
+    assert not os.path.exists(tmp_path / "o" / "000.png")
+
+
+def test_bad_input_from_the_command_line_has_no_traceback(tmp_path):
+    for args in (["--bogus"], [f"--pretrained={tmp_path / 'nope'}", "--prompt=a"]):
+        r = run_sample(*args, f"--out_dir={tmp_path / 'o'}")
+        assert r.returncode == 2 and r.stdout == "", r
+        assert r.stderr.startswith("sample: error: ") and r.stderr.count("\n") == 1, r.stderr
+        assert "Traceback" not in r.stderr
