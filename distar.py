@@ -38,7 +38,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 import torch.distributed as dist
@@ -55,6 +55,7 @@ from tqdm import tqdm
 class Config:
     toy: bool = False  # the 2-D Gaussian world: CPU, seconds, exact reference scores
     tiny: bool = False  # write tiny random SDXL-shaped models to {out_dir}/tiny and train on them
+    ablation: bool = False  # with --toy: train one generator per row of the paper's Table 2, compare
     # models: hub ids or local folders (SDXL mode)
     pretrained: str = "stabilityai/stable-diffusion-xl-base-1.0"  # s_ref, s_psi's init, VAE, text encoders
     generator_init: str = "tianweiy/DMD2/dmd2_sdxl_1step_unet_fp16.bin"  # state-dict file or UNet folder; "" = pretrained
@@ -98,6 +99,8 @@ class Config:
 # the toy is a different problem size: these replace the defaults, and --key=value still wins
 TOY_DEFAULTS = dict(batch_size=256, max_steps=1000, lr_g=1e-3, lr_psi=3e-3, assistant_steps=4,
                     weight_decay=0.0, log_interval=100, ckpt_interval=1000, out_dir="out_toy")
+# ten toy runs in about a minute on 2 CPU cores
+ABLATION_DEFAULTS = dict(max_steps=600)
 # tiny random models on CPU: a smoke-test size; --key=value still wins
 TINY_DEFAULTS = dict(resolution=64, batch_size=2, max_steps=4, lr_g=1e-4, lr_psi=1e-4, assistant_steps=2,
                      precision="fp32", log_interval=1, ckpt_interval=2, sample_interval=2, out_dir="out_tiny")
@@ -139,9 +142,16 @@ def parse_overrides(argv, cls):
 def parse_args(argv):
     overrides = parse_overrides(argv, Config)
     defaults = TOY_DEFAULTS if overrides.get("toy") else TINY_DEFAULTS if overrides.get("tiny") else {}
+    if overrides.get("ablation"):
+        defaults = {**defaults, **ABLATION_DEFAULTS}
     cfg = Config(**{**defaults, **overrides})
     if cfg.toy and cfg.tiny:
         raise ConfigError("--toy and --tiny are different worlds: choose one")
+    if cfg.ablation and not cfg.toy:
+        raise ConfigError("--ablation is a toy experiment: use --toy --ablation")
+    if cfg.ablation and (set(overrides) & set(ROW_FLAGS) or cfg.resume):
+        raise ConfigError(f"--ablation sets --{', --'.join(ROW_FLAGS)} per row and always starts afresh; "
+                          f"drop {' '.join('--' + k for k in overrides if k in (*ROW_FLAGS, 'resume'))}")
     if cfg.resolution % 8 or cfg.resolution < 8:
         raise ConfigError(f"--resolution must be a multiple of 8, got {cfg.resolution}")
     if not 0 <= cfg.t_min <= cfg.t_max <= 999:
@@ -290,9 +300,9 @@ class ToyWorld:
         return -(resp * diff / var).sum(1)
 
     def sample_ref(self, c, n):
-        """n samples of q_0(x | c) for one class c."""
-        k = torch.randint(self.means.shape[1], (n,), device=self.means.device)
-        return self.means[c, k] + self.std * torch.randn(n, 2, device=self.means.device, dtype=self.means.dtype)
+        """n samples of q_0(x | c) for one class c, (n, 2)."""
+        m = self.means[c:c + 1]  # (1, M, 2)
+        return sample_mixture(m, torch.ones(m.shape[:2], device=m.device), self.std, n)[0]
 
     # the interface the alternating loop uses (the SDXL world has the same methods)
     def sample_cond(self, n):
@@ -329,6 +339,41 @@ def energy_distance(x, y):
     n, m = len(x), len(y)
     return (2 * torch.cdist(x, y).mean() - torch.cdist(x, x).sum() / (n * (n - 1))
             - torch.cdist(y, y).sum() / (m * (m - 1))).item()
+
+
+def tilt_temperature(world):
+    """beta, the temperature of the toy's KL term. generator_loss weights KL(p_t || q_t) by
+    sigma_t / D, so the KL objective is J(p) = -alpha E_p[r] + E_t[sigma_t KL(p_t || q_t)] / D.
+    For one mode q = N(m, s^2 I), a linear reward r = scale x[0] and p = q shifted by delta along
+    x[0], KL(p_t || q_t) = a_t^2 delta^2 / (2 (a_t^2 s^2 + sigma_t^2)); J is minimised at
+    delta = alpha scale s^2 / beta, which is exactly the tilt q exp(alpha r / beta), with
+    beta = E_t[sigma_t a_t^2 s^2 / (a_t^2 s^2 + sigma_t^2)] / D, t ~ U{t_min..t_max}."""
+    ab = world.alphas_cumprod[world.cfg.t_min:world.cfg.t_max + 1].double()  # a_t^2
+    s2 = world.std**2
+    return ((1 - ab).sqrt() * ab * s2 / (ab * s2 + 1 - ab)).mean().item() / world.means.shape[-1]
+
+
+def tilted_reference(world, alpha_rew):
+    """The reward-tilted reference q(x|c) exp(alpha_rew r(x) / beta) / Z, the optimum of KL-regularised
+    RLHF, in closed form: with r = scale x[0] and lam = alpha_rew scale / beta, each mode N(m, s^2 I)
+    becomes N(m + lam s^2 e_0, s^2 I), and its weight is multiplied by exp(lam m[0])."""
+    lam = alpha_rew * world.reward_scale / tilt_temperature(world)
+    means = world.means.clone()  # (K, M, 2)
+    means[..., 0] += lam * world.std**2
+    return means, torch.softmax(lam * world.means[..., 0].double(), -1).to(means.dtype)  # (K, M, 2), (K, M)
+
+
+def sample_mixture(means, weights, std, n):
+    """n samples of each class's Gaussian mixture: means (K, M, 2), weights (K, M) -> (K, n, 2)."""
+    k = torch.multinomial(weights, n, replacement=True)  # (K, n) mode of each sample
+    eps = torch.randn(len(means), n, 2, device=means.device, dtype=means.dtype)
+    return torch.gather(means, 1, k[..., None].expand(-1, -1, 2)) + std * eps
+
+
+def mode_shares(world, x):
+    """Share of each class's samples x (K, N, 2) nearest to each of its reference modes -> (K, M)."""
+    nearest = torch.cdist(x, world.means.to(x)).argmin(-1)  # (K, N)
+    return F.one_hot(nearest, world.means.shape[1]).float().mean(1)
 
 
 # -----------------------------------------------------------------------------
@@ -1023,26 +1068,47 @@ def load_checkpoint(cfg, world, opt_g, opt_psi, dist_info):
 # toy mode: gradient check, Algorithm 1, evaluation and a picture
 
 
+TOY_COLOURS = [(214, 39, 40), (31, 119, 180), (44, 160, 44)]  # class 0, 1, 2
+
+
+def _scatter(draw, left, top, size, layers, lim=3.2):
+    """Draw point sets [(points (N, 2), colour), ...] in order into the square panel of the plane
+    [-lim, lim]^2 whose top-left pixel is (left, top)."""
+    for pts, colour in layers:
+        for x, y in pts[:1500].tolist():
+            if abs(x) > lim or abs(y) > lim:  # off the panel
+                continue
+            px, py = left + (x + lim) / (2 * lim) * size, top + (lim - y) / (2 * lim) * size
+            draw.ellipse([px - 1.5, py - 1.5, px + 1.5, py + 1.5], fill=colour)
+    draw.rectangle([left, top, left + size - 1, top + size - 1], outline=(0, 0, 0))
+
+
 def save_toy_png(path, ref, gen, K):
     """One panel per class: reference samples in grey, generator samples in colour."""
     from PIL import Image, ImageDraw
 
-    size, lim = 320, 3.2
+    size = 320
     img = Image.new("RGB", (size * K, size + 24), "white")
     draw = ImageDraw.Draw(img)
-    colours = [(214, 39, 40), (31, 119, 180), (44, 160, 44)]
     for k in range(K):
-        for pts, col in ((ref[k], (170, 170, 170)), (gen[k], colours[k % 3])):
-            for x, y in pts[:1500].tolist():
-                px, py = k * size + (x + lim) / (2 * lim) * size, (lim - y) / (2 * lim) * size + 24
-                draw.ellipse([px - 1.5, py - 1.5, px + 1.5, py + 1.5], fill=col)
-        draw.rectangle([k * size, 24, (k + 1) * size - 1, size + 23], outline=(0, 0, 0))
+        _scatter(draw, k * size, 24, size, [(ref[k], (170, 170, 170)), (gen[k], TOY_COLOURS[k % 3])])
         draw.text((k * size + 6, 6), f"class {k}: reference (grey), generator (colour); reward grows ->",
                   fill=(0, 0, 0))
     img.save(path)
 
 
+@torch.no_grad()
+def toy_samples(world, n):
+    """n generator samples and n reference samples of every class -> two (K, n, 2) tensors on the CPU."""
+    dev = world.means.device
+    gen = torch.stack([world.generate(world.generator, torch.full((n,), k, device=dev)) for k in range(world.K)])
+    ref = torch.stack([world.sample_ref(k, n) for k in range(world.K)])
+    return gen.cpu(), ref.cpu()
+
+
 def run_toy(cfg, dist_info):
+    from safetensors.torch import save_file
+
     rank, world_size, device = dist_info
     ok = torch.ones(1)
     if rank == 0:  # float64 Monte Carlo, ~2 s; the other ranks wait at the broadcast
@@ -1062,12 +1128,9 @@ def run_toy(cfg, dist_info):
     if rank != 0:
         return
     n = 4000
-    with torch.no_grad():
-        gen = torch.stack([world.generate(world.generator, torch.full((n,), k, device=device))
-                           for k in range(world.K)]).cpu()  # (K, N, 2)
-    ref = torch.stack([world.sample_ref(k, n) for k in range(world.K)]).cpu()
+    gen, ref = toy_samples(world, n)  # (K, N, 2) each
     normal = torch.randn(n, 2)
-    torch.save({"generator": gen, "reference": ref}, os.path.join(cfg.out_dir, "toy_samples.pt"))
+    save_file({"generator": gen, "reference": ref}, os.path.join(cfg.out_dir, "toy_samples.safetensors"))
     save_toy_png(os.path.join(cfg.out_dir, "toy.png"), ref, gen, world.K)
     print(f"trained {cfg.max_steps} steps in {train_time:.1f} s on {world_size} process(es)"
           + (", parameters identical on all ranks" if world_size > 1 else ""))
@@ -1076,11 +1139,103 @@ def run_toy(cfg, dist_info):
         ed, ed0 = energy_distance(gen[k], ref[k]), energy_distance(normal, ref[k])
         r_gen, r_ref = world.reward(gen[k], None).mean().item(), world.reward(ref[k], None).mean().item()
         print(f"{k:5d} {ed:12.4f} {ed / ed0:9.2%} {r_gen:11.4f} {r_ref:11.4f}")
-    print(f"wrote {cfg.out_dir}/toy.png and {cfg.out_dir}/toy_samples.pt")
+    print(f"wrote {cfg.out_dir}/toy.png and {cfg.out_dir}/toy_samples.safetensors")
 
 
 # -----------------------------------------------------------------------------
-# main
+# the paper's Table 2 in the toy (--toy --ablation): one generator per row, the same seed, steps
+# and nets for all; a row is the paper's model and the four flags that make it. KL rows put CFG
+# in the reference: with KL, --cfg=in and --cfg=out give the same gradient (a test checks it).
+
+TABLE2 = [
+    ("KL, no reward, no CFG", "--divergence=kl --alpha_rew=0 --alpha_cfg=0 --cfg=in"),
+    ("Diff-Instruct (KL, CFG)", "--divergence=kl --alpha_rew=0 --alpha_cfg=7.5 --cfg=in"),
+    ("DI++ (KL, reward, CFG)", "--divergence=kl --alpha_rew=100 --alpha_cfg=7.5 --cfg=in"),
+    ("DI*-Out (choice 1)", "--divergence=pseudo_huber --alpha_rew=100 --alpha_cfg=7.5 --cfg=out"),
+    ("DI*, no reward, no CFG", "--divergence=pseudo_huber --alpha_rew=0 --alpha_cfg=0 --cfg=in"),
+    ("SIM (score div., CFG)", "--divergence=pseudo_huber --alpha_rew=0 --alpha_cfg=7.5 --cfg=in"),
+    ("DI*-In, alpha_rew 1", "--divergence=pseudo_huber --alpha_rew=1 --alpha_cfg=7.5 --cfg=in"),
+    ("DI*-In, alpha_rew 10", "--divergence=pseudo_huber --alpha_rew=10 --alpha_cfg=7.5 --cfg=in"),
+    ("DI*-In, alpha_cfg 4.5", "--divergence=pseudo_huber --alpha_rew=100 --alpha_cfg=4.5 --cfg=in"),
+    ("DI*-In (choice 2)", "--divergence=pseudo_huber --alpha_rew=100 --alpha_cfg=7.5 --cfg=in"),
+]
+ROW_FLAGS = ("divergence", "alpha_rew", "alpha_cfg", "cfg")  # what a row sets; the rest is shared
+COVERED = 0.05  # a mode is covered when it holds >= 5% of its class's samples (the reference: 50%)
+
+
+def row_config(cfg, flags):
+    return replace(cfg, **parse_overrides(flags.split(), Config))
+
+
+def toy_metrics(world, x, ref, alpha_rew):
+    """Table 2's columns for samples x (K, N, 2) of a generator trained with alpha_rew."""
+    K, n = x.shape[:2]
+    shares = mode_shares(world, x)  # (K, M)
+    right = world.means[..., 0].argmax(-1)  # (K,) each class's high-reward mode
+    tilted = sample_mixture(*tilted_reference(world, alpha_rew), world.std, n).cpu()  # (K, N, 2)
+    return dict(reward=world.reward(x.reshape(-1, 2), None).mean().item(),
+                ed_ref=sum(energy_distance(x[k], ref[k]) for k in range(K)) / K,
+                coverage=(shares >= COVERED).float().mean().item(),
+                right_share=shares.gather(1, right[:, None].cpu()).mean().item(),
+                ed_tilted=sum(energy_distance(x[k], tilted[k]) for k in range(K)) / K)
+
+
+def save_ablation_png(path, rows, cols=4, size=300, band=32):
+    """One panel per row, every class in it: the reference in grey, the generator in class colours."""
+    from PIL import Image, ImageDraw
+
+    n_rows = -(-len(rows) // cols)
+    img = Image.new("RGB", (cols * size, n_rows * (size + band)), "white")
+    draw = ImageDraw.Draw(img)
+    for i, row in enumerate(rows):
+        left, top = (i % cols) * size, (i // cols) * (size + band) + band
+        layers = [(r, (170, 170, 170)) for r in row["ref"]] + [(g, TOY_COLOURS[k % 3]) for k, g in enumerate(row["x"])]
+        _scatter(draw, left, top, size, layers)
+        draw.text((left + 6, top - band + 4), row["name"], fill=(0, 0, 0))
+        draw.text((left + 6, top - band + 17), row["short"], fill=(90, 90, 90))
+    img.save(path)
+
+
+def run_ablation(cfg, device, n=2000):
+    world = make_toy_world(device)
+    world.cfg = cfg
+    torch.manual_seed(cfg.seed)
+    ref = torch.stack([world.sample_ref(k, n) for k in range(world.K)]).cpu()  # (K, N, 2), the reference q
+    tilt_best = sample_mixture(*tilted_reference(world, 100.0), world.std, n).cpu()
+    rows = [dict(name="reference q (a second draw)", short="the noise floor", alpha_rew=0.0,
+                 x=torch.stack([world.sample_ref(k, n) for k in range(world.K)]).cpu()),
+            dict(name="tilted reference, alpha_rew 100", short=f"q exp(alpha_rew r / beta), beta {tilt_temperature(world):.4f}",
+                 alpha_rew=100.0, x=tilt_best)]
+    for i, (name, flags) in enumerate(TABLE2):
+        row_cfg = replace(row_config(cfg, flags), out_dir=os.path.join(cfg.out_dir, "ablation", f"row{i + 1:02d}"))
+        print(f"row {i + 1}/{len(TABLE2)}: {name}: {flags}", flush=True)
+        torch.manual_seed(cfg.seed)  # every row starts from the same nets and draws the same noise
+        world = make_toy_world(device)
+        world.cfg = row_cfg
+        os.makedirs(row_cfg.out_dir, exist_ok=True)
+        t0 = time.perf_counter()
+        train(world, (0, 1, device))
+        short = " ".join(f.split("=")[1] for f in flags.split())
+        rows.append(dict(name=name, flags=flags, short=short, alpha_rew=row_cfg.alpha_rew,
+                         seconds=time.perf_counter() - t0, x=toy_samples(world, n)[0]))
+    torch.manual_seed(cfg.seed + 1)  # the tilted samples inside the metrics
+    for row in rows:
+        row.update(toy_metrics(world, row["x"], ref, row["alpha_rew"]), ref=ref)
+    print(f"\nTable 2 in the toy: {cfg.max_steps} steps per row, {n} samples per class, r = "
+          f"{world.reward_scale:g} x[0], covered = >= {COVERED:.0%} of a class's samples")
+    print(f"{'row':32s} {'div':>12s} {'a_rew':>5s} {'a_cfg':>5s} {'cfg':>3s} {'r x1e3':>7s} {'ED(q)':>7s} "
+          f"{'modes':>6s} {'right':>6s} {'ED(tilt)':>8s}")
+    for row in rows:
+        div, a_rew, a_cfg, mode = (row["short"].split() if "flags" in row else ["-"] * 4)
+        print(f"{row['name']:32s} {div:>12s} {a_rew:>5s} {a_cfg:>5s} {mode:>3s} {row['reward'] * 1e3:7.3f} "
+              f"{row['ed_ref']:7.4f} {row['coverage']:6.0%} {row['right_share']:6.1%} {row['ed_tilted']:8.4f}")
+    save_ablation_png(os.path.join(cfg.out_dir, "ablation.png"), rows)
+    keep = ("name", "flags", "alpha_rew", "seconds", "reward", "ed_ref", "coverage", "right_share", "ed_tilted")
+    with open(os.path.join(cfg.out_dir, "ablation.json"), "w") as f:
+        json.dump(dict(steps=cfg.max_steps, samples_per_class=n, covered_threshold=COVERED,
+                       beta=tilt_temperature(world), rows=[{k: r[k] for k in keep if k in r} for r in rows]), f, indent=1)
+    print(f"wrote {cfg.out_dir}/ablation.png, {cfg.out_dir}/ablation.json and each row's checkpoint in "
+          f"{cfg.out_dir}/ablation/")
 
 
 # -----------------------------------------------------------------------------
@@ -1128,8 +1283,15 @@ def main(argv):
     dist_info = setup_distributed()
     rank, world_size, _ = dist_info
     torch.manual_seed(cfg.seed * world_size + rank)
+    if cfg.ablation and world_size > 1:
+        if rank == 0:
+            print("distar: error: --ablation runs in one process: use python, not torchrun", file=sys.stderr)
+        return 2
     try:
-        run_toy(cfg, dist_info) if cfg.toy else run_sdxl(cfg, dist_info)
+        if cfg.ablation:
+            run_ablation(cfg, dist_info[2])
+        else:
+            run_toy(cfg, dist_info) if cfg.toy else run_sdxl(cfg, dist_info)
     except LoadError as e:  # bad model path or prompt file: one line, before anything is written
         if rank == 0:
             print(f"distar: error: {e}", file=sys.stderr)

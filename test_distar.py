@@ -212,7 +212,9 @@ def test_generator_phase_backpropagates_through_the_assistant_input_but_not_its_
 
 
 def _class_energy_ratios(path):
-    samples = torch.load(path, weights_only=True)
+    from safetensors.torch import load_file
+
+    samples = load_file(path)
     gen, ref = samples["generator"], samples["reference"]
     assert gen.dtype == ref.dtype == torch.float32 and gen.shape == ref.shape
     K, N, two = gen.shape
@@ -228,7 +230,7 @@ def test_toy_without_reward_or_cfg_converges_to_the_reference(tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     assert p.stdout.startswith("gradient check")  # printed first
     assert "FAILED" not in p.stdout
-    _, _, ratios = _class_energy_ratios(tmp_path / "toy_samples.pt")
+    _, _, ratios = _class_energy_ratios(tmp_path / "toy_samples.safetensors")
     assert max(ratios) < 0.02, ratios
     assert (tmp_path / "toy.png").stat().st_size > 1000
 
@@ -236,7 +238,7 @@ def test_toy_without_reward_or_cfg_converges_to_the_reference(tmp_path):
 def test_toy_with_reward_moves_toward_higher_reward(tmp_path):
     p = run("--toy", "--alpha_rew=300", "--alpha_cfg=0", f"--out_dir={tmp_path}")
     assert p.returncode == 0, p.stderr[-2000:]
-    gen, ref, _ = _class_energy_ratios(tmp_path / "toy_samples.pt")
+    gen, ref, _ = _class_energy_ratios(tmp_path / "toy_samples.safetensors")
     gain = gen[..., 0].mean(1) - ref[..., 0].mean(1)  # r = reward_scale * x[0]
     assert (gain > 0.05).all(), gain
 
@@ -248,7 +250,150 @@ def test_torchrun_two_processes(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     assert "on 2 process(es), parameters identical on all ranks" in p.stdout
     assert p.stdout.count("gradient check:") == 1  # rank 0 prints
-    assert (tmp_path / "toy_samples.pt").exists()
+    assert (tmp_path / "toy_samples.safetensors").exists()
+
+
+# -----------------------------------------------------------------------------
+# Table 2 in the toy (--toy --ablation): the metrics against closed forms, and each row's plumbing
+
+
+def _f64_world(means, std=0.3):
+    world = distar.ToyWorld(means, std=std, dtype=f64)
+    world.cfg = distar.parse_args(["--toy"])
+    return world
+
+
+def test_tilt_temperature_minimises_the_toy_kl_objective():
+    """For one Gaussian mode, the KL objective -alpha E[r] + E_t[(sigma_t / D) KL(p_t || q_t)] over
+    shifts delta of q is minimised at alpha scale s^2 / beta. KL from torch.distributions, the
+    minimum by Newton's method in float64: an independent route to beta."""
+    from torch.distributions import MultivariateNormal, kl_divergence
+
+    world = _f64_world([[(0.7, -0.2)]])
+    cfg, s, alpha, scale = world.cfg, world.std, 100.0, world.reward_scale
+    ab = world.alphas_cumprod[cfg.t_min:cfg.t_max + 1]
+    a, sig = ab.sqrt(), (1 - ab).sqrt()
+    m = world.means[0, 0]
+    cov = ((a**2 * s**2 + sig**2)[:, None, None] * torch.eye(2, dtype=f64))  # (T, 2, 2)
+
+    def J(delta):
+        shifted = m + delta * torch.tensor([1.0, 0.0], dtype=f64)
+        kl = kl_divergence(MultivariateNormal(a[:, None] * shifted, cov), MultivariateNormal(a[:, None] * m, cov))
+        return -alpha * scale * (shifted[0]) + (sig * kl).mean() / 2
+
+    delta = torch.zeros((), dtype=f64, requires_grad=True)
+    for _ in range(3):  # J is quadratic in delta: Newton is exact after one step
+        g, = torch.autograd.grad(J(delta), delta, create_graph=True)
+        h, = torch.autograd.grad(g, delta)
+        delta = (delta - g / h).detach().requires_grad_()
+    assert math.isclose(delta.item(), alpha * scale * s**2 / distar.tilt_temperature(world), rel_tol=1e-9)
+
+
+def test_tilted_reference_is_q_times_exp_reward_over_beta():
+    """Mean and second moment of x[0], and the mean of x[1], of the closed-form tilted mixture
+    against numerical integration of q(x) exp(alpha r(x) / beta) on a fine grid, float64."""
+    world = _f64_world([[(-0.6, 0.0), (0.6, 0.0)], [(-1.0, 1.0), (0.5, -0.5)]])
+    alpha = 100.0
+    lam = alpha * world.reward_scale / distar.tilt_temperature(world)
+    means, w = distar.tilted_reference(world, alpha)
+    assert torch.allclose(w.sum(-1), torch.ones(2, dtype=f64))
+    g = torch.linspace(-5, 5, 2001, dtype=f64)
+    X, Y = torch.meshgrid(g, g, indexing="ij")
+    pts = torch.stack([X.flatten(), Y.flatten()], 1)  # (N, 2)
+    s2 = world.std**2
+    for k in range(2):
+        q = torch.exp(-((pts[:, None] - world.means[k]) ** 2).sum(-1) / (2 * s2)).mean(1)  # equal weights
+        p = q * torch.exp(lam * pts[:, 0])
+        p = p / p.sum()
+        ex, ex2, ey = (p * pts[:, 0]).sum(), (p * pts[:, 0] ** 2).sum(), (p * pts[:, 1]).sum()
+        cx, cy = means[k, :, 0], means[k, :, 1]
+        assert math.isclose(ex.item(), (w[k] * cx).sum().item(), abs_tol=1e-8)
+        assert math.isclose(ex2.item(), (w[k] * (cx**2 + s2)).sum().item(), abs_tol=1e-8)
+        assert math.isclose(ey.item(), (w[k] * cy).sum().item(), abs_tol=1e-8)
+    assert w[0, 1] > 0.95  # the reward does favour the right-hand mode strongly at alpha_rew 100
+
+
+def test_toy_metrics_on_known_samples():
+    torch.manual_seed(0)
+    world = distar.make_toy_world()
+    world.cfg = distar.parse_args(["--toy"])
+    n = 2000
+    ref = torch.stack([world.sample_ref(k, n) for k in range(3)])
+    same = distar.toy_metrics(world, torch.stack([world.sample_ref(k, n) for k in range(3)]), ref, 0.0)
+    assert same["coverage"] == 1.0 and abs(same["right_share"] - 0.5) < 0.03
+    assert abs(same["ed_ref"]) < 0.01 and abs(same["ed_tilted"]) < 0.01 and abs(same["reward"]) < 0.02e-3 * 100
+    right = world.means[:, 1:]  # only each class's right-hand mode, weight 1
+    one = distar.sample_mixture(right, torch.ones(3, 1), world.std, n)
+    m = distar.toy_metrics(world, one, ref, 0.0)
+    assert m["coverage"] == 0.5 and m["right_share"] > 0.97 and m["ed_ref"] > 0.1
+    assert math.isclose(m["reward"], world.reward_scale * right[..., 0].mean().item(), abs_tol=2e-5)
+    tilted = distar.sample_mixture(*distar.tilted_reference(world, 100.0), world.std, n)
+    t = distar.toy_metrics(world, tilted, ref, 100.0)
+    assert abs(t["ed_tilted"]) < 0.01 and t["ed_ref"] > 0.1 and t["right_share"] > 0.95
+
+
+# the paper's rows, as the paper describes them (not read from TABLE2): divergence, alpha_rew,
+# and where CFG enters: None (no CFG), "ref" (the reference is s_u + omega (s_c - s_u)) or
+# "reward" (Theorem 3.2's implicit reward), with its strength alpha_cfg
+PAPER_ROWS = {"KL, no reward, no CFG": ("kl", 0, None, 0), "Diff-Instruct (KL, CFG)": ("kl", 0, "ref", 7.5),
+              "DI++ (KL, reward, CFG)": ("kl", 100, "ref", 7.5), "DI*-Out (choice 1)": ("pseudo_huber", 100, "reward", 7.5),
+              "DI*, no reward, no CFG": ("pseudo_huber", 0, None, 0), "SIM (score div., CFG)": ("pseudo_huber", 0, "ref", 7.5),
+              "DI*-In, alpha_rew 1": ("pseudo_huber", 1, "ref", 7.5), "DI*-In, alpha_rew 10": ("pseudo_huber", 10, "ref", 7.5),
+              "DI*-In, alpha_cfg 4.5": ("pseudo_huber", 100, "ref", 4.5), "DI*-In (choice 2)": ("pseudo_huber", 100, "ref", 7.5)}
+
+
+@pytest.mark.parametrize("name", list(PAPER_ROWS))
+def test_each_ablation_row_selects_its_losses(name, monkeypatch):
+    """Run generator_loss with each row's flags, spying on the loss functions it calls; the reward
+    enters through a leaf u, so d loss / d u per sample is -alpha_rew / B."""
+    div, alpha_rew, guidance, alpha_cfg = PAPER_ROWS[name]
+    flags = dict(distar.TABLE2)[name]
+    calls = []
+    for fn in ("kl_loss", "score_divergence_loss", "cfg_reward_loss", "cfg_score"):
+        real = getattr(distar, fn)
+        def spy(*a, _f=fn, _real=real, **k):
+            out = _real(*a, **k)
+            calls.append((_f, a, out))
+            return out
+        monkeypatch.setattr(distar, fn, spy)
+    cfg = distar.row_config(distar.parse_args(["--toy"]), flags)
+    world = distar.make_toy_world()
+    world.cfg = cfg
+    B = 16
+    u = torch.zeros(B, requires_grad=True)
+    real_reward = world.reward
+    world.reward = lambda x0, cond: real_reward(x0, cond) + u
+    loss, terms = distar.generator_loss(world, world.generator, world.sample_cond(B))
+    du, = torch.autograd.grad(loss, u)
+    assert torch.allclose(du, torch.full((B,), -alpha_rew / B))
+    names = [c[0] for c in calls]
+    if div == "kl":
+        assert "kl_loss" in names and "score_divergence_loss" not in names
+    else:
+        assert "kl_loss" not in names and [c[1][4] for c in calls if c[0] == "score_divergence_loss"] == [div]
+    scales = {c[1][2] for c in calls if c[0] == "cfg_score"}  # omega of the CFG-enhanced reference
+    assert scales == ({1 + alpha_cfg} if guidance == "ref" else set())
+    implicit = [c[2] for c in calls if c[0] == "cfg_reward_loss"]  # Theorem 3.2's term, per sample
+    assert len(implicit) == (guidance == "reward")
+    expected = alpha_cfg * implicit[0].mean() if implicit else torch.zeros(())
+    assert torch.allclose(terms["loss_cfg"], expected)
+    assert set(PAPER_ROWS) == {n for n, _ in distar.TABLE2}  # no row missing, none extra
+
+
+def test_ablation_command(tmp_path):
+    p = run("--toy", "--ablation", "--max_steps=3", f"--out_dir={tmp_path}")
+    assert p.returncode == 0, p.stderr[-3000:]
+    table = p.stdout[p.stdout.index("Table 2 in the toy"):]
+    for name in ["reference q", "tilted reference", *PAPER_ROWS]:
+        assert name in table
+    result = json.loads((tmp_path / "ablation.json").read_text())
+    assert [r["name"] for r in result["rows"][2:]] == list(PAPER_ROWS) and result["steps"] == 3
+    for r in result["rows"]:
+        assert 0 <= r["coverage"] <= 1 and 0 <= r["right_share"] <= 1 and math.isfinite(r["ed_tilted"])
+    with Image.open(tmp_path / "ablation.png") as im:
+        assert im.size == (4 * 300, 3 * 332)
+    for i in range(len(PAPER_ROWS)):  # each row's generator is a loadable checkpoint
+        assert (tmp_path / "ablation" / f"row{i + 1:02d}" / "checkpoint-000003" / "generator" / "model.safetensors").exists()
 
 
 # -----------------------------------------------------------------------------
@@ -264,6 +409,8 @@ def test_torchrun_two_processes(tmp_path):
     (["--toy", "--toy=maybe"], "--toy takes true or false"),
     (["--toy", "stray"], "unexpected argument"),
     (["--toy", "--t_min=990"], "t_min <= t_max"),
+    (["--ablation"], "--ablation is a toy experiment"),
+    (["--toy", "--ablation", "--alpha_rew=3"], "drop --alpha_rew"),
 ])
 def test_bad_config_is_one_clear_line(args, words):
     p = run(*args, timeout=60)
