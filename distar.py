@@ -1283,6 +1283,8 @@ def main(argv):
     dist_info = setup_distributed()
     rank, world_size, _ = dist_info
     torch.manual_seed(cfg.seed * world_size + rank)
+    if cfg.toy:  # MLPs this small gain nothing from intra-op threads, and threads that compete for
+        torch.set_num_threads(1)  # cores (torchrun ranks, other jobs) slow them down 10x or more
     if cfg.ablation and world_size > 1:
         if rank == 0:
             print("distar: error: --ablation runs in one process: use python, not torchrun", file=sys.stderr)
