@@ -327,6 +327,11 @@ def test_toy_metrics_on_known_samples():
     m = distar.toy_metrics(world, one, ref, 0.0)
     assert m["coverage"] == 0.5 and m["right_share"] > 0.97 and m["ed_ref"] > 0.1
     assert math.isclose(m["reward"], world.reward_scale * right[..., 0].mean().item(), abs_tol=2e-5)
+    # both modes, but pushed 1.5 (5 std) off the reference's support: nearest-mode shares stay
+    # 50/50, coverage drops to zero
+    off = torch.stack([world.sample_ref(k, n) for k in range(3)]) + torch.tensor([0.0, 1.5])
+    m = distar.toy_metrics(world, off, ref, 0.0)
+    assert m["coverage"] == 0.0 and abs(m["right_share"] - 0.5) < 0.03
     tilted = distar.sample_mixture(*distar.tilted_reference(world, 100.0), world.std, n)
     t = distar.toy_metrics(world, tilted, ref, 100.0)
     assert abs(t["ed_tilted"]) < 0.01 and t["ed_ref"] > 0.1 and t["right_share"] > 0.95
