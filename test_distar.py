@@ -633,7 +633,7 @@ def run_sample(*args, timeout=300):
 
 
 def pngs(out_dir, n):
-    assert sorted(os.listdir(out_dir)) == [f"{i:03d}.png" for i in range(n)]
+    assert sorted(f for f in os.listdir(out_dir) if f.endswith(".png")) == [f"{i:03d}.png" for i in range(n)]
     return np.stack([np.asarray(Image.open(os.path.join(out_dir, f"{i:03d}.png")).convert("RGB")) for i in range(n)])
 
 
@@ -667,26 +667,66 @@ def test_sample_equals_the_diffusers_lcm_one_step_pipeline(tiny, tmp_path):
     assert np.abs(pngs(tmp_path / "s4", 1)[0] / 255 - got[0]).mean() > 0.01
 
 
-def test_score_prints_the_clip_reward_of_the_saved_images(tiny, tmp_path, capsys):
+def test_cluster_bootstrap_gives_the_normal_interval_for_one_image_per_prompt():
+    x = np.random.default_rng(1).normal(0.22, 0.01, size=(400, 1))  # 400 prompts, one image each
+    se = x.std() / math.sqrt(400)  # the bootstrap resamples the sample itself: population sd
+    for ci, z in ((0.95, 1.959964), (0.90, 1.644854)):
+        mean, lo, hi = sample.cluster_bootstrap(x, n_boot=20000, ci=ci, seed=0)
+        assert abs(mean - x.mean()) < 1e-15
+        assert abs((hi - lo) / 2 / (z * se) - 1) < 0.03  # Monte-Carlo error ~0.5%; 90% vs 95% is 16%
+        assert abs((lo + hi) / 2 - mean) < 0.1 * se
+
+
+def test_cluster_bootstrap_resamples_prompts_not_images():
+    m = np.random.default_rng(2).normal(size=(300, 1))
+    # four identical images per prompt carry no more information than one: the interval must not
+    # shrink (resampling the 1200 images independently would halve it)
+    got = sample.cluster_bootstrap(np.repeat(m, 4, axis=1), 2000, seed=5)
+    assert np.allclose(got, sample.cluster_bootstrap(m, 2000, seed=5), rtol=0, atol=1e-12)
+    assert abs((got[2] - got[1]) / 2 / (1.959964 * m.std() / math.sqrt(300)) - 1) < 0.08
+    # per-prompt means are what is resampled: noise that averages out within prompts changes nothing
+    noise = np.random.default_rng(3).normal(size=(300, 4))
+    noise -= noise.mean(1, keepdims=True)
+    assert np.allclose(sample.cluster_bootstrap(m + noise, 2000, seed=5), got, rtol=0, atol=1e-12)
+
+
+def test_cluster_bootstrap_constant_scores_seed_and_one_prompt():
+    assert sample.cluster_bootstrap(np.full((50, 3), 0.25)) == (0.25, 0.25, 0.25)
+    x = np.random.default_rng(4).normal(size=(50, 3))
+    assert sample.cluster_bootstrap(x, seed=1) == sample.cluster_bootstrap(x, seed=1)
+    assert sample.cluster_bootstrap(x, seed=1) != sample.cluster_bootstrap(x, seed=2)
+    assert sample.cluster_bootstrap(x[:1]) == (x[0].mean(), None, None)  # one prompt: nothing to resample
+
+
+def test_score_writes_pickscore_clip_score_and_prompt_bootstrap_intervals(tiny, tmp_path, capsys):
     sdxl, reward = tiny
     prompts = ["a cat", "a dog", "a red cab"]
     (tmp_path / "p.txt").write_text("\n".join(prompts) + "\n\n")
     out = tmp_path / "out"
-    assert sample.main([f"--pretrained={sdxl}", f"--prompts={tmp_path / 'p.txt'}", "--batch_size=2", "--score",
-                        f"--reward_model={reward}", f"--reward_processor={reward}", "--resolution=64",
-                        f"--out_dir={out}"]) == 0
-    stdout = capsys.readouterr().out
-    printed = [(m[1], float(m[2]), m[3]) for m in re.finditer(r"^(\d{3}\.png) (-?\d+\.\d+) (.*)$", stdout, re.M)]
-    assert [(f, p) for f, _, p in printed] == [(f"{i:03d}.png", p) for i, p in enumerate(prompts)]
-    mean = float(re.search(r"^mean score (-?\d+\.\d+) over 3 images", stdout, re.M)[1])
+    # batch 0 holds prompt 0, prompt 1 and half of prompt 2: images are matched to prompts by order
+    assert sample.main([f"--pretrained={sdxl}", f"--prompts={tmp_path / 'p.txt'}", "--images_per_prompt=2",
+                        "--batch_size=4", "--score", f"--reward_model={reward}", f"--reward_processor={reward}",
+                        f"--clip_model={reward}", "--resolution=64", f"--out_dir={out}"]) == 0
+    rows = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
+    assert [(r["image"], r["prompt_index"], r["prompt"], r["seed"]) for r in rows] == \
+        [(f"{i:03d}.png", i // 2, prompts[i // 2], i // 4) for i in range(6)]
+    pick, clip = np.array([r["pickscore"] for r in rows]), np.array([r["clip_score"] for r in rows])
     # independently: distar.ClipReward on the PNGs as written
     r = distar.ClipReward(reward, reward)
-    images = torch.from_numpy(pngs(out, 3)).permute(0, 3, 1, 2).float() / 255
+    images = torch.from_numpy(pngs(out, 6)).permute(0, 3, 1, 2).float() / 255
     with torch.no_grad():
-        expect = r(images, r.text_features(prompts))
-    assert expect.std() > 1e-2 and abs(expect.mean()) > 1e-2  # so that the checks below have power
-    assert np.allclose([s for _, s, _ in printed], expect.numpy(), atol=1e-4)
-    assert abs(mean - expect.mean().item()) < 2e-4  # printed to 4 decimals
+        expect = r(images, r.text_features([p for p in prompts for _ in range(2)])).numpy()
+    assert expect.std() > 1e-2 and (expect > 0).any() and (expect < 0).any()  # so the checks below have power
+    assert np.allclose(pick, expect, atol=1e-5)
+    assert np.allclose(clip, 100 * np.maximum(expect, 0), atol=1e-3)  # the same CLIP here: CLIP score's scale
+    summary = json.loads((out / "scores.json").read_text())
+    stdout = capsys.readouterr().out
+    for metric, s in (("pickscore", pick), ("clip_score", clip)):
+        mean, lo, hi = sample.cluster_bootstrap(s.reshape(3, 2), 1000, 0.95, 0)  # prompts are the rows
+        assert summary[metric] == dict(mean=mean, lo=lo, hi=hi)
+        assert abs(mean - s.mean()) < 1e-12 and lo < mean < hi
+        line = re.search(rf"^{metric} +(\S+) \[(\S+), (\S+)\]  95% CI, 3 prompts, 6 images", stdout, re.M)
+        assert np.allclose([float(v) for v in line.groups()], [mean, lo, hi], rtol=1e-3, atol=1e-6)
 
 
 def test_generator_flag_replaces_the_unet(tiny, tmp_path):
@@ -705,6 +745,74 @@ def test_generator_flag_replaces_the_unet(tiny, tmp_path):
     assert np.abs(runs["gen"] - runs["default"]).mean() > 0.01
     assert np.abs(runs["gen"] - lcm_one_step(sdxl, [["a dog", "a dog"]], 7, unet=unet)).max() <= 1 / 255 + 1e-6
     assert np.array_equal(runs["pipe"], runs["default"])
+
+
+@pytest.fixture(scope="module")
+def compare_runs(tiny, tmp_path_factory):
+    """3 prompts x 2 images, batches of 4 (one crosses prompts), grids of 2 rows: the tiny UNet
+    against itself (a pipeline folder: its unet/), against a perturbed copy, and the copy alone."""
+    from diffusers import UNet2DConditionModel
+
+    sdxl, reward = tiny
+    tmp = tmp_path_factory.mktemp("compare")
+    unet = UNet2DConditionModel.from_pretrained(sdxl, subfolder="unet")
+    with torch.no_grad(), torch.random.fork_rng():
+        torch.manual_seed(5)
+        for p in unet.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    unet.save_pretrained(tmp / "unet_b")
+    (tmp / "p.txt").write_text("a cat\na dog\na red cab\n")
+    args = [f"--pretrained={sdxl}", f"--prompts={tmp / 'p.txt'}", "--images_per_prompt=2", "--batch_size=4",
+            "--resolution=64", "--grid_rows=2"]
+    score = ["--score", f"--reward_model={reward}", f"--reward_processor={reward}", f"--clip_model={reward}"]
+    for name, extra in (("self", [f"--compare={sdxl}", *score]), ("ab", [f"--compare={tmp / 'unet_b'}", *score]),
+                        ("b", [f"--generator={tmp / 'unet_b'}"])):
+        assert sample.main([*args, *extra, f"--out_dir={tmp / name}"]) == 0
+    return tmp
+
+
+def grid_cells(path, k=2, cell=64):
+    """compare_*.png -> (A, B) cells, each (rows * k, cell, cell, 3), by sample.py's layout."""
+    g = np.asarray(Image.open(path).convert("RGB"))
+    rows = (g.shape[0] - sample.HEADER) // (sample.CAPTION + cell)
+    assert g.shape == (sample.HEADER + rows * (sample.CAPTION + cell), 2 * k * cell + sample.GAP, 3)
+    ys = [sample.HEADER + r * (sample.CAPTION + cell) + sample.CAPTION for r in range(rows)]
+    cut = lambda x0: np.stack([g[y:y + cell, x0 + j * cell:x0 + (j + 1) * cell] for y in ys for j in range(k)])
+    return cut(0), cut(k * cell + sample.GAP)
+
+
+def test_compare_a_generator_with_itself_gives_identical_halves_and_zero_difference(compare_runs):
+    out = compare_runs / "self"
+    a, b = pngs(out / "a", 6), pngs(out / "b", 6)
+    assert np.array_equal(a, b) and a.std() > 10  # not blank
+    assert sorted(f for f in os.listdir(out) if f.startswith("compare")) == ["compare_000.png", "compare_001.png"]
+    (a0, b0), (a1, b1) = grid_cells(out / "compare_000.png"), grid_cells(out / "compare_001.png")
+    assert len(a0) == 4 and len(a1) == 2  # 2 prompts, then the last one
+    assert np.array_equal(np.concatenate([a0, a1]), a) and np.array_equal(np.concatenate([b0, b1]), b)
+    summary = json.loads((out / "scores.json").read_text())
+    for metric in ("pickscore", "clip_score"):
+        assert summary[metric]["b_minus_a"] == dict(mean=0, lo=0, hi=0)
+        assert summary[metric]["a"] == summary[metric]["b"] and summary[metric]["a"]["hi"] > summary[metric]["a"]["lo"]
+
+
+def test_compare_two_generators_uses_the_same_prompts_and_seeds(compare_runs):
+    out = compare_runs / "ab"
+    a, b = pngs(out / "a", 6), pngs(out / "b", 6)
+    assert np.array_equal(a, pngs(compare_runs / "self" / "a", 6))  # A untouched by the swap to B
+    assert np.array_equal(b, pngs(compare_runs / "b", 6))  # B as if sampled alone, same seeds
+    assert np.abs(a / 255 - b / 255).mean() > 0.01
+    cells = [grid_cells(out / f"compare_00{g}.png") for g in (0, 1)]
+    assert np.array_equal(np.concatenate([c[0] for c in cells]), a)
+    assert np.array_equal(np.concatenate([c[1] for c in cells]), b)
+    # the difference B - A is paired: per image pair, prompts resampled jointly
+    rows = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
+    summary = json.loads((out / "scores.json").read_text())
+    for metric in ("pickscore", "clip_score"):
+        S = {g: np.array([r[metric] for r in rows if r["generator"] == g]).reshape(3, 2) for g in "ab"}
+        mean, lo, hi = sample.cluster_bootstrap(S["b"] - S["a"], 1000, 0.95, 0)
+        assert summary[metric]["b_minus_a"] == dict(mean=mean, lo=lo, hi=hi)
+        assert mean != 0 and abs(mean - (S["b"].mean() - S["a"].mean())) < 1e-12
+    assert [r["image"] for r in rows if r["generator"] == "b"] == [f"b/{i:03d}.png" for i in range(6)]
 
 
 def test_toy_checkpoint_gives_a_scatter_png(tmp_path):
@@ -730,23 +838,30 @@ def test_toy_checkpoint_gives_a_scatter_png(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["missing_pretrained", "missing_generator", "missing_prompts", "empty_prompts",
-                                  "missing_reward", "unknown_flag", "bad_value", "prompt_and_prompts"])
+                                  "missing_reward", "missing_clip", "missing_compare", "unknown_flag", "bad_value",
+                                  "bad_ci", "prompt_and_prompts"])
 def test_bad_input_is_one_line_and_exit_2(tiny, tmp_path, capsys, case):
     sdxl, reward = tiny
     (tmp_path / "empty.txt").write_text("\n  \n")
-    args = {"missing_pretrained": [f"--pretrained={tmp_path / 'nope'}"],
-            "missing_generator": [f"--pretrained={sdxl}", f"--generator={tmp_path / 'nope'}"],
-            "missing_prompts": [f"--pretrained={sdxl}", f"--prompts={tmp_path / 'nope.txt'}"],
-            "empty_prompts": [f"--pretrained={sdxl}", f"--prompts={tmp_path / 'empty.txt'}"],
-            "missing_reward": [f"--pretrained={sdxl}", "--score", f"--reward_model={tmp_path / 'nope'}",
-                               f"--reward_processor={reward}"],
-            "unknown_flag": ["--steps=4"],
-            "bad_value": ["--resolution=60"],
-            "prompt_and_prompts": ["--prompt=a", f"--prompts={tmp_path / 'empty.txt'}"]}[case]
+    score = ["--score", f"--reward_model={reward}", f"--reward_processor={reward}", f"--clip_model={reward}"]
+    args, word = {"missing_pretrained": ([f"--pretrained={tmp_path / 'nope'}"], "--pretrained"),
+                  "missing_generator": ([f"--pretrained={sdxl}", f"--generator={tmp_path / 'nope'}"], "--generator"),
+                  "missing_prompts": ([f"--pretrained={sdxl}", f"--prompts={tmp_path / 'nope.txt'}"], "--prompts"),
+                  "empty_prompts": ([f"--pretrained={sdxl}", f"--prompts={tmp_path / 'empty.txt'}"], "--prompts"),
+                  "missing_reward": ([f"--pretrained={sdxl}", *score, f"--reward_model={tmp_path / 'nope'}"],
+                                     "--reward_model"),
+                  "missing_clip": ([f"--pretrained={sdxl}", *score, f"--clip_model={tmp_path / 'nope'}"],
+                                   "--clip_model"),
+                  "missing_compare": ([f"--pretrained={sdxl}", *score, f"--compare={tmp_path / 'nope'}"],
+                                      "--compare"),
+                  "unknown_flag": (["--steps=4"], "--steps"),
+                  "bad_value": (["--resolution=60"], "--resolution"),
+                  "bad_ci": (["--ci=95"], "--ci"),
+                  "prompt_and_prompts": (["--prompt=a", f"--prompts={tmp_path / 'empty.txt'}"], "--prompt")}[case]
     assert sample.main(["--resolution=64", f"--out_dir={tmp_path / 'o'}", *args]) == 2  # later flags win
     err = capsys.readouterr().err
-    assert err.startswith("sample: error: ") and err.count("\n") == 1, err
-    assert not os.path.exists(tmp_path / "o" / "000.png")
+    assert err.startswith("sample: error: ") and err.count("\n") == 1 and word in err, err
+    assert not os.path.exists(tmp_path / "o")  # nothing written, not even the folder
 
 
 def test_bad_input_from_the_command_line_has_no_traceback(tmp_path):
