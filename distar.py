@@ -16,8 +16,13 @@ $ torchrun --standalone --nproc_per_node=2 distar.py --toy
 Tiny random SDXL-shaped models on CPU (the real code path, a smoke test):
 $ torchrun --standalone --nproc_per_node=2 distar.py --tiny --max_steps=4
 
+The real SDXL and PickScore architectures with random weights, no download: without a GPU the
+memory plan per GPU and the FLOPs per step; on GPUs also seconds/step, images/s, peak memory, MFU:
+$ python distar.py --dry_run --world_size_plan=8 --zero
+$ torchrun --standalone --nproc_per_node=8 distar.py --dry_run --zero --grad_checkpointing
+
 SDXL (defaults: SDXL-base reference, DMD2 one-step init, PickScore reward, bf16):
-one GPU (needs ~81 GB before activations, so a 141 GB card; see README):
+one GPU (needs ~85 GiB before activations, so a 141 GB card; see README):
 $ python distar.py --prompts=prompts.txt --grad_checkpointing
 one node of 8 GPUs:
 $ torchrun --standalone --nproc_per_node=8 distar.py --prompts=prompts.txt --zero --grad_checkpointing
@@ -56,6 +61,10 @@ class Config:
     toy: bool = False  # the 2-D Gaussian world: CPU, seconds, exact reference scores
     tiny: bool = False  # write tiny random SDXL-shaped models to {out_dir}/tiny and train on them
     ablation: bool = False  # with --toy: train one generator per row of the paper's Table 2, compare
+    dry_run: bool = False  # the real SDXL architectures, random weights, no download: time a few steps on
+    # a GPU (seconds/step, images/s, peak memory, MFU), or without one print the planned memory per device
+    world_size_plan: int = 0  # --dry_run: the number of GPUs to plan memory for; 0 = this run's world size
+    peak_tflops: float = 0.0  # --dry_run: the GPU's dense bf16 peak for MFU; 0 = look it up by device name
     # models: hub ids or local folders (SDXL mode)
     pretrained: str = "stabilityai/stable-diffusion-xl-base-1.0"  # s_ref, s_psi's init, VAE, text encoders
     generator_init: str = "tianweiy/DMD2/dmd2_sdxl_1step_unet_fp16.bin"  # state-dict file or UNet folder; "" = pretrained
@@ -104,6 +113,8 @@ ABLATION_DEFAULTS = dict(max_steps=600)
 # tiny random models on CPU: a smoke-test size; --key=value still wins
 TINY_DEFAULTS = dict(resolution=64, batch_size=2, max_steps=4, lr_g=1e-4, lr_psi=1e-4, assistant_steps=2,
                      precision="fp32", log_interval=1, ckpt_interval=2, sample_interval=2, out_dir="out_tiny")
+# the dry run: a few steps at the real size (the first is warm-up), nothing written
+DRY_RUN_DEFAULTS = dict(max_steps=4)
 CHOICES = dict(cfg=("in", "out"), divergence=("pseudo_huber", "l2", "kl"), precision=("bf16", "fp32"))
 
 
@@ -141,17 +152,24 @@ def parse_overrides(argv, cls):
 
 def parse_args(argv):
     overrides = parse_overrides(argv, Config)
-    defaults = TOY_DEFAULTS if overrides.get("toy") else TINY_DEFAULTS if overrides.get("tiny") else {}
+    defaults = (TOY_DEFAULTS if overrides.get("toy") else TINY_DEFAULTS if overrides.get("tiny")
+                else DRY_RUN_DEFAULTS if overrides.get("dry_run") else {})
     if overrides.get("ablation"):
         defaults = {**defaults, **ABLATION_DEFAULTS}
     cfg = Config(**{**defaults, **overrides})
-    if cfg.toy and cfg.tiny:
-        raise ConfigError("--toy and --tiny are different worlds: choose one")
+    if cfg.toy + cfg.tiny + cfg.dry_run > 1:
+        raise ConfigError("--toy, --tiny and --dry_run are different worlds: choose one")
     if cfg.ablation and not cfg.toy:
         raise ConfigError("--ablation is a toy experiment: use --toy --ablation")
     if cfg.ablation and (set(overrides) & set(ROW_FLAGS) or cfg.resume):
         raise ConfigError(f"--ablation sets --{', --'.join(ROW_FLAGS)} per row and always starts afresh; "
                           f"drop {' '.join('--' + k for k in overrides if k in (*ROW_FLAGS, 'resume'))}")
+    if cfg.dry_run and cfg.resume:
+        raise ConfigError("--dry_run writes no checkpoints, so there is nothing to --resume")
+    if cfg.world_size_plan < 0 or cfg.peak_tflops < 0:
+        raise ConfigError("--world_size_plan and --peak_tflops must be >= 0")
+    if cfg.dry_run and cfg.max_steps < 2:
+        raise ConfigError("--dry_run needs --max_steps >= 2: the first step is warm-up and is not timed")
     if cfg.resolution % 8 or cfg.resolution < 8:
         raise ConfigError(f"--resolution must be a multiple of 8, got {cfg.resolution}")
     if not 0 <= cfg.t_min <= cfg.t_max <= 999:
@@ -568,16 +586,19 @@ class ClipReward(nn.Module):
     """r(x, c) = cos(CLIP_image(x), CLIP_text(c)): PickScore with PickScore_v1's CLIPModel, CLIP score
     with any other. alpha_rew multiplies this raw cosine (about 0.22 for PickScore), not the x100
     logit. The image path is differentiable: bicubic antialiased resize of the short side to the
-    CLIP size, centre crop, CLIP mean/std; the text side runs under no_grad."""
+    CLIP size, centre crop, CLIP mean/std; the text side runs under no_grad.
+    model and processor: paths (hub ids or folders), or a CLIPModel and a CLIPProcessor in memory."""
 
-    def __init__(self, model_path, processor_path, dtype=torch.float32):
+    def __init__(self, model, processor, dtype=torch.float32):
         super().__init__()
         from transformers import AutoProcessor, CLIPModel
 
-        proc = load("reward_processor", processor_path, AutoProcessor.from_pretrained, processor_path)
-        self.tokenizer, ip = proc.tokenizer, proc.image_processor
-        self.model = load("reward_model", model_path, CLIPModel.from_pretrained, model_path, dtype=dtype)
-        self.model.requires_grad_(False).eval()
+        if isinstance(processor, str):
+            processor = load("reward_processor", processor, AutoProcessor.from_pretrained, processor)
+        if isinstance(model, str):
+            model = load("reward_model", model, CLIPModel.from_pretrained, model, dtype=dtype)
+        self.tokenizer, ip = processor.tokenizer, processor.image_processor
+        self.model = model.to(dtype).requires_grad_(False).eval()
         self.size = ip.size.get("shortest_edge", ip.size.get("height"))
         self.crop = (ip.crop_size["height"], ip.crop_size["width"])
         self.register_buffer("mean", torch.tensor(ip.image_mean).view(1, 3, 1, 1), persistent=False)
@@ -586,8 +607,10 @@ class ClipReward(nn.Module):
     @torch.no_grad()
     def text_features(self, prompts):
         dev = self.mean.device
+        # no attention mask, as in SDXL's encode_prompt: CLIP's text attention is causal and the
+        # features are read at the end token, so the padding after it changes nothing
         tok = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=77, return_tensors="pt")
-        f = self.model.get_text_features(input_ids=tok.input_ids.to(dev), attention_mask=tok.attention_mask.to(dev))
+        f = self.model.get_text_features(input_ids=tok.input_ids.to(dev))
         return F.normalize(f.pooler_output.float(), dim=-1)  # (B, P)
 
     def forward(self, images, text_features):
@@ -609,30 +632,29 @@ class SDXLWorld:
     Frozen, in bf16 with --precision=bf16: the reference UNet s_ref, both text encoders, the reward
     CLIP. The VAE stays fp32 (SDXL's VAE overflows in half precision)."""
 
-    def __init__(self, cfg, device, rank=0, world_size=1):
-        from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline
-
+    def __init__(self, cfg, device, rank=0, world_size=1, parts=None):
+        """parts: the components in memory (dry_run_parts) instead of loading cfg's paths."""
         self.cfg, self.device = cfg, device
         frozen = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
-        self.autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+        # meta tensors (the dry run's plan) have no autocast; FLOP counts do not depend on precision
+        self.autocast = dict(device_type="cpu" if device.type == "meta" else device.type, dtype=torch.bfloat16,
+                             enabled=cfg.precision == "bf16" and device.type != "meta")
         prompts = read_prompts(cfg.prompts)
         self.prompts = prompts[rank::world_size] or prompts  # this rank's shard
+        parts = parts or load_sdxl_parts(cfg, device, frozen)
         # text encoders and tokenizers through the SDXL pipeline (its encode_prompt is SDXL's
         # conditioning: penultimate hidden states of both encoders concatenated, pooled output of 2)
-        self.pipe = load("pretrained", cfg.pretrained, StableDiffusionXLPipeline.from_pretrained, cfg.pretrained,
-                         unet=None, vae=None, dtype=frozen).to(device)
+        self.pipe = parts["pipe"].to(device, frozen)
         self.pipe.set_progress_bar_config(disable=True)
         self.pipe.text_encoder.requires_grad_(False)
         self.pipe.text_encoder_2.requires_grad_(False)
-        sched = load("pretrained", cfg.pretrained, DDPMScheduler.from_pretrained, cfg.pretrained, subfolder="scheduler")
-        self.alphas_cumprod = sched.alphas_cumprod.to(device)  # alphabar_t, (1000,)
-        self.vae = load("pretrained", cfg.pretrained, AutoencoderKL.from_pretrained, cfg.pretrained,
-                        subfolder="vae").to(device).requires_grad_(False)
-        self.s_ref = load("pretrained", cfg.pretrained, load_unet, cfg.pretrained, subfolder="unet",
-                          dtype=frozen).to(device).requires_grad_(False).eval()
-        self.assistant = load("pretrained", cfg.pretrained, load_unet, cfg.pretrained, subfolder="unet").to(device)
-        self.generator = load_generator(cfg).to(device, torch.float32)
-        self.reward_fn = ClipReward(cfg.reward_model, cfg.reward_processor, frozen).to(device)
+        self.alphas_cumprod = parts["alphas_cumprod"].to(device)  # alphabar_t, (1000,)
+        self.vae = parts["vae"].to(device, torch.float32).requires_grad_(False)
+        self.s_ref = parts["s_ref"].to(device, frozen).requires_grad_(False).eval()
+        self.assistant = parts["assistant"].to(device, torch.float32)
+        self.generator = parts["generator"].to(device, torch.float32)
+        self.reward_fn = parts["reward_fn"].to(device)
+        self.reward_fn.model.to(frozen)  # its mean/std buffers stay fp32
         if cfg.grad_checkpointing:  # frozen nets too: they sit on the generator's gradient path
             for m in (self.generator, self.assistant, self.s_ref, self.vae):
                 m.enable_gradient_checkpointing()
@@ -679,12 +701,29 @@ class SDXLWorld:
         return self.unet(self.s_ref, x_t, t, cond)
 
     def decode(self, x0):
-        with torch.autocast(self.device.type, enabled=False):  # the VAE in fp32
+        with torch.autocast(self.autocast["device_type"], enabled=False):  # the VAE in fp32
             img = self.vae.decode(x0.float() / self.vae.config.scaling_factor).sample
         return (img / 2 + 0.5).clamp(0, 1)  # (B, 3, R, R) in [0, 1]
 
     def reward(self, x0, cond):
         return self.reward_fn(self.decode(x0), cond["text_features"])  # r(x_0, c), (B,)
+
+
+def load_sdxl_parts(cfg, device, frozen):
+    """SDXLWorld's components from cfg's paths, each moved to `device` as soon as it is loaded (so
+    a node's CPU memory holds one net at a time per rank); frozen nets in dtype `frozen`."""
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline
+
+    pipe = load("pretrained", cfg.pretrained, StableDiffusionXLPipeline.from_pretrained, cfg.pretrained,
+                unet=None, vae=None, dtype=frozen).to(device)
+    sched = load("pretrained", cfg.pretrained, DDPMScheduler.from_pretrained, cfg.pretrained, subfolder="scheduler")
+    vae = load("pretrained", cfg.pretrained, AutoencoderKL.from_pretrained, cfg.pretrained, subfolder="vae").to(device)
+    s_ref = load("pretrained", cfg.pretrained, load_unet, cfg.pretrained, subfolder="unet", dtype=frozen).to(device)
+    assistant = load("pretrained", cfg.pretrained, load_unet, cfg.pretrained, subfolder="unet").to(device)
+    generator = load_generator(cfg).to(device, torch.float32)
+    reward_fn = ClipReward(cfg.reward_model, cfg.reward_processor, frozen).to(device)
+    return dict(pipe=pipe, alphas_cumprod=sched.alphas_cumprod, vae=vae, s_ref=s_ref, assistant=assistant,
+                generator=generator, reward_fn=reward_fn)
 
 
 def read_prompts(path):
@@ -707,19 +746,26 @@ def build_tiny(root, resolution=64):
         return _build_tiny(root, resolution)
 
 
-def _build_tiny(root, resolution):
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTextConfig,
-                              CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, CLIPVisionConfig)
+def offline_tokenizer():
+    """A CLIP BPE tokenizer over single letters (no download): real token ids are not needed to
+    build or time the models, since prompts are always padded to 77 tokens."""
+    from transformers import CLIPTokenizer
 
-    letters = "abcdefghijklmnopqrstuvwxyz,.!"
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for ch in letters:
+    for ch in "abcdefghijklmnopqrstuvwxyz,.!":
         vocab.setdefault(ch, len(vocab))
         vocab.setdefault(ch + "</w>", len(vocab))
     vocab["ab</w>"] = len(vocab)  # one merge, so the BPE model is well formed
-    tok = CLIPTokenizer(vocab=vocab, merges=[("a", "b</w>")], model_max_length=77)
-    text = lambda proj: CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
+    return CLIPTokenizer(vocab=vocab, merges=[("a", "b</w>")], model_max_length=77)
+
+
+def _build_tiny(root, resolution):
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTextConfig,
+                              CLIPTextModel, CLIPTextModelWithProjection, CLIPVisionConfig)
+
+    tok = offline_tokenizer()
+    text = lambda proj: CLIPTextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
                                        num_hidden_layers=2, num_attention_heads=4, projection_dim=proj,
                                        max_position_embeddings=77, bos_token_id=0, eos_token_id=tok.eos_token_id,
                                        pad_token_id=tok.pad_token_id)
@@ -746,6 +792,205 @@ def _build_tiny(root, resolution):
                                                             crop_size={"height": 32, "width": 32}), tokenizer=tok)
     proc.save_pretrained(os.path.join(root, "reward"))
     return os.path.join(root, "sdxl"), os.path.join(root, "reward")
+
+
+# -----------------------------------------------------------------------------
+# the full-size dry run: the real architectures with random weights, nothing downloaded
+# The configs are those of stabilityai/stable-diffusion-xl-base-1.0 (unet/, vae/, text_encoder/,
+# text_encoder_2/config.json, less the fields that equal the library defaults) and of
+# yuvalkirstain/PickScore_v1 (a CLIP ViT-H/14); a test checks the parameter counts against the
+# published ones. On a GPU the dry run times a few real steps of `train`; anywhere, it builds the
+# same world on the meta device (shapes and dtypes, no memory) to plan memory per device and to
+# count the model FLOPs of a step.
+
+SDXL_UNET = dict(  # 2,567,463,684 parameters
+    sample_size=128, layers_per_block=2, block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+    use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816)  # 2816 = 1280 pooled + 6 time ids x 256
+SDXL_VAE = dict(  # 83,653,863
+    block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4, sample_size=1024,
+    scaling_factor=0.13025)
+SDXL_TEXT_ENCODER = dict(  # CLIP ViT-L/14 text tower: 123,060,480
+    vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+    projection_dim=768, hidden_act="quick_gelu")
+SDXL_TEXT_ENCODER_2 = dict(  # OpenCLIP ViT-bigG/14 text tower with its projection: 694,659,840
+    vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+    projection_dim=1280, hidden_act="gelu")
+PICKSCORE = dict(  # CLIP ViT-H/14: 986,109,441
+    text_config=dict(vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                     num_attention_heads=16, hidden_act="gelu"),
+    vision_config=dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
+                       image_size=224, patch_size=14, hidden_act="gelu"),
+    projection_dim=1024)
+# dense bf16 tensor-core peak per GPU, TFLOPS (NVIDIA data sheets), the denominator of MFU;
+# the first name contained in torch.cuda.get_device_name() wins; --peak_tflops overrides
+PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "A100": 312.0}
+
+
+def dry_run_parts(device):
+    """SDXLWorld's components with the real architectures and random weights, built on `device`
+    directly: no download, no CPU initialisation (minutes at this size), nothing at all on meta.
+    The three UNets start equal, as with --generator_init="". Frozen nets are cast by SDXLWorld."""
+    import copy
+
+    from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTextConfig,
+                              CLIPTextModel, CLIPTextModelWithProjection)
+
+    tok = offline_tokenizer()
+    ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    with torch.device(device):
+        unet = UNet2DConditionModel(**SDXL_UNET)
+        text_encoders = dict(text_encoder=CLIPTextModel(CLIPTextConfig(**SDXL_TEXT_ENCODER, **ids)),
+                             text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**SDXL_TEXT_ENCODER_2, **ids)))
+        clip = CLIPModel(CLIPConfig(**{**PICKSCORE, "text_config": {**PICKSCORE["text_config"], **ids}}))
+        parts = dict(vae=AutoencoderKL(**SDXL_VAE), s_ref=unet, assistant=copy.deepcopy(unet),
+                     generator=copy.deepcopy(unet))
+    pipe = StableDiffusionXLPipeline(vae=None, unet=None, scheduler=None, tokenizer=tok, tokenizer_2=tok,
+                                     **text_encoders)
+    # CLIPImageProcessor's defaults are CLIP-H's preprocessing: 224 px, OpenAI CLIP mean and std
+    proc = CLIPProcessor(image_processor=CLIPImageProcessor(), tokenizer=tok)
+    return dict(parts, pipe=pipe, alphas_cumprod=sdxl_alphas_cumprod(), reward_fn=ClipReward(clip, proc))
+
+
+def param_bytes(*nets):
+    return sum(p.numel() * p.element_size() for net in nets for p in net.parameters())
+
+
+def memory_plan(world, n_gpus, zero):
+    """Memory per GPU before activations, from the world's parameter counts and dtypes, for
+    `train` on n_gpus ranks: [(item, bytes)]. AdamW keeps two states per trained weight in its
+    dtype (fp32), 1/n_gpus of them per rank with --zero (ZeroRedundancyOptimizer splits whole
+    tensors, so ranks differ by up to a tensor). Gradients: alone, one trained net's at a time
+    (train frees them after each update); under DDP both nets' gradient buckets persist (the
+    gradients are views into them). Activations are not in it: the GPU run measures them."""
+    g, psi, te = world.generator, world.assistant, (world.pipe.text_encoder, world.pipe.text_encoder_2)
+    shard = n_gpus if zero and n_gpus > 1 else 1
+    one_net = max(param_bytes(g), param_bytes(psi))
+    dt = lambda net: str(next(net.parameters()).dtype).removeprefix("torch.")
+    return [
+        (f"generator + assistant weights ({dt(g)} masters)", param_bytes(g, psi)),
+        ("AdamW states of both, 2 per weight" + (f", 1/{shard} with --zero" if shard > 1 else ""),
+         2 * param_bytes(g, psi) // shard),
+        ("gradients: DDP buckets of both nets" if n_gpus > 1 else "gradients of one net at a time",
+         param_bytes(g, psi) if n_gpus > 1 else one_net),
+        # CUDA's default (foreach) AdamW step allocates sqrt(v) for all of a net's weights at once
+        ("AdamW step scratch, one net's sqrt(v) (transient)", one_net // shard),
+        (f"reference UNet ({dt(world.s_ref)})", param_bytes(world.s_ref)),
+        (f"text encoders ({dt(te[0])})", param_bytes(*te)),
+        (f"reward CLIP ({dt(world.reward_fn.model)})", param_bytes(world.reward_fn.model)),
+        (f"VAE ({dt(world.vae)})", param_bytes(world.vae)),
+    ]
+
+
+def step_flops(world, batch_size):
+    """Model FLOPs of one assistant update and of one generator update (prompt encoding, forward
+    and backward; not the optimizer), as torch's FlopCounterMode counts them (matmuls and
+    convolutions). On a meta world this costs no memory at any size, only time: every op is
+    dispatched in Python, about half a minute of CPU at full size. Attention is forced to the math
+    kernel, whose two matmuls the counter sees on every device (it has no formula for the CPU flash
+    kernel). Counted with --grad_checkpointing, recompute is included."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def count(step):
+        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+            step()
+        return counter.get_total_flops()
+
+    def generator_step():
+        world.assistant.requires_grad_(False)  # as in train: psi frozen, its input not
+        generator_loss(world, world.generator, world.sample_cond(batch_size))[0].backward()
+        world.assistant.requires_grad_(True)
+
+    flops = dict(assistant=count(lambda: assistant_loss(world, world.assistant, world.sample_cond(batch_size)).backward()),
+                 generator=count(generator_step))
+    for net in (world.generator, world.assistant):
+        net.zero_grad(set_to_none=True)
+    return flops
+
+
+def peak_tflops(cfg, device):
+    if cfg.peak_tflops:
+        return cfg.peak_tflops
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), 0.0)
+
+
+def dry_run_figures(history, flops_per_step, batch_size, peak):
+    """train's per-step metrics -> seconds per step (median; step 1, the warm-up, left out),
+    images per second per GPU, peak memory (GiB, all steps) and MFU (None without a peak)."""
+    import statistics
+
+    sec = statistics.median(r["sec_assistant"] + r["sec_generator"] for r in history[1:])
+    return dict(sec_per_step=sec, images_per_s=batch_size / sec,
+                peak_mem_gib=max(max(r["mem_assistant_gb"], r["mem_generator_gb"]) for r in history),
+                tflops_per_s=flops_per_step / sec / 1e12, mfu=flops_per_step / sec / (peak * 1e12) if peak else None)
+
+
+def run_dry_run(cfg, dist_info):
+    rank, world_size, device = dist_info
+    cfg = replace(cfg, log_interval=1)  # every step is timed
+    per_step = 0
+    if rank == 0:  # the plan and the FLOPs on meta: shapes and dtypes only
+        n_gpus = cfg.world_size_plan or world_size
+        # no checkpointing on meta (the worlds share parts): recompute is not model FLOPs
+        meta_cfg = replace(cfg, grad_checkpointing=False)
+        parts = dry_run_parts("meta")
+        meta = SDXLWorld(meta_cfg, torch.device("meta"), parts=parts)
+        plan = memory_plan(meta, n_gpus, cfg.zero)
+        n = lambda net: f"{sum(p.numel() for p in net.parameters()):,}"
+        print(f"dry run: SDXL-base UNet {n(meta.s_ref)} parameters (x3: generator, assistant, reference), "
+              f"VAE {n(meta.vae)}, text encoders {n(meta.pipe.text_encoder)} + {n(meta.pipe.text_encoder_2)}, "
+              f"reward CLIP-H {n(meta.reward_fn.model)}; random weights, nothing downloaded")
+        print(f"memory per GPU before activations, {n_gpus} GPU(s), --precision={cfg.precision}"
+              + (", --zero" if cfg.zero and n_gpus > 1 else "") + " (GiB = 2^30 bytes):")
+        for item, b in plan:
+            print(f"  {item:62s} {b / 2**30:7.2f}")
+        print(f"  {'total':62s} {sum(b for _, b in plan) / 2**30:7.2f}")
+        # FLOPs in fp32: meta has no autocast, and precision does not change them
+        meta = SDXLWorld(replace(meta_cfg, precision="fp32"), torch.device("meta"), parts=parts)
+        flops = step_flops(meta, cfg.batch_size)
+        per_step = cfg.assistant_steps * flops["assistant"] + flops["generator"]
+        print(f"model FLOPs per GPU, batch {cfg.batch_size}, {cfg.resolution}x{cfg.resolution}: assistant update "
+              f"{flops['assistant'] / 1e12:.1f} TFLOP, generator update {flops['generator'] / 1e12:.1f} TFLOP, "
+              f"step ({cfg.assistant_steps} + 1 updates) {per_step / 1e12:.1f} TFLOP")
+        del parts, meta
+        if device.type != "cuda":
+            print("no GPU here, so no seconds per step, images per second, peak memory or MFU; on GPUs, e.g.:\n"
+                  "  torchrun --standalone --nproc_per_node=8 distar.py --dry_run --zero --grad_checkpointing")
+    if device.type != "cuda":
+        return
+    measure_steps(SDXLWorld(cfg, device, rank, world_size, parts=dry_run_parts(device)), dist_info, per_step)
+
+
+def measure_steps(world, dist_info, flops_per_step):
+    """The dry run's measurement: train (with cfg.dry_run it writes nothing), then rank 0 prints
+    and returns the figures. Any device; MFU needs a known peak (a GPU, or --peak_tflops)."""
+    cfg = world.cfg
+    rank, world_size, device = dist_info
+    try:
+        history = train(world, dist_info)
+    except torch.cuda.OutOfMemoryError:
+        raise SystemExit(f"dry run: out of GPU memory (peak {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB"
+                         f" of {torch.cuda.get_device_properties(device).total_memory / 2**30:.1f} GiB); try "
+                         "--grad_checkpointing, a smaller --batch_size, or more GPUs with --zero") from None
+    if rank != 0:
+        return None
+    peak = peak_tflops(cfg, device)
+    fig = dry_run_figures(history, flops_per_step, cfg.batch_size, peak)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    mfu = f"{fig['mfu']:.1%} of {peak:.0f} TFLOPS" if fig["mfu"] is not None else "unknown peak: pass --peak_tflops"
+    print(f"measured on {world_size} x {name}, --precision={cfg.precision}"
+          + (", --grad_checkpointing" if cfg.grad_checkpointing else "") + (", --zero" if cfg.zero else "")
+          + f", batch {cfg.batch_size} per GPU, median of steps 2-{cfg.max_steps}:")
+    print(f"  seconds per step {fig['sec_per_step']:.3g}, images per second per GPU {fig['images_per_s']:.3g}, "
+          f"peak memory {fig['peak_mem_gib']:.1f} GiB, {fig['tflops_per_s']:.3g} TFLOPS, MFU {mfu}")
+    return fig
 
 
 # -----------------------------------------------------------------------------
@@ -823,6 +1068,13 @@ def make_optimizer(cfg, params, lr):
     return torch.optim.AdamW(params, **adamw)
 
 
+def clock(device):
+    """Seconds, after the GPU has finished what was queued (CUDA runs asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 def peak_memory_gb(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
@@ -836,17 +1088,20 @@ def train(world, dist_info):
     cfg = world.cfg
     rank, world_size, device = dist_info
     g, s_psi = world.generator, world.assistant  # fp32 master weights
-    wrap = (lambda m: DDP(m)) if world_size > 1 else (lambda m: m)
+    # gradients as views into DDP's buckets: without it DDP keeps a second fp32 copy of them
+    wrap = (lambda m: DDP(m, gradient_as_bucket_view=True)) if world_size > 1 else (lambda m: m)
     g_ddp, s_psi_ddp = wrap(g), wrap(s_psi)  # DDP only on the two trained nets
     opt_g, opt_psi = make_optimizer(cfg, g.parameters(), cfg.lr_g), make_optimizer(cfg, s_psi.parameters(), cfg.lr_psi)
     start = load_checkpoint(cfg, world, opt_g, opt_psi, dist_info) if cfg.resume else 0
     bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps,
                disable=None if rank == 0 else True, dynamic_ncols=True)
+    writes = not cfg.dry_run  # a dry run times steps and writes nothing
+    history = []  # the logged metrics, returned
     for step in bar:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         # assistant phase: freeze theta, K_TA DSM updates of psi (eq. 2.2)
-        t0 = time.perf_counter()
+        t0 = clock(device)
         loss_psi = torch.zeros((), device=device)
         for _ in range(cfg.assistant_steps):
             loss_psi = assistant_loss(world, s_psi_ddp, world.sample_cond(cfg.batch_size))
@@ -855,7 +1110,7 @@ def train(world, dist_info):
             torch.nn.utils.clip_grad_norm_(s_psi.parameters(), cfg.grad_clip)
             opt_psi.step()
             opt_psi.zero_grad(set_to_none=True)  # free psi's grads before the generator phase
-        mem_psi, t1 = peak_memory_gb(device), time.perf_counter()
+        mem_psi, t1 = peak_memory_gb(device), clock(device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         # generator phase: freeze psi (its parameters, not its input), one update of theta
@@ -867,22 +1122,24 @@ def train(world, dist_info):
         grad_norm = torch.nn.utils.clip_grad_norm_(g.parameters(), cfg.grad_clip)
         opt_g.step()
         opt_g.zero_grad(set_to_none=True)
-        t2 = time.perf_counter()
+        t2 = clock(device)
         if (step + 1) % cfg.log_interval == 0 or step + 1 == cfg.max_steps:
             metrics = all_reduce_mean(dict(loss_g=loss_g.detach(), **{k: v.detach() for k, v in terms.items()},
                                            loss_psi=loss_psi.detach(), grad_norm=grad_norm), world_size)
             metrics.update(step=step + 1, sec_assistant=(t1 - t0), sec_generator=(t2 - t1),
                            mem_assistant_gb=mem_psi, mem_generator_gb=peak_memory_gb(device))
             bar.set_postfix({k: f"{v:.3g}" for k, v in metrics.items() if k != "step"}, refresh=False)
-            if rank == 0 and not cfg.toy:
+            history.append(metrics)
+            if rank == 0 and not cfg.toy and writes:
                 with open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") as f:
                     f.write(json.dumps(metrics) + "\n")
-        if not cfg.toy and ((step + 1) % cfg.sample_interval == 0 or step + 1 == cfg.max_steps) and rank == 0:
+        if not cfg.toy and writes and ((step + 1) % cfg.sample_interval == 0 or step + 1 == cfg.max_steps) and rank == 0:
             save_sample_grid(world, os.path.join(cfg.out_dir, f"samples-{step + 1:06d}.png"))
-        if (step + 1) % cfg.ckpt_interval == 0 or step + 1 == cfg.max_steps:
+        if writes and ((step + 1) % cfg.ckpt_interval == 0 or step + 1 == cfg.max_steps):
             save_checkpoint(cfg, step + 1, world, opt_g, opt_psi, dist_info)
     for net in (g, s_psi):
         assert_ranks_in_sync(net, world_size)
+    return history
 
 
 @torch.no_grad()
@@ -1299,8 +1556,10 @@ def main(argv):
     try:
         if cfg.ablation:
             run_ablation(cfg, dist_info[2])
+        elif cfg.toy:
+            run_toy(cfg, dist_info)
         else:
-            run_toy(cfg, dist_info) if cfg.toy else run_sdxl(cfg, dist_info)
+            run_dry_run(cfg, dist_info) if cfg.dry_run else run_sdxl(cfg, dist_info)
     except LoadError as e:  # bad model path or prompt file: one line, before anything is written
         if rank == 0:
             print(f"distar: error: {e}", file=sys.stderr)

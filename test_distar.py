@@ -870,3 +870,136 @@ def test_bad_input_from_the_command_line_has_no_traceback(tmp_path):
         assert r.returncode == 2 and r.stdout == "", r
         assert r.stderr.startswith("sample: error: ") and r.stderr.count("\n") == 1, r.stderr
         assert "Traceback" not in r.stderr
+
+
+# -----------------------------------------------------------------------------
+# full-size dry run: the real architectures with random weights (on meta here: no GPU, no download)
+
+# published parameter counts: SDXL-base (UNet, VAE, CLIP ViT-L/14 and OpenCLIP bigG text encoders)
+UNET, VAE, TEXT_1, TEXT_2 = 2_567_463_684, 83_653_863, 123_060_480, 694_659_840
+PICKSCORE = 986_109_441  # CLIP ViT-H/14 as transformers builds it, "986M" published
+GIB = 2**30
+
+
+@pytest.fixture(scope="module")
+def dry_parts():
+    distar.quiet_libraries()
+    return distar.dry_run_parts("meta")
+
+
+def _numel(net):
+    return sum(p.numel() for p in net.parameters())
+
+
+def test_dry_run_builds_the_published_architectures_on_meta(dry_parts):
+    world = distar.SDXLWorld(distar.parse_args(["--dry_run"]), torch.device("meta"), parts=dry_parts)
+    assert [_numel(n) for n in (world.s_ref, world.assistant, world.generator)] == [UNET] * 3
+    assert (_numel(world.vae), _numel(world.pipe.text_encoder), _numel(world.pipe.text_encoder_2)) == (VAE, TEXT_1, TEXT_2)
+    assert abs(_numel(world.reward_fn.model) - 986e6) < 0.5e6
+    assert all(p.is_meta for p in world.generator.parameters())  # no memory spent
+    assert world.latent_shape == (4, 128, 128)
+    # CLIP-H's preprocessing (laion/CLIP-ViT-H-14-laion2B-s32B-b79K preprocessor_config.json)
+    assert world.reward_fn.size == 224 and world.reward_fn.crop == (224, 224)
+    from transformers import CLIPImageProcessor  # dry_run_parts relies on its defaults for mean and std
+    assert list(CLIPImageProcessor().image_mean) == [0.48145466, 0.4578275, 0.40821073]
+    assert list(CLIPImageProcessor().image_std) == [0.26862954, 0.26130258, 0.27577711]
+    ids = world.pipe.tokenizer(["a shiba inu"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    assert ids.shape == (1, 77) and ids.max() < 49408  # valid rows of the real embedding tables
+
+
+@pytest.mark.parametrize("precision, n_gpus, zero", [("bf16", 1, False), ("bf16", 8, True), ("fp32", 8, False),
+                                                     ("fp32", 64, True), ("bf16", 1, True)])
+def test_memory_plan_is_the_hand_computation_from_parameter_counts(dry_parts, precision, n_gpus, zero):
+    cfg = distar.parse_args(["--dry_run", f"--precision={precision}"])
+    world = distar.SDXLWorld(cfg, torch.device("meta"), parts=dry_parts)
+    frozen = 2 if precision == "bf16" else 4  # bytes per frozen weight; trained nets and VAE fp32
+    shard = n_gpus if zero and n_gpus > 1 else 1  # --zero on one GPU shards nothing
+    expect = [2 * UNET * 4,  # generator + assistant fp32 masters
+              2 * (2 * UNET * 4) // shard,  # AdamW m and v of both
+              (2 * UNET * 4) if n_gpus > 1 else UNET * 4,  # DDP buckets of both, or one net's grads
+              UNET * 4 // shard,  # foreach AdamW's sqrt(v) of one net
+              UNET * frozen, (TEXT_1 + TEXT_2) * frozen, PICKSCORE * frozen, VAE * 4]
+    assert [b for _, b in distar.memory_plan(world, n_gpus, zero)] == expect
+
+
+def test_memory_plan_rows_are_what_train_allocates(tiny, tmp_path):
+    """On tiny models in bf16: frozen nets really are bf16, AdamW really keeps two fp32 states per
+    trained weight, and train really frees each net's gradients after its update."""
+    world = _sdxl_world(tiny, "--precision=bf16", "--max_steps=1", "--assistant_steps=1", f"--out_dir={tmp_path}")
+    real = lambda *nets: sum(p.untyped_storage().nbytes() for n in nets for p in n.parameters())
+    plan = dict(distar.memory_plan(world, 1, False))
+    rows = {k.split(" (")[0]: v for k, v in plan.items()}
+    assert rows["reference UNet"] == real(world.s_ref) == 2 * _numel(world.s_ref)
+    assert rows["text encoders"] == real(world.pipe.text_encoder, world.pipe.text_encoder_2)
+    assert rows["reward CLIP"] == real(world.reward_fn.model) == 2 * _numel(world.reward_fn.model)
+    assert rows["VAE"] == real(world.vae) == 4 * _numel(world.vae)
+    assert rows["generator + assistant weights"] == real(world.generator, world.assistant)
+    opt = distar.make_optimizer(world.cfg, world.assistant.parameters(), 1e-4)
+    distar.assistant_loss(world, world.assistant, world.sample_cond(2)).backward()
+    assert sum(p.grad.untyped_storage().nbytes() for p in world.assistant.parameters()) == plan["gradients of one net at a time"]
+    opt.step()
+    states = sum(v.untyped_storage().nbytes() for s in opt.state.values() for k, v in s.items() if k != "step")
+    assert 2 * states == rows["AdamW states of both, 2 per weight"]  # both nets are the same size
+    world.assistant.zero_grad(set_to_none=True)
+    distar.train(world, (0, 1, torch.device("cpu")))
+    assert all(p.grad is None for n in (world.generator, world.assistant) for p in n.parameters())
+
+
+def test_step_flops_on_meta_equal_the_flops_of_real_tensors(tiny):
+    """The dry run counts FLOPs on the meta device; on tiny models the count equals that of the
+    real computation on CPU, attention included, and is linear in the batch."""
+    world = _sdxl_world(tiny)
+    cpu = distar.step_flops(world, 2)
+    assert cpu["assistant"] > 0 and cpu["generator"] > cpu["assistant"]
+    assert all(p.grad is None for n in (world.generator, world.assistant) for p in n.parameters())
+    meta_world = distar.SDXLWorld(world.cfg, torch.device("meta"))  # the same tiny models, loaded onto meta
+    assert {k: 2 * v for k, v in distar.step_flops(meta_world, 1).items()} == cpu  # batch 1 on meta, doubled
+    # attention is counted (FlopCounterMode alone sees nothing of the CPU flash kernel)
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as fc:
+        distar.assistant_loss(world, world.assistant, world.sample_cond(2)).backward()
+    assert fc.get_total_flops() < cpu["assistant"]
+
+
+def test_dry_run_figures_leave_out_the_warm_up_step():
+    rows = [dict(sec_assistant=a, sec_generator=g, mem_assistant_gb=m, mem_generator_gb=m + 1)
+            for a, g, m in ((9.0, 1.0, 50.0), (0.5, 0.5, 40.0), (1.0, 1.0, 41.0), (2.0, 1.0, 40.0))]
+    fig = distar.dry_run_figures(rows, flops_per_step=400e12, batch_size=2, peak=1000.0)
+    assert fig["sec_per_step"] == 2.0  # median of 1, 2 and 3 s; the 10 s warm-up left out
+    assert fig["images_per_s"] == 1.0 and fig["tflops_per_s"] == 200.0 and fig["mfu"] == 0.2
+    assert fig["peak_mem_gib"] == 51.0  # the peak of every step, warm-up included
+    assert distar.dry_run_figures(rows, 400e12, 2, 0.0)["mfu"] is None
+
+
+def test_dry_run_measurement_writes_nothing(tiny, tmp_path, capsys):
+    """The dry run's GPU measurement (train with cfg.dry_run, then the figures) on tiny models on
+    CPU: the GPU itself cannot be tested here (no GPU)."""
+    from dataclasses import replace
+    world = _sdxl_world(tiny, "--max_steps=3", "--assistant_steps=1", f"--out_dir={tmp_path}")
+    world.cfg = replace(world.cfg, tiny=False, dry_run=True, log_interval=1, peak_tflops=0.5)
+    fig = distar.measure_steps(world, (0, 1, torch.device("cpu")), flops_per_step=1e9)
+    assert fig["images_per_s"] == pytest.approx(2 / fig["sec_per_step"])
+    assert fig["mfu"] == pytest.approx(1e9 / fig["sec_per_step"] / 0.5e12)
+    assert "measured on 1 x cpu" in capsys.readouterr().out
+    assert os.listdir(tmp_path) == []  # no metrics file, samples or checkpoints
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--dry_run", "--tiny"], "different worlds"), (["--dry_run", "--resume"], "nothing to --resume"),
+    (["--dry_run", "--max_steps=1"], "warm-up"), (["--dry_run", "--world_size_plan=-8"], ">= 0")])
+def test_bad_dry_run_config_is_one_line(args, words, capsys):
+    assert distar.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and words in err, err
+
+
+def test_dry_run_command_line_without_a_gpu_prints_the_plan(tmp_path):
+    p = run("--dry_run", "--world_size_plan=8", "--zero", f"--out_dir={tmp_path / 'o'}", timeout=300)
+    assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert f"SDXL-base UNet {UNET:,} parameters" in p.stdout and f"reward CLIP-H {PICKSCORE:,}" in p.stdout
+    total = (2 * UNET * 4 + 2 * UNET * 8 // 8 + 2 * UNET * 4 + UNET * 4 // 8 + (UNET + TEXT_1 + TEXT_2 + PICKSCORE) * 2
+             + VAE * 4) / GIB
+    assert re.search(rf"^  total +{total:.2f}$", p.stdout, re.M), p.stdout
+    flops = re.search(r"step \(5 \+ 1 updates\) ([\d.]+) TFLOP", p.stdout)
+    assert flops and float(flops.group(1)) > 100, p.stdout  # at 1024x1024, batch 2: hundreds of TFLOP
+    assert "no GPU here" in p.stdout and not os.path.exists(tmp_path / "o")
