@@ -108,8 +108,8 @@ class Config:
 # the toy is a different problem size: these replace the defaults, and --key=value still wins
 TOY_DEFAULTS = dict(batch_size=256, max_steps=1000, lr_g=1e-3, lr_psi=3e-3, assistant_steps=4,
                     weight_decay=0.0, log_interval=100, ckpt_interval=1000, out_dir="out_toy")
-# ten toy runs in about a minute on 2 CPU cores
-ABLATION_DEFAULTS = dict(max_steps=600)
+# twelve toy runs in under 2 minutes on 2 CPU cores
+ABLATION_DEFAULTS = dict(max_steps=500)
 # tiny random models on CPU: a smoke-test size; --key=value still wins
 TINY_DEFAULTS = dict(resolution=64, batch_size=2, max_steps=4, lr_g=1e-4, lr_psi=1e-4, assistant_steps=2,
                      precision="fp32", log_interval=1, ckpt_interval=2, sample_interval=2, out_dir="out_tiny")
@@ -1407,13 +1407,17 @@ def run_toy(cfg, dist_info):
 # the paper's Table 2 in the toy (--toy --ablation): one generator per row, the same seed, steps
 # and nets for all; a row is the paper's model and the four flags that make it. KL rows put CFG
 # in the reference: with KL, --cfg=in and --cfg=out give the same gradient (a test checks it).
+# The two [extra] rows are not in the paper: reward without CFG, to tell the reward's effect on
+# diversity from guidance's.
 
 TABLE2 = [
     ("KL, no reward, no CFG", "--divergence=kl --alpha_rew=0 --alpha_cfg=0 --cfg=in"),
+    ("KL, reward, no CFG [extra]", "--divergence=kl --alpha_rew=100 --alpha_cfg=0 --cfg=in"),
     ("Diff-Instruct (KL, CFG)", "--divergence=kl --alpha_rew=0 --alpha_cfg=7.5 --cfg=in"),
     ("DI++ (KL, reward, CFG)", "--divergence=kl --alpha_rew=100 --alpha_cfg=7.5 --cfg=in"),
     ("DI*-Out (choice 1)", "--divergence=pseudo_huber --alpha_rew=100 --alpha_cfg=7.5 --cfg=out"),
     ("DI*, no reward, no CFG", "--divergence=pseudo_huber --alpha_rew=0 --alpha_cfg=0 --cfg=in"),
+    ("DI*, reward, no CFG [extra]", "--divergence=pseudo_huber --alpha_rew=100 --alpha_cfg=0 --cfg=in"),
     ("SIM (score div., CFG)", "--divergence=pseudo_huber --alpha_rew=0 --alpha_cfg=7.5 --cfg=in"),
     ("DI*-In, alpha_rew 1", "--divergence=pseudo_huber --alpha_rew=1 --alpha_cfg=7.5 --cfg=in"),
     ("DI*-In, alpha_rew 10", "--divergence=pseudo_huber --alpha_rew=10 --alpha_cfg=7.5 --cfg=in"),
@@ -1442,7 +1446,7 @@ def toy_metrics(world, x, ref, alpha_rew):
                 mode_shares=near.tolist())  # (K, M): where the coverage comes from
 
 
-def save_ablation_png(path, rows, cols=4, size=300, band=32):
+def save_ablation_png(path, rows, cols=5, size=260, band=32):
     """One panel per row, every class in it: the reference in grey, the generator in class colours."""
     from PIL import Image, ImageDraw
 

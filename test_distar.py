@@ -340,7 +340,8 @@ def test_toy_metrics_on_known_samples():
 # the paper's rows, as the paper describes them (not read from TABLE2): divergence, alpha_rew,
 # and where CFG enters: None (no CFG), "ref" (the reference is s_u + omega (s_c - s_u)) or
 # "reward" (Theorem 3.2's implicit reward), with its strength alpha_cfg
-PAPER_ROWS = {"KL, no reward, no CFG": ("kl", 0, None, 0), "Diff-Instruct (KL, CFG)": ("kl", 0, "ref", 7.5),
+PAPER_ROWS = {"KL, no reward, no CFG": ("kl", 0, None, 0), "KL, reward, no CFG [extra]": ("kl", 100, None, 0),
+              "DI*, reward, no CFG [extra]": ("pseudo_huber", 100, None, 0), "Diff-Instruct (KL, CFG)": ("kl", 0, "ref", 7.5),
               "DI++ (KL, reward, CFG)": ("kl", 100, "ref", 7.5), "DI*-Out (choice 1)": ("pseudo_huber", 100, "reward", 7.5),
               "DI*, no reward, no CFG": ("pseudo_huber", 0, None, 0), "SIM (score div., CFG)": ("pseudo_huber", 0, "ref", 7.5),
               "DI*-In, alpha_rew 1": ("pseudo_huber", 1, "ref", 7.5), "DI*-In, alpha_rew 10": ("pseudo_huber", 10, "ref", 7.5),
@@ -392,11 +393,11 @@ def test_ablation_command(tmp_path):
     for name in ["reference q", "tilted reference", *PAPER_ROWS]:
         assert name in table
     result = json.loads((tmp_path / "ablation.json").read_text())
-    assert [r["name"] for r in result["rows"][2:]] == list(PAPER_ROWS) and result["steps"] == 3
+    assert [r["name"] for r in result["rows"][2:]] == [name for name, _ in distar.TABLE2] and result["steps"] == 3
     for r in result["rows"]:
         assert 0 <= r["coverage"] <= 1 and 0 <= r["right_share"] <= 1 and math.isfinite(r["ed_tilted"])
     with Image.open(tmp_path / "ablation.png") as im:
-        assert im.size == (4 * 300, 3 * 332)
+        assert im.size == (5 * 260, 3 * (260 + 32))  # 14 panels, 5 per line
     for i in range(len(PAPER_ROWS)):  # each row's generator is a loadable checkpoint
         assert (tmp_path / "ablation" / f"row{i + 1:02d}" / "checkpoint-000003" / "generator" / "model.safetensors").exists()
 
