@@ -41,6 +41,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, fields, replace
@@ -103,6 +104,10 @@ class Config:
     sample_interval: int = 500  # steps between sample grids
     keep_checkpoints: int = 2  # newest complete checkpoints kept (an SDXL one is ~60 GB)
     resume: bool = False  # continue from the newest complete checkpoint in out_dir
+    # the cost table (--bench): time the steps instead of training, write {out_dir}/bench.json
+    bench: bool = False
+    bench_reps: int = 20  # timed repetitions of every variant (medians are reported)
+    bench_warmup: int = 5  # untimed repetitions first
 
 
 # the toy is a different problem size: these replace the defaults, and --key=value still wins
@@ -176,6 +181,8 @@ def parse_args(argv):
         raise ConfigError(f"need 0 <= t_min <= t_max <= 999, got {cfg.t_min} and {cfg.t_max}")
     if cfg.batch_size < 1 or cfg.max_steps < 0 or cfg.assistant_steps < 0:
         raise ConfigError("batch_size must be >= 1, max_steps and assistant_steps >= 0")
+    if cfg.bench and (cfg.toy or cfg.bench_reps < 1 or cfg.bench_warmup < 0):
+        raise ConfigError("--bench times the SDXL world (not --toy) and needs bench_reps >= 1, bench_warmup >= 0")
     return cfg
 
 
@@ -655,12 +662,17 @@ class SDXLWorld:
         self.generator = parts["generator"].to(device, torch.float32)
         self.reward_fn = parts["reward_fn"].to(device)
         self.reward_fn.model.to(frozen)  # its mean/std buffers stay fp32
-        if cfg.grad_checkpointing:  # frozen nets too: they sit on the generator's gradient path
-            for m in (self.generator, self.assistant, self.s_ref, self.vae):
-                m.enable_gradient_checkpointing()
+        self.set_grad_checkpointing(cfg.grad_checkpointing)
         r, lat = cfg.resolution, cfg.resolution // 8
         self.latent_shape = (self.generator.config.in_channels, lat, lat)
         self.time_ids = torch.tensor([[r, r, 0, 0, r, r]], dtype=torch.float32, device=device)  # (1, 6)
+
+    def set_grad_checkpointing(self, on):
+        """Recompute activations in backward, in the frozen nets too: they sit on the generator's
+        gradient path. diffusers 0.42 checkpoints whenever grad is enabled (not only in train
+        mode), so the frozen s_ref in eval mode recomputes as well. --bench toggles it live."""
+        for m in (self.generator, self.assistant, self.s_ref, self.vae):
+            m.enable_gradient_checkpointing() if on else m.disable_gradient_checkpointing()
 
     def sample_cond(self, n):
         idx = torch.randint(len(self.prompts), (n,)).tolist()  # global RNG: reproducible on resume
@@ -961,11 +973,15 @@ def run_dry_run(cfg, dist_info):
               f"step ({cfg.assistant_steps} + 1 updates) {per_step / 1e12:.1f} TFLOP")
         del parts, meta
         if device.type != "cuda":
-            print("no GPU here, so no seconds per step, images per second, peak memory or MFU; on GPUs, e.g.:\n"
+            print("no GPU here, so no seconds per step, images per second, peak memory, MFU"
+                  + (" or cost table" if cfg.bench else "") + "; on GPUs, e.g.:\n"
                   "  torchrun --standalone --nproc_per_node=8 distar.py --dry_run --zero --grad_checkpointing")
     if device.type != "cuda":
         return
-    measure_steps(SDXLWorld(cfg, device, rank, world_size, parts=dry_run_parts(device)), dist_info, per_step)
+    world = SDXLWorld(cfg, device, rank, world_size, parts=dry_run_parts(device))
+    if cfg.bench:  # the full-size cost table instead of the step timing
+        return bench(world, device)
+    measure_steps(world, dist_info, per_step)
 
 
 def measure_steps(world, dist_info, flops_per_step):
@@ -1154,6 +1170,76 @@ def save_sample_grid(world, path, n=4):
     grid = (img.permute(0, 2, 3, 1).reshape(-1, img.shape[-1], 3) * 255).round().byte()  # stacked vertically
     grid = grid.view(n, img.shape[-2], img.shape[-1], 3).permute(1, 0, 2, 3).reshape(img.shape[-2], -1, 3)
     Image.fromarray(grid.cpu().numpy()).save(path)  # one row of n images
+
+
+# -----------------------------------------------------------------------------
+# the cost table (--bench): what one generator step costs with each divergence, and what one
+# assistant step costs, with and without gradient checkpointing, as ratios to the KL generator
+# step. A step here is the loss and its backward, exactly as train runs them (psi frozen in the
+# generator step); gradient clipping and the AdamW update are left out: they cost the same for
+# every divergence and would change the weights. The world is built once and its own nets are
+# timed; checkpointing is toggled on them in place, and the weights are never updated.
+
+
+def bench(world, device):
+    """Time every variant, interleaved (each repetition runs all of them, in an order rotated by
+    one, so drift and position hit all alike), warm-up repetitions dropped, medians. A variant
+    that runs out of GPU memory is reported as such and the others go on. Prints the table and
+    writes {out_dir}/bench.json; returns its rows."""
+    cfg = world.cfg
+    g, s_psi, cuda = world.generator, world.assistant, device.type == "cuda"
+    variants = [(div, ckpt) for ckpt in (False, True) for div in ("pseudo_huber", "l2", "kl", None)]  # None: assistant
+    times, peaks, oom = {v: [] for v in variants}, dict.fromkeys(variants, 0.0), set()
+    for rep in range(cfg.bench_warmup + cfg.bench_reps):
+        k = rep % len(variants)
+        for v in [v for v in variants[k:] + variants[:k] if v not in oom]:
+            div, ckpt = v
+            world.cfg = replace(cfg, divergence=div or cfg.divergence)
+            world.set_grad_checkpointing(ckpt)
+            cond = world.sample_cond(cfg.batch_size)  # prompt encoding is not part of the step
+            if cuda:
+                torch.cuda.synchronize(device)
+                torch.cuda.reset_peak_memory_stats(device)
+            try:
+                t0 = time.perf_counter()
+                if div:  # the generator step of train: psi's parameters frozen, not its input
+                    s_psi.requires_grad_(False)
+                    generator_loss(world, g, cond)[0].backward()
+                else:  # the assistant step of train (one DSM update)
+                    assistant_loss(world, s_psi, cond).backward()
+                if cuda:
+                    torch.cuda.synchronize(device)
+                dt = time.perf_counter() - t0
+            except torch.cuda.OutOfMemoryError:
+                oom.add(v)
+            finally:
+                s_psi.requires_grad_(True)
+                g.zero_grad(set_to_none=True)
+                s_psi.zero_grad(set_to_none=True)
+            if rep >= cfg.bench_warmup and v not in oom:
+                times[v].append(dt * 1000)
+                peaks[v] = max(peaks[v], peak_memory_gb(device))
+    world.cfg = cfg
+    world.set_grad_checkpointing(cfg.grad_checkpointing)
+    med = {v: None if v in oom else statistics.median(times[v]) for v in variants}
+    base = med[("kl", False)]
+    rows = [dict(step="generator" if v[0] else "assistant", divergence=v[0], grad_checkpointing=v[1], ms=med[v],
+                 ratio=med[v] / base if med[v] and base else None, peak_gb=peaks[v] if cuda and med[v] else None,
+                 ms_reps=times[v]) for v in variants]
+    name = torch.cuda.get_device_name(device) if cuda else f"cpu, {torch.get_num_threads()} threads"
+    print(f"cost of one step on {name}, {cfg.precision}, {cfg.resolution}x{cfg.resolution}, batch {cfg.batch_size}, "
+          f"--cfg={cfg.cfg}: median of {cfg.bench_reps} after {cfg.bench_warmup} warm-up, interleaved")
+    print(f"{'step':10s} {'divergence':12s} {'checkpointing':>13s} {'ms':>9s} {'/ KL gen':>9s}"
+          + (f" {'peak GB':>8s}" if cuda else ""))
+    for r in rows:
+        ms, ratio = (f"{r['ms']:.1f}", f"{r['ratio']:.2f}x") if r["ms"] else ("out of memory", "-")
+        print(f"{r['step']:10s} {r['divergence'] or '-':12s} {'on' if r['grad_checkpointing'] else 'off':>13s} "
+              f"{ms:>9s} {ratio if base else '-':>9s}" + (f" {r['peak_gb']:8.2f}" if r["peak_gb"] else ""))
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    with open(os.path.join(cfg.out_dir, "bench.json"), "w") as f:
+        json.dump(dict(device=name, config=asdict(cfg), rows=rows), f, indent=1)
+    print(f"wrote {cfg.out_dir}/bench.json")
+    return rows
 
 
 # -----------------------------------------------------------------------------
@@ -1523,6 +1609,8 @@ def run_sdxl(cfg, dist_info):
         cfg.reward_model = cfg.reward_processor = os.path.join(root, "reward")
     world = SDXLWorld(cfg, device, rank, world_size)
     world.cfg = cfg
+    if cfg.bench:  # the cost table instead of training
+        return bench(world, device)
     if rank == 0:
         os.makedirs(cfg.out_dir, exist_ok=True)
     t0 = time.perf_counter()
@@ -1546,6 +1634,9 @@ def main(argv):
         cfg = parse_args(argv)
     except ConfigError as e:
         print(f"distar: error: {e}", file=sys.stderr)
+        return 2
+    if cfg.bench and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        print("distar: error: --bench times one process: run it with python, not torchrun", file=sys.stderr)
         return 2
     quiet_libraries()
     dist_info = setup_distributed()

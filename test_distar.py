@@ -1004,3 +1004,95 @@ def test_dry_run_command_line_without_a_gpu_prints_the_plan(tmp_path):
     flops = re.search(r"step \(5 \+ 1 updates\) ([\d.]+) TFLOP", p.stdout)
     assert flops and float(flops.group(1)) > 100, p.stdout  # at 1024x1024, batch 2: hundreds of TFLOP
     assert "no GPU here" in p.stdout and not os.path.exists(tmp_path / "o")
+
+
+# -----------------------------------------------------------------------------
+# cost table
+
+BENCH_VARIANTS = {(div, ckpt) for div in ("pseudo_huber", "l2", "kl", None) for ckpt in (False, True)}
+
+
+def test_bench_command_prints_and_writes_the_cost_table(tiny, tmp_path):
+    os.symlink(os.path.dirname(tiny[0]), tmp_path / "tiny")  # --tiny finds its models there, builds none
+    r = run("--tiny", "--bench", "--bench_reps=2", "--bench_warmup=0", f"--out_dir={tmp_path}")
+    assert r.returncode == 0, r.stderr
+    lines = re.findall(r"^(generator|assistant) +(\S+) +(on|off) +([\d.]+) +([\d.]+)x$", r.stdout, re.M)
+    assert {(div if div != "-" else None, ck == "on") for _, div, ck, _, _ in lines} == BENCH_VARIANTS, r.stdout
+    rows = json.load(open(tmp_path / "bench.json"))["rows"]
+    assert sorted(r["step"] for r in rows) == ["assistant"] * 2 + ["generator"] * 6
+    assert {(r["divergence"], r["grad_checkpointing"]) for r in rows} == BENCH_VARIANTS
+    kl = next(r for r in rows if r["divergence"] == "kl" and not r["grad_checkpointing"])
+    assert kl["ratio"] == 1.0
+    for row in rows:  # medians of the timed repetitions, as ratios to the KL step
+        assert len(row["ms_reps"]) == 2 and row["ms"] == pytest.approx(np.median(row["ms_reps"]))
+        assert row["ratio"] == pytest.approx(row["ms"] / kl["ms"]) and row["ms"] > 0
+    assert sorted(os.listdir(tmp_path)) == ["bench.json", "tiny"]  # no checkpoint, metrics or samples
+
+
+def test_bench_runs_every_variant_and_leaves_the_world_as_it_was(tiny, tmp_path, monkeypatch, capsys):
+    """Each variant reaches the losses with its own divergence and checkpointing; one that runs
+    out of GPU memory (l2 without checkpointing, here) is reported and the others go on."""
+    world = _sdxl_world(tiny, "--bench", "--bench_reps=1", "--bench_warmup=0", f"--out_dir={tmp_path}")
+    cfg, nets = world.cfg, (world.generator, world.assistant, world.s_ref, world.vae)
+    before = {k: _state(m) for k, m in (("g", world.generator), ("psi", world.assistant))}
+    seen = []  # (divergence, checkpointing on each net) as the loss functions see them
+
+    def spy(fn, divergence):
+        def wrapped(world, *args):
+            seen.append((divergence(world), tuple(m.is_gradient_checkpointing for m in nets)))
+            if seen[-1] == ("l2", (False,) * 4):
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+            return fn(world, *args)
+        return wrapped
+
+    monkeypatch.setattr(distar, "generator_loss", spy(distar.generator_loss, lambda w: w.cfg.divergence))
+    monkeypatch.setattr(distar, "assistant_loss", spy(distar.assistant_loss, lambda w: None))
+    rows = distar.bench(world, torch.device("cpu"))
+    assert len(seen) == len(rows) == 8
+    assert {(div, ckpt[0]) for div, ckpt in seen} == BENCH_VARIANTS
+    assert all(len(set(ckpt)) == 1 for _, ckpt in seen)  # all four nets toggled together
+    assert re.search(r"^generator +l2 +off +out of memory +-$", capsys.readouterr().out, re.M)
+    assert [(r["divergence"], r["grad_checkpointing"]) for r in rows if r["ms"] is None] == [("l2", False)]
+    assert all(r["ratio"] > 0 for r in rows if r["ms"] is not None)
+    assert world.cfg is cfg and not any(m.is_gradient_checkpointing for m in nets)
+    for name, net in (("g", world.generator), ("psi", world.assistant)):
+        assert all(torch.equal(v, before[name][k]) for k, v in _state(net).items()), name
+        assert all(p.requires_grad and p.grad is None for p in net.parameters()), name
+
+
+def test_grad_checkpointing_toggle_recomputes_in_backward(tiny):
+    """With checkpointing on, every net on the gradient path runs its blocks again in backward;
+    nets run under no_grad (the generator in the assistant step) do not."""
+    world = _sdxl_world(tiny)  # --cfg=in: two reference passes
+    blocks = dict(g=world.generator.down_blocks[0].resnets[0], psi=world.assistant.down_blocks[0].resnets[0],
+                  ref=world.s_ref.down_blocks[0].resnets[0], vae=world.vae.decoder.up_blocks[0].resnets[0])
+    calls = dict.fromkeys(blocks, 0)
+    for k, m in blocks.items():  # a pre-hook: torch's recompute stops early, before a block's end
+        m.register_forward_pre_hook(lambda *_, k=k: calls.__setitem__(k, calls[k] + 1))
+
+    def count(step):  # forward calls of each block in one step of train, loss and backward
+        calls.update(dict.fromkeys(calls, 0))
+        cond = world.sample_cond(2)
+        if step == "generator":  # pseudo-Huber: back-propagates through every UNet and the VAE
+            world.assistant.requires_grad_(False)
+            distar.generator_loss(world, world.generator, cond)[0].backward()
+            world.assistant.requires_grad_(True)
+        else:
+            distar.assistant_loss(world, world.assistant, cond).backward()
+        return dict(calls)
+
+    for on, k in ((False, 1), (True, 2), (False, 1)):
+        world.set_grad_checkpointing(on)
+        assert count("generator") == dict(g=k, psi=k, ref=2 * k, vae=k)
+        assert count("assistant") == dict(g=1, psi=k, ref=0, vae=0)
+
+
+def test_bench_bad_input(monkeypatch, capsys):
+    for args in (["--toy", "--bench"], ["--tiny", "--bench", "--bench_reps=0"], ["--bench", "--bench_warmup=-1"]):
+        with pytest.raises(distar.ConfigError, match="--bench"):
+            distar.parse_args(args)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # under torchrun: refused before anything is built
+    assert distar.main(["--tiny", "--bench", "--out_dir=/nonexistent/never"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("distar: error: --bench") and err.count("\n") == 1
+
