@@ -13,8 +13,21 @@ Toy 2-D Gaussian world, any laptop, no download (gradient check first, then Algo
 $ python distar.py --toy
 $ torchrun --standalone --nproc_per_node=2 distar.py --toy
 
+The paper's Table 2 in the toy, one generator per row, one table and one picture (~1.5 min):
+$ python distar.py --toy --ablation
+
 Tiny random SDXL-shaped models on CPU (the real code path, a smoke test):
 $ torchrun --standalone --nproc_per_node=2 distar.py --tiny --max_steps=4
+
+Full size with nothing downloaded: the real SDXL and PickScore architectures, random weights.
+Without a GPU: memory per GPU and FLOPs per step; on GPUs also seconds/step, images/s, MFU:
+$ python distar.py --dry_run --world_size_plan=8 --zero
+$ torchrun --standalone --nproc_per_node=8 distar.py --dry_run --zero --grad_checkpointing
+
+The cost of a generator step per divergence and of an assistant step, checkpointing off and on,
+as ratios to the KL step (tiny on CPU; full size on one GPU):
+$ python distar.py --tiny --bench
+$ python distar.py --dry_run --bench
 
 The real SDXL and PickScore architectures with random weights, no download: without a GPU the
 memory plan per GPU and the FLOPs per step; on GPUs also seconds/step, images/s, peak memory, MFU:
@@ -119,7 +132,7 @@ ABLATION_DEFAULTS = dict(max_steps=500)
 TINY_DEFAULTS = dict(resolution=64, batch_size=2, max_steps=4, lr_g=1e-4, lr_psi=1e-4, assistant_steps=2,
                      precision="fp32", log_interval=1, ckpt_interval=2, sample_interval=2, out_dir="out_tiny")
 # the dry run: a few steps at the real size (the first is warm-up), nothing written
-DRY_RUN_DEFAULTS = dict(max_steps=4)
+DRY_RUN_DEFAULTS = dict(max_steps=4, out_dir="out_dry_run")
 CHOICES = dict(cfg=("in", "out"), divergence=("pseudo_huber", "l2", "kl"), precision=("bf16", "fp32"))
 
 
