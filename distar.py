@@ -949,8 +949,6 @@ def peak_tflops(cfg, device):
 def dry_run_figures(history, flops_per_step, batch_size, peak):
     """train's per-step metrics -> seconds per step (median; step 1, the warm-up, left out),
     images per second per GPU, peak memory (GiB, all steps) and MFU (None without a peak)."""
-    import statistics
-
     sec = statistics.median(r["sec_assistant"] + r["sec_generator"] for r in history[1:])
     return dict(sec_per_step=sec, images_per_s=batch_size / sec,
                 peak_mem_gib=max(max(r["mem_assistant_gb"], r["mem_generator_gb"]) for r in history),

@@ -7,7 +7,7 @@ StableDiffusionXLPipeline does the rest with an LCM scheduler and a single step:
 num_inference_steps=1, timesteps=[399], guidance_scale=0. Batch i uses seed + i.
 
 The released DI* model, one GPU:
-$ python sample.py --pretrained=XDG-XHS/distar_long_1step --prompt="a shiba inu wearing a red scarf"
+$ python sample.py --pretrained=XDG-XHS/distar_long_1step --variant=fp16 --prompt="a shiba inu wearing a red scarf"
 
 A training checkpoint's generator, SDXL base for the VAE and text encoders:
 $ python sample.py --generator=out/checkpoint-000500/generator --out_dir=samples
@@ -52,6 +52,7 @@ class SampleConfig:
     seed: int = 0  # batch i uses seed + i; the bootstrap uses it too
     resolution: int = 1024
     dtype: str = "fp16"  # fp16 | bf16 | fp32 on CUDA; always fp32 on CPU
+    variant: str = ""  # weight-file variant of --pretrained, e.g. fp16 (*.fp16.safetensors only; the DI* release)
     out_dir: str = "samples"  # 000.png, 001.png, ... (a/ and b/ with --compare)
     score: bool = False  # PickScore and CLIP score of every image, means with bootstrap intervals
     reward_model: str = "yuvalkirstain/PickScore_v1"  # PickScore's CLIPModel
@@ -134,9 +135,10 @@ def load_pipeline(cfg, device, dtype):
     if cfg.generator:
         unet = load_unet("generator", cfg.generator, dtype)
     else:
-        unet = distar.load("pretrained", cfg.pretrained, distar.load_unet, cfg.pretrained, subfolder="unet", dtype=dtype)
+        unet = distar.load("pretrained", cfg.pretrained, distar.load_unet, cfg.pretrained, subfolder="unet", dtype=dtype,
+                           variant=cfg.variant or None)
     pipe = distar.load("pretrained", cfg.pretrained, StableDiffusionXLPipeline.from_pretrained, cfg.pretrained,
-                       unet=unet, dtype=dtype)
+                       unet=unet, dtype=dtype, variant=cfg.variant or None)
     pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)

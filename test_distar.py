@@ -816,6 +816,19 @@ def test_compare_two_generators_uses_the_same_prompts_and_seeds(compare_runs):
     assert [r["image"] for r in rows if r["generator"] == "b"] == [f"b/{i:03d}.png" for i in range(6)]
 
 
+def test_variant_only_pipeline_needs_variant(tiny, tmp_path, capsys):
+    from diffusers import StableDiffusionXLPipeline
+
+    sdxl, _ = tiny
+    StableDiffusionXLPipeline.from_pretrained(sdxl).save_pretrained(tmp_path / "fp16only", variant="fp16")
+    args = [f"--pretrained={tmp_path / 'fp16only'}", "--prompt=a cat", "--resolution=64"]
+    assert sample.main([*args, f"--out_dir={tmp_path / 'no'}"]) == 2  # no plain weight files
+    assert capsys.readouterr().err.startswith("sample: error: cannot load --pretrained=")
+    assert not (tmp_path / "no").exists()
+    assert sample.main([*args, "--variant=fp16", f"--out_dir={tmp_path / 'yes'}"]) == 0
+    assert Image.open(tmp_path / "yes" / "000.png").size == (64, 64)
+
+
 def test_toy_checkpoint_gives_a_scatter_png(tmp_path):
     from safetensors.torch import save_file
 
