@@ -1560,6 +1560,8 @@ def save_ablation_png(path, rows, cols=5, size=260, band=32):
 
 
 def run_ablation(cfg, device, n=2000):
+    """Train every TABLE2 row from the same start, then score them all (and two reference rows:
+    a second draw of q, the noise floor, and the tilt at alpha_rew 100) against the same q."""
     world = make_toy_world(device)
     world.cfg = cfg
     torch.manual_seed(cfg.seed)
