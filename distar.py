@@ -927,13 +927,8 @@ def step_flops(world, batch_size):
             step()
         return counter.get_total_flops()
 
-    def generator_step():
-        world.assistant.requires_grad_(False)  # as in train: psi frozen, its input not
-        generator_loss(world, world.generator, world.sample_cond(batch_size))[0].backward()
-        world.assistant.requires_grad_(True)
-
     flops = dict(assistant=count(lambda: assistant_loss(world, world.assistant, world.sample_cond(batch_size)).backward()),
-                 generator=count(generator_step))
+                 generator=count(lambda: generator_backward(world, world.generator, world.sample_cond(batch_size))))
     for net in (world.generator, world.assistant):
         net.zero_grad(set_to_none=True)
     return flops
@@ -1086,6 +1081,18 @@ def generator_loss(world, g, cond):
     return loss, dict(loss_div=loss_div.mean(), loss_cfg=loss_cfg.mean(), reward=reward.mean())
 
 
+def generator_backward(world, g, cond):
+    """The generator phase's loss and backward, as train, --bench and the FLOP count run it: psi's
+    parameters frozen (they get no gradient), its input not (the loss back-propagates through it)."""
+    world.assistant.requires_grad_(False)
+    try:
+        loss, terms = generator_loss(world, g, cond)
+        loss.backward()
+    finally:
+        world.assistant.requires_grad_(True)
+    return loss, terms
+
+
 def make_optimizer(cfg, params, lr):
     adamw = dict(lr=lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
     if cfg.zero and dist.is_initialized():  # each rank keeps 1/world_size of the Adam states
@@ -1141,11 +1148,7 @@ def train(world, dist_info):
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         # generator phase: freeze psi (its parameters, not its input), one update of theta
-        s_psi.requires_grad_(False)
-        loss_g, terms = generator_loss(world, g_ddp, world.sample_cond(cfg.batch_size))
-        opt_g.zero_grad(set_to_none=True)
-        loss_g.backward()
-        s_psi.requires_grad_(True)
+        loss_g, terms = generator_backward(world, g_ddp, world.sample_cond(cfg.batch_size))
         grad_norm = torch.nn.utils.clip_grad_norm_(g.parameters(), cfg.grad_clip)
         opt_g.step()
         opt_g.zero_grad(set_to_none=True)
@@ -1213,9 +1216,8 @@ def bench(world, device):
                 torch.cuda.reset_peak_memory_stats(device)
             try:
                 t0 = time.perf_counter()
-                if div:  # the generator step of train: psi's parameters frozen, not its input
-                    s_psi.requires_grad_(False)
-                    generator_loss(world, g, cond)[0].backward()
+                if div:  # the generator step of train
+                    generator_backward(world, g, cond)
                 else:  # the assistant step of train (one DSM update)
                     assistant_loss(world, s_psi, cond).backward()
                 if cuda:
@@ -1224,7 +1226,6 @@ def bench(world, device):
             except torch.cuda.OutOfMemoryError:
                 oom.add(v)
             finally:
-                s_psi.requires_grad_(True)
                 g.zero_grad(set_to_none=True)
                 s_psi.zero_grad(set_to_none=True)
             if rep >= cfg.bench_warmup and v not in oom:

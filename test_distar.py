@@ -207,6 +207,19 @@ def test_generator_phase_backpropagates_through_the_assistant_input_but_not_its_
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in world.generator.parameters())
 
 
+def test_generator_backward_freezes_the_assistant_only_for_the_step():
+    """The one generator step train, --bench and the FLOP count share: no gradient reaches psi's
+    weights, theta gets one, and psi is trainable again afterwards (also after an error)."""
+    world = _toy(["--alpha_rew=0"])
+    distar.generator_backward(world, world.generator, world.sample_cond(32))
+    assert all(p.grad is None and p.requires_grad for p in world.assistant.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in world.generator.parameters())
+    world.reward = None  # generator_loss fails inside the step
+    with pytest.raises(TypeError):
+        distar.generator_backward(world, world.generator, world.sample_cond(4))
+    assert all(p.requires_grad for p in world.assistant.parameters())
+
+
 # -----------------------------------------------------------------------------
 # the toy, end to end
 
@@ -649,6 +662,20 @@ def lcm_one_step(sdxl, batches, seed, unet=None):
                 generator=torch.Generator("cpu").manual_seed(seed + b), output_type="np").images
            for b, p in enumerate(batches)]
     return np.concatenate(out)
+
+
+def test_clip_text_features_need_no_attention_mask(tiny):
+    """ClipReward reads text features without the attention mask (as SDXL's encode_prompt does;
+    the meta FLOP count needs it): CLIP's text attention is causal and the features are read at
+    the end token, so the padding after it must change nothing."""
+    _, reward = tiny
+    clip = distar.ClipReward(reward, reward)
+    prompts = ["a cat", "the skyline of new york city at dusk, with a long prompt"]
+    tok = clip.tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+    assert (tok.attention_mask == 0).any()  # there is padding to ignore
+    with torch.no_grad():
+        masked = clip.model.get_text_features(input_ids=tok.input_ids, attention_mask=tok.attention_mask).pooler_output
+    assert torch.allclose(clip.text_features(prompts), torch.nn.functional.normalize(masked, dim=-1), atol=1e-6)
 
 
 def test_sample_equals_the_diffusers_lcm_one_step_pipeline(tiny, tmp_path):
