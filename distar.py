@@ -50,6 +50,7 @@ distributed setup and checkpoints, main. Every option is a field of Config below
 overridden as --key=value.
 """
 
+import datetime
 import json
 import math
 import os
@@ -105,6 +106,7 @@ class Config:
     beta2: float = 0.999
     weight_decay: float = 0.01
     grad_clip: float = 10.0  # max grad norm of each net
+    max_skips: int = 20  # stop after this many updates in a row with a non-finite loss or gradient
     seed: int = 0  # rank r uses seed * world_size + r
     # precision and memory
     precision: str = "bf16"  # bf16: autocast, fp32 master weights, frozen nets in bf16 | fp32
@@ -192,6 +194,8 @@ def parse_args(argv):
         raise ConfigError(f"--resolution must be a multiple of 8, got {cfg.resolution}")
     if not 0 <= cfg.t_min <= cfg.t_max <= 999:
         raise ConfigError(f"need 0 <= t_min <= t_max <= 999, got {cfg.t_min} and {cfg.t_max}")
+    if cfg.max_skips < 1:
+        raise ConfigError(f"--max_skips must be >= 1, got {cfg.max_skips}")
     if cfg.batch_size < 1 or cfg.max_steps < 0 or cfg.assistant_steps < 0:
         raise ConfigError("batch_size must be >= 1, max_steps and assistant_steps >= 0")
     if cfg.bench and (cfg.toy or cfg.bench_reps < 1 or cfg.bench_warmup < 0):
@@ -649,8 +653,8 @@ class ClipReward(nn.Module):
 class SDXLWorld:
     """Algorithm 1 on SDXL. Trained in fp32 (master weights): the generator g_theta (a UNet read at
     conditioning timestep 399) and the assistant s_psi (a UNet, initialised from the reference).
-    Frozen, in bf16 with --precision=bf16: the reference UNet s_ref, both text encoders, the reward
-    CLIP. The VAE stays fp32 (SDXL's VAE overflows in half precision)."""
+    Frozen, in bf16 with --precision=bf16: the reference UNet s_ref and the reward CLIP. The VAE
+    (which overflows in half precision) and the text encoders (1.6 GB, as in DMD2) stay fp32."""
 
     def __init__(self, cfg, device, rank=0, world_size=1, parts=None):
         """parts: the components in memory (dry_run_parts) instead of loading cfg's paths."""
@@ -664,7 +668,7 @@ class SDXLWorld:
         parts = parts or load_sdxl_parts(cfg, device, frozen)
         # text encoders and tokenizers through the SDXL pipeline (its encode_prompt is SDXL's
         # conditioning: penultimate hidden states of both encoders concatenated, pooled output of 2)
-        self.pipe = parts["pipe"].to(device, frozen)
+        self.pipe = parts["pipe"].to(device, torch.float32)  # text encoders in fp32, as DMD2
         self.pipe.set_progress_bar_config(disable=True)
         self.pipe.text_encoder.requires_grad_(False)
         self.pipe.text_encoder_2.requires_grad_(False)
@@ -694,8 +698,7 @@ class SDXLWorld:
     @torch.no_grad()
     def encode(self, prompts):
         emb, _, pooled, _ = self.pipe.encode_prompt(prompts, device=self.device, do_classifier_free_guidance=False)
-        return dict(prompts=prompts, embeds=emb.float(), pooled=pooled.float(),  # (B, 77, 2048), (B, 1280)
-                    text_features=self.reward_fn.text_features(prompts))
+        return dict(prompts=prompts, embeds=emb.float(), pooled=pooled.float())  # (B, 77, 2048), (B, 1280)
 
     def unet(self, net, x, t, cond):
         """eps_hat = net(x_t, t, c); cond None: SDXL's unconditional input, all zeros."""
@@ -731,7 +734,8 @@ class SDXLWorld:
         return (img / 2 + 0.5).clamp(0, 1)  # (B, 3, R, R) in [0, 1]
 
     def reward(self, x0, cond):
-        return self.reward_fn(self.decode(x0), cond["text_features"])  # r(x_0, c), (B,)
+        # the reward's text pass runs here, so only the generator phase pays for it
+        return self.reward_fn(self.decode(x0), self.reward_fn.text_features(cond["prompts"]))
 
 
 def load_sdxl_parts(cfg, device, frozen):
@@ -740,7 +744,7 @@ def load_sdxl_parts(cfg, device, frozen):
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline
 
     pipe = load("pretrained", cfg.pretrained, StableDiffusionXLPipeline.from_pretrained, cfg.pretrained,
-                unet=None, vae=None, dtype=frozen).to(device)
+                unet=None, vae=None, dtype=torch.float32).to(device)
     sched = load("pretrained", cfg.pretrained, DDPMScheduler.from_pretrained, cfg.pretrained, subfolder="scheduler")
     vae = load("pretrained", cfg.pretrained, AutoencoderKL.from_pretrained, cfg.pretrained, subfolder="vae").to(device)
     s_ref = load("pretrained", cfg.pretrained, load_unet, cfg.pretrained, subfolder="unet", dtype=frozen).to(device)
@@ -892,7 +896,8 @@ def memory_plan(world, n_gpus, zero):
     dtype (fp32), 1/n_gpus of them per rank with --zero (ZeroRedundancyOptimizer splits whole
     tensors, so ranks differ by up to a tensor). Gradients: alone, one trained net's at a time
     (train frees them after each update); under DDP both nets' gradient buckets persist (the
-    gradients are views into them). Activations are not in it: the GPU run measures them."""
+    gradients are views into them). Fused AdamW needs no whole-net scratch. Activations are not in
+    it: the GPU run measures them."""
     g, psi, te = world.generator, world.assistant, (world.pipe.text_encoder, world.pipe.text_encoder_2)
     shard = n_gpus if zero and n_gpus > 1 else 1
     one_net = max(param_bytes(g), param_bytes(psi))
@@ -903,8 +908,6 @@ def memory_plan(world, n_gpus, zero):
          2 * param_bytes(g, psi) // shard),
         ("gradients: DDP buckets of both nets" if n_gpus > 1 else "gradients of one net at a time",
          param_bytes(g, psi) if n_gpus > 1 else one_net),
-        # CUDA's default (foreach) AdamW step allocates sqrt(v) for all of a net's weights at once
-        ("AdamW step scratch, one net's sqrt(v) (transient)", one_net // shard),
         (f"reference UNet ({dt(world.s_ref)})", param_bytes(world.s_ref)),
         (f"text encoders ({dt(te[0])})", param_bytes(*te)),
         (f"reward CLIP ({dt(world.reward_fn.model)})", param_bytes(world.reward_fn.model)),
@@ -1022,15 +1025,19 @@ def measure_steps(world, dist_info, flops_per_step):
 # None), reward(x_0, cond). Nets predict eps; scores are s = -eps / sigma_t.
 #
 # w(t) and c, which the paper leaves open: we put the distance on the eps scale,
-# d_t(y) = d(sigma_t y), which is a proper distance at every t, so Theorem 3.1 still holds,
-# and take w(t) = 1 / D (D = elements per sample). Then every t contributes on the same eps
-# scale (scores blow up as 1/sigma_t at small t), the loss is a per-element mean, so the balance
-# with alpha_rew does not depend on resolution, and pseudo-Huber's c means the same in the toy
-# and in SDXL: c = huber_c sqrt(D) on the eps scale, i.e. c / sigma_t on the score scale.
+# d_t(y) = d(sigma_t y), which is a proper distance at every t, so Theorem 3.1 still holds, and
+# choose w so that every divergence reads per element, whatever the resolution. With
+# Delta = eps_psi - eps_ref (D elements per sample):
+#   l2:           ||Delta||^2 / D                                  (per-element MSE), w = 1 / D
+#   pseudo-Huber: (sqrt(||Delta||^2 + c^2) - c) / sqrt(D)
+#                 = sqrt(||Delta||^2 / D + huber_c^2) - huber_c    (per-element RMS), w = 1/sqrt(D)
+# with c = huber_c sqrt(D). d' of pseudo-Huber has norm <= 1, so 1/D would shrink it by a further
+# sqrt(D) (about 180x from the toy to SDXL at 1024^2); 1/sqrt(D) keeps its x_0-gradient scaling
+# with D as l2's and KL's do, so alpha_rew's balance carries from the toy to SDXL.
 # In score space d_t'(y) = sigma_t d'(y; c/sigma_t) (pseudo-Huber) or sigma_t^2 d'(y) (l2).
-# KL and the CFG reward take the same eps-scale weight sigma_t / D, so their gradient per element
-# is a_t (eps_ref - eps_psi) / D; the assistant's DSM weight lambda(t) = sigma_t^2 / D is the
-# usual eps-prediction MSE.
+# KL and the CFG reward take the eps-scale weight sigma_t / D, so their gradient per element is
+# a_t (eps_ref - eps_psi) / D; the assistant's DSM weight lambda(t) = sigma_t^2 / D is the usual
+# eps-prediction MSE.
 
 
 def diffuse(world, x0):
@@ -1054,7 +1061,8 @@ def assistant_loss(world, s_psi, cond):
 
 
 def generator_loss(world, g, cond):
-    """Algorithm 1, generator phase: -alpha_rew r + eq. 3.4 (or KL) + the CFG term (eq. 3.5)."""
+    """Algorithm 1, generator phase: -alpha_rew r + eq. 3.4 (or KL) + the CFG term (eq. 3.5).
+    Returns the loss and its terms; terms["x0"] is x_0 = g_theta(z, c), where the terms meet."""
     cfg = world.cfg
     x0 = world.generate(g, cond)  # x_0 = g_theta(z, c)
     t, x_t, eps, sigma_t = diffuse(world, x0)  # x_t carries the theta-gradient
@@ -1068,38 +1076,71 @@ def generator_loss(world, g, cond):
         s_ref = lambda x: cfg_score(s_c(x), s_u(x), 1 + cfg.alpha_cfg)
     if cfg.divergence == "kl":
         loss_div = kl_loss(x_t, s_fake, s_ref, weight=sig / D)
-    elif cfg.divergence == "pseudo_huber":
+    elif cfg.divergence == "pseudo_huber":  # w = sigma_t / sqrt(D): see the comment above diffuse
         loss_div = score_divergence_loss(x_t, -eps / sigma_t, s_fake, s_ref, "pseudo_huber",
-                                         c=cfg.huber_c * math.sqrt(D) / sig, weight=sig / D)
+                                         c=cfg.huber_c * math.sqrt(D) / sig, weight=sig / math.sqrt(D))
     else:
         loss_div = score_divergence_loss(x_t, -eps / sigma_t, s_fake, s_ref, "l2", weight=sig**2 / D)
     loss_cfg = torch.zeros_like(loss_div)
     if cfg.cfg == "out" and cfg.alpha_cfg != 0:  # choice 1: implicit CFG reward (Thm 3.2)
         loss_cfg = cfg.alpha_cfg * cfg_reward_loss(x_t, s_c, s_u, weight=sig / D)
-    reward = world.reward(x0, cond)  # r(x_0, c), (B,)
-    loss = (-cfg.alpha_rew * reward + loss_div + loss_cfg).mean()
-    return loss, dict(loss_div=loss_div.mean(), loss_cfg=loss_cfg.mean(), reward=reward.mean())
+    with torch.set_grad_enabled(cfg.alpha_rew != 0):  # no reward backward when it has no weight
+        reward = world.reward(x0, cond)  # r(x_0, c), (B,)
+    loss_rew = -cfg.alpha_rew * reward
+    loss = (loss_rew + loss_div + loss_cfg).mean()
+    return loss, dict(loss_rew=loss_rew.mean(), loss_div=loss_div.mean(), loss_cfg=loss_cfg.mean(),
+                      reward=reward.mean().detach(), x0=x0)
 
 
 def generator_backward(world, g, cond):
-    """The generator phase's loss and backward, as train, --bench and the FLOP count run it: psi's
-    parameters frozen (they get no gradient), its input not (the loss back-propagates through it)."""
+    """The generator phase's loss and backward: psi's parameters frozen (no gradient), its input
+    not (the loss back-propagates through it). Each term's gradient on x_0 is taken on its own,
+    then their sum goes back through g_theta: the same work as one backward, and the norms are
+    the balance of reward, divergence and CFG that alpha_rew sets."""
     world.assistant.requires_grad_(False)
     try:
         loss, terms = generator_loss(world, g, cond)
-        loss.backward()
+        x0 = terms.pop("x0")
+        grad_x0 = torch.zeros_like(x0)
+        for k in ("rew", "div", "cfg"):
+            term = terms[f"loss_{k}"]
+            g_k = (torch.autograd.grad(term, x0, retain_graph=True)[0] if term.requires_grad
+                   else torch.zeros_like(x0))  # (B, C, H, W)
+            terms[f"x0grad_{k}"] = g_k.norm()
+            grad_x0 += g_k
+        x0.backward(grad_x0)
     finally:
         world.assistant.requires_grad_(True)
-    return loss, terms
+    return loss.detach(), {k: v.detach() for k, v in terms.items()}  # the graphs go here
 
 
 def make_optimizer(cfg, params, lr):
-    adamw = dict(lr=lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+    # fused: one kernel per step, no whole-net scratch such as foreach's sqrt(v)
+    adamw = dict(lr=lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay, fused=True)
     if cfg.zero and dist.is_initialized():  # each rank keeps 1/world_size of the Adam states
         from torch.distributed.optim import ZeroRedundancyOptimizer
 
         return ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.AdamW, **adamw)
     return torch.optim.AdamW(params, **adamw)
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+def clip_and_step(opt, net, loss, grad_clip, world_size):
+    """Clip the gradient norm and step, unless the loss or the norm is NaN/Inf on any rank (bf16
+    overflow, a bad batch): then skip the update on every rank, so the ranks stay identical and
+    the weights finite. Returns (grad norm, skipped)."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
+    bad = (~torch.isfinite(loss.detach()) | ~torch.isfinite(grad_norm)).float()  # on the device
+    if world_size > 1:
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    skip = bool(bad.item())
+    if not skip:
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    return grad_norm, skip
 
 
 def clock(device):
@@ -1131,6 +1172,17 @@ def train(world, dist_info):
                disable=None if rank == 0 else True, dynamic_ncols=True)
     writes = not cfg.dry_run  # a dry run times steps and writes nothing
     history = []  # the logged metrics, returned
+    skipped, in_a_row = 0, dict(g=0, psi=0)  # skips since the last log line; each net's streak
+
+    def update(opt, net, loss, name):
+        nonlocal skipped
+        grad_norm, skip = clip_and_step(opt, net, loss, cfg.grad_clip, world_size)
+        skipped, in_a_row[name] = skipped + skip, (in_a_row[name] + 1) * skip
+        if in_a_row[name] >= cfg.max_skips:  # weights still finite: no checkpoint holds bad ones
+            raise NonFiniteError(f"{in_a_row[name]} {name} updates in a row had a non-finite loss or "
+                                 f"gradient (step {step + 1}); stopping. Try lower learning rates")
+        return grad_norm
+
     for step in bar:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -1139,25 +1191,22 @@ def train(world, dist_info):
         loss_psi = torch.zeros((), device=device)
         for _ in range(cfg.assistant_steps):
             loss_psi = assistant_loss(world, s_psi_ddp, world.sample_cond(cfg.batch_size))
-            opt_psi.zero_grad(set_to_none=True)
             loss_psi.backward()
-            torch.nn.utils.clip_grad_norm_(s_psi.parameters(), cfg.grad_clip)
-            opt_psi.step()
-            opt_psi.zero_grad(set_to_none=True)  # free psi's grads before the generator phase
+            update(opt_psi, s_psi, loss_psi, "psi")  # also frees psi's grads before the generator phase
         mem_psi, t1 = peak_memory_gb(device), clock(device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         # generator phase: freeze psi (its parameters, not its input), one update of theta
         loss_g, terms = generator_backward(world, g_ddp, world.sample_cond(cfg.batch_size))
-        grad_norm = torch.nn.utils.clip_grad_norm_(g.parameters(), cfg.grad_clip)
-        opt_g.step()
-        opt_g.zero_grad(set_to_none=True)
+        grad_norm = update(opt_g, g, loss_g, "g")
         t2 = clock(device)
         if (step + 1) % cfg.log_interval == 0 or step + 1 == cfg.max_steps:
-            metrics = all_reduce_mean(dict(loss_g=loss_g.detach(), **{k: v.detach() for k, v in terms.items()},
-                                           loss_psi=loss_psi.detach(), grad_norm=grad_norm), world_size)
-            metrics.update(step=step + 1, sec_assistant=(t1 - t0), sec_generator=(t2 - t1),
-                           mem_assistant_gb=mem_psi, mem_generator_gb=peak_memory_gb(device))
+            metrics = all_reduce_mean(dict(loss_g=loss_g, **terms, loss_psi=loss_psi.detach(),
+                                           grad_norm=grad_norm), world_size, device)
+            metrics.update(step=step + 1, skipped=skipped, sec_assistant=(t1 - t0),
+                           sec_generator=(t2 - t1), mem_assistant_gb=mem_psi,
+                           mem_generator_gb=peak_memory_gb(device))
+            skipped = 0
             bar.set_postfix({k: f"{v:.3g}" for k, v in metrics.items() if k != "step"}, refresh=False)
             history.append(metrics)
             if rank == 0 and not cfg.toy and writes:
@@ -1257,17 +1306,22 @@ def bench(world, device):
 # -----------------------------------------------------------------------------
 # distributed setup
 
+DIST_TIMEOUT = datetime.timedelta(hours=1)
+
 
 def setup_distributed():
-    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; nccl on GPUs, gloo on CPU."""
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; nccl on GPUs, gloo on CPU. The timeout covers
+    rank 0 writing a ~60 GB SDXL checkpoint while the others wait at a barrier (NCCL's default,
+    10 minutes, does not)."""
     if "RANK" not in os.environ:
         return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cuda = torch.cuda.is_available()
-    dist.init_process_group("nccl" if cuda else "gloo")
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if cuda:
-        torch.cuda.set_device(local_rank)
-    return dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local_rank}" if cuda else "cpu")
+    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=DIST_TIMEOUT,
+                            device_id=device if device.type == "cuda" else None)
+    return dist.get_rank(), dist.get_world_size(), device
 
 
 def assert_ranks_in_sync(net, world_size):
@@ -1284,8 +1338,9 @@ def assert_ranks_in_sync(net, world_size):
         raise RuntimeError(f"ranks out of sync: parameter fingerprints differ by {diff.item():.3g}")
 
 
-def all_reduce_mean(metrics, world_size):
-    vals = torch.stack([torch.as_tensor(v, dtype=torch.float32).cpu() for v in metrics.values()])
+def all_reduce_mean(metrics, world_size, device):
+    """Scalars averaged over ranks. The tensor lives on the device: NCCL takes only CUDA tensors."""
+    vals = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=device) for v in metrics.values()])
     if world_size > 1:
         dist.all_reduce(vals)
         vals /= world_size
@@ -1673,6 +1728,10 @@ def main(argv):
         if rank == 0:
             print(f"distar: error: {e}", file=sys.stderr)
         return 2
+    except NonFiniteError as e:  # every rank raises it at the same update
+        if rank == 0:
+            print(f"distar: error: {e}", file=sys.stderr)
+        return 1
     if world_size > 1:
         dist.barrier()  # rank 0 has written its files; leave together
         dist.destroy_process_group()
