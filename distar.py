@@ -117,8 +117,8 @@ class Config:
     sample_interval: int = 500  # steps between sample grids
     keep_checkpoints: int = 2  # newest complete checkpoints kept (an SDXL one is ~60 GB)
     resume: bool = False  # continue from the newest complete checkpoint in out_dir
-    overwrite: bool = False  # start over in an out_dir that holds an earlier run: its checkpoints, metrics
-    # and samples are deleted
+    # start over in an out_dir that holds an earlier run: its checkpoints, metrics and samples are deleted
+    overwrite: bool = False
     # the cost table (--bench): time the steps instead of training, write {out_dir}/bench.json
     bench: bool = False
     bench_reps: int = 20  # timed repetitions of every variant (medians are reported)
@@ -187,7 +187,7 @@ def parse_args(argv):
     if cfg.keep_checkpoints < 1:
         raise ConfigError(f"--keep_checkpoints must be >= 1, got {cfg.keep_checkpoints}")
     if cfg.resume and cfg.overwrite:
-        raise ConfigError("--resume continues the run in out_dir and --overwrite deletes it: choose one")
+        raise ConfigError("--resume continues the run in out_dir, --overwrite deletes it: choose one")
     if cfg.dry_run and cfg.resume:
         raise ConfigError("--dry_run writes no checkpoints, so there is nothing to --resume")
     if cfg.world_size_plan < 0 or cfg.peak_tflops < 0:
@@ -1305,7 +1305,8 @@ def all_reduce_mean(metrics, world_size):
 # SIGKILL mid-save leaves only the temporary folder, which resume ignores, and never touches an
 # earlier checkpoint. optimizers.pt is torch.save of the two optimizers' state dicts, read back
 # with weights_only=True: tensors and plain containers only, never code.
-# An out_dir holds one run: --resume continues it, a fresh run starts it over (see start_out_dir).
+# An out_dir holds one run: --resume continues it; a fresh run refuses it (SDXL, unless --overwrite)
+# or starts it over (the demos): check_out_dir, start_out_dir.
 
 CKPT_RE = r"checkpoint-\d{6}"
 # what a run writes into out_dir, and so what starting over removes; {out_dir}/tiny is a cache of
@@ -1407,7 +1408,6 @@ def start_out_dir(cfg, dist_info):
     import re
 
     rank, world_size, _ = dist_info
-    check_out_dir(cfg)
     if rank == 0:
         os.makedirs(cfg.out_dir, exist_ok=True)
         if not (cfg.resume and list_checkpoints(cfg.out_dir)):
@@ -1417,10 +1417,13 @@ def start_out_dir(cfg, dist_info):
                 if kind is None:
                     continue
                 path = os.path.join(cfg.out_dir, name)
-                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+                if os.path.isdir(path):
+                    shutil.rmtree(path)
+                else:
+                    os.remove(path)
                 removed[kind] = removed.get(kind, 0) + 1
             if removed:
-                what = [k if "." in k else f"{n} {k}{'s' if n > 1 else ''}" for k, n in removed.items()]
+                what = [k if "." in k else f"{n} {k}{'s' * (n > 1)}" for k, n in removed.items()]
                 what = ", ".join(what[:-1]) + " and " + what[-1] if len(what) > 1 else what[0]
                 print(f"starting over in {cfg.out_dir}: removed {what} of an earlier run "
                       "(--resume continues a run)")
@@ -1454,8 +1457,8 @@ def load_checkpoint(cfg, world, opt_g, opt_psi, dist_info):
     # AdamW copies every state to its parameter's device (its step counter stays on the CPU);
     # under --zero each rank copies only the states of the parameters it owns, so no GPU ever
     # holds more than its shard.
-    opt_states = torch.load(os.path.join(path, "optimizers.pt"), map_location="cpu", weights_only=True,
-                            mmap=True)
+    opt_file = os.path.join(path, "optimizers.pt")
+    opt_states = torch.load(opt_file, map_location="cpu", weights_only=True, mmap=True)
     for name, opt, lr in (("opt_g", opt_g, cfg.lr_g), ("opt_psi", opt_psi, cfg.lr_psi)):
         opt.load_state_dict(opt_states[name])
         if hasattr(opt, "consolidate_state_dict"):  # ZeRO's load also casts the rank's shard into
