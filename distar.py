@@ -119,6 +119,8 @@ class Config:
     sample_interval: int = 500  # steps between sample grids
     keep_checkpoints: int = 2  # newest complete checkpoints kept (an SDXL one is ~60 GB)
     resume: bool = False  # continue from the newest complete checkpoint in out_dir
+    # start over in an out_dir that holds an earlier run: its checkpoints, metrics and samples are deleted
+    overwrite: bool = False
     # the cost table (--bench): time the steps instead of training, write {out_dir}/bench.json
     bench: bool = False
     bench_reps: int = 20  # timed repetitions of every variant (medians are reported)
@@ -184,6 +186,10 @@ def parse_args(argv):
     if cfg.ablation and (set(overrides) & set(ROW_FLAGS) or cfg.resume):
         raise ConfigError(f"--ablation sets --{', --'.join(ROW_FLAGS)} per row and always starts afresh; "
                           f"drop {' '.join('--' + k for k in overrides if k in (*ROW_FLAGS, 'resume'))}")
+    if cfg.keep_checkpoints < 1:
+        raise ConfigError(f"--keep_checkpoints must be >= 1, got {cfg.keep_checkpoints}")
+    if cfg.resume and cfg.overwrite:
+        raise ConfigError("--resume continues the run in out_dir, --overwrite deletes it: choose one")
     if cfg.dry_run and cfg.resume:
         raise ConfigError("--dry_run writes no checkpoints, so there is nothing to --resume")
     if cfg.world_size_plan < 0 or cfg.peak_tflops < 0:
@@ -1349,12 +1355,20 @@ def all_reduce_mean(metrics, world_size, device):
 
 # -----------------------------------------------------------------------------
 # checkpoints: {out_dir}/checkpoint-{step:06d}/ with generator/ and assistant/ (diffusers UNet
-# folders, safetensors), optimizers.safetensors, rng.safetensors and state.json (step, config).
+# folders, safetensors), optimizers.pt, rng.safetensors and state.json (step, config).
 # Rank 0 writes everything into a hidden temporary folder and renames it into place: a crash or
 # SIGKILL mid-save leaves only the temporary folder, which resume ignores, and never touches an
-# earlier checkpoint. No pickle anywhere.
+# earlier checkpoint. optimizers.pt is torch.save of the two optimizers' state dicts, read back
+# with weights_only=True: tensors and plain containers only, never code.
+# An out_dir holds one run: --resume continues it; a fresh run refuses it (SDXL, unless --overwrite)
+# or starts it over (the demos): check_out_dir, start_out_dir.
 
 CKPT_RE = r"checkpoint-\d{6}"
+# what a run writes into out_dir, and so what starting over removes; {out_dir}/tiny is a cache of
+# the tiny random models (deterministic), shared by every run there, and stays
+RUN_OUTPUTS = {"checkpoint": CKPT_RE, "unfinished checkpoint": r"\.tmp-checkpoint-\d{6}(\.old)?",
+               "metrics.jsonl": r"metrics\.jsonl", "sample grid": r"samples-\d{6}\.png",
+               "toy.png": r"toy\.png", "toy_samples.safetensors": r"toy_samples\.safetensors"}
 
 
 def save_net(net, path):
@@ -1377,22 +1391,6 @@ def load_net(net, path):
     net.load_state_dict(sd)
 
 
-def _flatten_optimizer(name, opt):
-    """An optimizer state dict as safetensors tensors plus JSON for the rest."""
-    sd = opt.state_dict()
-    tensors = {f"{name}/{i}/{k}": torch.as_tensor(v).contiguous() for i, st in sd["state"].items() for k, v in st.items()}
-    return tensors, json.dumps({k: v for k, v in sd.items() if k != "state"})
-
-
-def _unflatten_optimizer(name, tensors, meta):
-    sd = dict(json.loads(meta), state={})
-    for key, v in tensors.items():
-        owner, i, k = key.split("/")
-        if owner == name:
-            sd["state"].setdefault(int(i), {})[k] = v
-    return sd
-
-
 def save_checkpoint(cfg, step, world, opt_g, opt_psi, dist_info):
     from safetensors.torch import save_file
 
@@ -1402,7 +1400,7 @@ def save_checkpoint(cfg, step, world, opt_g, opt_psi, dist_info):
         if hasattr(opt, "consolidate_state_dict"):  # ZeRO: gather the shards on rank 0
             opt.consolidate_state_dict(to=0)
         if rank == 0:
-            opt_states[name] = _flatten_optimizer(name, opt)
+            opt_states[name] = opt.state_dict()
     rng = {"cpu": torch.get_rng_state()}
     if device.type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state(device)
@@ -1416,8 +1414,7 @@ def save_checkpoint(cfg, step, world, opt_g, opt_psi, dist_info):
         shutil.rmtree(tmp, ignore_errors=True)
         save_net(world.generator, os.path.join(tmp, "generator"))
         save_net(world.assistant, os.path.join(tmp, "assistant"))
-        save_file({k: v for t, _ in opt_states.values() for k, v in t.items()}, os.path.join(tmp, "optimizers.safetensors"),
-                  metadata={name: meta for name, (_, meta) in opt_states.items()})
+        torch.save(opt_states, os.path.join(tmp, "optimizers.pt"))
         save_file({f"{kind}/{r}": s.cpu() for r, st in enumerate(rngs) for kind, s in st.items()},
                   os.path.join(tmp, "rng.safetensors"))
         with open(os.path.join(tmp, "state.json"), "w") as f:  # written last
@@ -1430,6 +1427,10 @@ def save_checkpoint(cfg, step, world, opt_g, opt_psi, dist_info):
         shutil.rmtree(tmp + ".old", ignore_errors=True)
         for old in list_checkpoints(cfg.out_dir)[:-cfg.keep_checkpoints]:
             shutil.rmtree(old)
+    del opt_states
+    for opt in (opt_g, opt_psi):  # ZeRO keeps the gathered states of all ranks on rank 0's CPU
+        if hasattr(opt, "_all_state_dicts"):  # until the next save (~40 GB at full size): drop them
+            opt._all_state_dicts = []
     if world_size > 1:
         dist.barrier()  # rank 0 saves, then everyone goes on
 
@@ -1444,9 +1445,56 @@ def list_checkpoints(out_dir):
     return [os.path.join(out_dir, d) for d in names]
 
 
+def check_out_dir(cfg):
+    """A fresh SDXL run refuses an out_dir that holds another run's checkpoints, before it loads
+    or writes anything: each checkpoint stands for GPU hours, a fresh run there would prune them
+    (or its own, which have lower steps), and a later --resume would continue the wrong run."""
+    ckpts = list_checkpoints(cfg.out_dir)
+    if ckpts and not (cfg.resume or cfg.overwrite or cfg.toy or cfg.tiny):
+        raise LoadError(f"{cfg.out_dir} holds checkpoints of another run (newest {ckpts[-1]}): "
+                        "pass --resume to continue it, or --overwrite to start over")
+
+
+def start_out_dir(cfg, dist_info):
+    """Make out_dir hold this run only. A run that does not continue a checkpoint there (a fresh
+    one, or --resume with none to continue) removes what an earlier run wrote: the demos (--toy,
+    --tiny) always, SDXL with --overwrite (check_out_dir refused otherwise) or when the earlier
+    run left no complete checkpoint. Rank 0 removes, the others wait."""
+    import re
+
+    rank, world_size, _ = dist_info
+    if rank == 0:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        if not (cfg.resume and list_checkpoints(cfg.out_dir)):
+            removed = {}
+            for name in sorted(os.listdir(cfg.out_dir)):
+                kind = next((k for k, pat in RUN_OUTPUTS.items() if re.fullmatch(pat, name)), None)
+                if kind is None:
+                    continue
+                path = os.path.join(cfg.out_dir, name)
+                if os.path.isdir(path):
+                    shutil.rmtree(path)
+                else:
+                    os.remove(path)
+                removed[kind] = removed.get(kind, 0) + 1
+            if removed:
+                what = [k if "." in k else f"{n} {k}{'s' * (n > 1)}" for k, n in removed.items()]
+                what = ", ".join(what[:-1]) + " and " + what[-1] if len(what) > 1 else what[0]
+                print(f"starting over in {cfg.out_dir}: removed {what} of an earlier run "
+                      "(--resume continues a run)")
+    if world_size > 1:
+        dist.barrier()
+
+
+def _logged_step(line):
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError):  # an empty line, or one cut short by a kill
+        return math.inf
+
+
 def load_checkpoint(cfg, world, opt_g, opt_psi, dist_info):
     """Restore the newest complete checkpoint in out_dir; returns the step to continue from."""
-    from safetensors import safe_open
     from safetensors.torch import load_file
 
     rank, world_size, device = dist_info
@@ -1460,12 +1508,18 @@ def load_checkpoint(cfg, world, opt_g, opt_psi, dist_info):
         state = json.load(f)
     load_net(world.generator, os.path.join(path, "generator"))
     load_net(world.assistant, os.path.join(path, "assistant"))
-    opt_file = os.path.join(path, "optimizers.safetensors")
-    with safe_open(opt_file, "pt") as f:
-        meta = f.metadata()
-    tensors = load_file(opt_file, device=str(device))
-    for name, opt in (("opt_g", opt_g), ("opt_psi", opt_psi)):
-        opt.load_state_dict(_unflatten_optimizer(name, tensors, meta[name]))
+    # On the CPU and memory-mapped: a page of the file is read only when its tensor is copied.
+    # AdamW copies every state to its parameter's device (its step counter stays on the CPU);
+    # under --zero each rank copies only the states of the parameters it owns, so no GPU ever
+    # holds more than its shard.
+    opt_file = os.path.join(path, "optimizers.pt")
+    opt_states = torch.load(opt_file, map_location="cpu", weights_only=True, mmap=True)
+    for name, opt, lr in (("opt_g", opt_g, cfg.lr_g), ("opt_psi", opt_psi, cfg.lr_psi)):
+        opt.load_state_dict(opt_states[name])
+        if hasattr(opt, "consolidate_state_dict"):  # ZeRO's load also casts the rank's shard into
+            opt.state.clear()  # the wrapper's own .state, a second copy that step never reads
+        for group in opt.param_groups:  # the command line wins over the saved hyperparameters
+            group.update(lr=lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
     rng = load_file(os.path.join(path, "rng.safetensors"))
     if state["world_size"] == world_size:  # each rank continues its own random stream
         torch.set_rng_state(rng[f"cpu/{rank}"])
@@ -1473,6 +1527,13 @@ def load_checkpoint(cfg, world, opt_g, opt_psi, dist_info):
             torch.cuda.set_rng_state(rng[f"cuda/{rank}"], device)
     elif rank == 0:
         print(f"resume: saved with {state['world_size']} ranks, running {world_size}: fresh random streams")
+    metrics = os.path.join(cfg.out_dir, "metrics.jsonl")
+    if rank == 0 and os.path.isfile(metrics):  # drop the lines logged after the checkpoint: they
+        with open(metrics) as f:  # are logged again, so each step has one line
+            lines = [line for line in f if _logged_step(line) <= state["step"]]
+        with open(metrics + ".tmp", "w") as f:
+            f.writelines(lines)
+        os.replace(metrics + ".tmp", metrics)
     if rank == 0:
         print(f"resumed from {path} (step {state['step']})")
     return state["step"]
@@ -1535,7 +1596,7 @@ def run_toy(cfg, dist_info):
         raise SystemExit("gradient check FAILED: a tractable loss is off beyond Monte-Carlo tolerance")
     world = make_toy_world(device)
     world.cfg = cfg
-    os.makedirs(cfg.out_dir, exist_ok=True)
+    start_out_dir(cfg, dist_info)
     t0 = time.perf_counter()
     train(world, dist_info)
     train_time = time.perf_counter() - t0
@@ -1668,6 +1729,8 @@ def run_ablation(cfg, device, n=2000):
 def run_sdxl(cfg, dist_info):
     rank, world_size, device = dist_info
     read_prompts(cfg.prompts)  # fail on a bad prompt file before writing anything
+    if not cfg.bench:  # and on an out_dir with another run's checkpoints, before loading models
+        check_out_dir(cfg)
     if cfg.tiny:  # tiny random models, saved and then loaded through the same from_pretrained code
         root = os.path.join(cfg.out_dir, "tiny")
         if rank == 0 and not os.path.isfile(os.path.join(root, "reward", "config.json")):
@@ -1680,8 +1743,7 @@ def run_sdxl(cfg, dist_info):
     world.cfg = cfg
     if cfg.bench:  # the cost table instead of training
         return bench(world, device)
-    if rank == 0:
-        os.makedirs(cfg.out_dir, exist_ok=True)
+    start_out_dir(cfg, dist_info)  # only now, so that a model that fails to load deletes nothing
     t0 = time.perf_counter()
     train(world, dist_info)
     if rank == 0:

@@ -437,6 +437,8 @@ def test_ablation_command(tmp_path):
     (["--toy", "--t_min=990"], "t_min <= t_max"),
     (["--ablation"], "--ablation is a toy experiment"),
     (["--toy", "--ablation", "--alpha_rew=3"], "drop --alpha_rew"),
+    (["--toy", "--keep_checkpoints=0"], "--keep_checkpoints must be >= 1"),
+    (["--tiny", "--resume", "--overwrite"], "--overwrite deletes it: choose one"),
 ])
 def test_bad_config_is_one_clear_line(args, words):
     p = run(*args, timeout=60)
@@ -683,26 +685,97 @@ def _generator_weights(ckpt):
     return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
 
 
-def test_sigkill_then_resume_reproduces_the_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("launcher", ["python", "torchrun --zero"])
+def test_sigkill_then_resume_reproduces_the_uninterrupted_run(tmp_path, launcher):
+    """Under torchrun it is also the SDXL path's two-rank test: DDP keeps the ranks identical."""
+    import signal
     import time
 
     args = ["--tiny", "--max_steps=6", "--ckpt_interval=2", "--sample_interval=100", "--keep_checkpoints=5"]
+    cmd = [sys.executable, os.path.join(HERE, "distar.py")]
+    if launcher != "python":  # two ranks, Adam states sharded: each rank resumes its own shard
+        args.append("--zero")
+        cmd[1:1] = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     a, b = tmp_path / "a", tmp_path / "b"
-    assert run(*args, f"--out_dir={a}").returncode == 0
-    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "distar.py"), *args, f"--out_dir={b}"],
-                            cwd=HERE, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    p = subprocess.run([*cmd, *args, f"--out_dir={a}"], cwd=HERE, env=ENV, capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    if launcher != "python":
+        assert "on 2 process(es), parameters identical on all ranks" in p.stdout
+    proc = subprocess.Popen([*cmd, *args, f"--out_dir={b}"], cwd=HERE, env=ENV,
+                            start_new_session=True,  # its own process group, to kill every rank
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     while not (b / "checkpoint-000002" / "state.json").exists() and proc.poll() is None:
         time.sleep(0.02)
-    proc.kill()  # SIGKILL
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and every rank
     assert proc.wait() == -9, "the run finished before it could be killed"
     assert not (b / "checkpoint-000006").exists()
-    p = run(*args, f"--out_dir={b}", "--resume")
+    p = subprocess.run([*cmd, *args, f"--out_dir={b}", "--resume"], cwd=HERE, env=ENV,
+                       capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "resumed from" in p.stdout
     wa, wb = _generator_weights(a / "checkpoint-000006"), _generator_weights(b / "checkpoint-000006")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     w2 = _generator_weights(a / "checkpoint-000002")
     assert any(not torch.equal(wa[k], w2[k]) for k in wa)  # training moved the weights
+    steps = [json.loads(line)["step"] for line in (b / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]  # the lines logged after checkpoint 2 were not kept twice
+
+
+def _toy_optimizers(cfg, world):
+    return (distar.make_optimizer(cfg, world.generator.parameters(), cfg.lr_g),
+            distar.make_optimizer(cfg, world.assistant.parameters(), cfg.lr_psi))
+
+
+def _toy_checkpoint(out_dir):
+    """A toy checkpoint at step 1 with Adam states; returns its optimizers."""
+    world = _toy([f"--out_dir={out_dir}"])
+    opts = _toy_optimizers(world.cfg, world)
+    for net, opt in zip((world.generator, world.assistant), opts):
+        for p in net.parameters():
+            p.grad = torch.randn_like(p)
+        opt.step()
+    distar.save_checkpoint(world.cfg, 1, world, *opts, (0, 1, torch.device("cpu")))
+    return opts
+
+
+def test_resume_takes_learning_rates_betas_and_weight_decay_from_the_command_line(tmp_path):
+    saved_g, saved_psi = _toy_checkpoint(tmp_path)
+    world = _toy([f"--out_dir={tmp_path}", "--resume", "--lr_g=2e-4", "--lr_psi=3e-4",
+                  "--beta1=0.5", "--beta2=0.9", "--weight_decay=0.1"])
+    opt_g, opt_psi = _toy_optimizers(world.cfg, world)
+    cpu = (0, 1, torch.device("cpu"))
+    assert distar.load_checkpoint(world.cfg, world, opt_g, opt_psi, cpu) == 1
+    for opt, lr in ((opt_g, 2e-4), (opt_psi, 3e-4)):
+        group = opt.param_groups[0]
+        assert (group["lr"], group["betas"], group["weight_decay"]) == (lr, (0.5, 0.9), 0.1)
+    for a, b in zip(saved_g.state.values(), opt_g.state.values()):  # the saved Adam moments
+        assert all(torch.equal(a[k], b[k]) for k in ("exp_avg", "exp_avg_sq"))
+
+
+def test_resume_reads_the_optimizer_states_on_the_cpu(tmp_path, monkeypatch):
+    """Every rank reads optimizers.pt onto the CPU (memory-mapped), and the optimizer copies what
+    it keeps to its device: under --zero only the rank's own shard reaches the GPU."""
+    _toy_checkpoint(tmp_path)
+    loads, handed = [], []
+    real_load, real_load_sd = torch.load, torch.optim.AdamW.load_state_dict
+
+    def spy_load(*args, **kwargs):
+        loads.append(kwargs)
+        return real_load(*args, **kwargs)
+
+    def spy_load_sd(opt, sd):
+        handed.extend(v.device.type for st in sd["state"].values() for v in st.values())
+        return real_load_sd(opt, sd)
+
+    monkeypatch.setattr(torch, "load", spy_load)
+    monkeypatch.setattr(torch.optim.AdamW, "load_state_dict", spy_load_sd)
+    world = _toy([f"--out_dir={tmp_path}", "--resume"])
+    cpu = (0, 1, torch.device("cpu"))
+    distar.load_checkpoint(world.cfg, world, *_toy_optimizers(world.cfg, world), cpu)
+    assert loads and all(k.get("map_location") == "cpu" and k.get("weights_only") is True
+                         for k in loads)
+    assert handed and set(handed) == {"cpu"}
 
 
 def test_incomplete_checkpoints_are_ignored(tmp_path):
@@ -712,15 +785,6 @@ def test_incomplete_checkpoints_are_ignored(tmp_path):
         (tmp_path / name / "state.json").write_text("{}")
     found = [os.path.basename(p) for p in distar.list_checkpoints(str(tmp_path))]
     assert found == ["checkpoint-000002", "checkpoint-000004"]
-
-
-def test_torchrun_two_processes_sdxl_keeps_ranks_identical(tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(HERE, "distar.py"), "--tiny", "--max_steps=2", "--zero", f"--out_dir={tmp_path}"]
-    p = subprocess.run(cmd, cwd=HERE, env=ENV, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
-    assert "on 2 process(es), parameters identical on all ranks" in p.stdout
-    assert (tmp_path / "checkpoint-000002" / "state.json").exists()
 
 
 def test_sdxl_outputs(tmp_path):
@@ -770,6 +834,47 @@ def test_bad_sdxl_input_is_one_line_and_leaves_checkpoints_intact(trained_dir, t
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and words in lines[0], p.stderr
     assert _tree_digest(trained_dir) == before
+
+
+def _sdxl_args(tiny):
+    """SDXL mode (not --tiny) on the tiny models: the real run's rules for out_dir apply."""
+    sdxl, reward = tiny
+    return [f"--pretrained={sdxl}", "--generator_init=", f"--reward_model={reward}",
+            f"--reward_processor={reward}", "--resolution=64", "--precision=fp32", "--assistant_steps=1",
+            "--log_interval=1"]
+
+
+def test_fresh_sdxl_run_refuses_an_out_dir_with_another_runs_checkpoints(tiny, trained_dir):
+    before = _tree_digest(trained_dir)
+    p = run(*_sdxl_args(tiny), "--max_steps=1", f"--out_dir={trained_dir}", timeout=120)
+    assert p.returncode == 2 and "Traceback" not in p.stderr and p.stdout == ""
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1, p.stderr
+    newest = trained_dir / "checkpoint-000002"
+    assert lines[0] == (f"distar: error: {trained_dir} holds checkpoints of another run (newest "
+                        f"{newest}): pass --resume to continue it, or --overwrite to start over")
+    assert _tree_digest(trained_dir) == before
+
+
+@pytest.mark.parametrize("mode", ["--tiny", "--overwrite"])
+def test_a_fresh_run_starts_the_out_dir_over(tiny, trained_dir, tmp_path, mode):
+    """A demo (--tiny) run twice, with fewer steps the second time, or SDXL with --overwrite:
+    only the new run's checkpoints, metrics and samples remain; the tiny models' cache stays."""
+    import shutil
+
+    d = tmp_path / "out"
+    shutil.copytree(trained_dir, d)  # checkpoint-000002, metrics.jsonl, samples-000002.png, tiny/
+    tiny_models = _tree_digest(d / "tiny")
+    args = ["--tiny"] if mode == "--tiny" else [*_sdxl_args(tiny), "--overwrite"]
+    p = run(*args, "--max_steps=1", "--sample_interval=1", f"--out_dir={d}")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert (f"starting over in {d}: removed 1 checkpoint, metrics.jsonl and 1 sample grid of an "
+            "earlier run (--resume continues a run)") in p.stdout
+    assert [c.name for c in sorted(d.glob("checkpoint-*"))] == ["checkpoint-000001"]
+    rows = (d / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in rows] == [1]
+    assert [f.name for f in sorted(d.glob("samples-*.png"))] == ["samples-000001.png"]
+    assert _tree_digest(d / "tiny") == tiny_models
 
 
 # -----------------------------------------------------------------------------
