@@ -83,6 +83,7 @@ class Config:
     # models: hub ids or local folders (SDXL mode)
     pretrained: str = "stabilityai/stable-diffusion-xl-base-1.0"  # s_ref, s_psi's init, VAE, text encoders
     generator_init: str = "tianweiy/DMD2/dmd2_sdxl_1step_unet_fp16.bin"  # state-dict file or UNet folder; "" = pretrained
+    variant: str = ""  # weight-file variant of a --generator_init folder, e.g. fp16
     reward_model: str = "yuvalkirstain/PickScore_v1"  # any transformers CLIPModel
     reward_processor: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"  # its tokenizer and image size/mean/std
     prompts: str = ""  # text file, one prompt per line; "" = a few built-in prompts
@@ -569,12 +570,31 @@ class LoadError(RuntimeError):
     pass
 
 
+def hub_unreachable(e):
+    """Whether e, or an error that caused it, says the hub could not be reached (or offline mode
+    is on) and the files were not in the local cache. By class name, since the HTTP library under
+    huggingface_hub changes (requests, httpx, httpx2): their connection errors are named so."""
+    while e is not None:  # diffusers wraps the hub's error in an OSError of its own
+        names = {c.__name__ for c in type(e).__mro__}
+        if names & {"LocalEntryNotFoundError", "ConnectionError", "TimeoutError", "TransportError"}:
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
 def load(flag, value, fn, *args, **kwargs):
     """Run a from_pretrained-style loader; a failure becomes one line naming the flag."""
     try:
         return fn(*args, **kwargs)
+    except LoadError:  # from a nested load, which named its own flag
+        raise
     except Exception as e:  # OSError, ValueError, HFValidationError, ...: report, do not trace
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if hub_unreachable(e):
+            local = "/path/to/sdxl" if flag == "pretrained" else "/path/to/unet"
+            first = ("no such local path, the Hugging Face hub could not be reached and the model is "
+                     f"not in the local cache; pass a local folder (--{flag}={local})")
+        else:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise LoadError(f"cannot load --{flag}={value}: {first}") from None
 
 
@@ -584,32 +604,53 @@ def load_unet(path, **kw):
     return UNet2DConditionModel.from_pretrained(path, subfolder=kw.pop("subfolder", None), **kw)
 
 
-def load_generator(cfg):
-    """--generator_init: a UNet folder, a state-dict file (.bin/.pt/.safetensors, local or
-    'owner/repo/file' on the hub, e.g. DMD2's), or "" for the pretrained UNet."""
-    if not cfg.generator_init:
-        return load("pretrained", cfg.pretrained, load_unet, cfg.pretrained, subfolder="unet")
-    path = cfg.generator_init
-    if not path.endswith((".bin", ".pt", ".pth", ".safetensors")):  # a diffusers UNet folder
+def load_generator(path, pretrained, variant=None, dtype=None, flag="generator_init"):
+    """A one-step generator's UNet, in any form one is published in:
+    "": the UNet of `pretrained`; a diffusers UNet folder, or a pipeline folder holding unet/
+    (both with `variant`, e.g. fp16); a state-dict file (.bin/.pt/.pth/.safetensors), local or
+    on the hub as owner/repo/path/in/repo (DMD2's tianweiy/DMD2/dmd2_sdxl_1step_unet_fp16.bin).
+    A state dict's architecture is the config.json beside it if there is one (a release's unet/
+    folder), else `pretrained`'s unet/config.json. Returned in `dtype` (default fp32)."""
+    from diffusers import UNet2DConditionModel
+
+    dtype = dtype or torch.float32
+    if not path:
+        return load("pretrained", pretrained, load_unet, pretrained, subfolder="unet",
+                    variant=variant, dtype=dtype)
+    if not path.endswith((".bin", ".pt", ".pth", ".safetensors")):
         sub = "unet" if os.path.isdir(os.path.join(path, "unet")) else None
-        return load("generator_init", path, load_unet, path, subfolder=sub)
+        return load(flag, path, load_unet, path, subfolder=sub, variant=variant, dtype=dtype)
 
     def from_state_dict():
-        from diffusers import UNet2DConditionModel
+        from accelerate import init_empty_weights
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError
         from safetensors.torch import load_file
 
-        file = path
-        if not os.path.exists(file):  # owner/repo/filename on the hub
-            from huggingface_hub import hf_hub_download
+        file, config = path, os.path.join(os.path.dirname(os.path.abspath(path)), "config.json")
+        if not os.path.exists(path):  # owner/repo/path/in/repo
+            parts = path.split("/")
+            repo = "/".join(parts[:2])
+            file = hf_hub_download(repo, "/".join(parts[2:]))
+            try:
+                config = hf_hub_download(repo, "/".join(parts[2:-1] + ["config.json"]))
+            except EntryNotFoundError:  # none beside it (or offline and not cached)
+                config = ""
+        if os.path.isfile(config):
+            config = UNet2DConditionModel.load_config(config)
+        else:
+            config = load("pretrained", pretrained, UNet2DConditionModel.load_config, pretrained,
+                          subfolder="unet")
+        if file.endswith(".safetensors"):
+            sd = load_file(file)
+        else:
+            sd = torch.load(file, map_location="cpu", weights_only=True)
+        with init_empty_weights():  # parameters on meta: no random init of weights about to go
+            unet = UNet2DConditionModel.from_config(config)
+        unet.load_state_dict(sd, strict=True, assign=True)  # the file's tensors become parameters
+        return unet.to(dtype)
 
-            repo, _, name = path.rpartition("/")
-            file = hf_hub_download(repo, name)
-        sd = load_file(file) if file.endswith(".safetensors") else torch.load(file, map_location="cpu", weights_only=True)
-        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(cfg.pretrained, subfolder="unet"))
-        unet.load_state_dict(sd)
-        return unet
-
-    return load("generator_init", path, from_state_dict)
+    return load(flag, path, from_state_dict)
 
 
 class ClipReward(nn.Module):
@@ -755,7 +796,7 @@ def load_sdxl_parts(cfg, device, frozen):
     vae = load("pretrained", cfg.pretrained, AutoencoderKL.from_pretrained, cfg.pretrained, subfolder="vae").to(device)
     s_ref = load("pretrained", cfg.pretrained, load_unet, cfg.pretrained, subfolder="unet", dtype=frozen).to(device)
     assistant = load("pretrained", cfg.pretrained, load_unet, cfg.pretrained, subfolder="unet").to(device)
-    generator = load_generator(cfg).to(device, torch.float32)
+    generator = load_generator(cfg.generator_init, cfg.pretrained, cfg.variant or None).to(device)
     reward_fn = ClipReward(cfg.reward_model, cfg.reward_processor, frozen).to(device)
     return dict(pipe=pipe, alphas_cumprod=sched.alphas_cumprod, vae=vae, s_ref=s_ref, assistant=assistant,
                 generator=generator, reward_fn=reward_fn)
@@ -1752,12 +1793,18 @@ def run_sdxl(cfg, dist_info):
 
 
 def quiet_libraries():
+    """Warnings off, and the libraries' own bars ("Loading weights", "Loading pipeline components"),
+    but not huggingface_hub's download bars: a first run shows its tens of GB arriving."""
     from diffusers.utils import logging as diffusers_logging
+    from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
     from transformers.utils import logging as transformers_logging
 
+    hub_bars = not are_progress_bars_disabled()  # HF_HUB_DISABLE_PROGRESS_BARS=1 still wins
     for lib in (diffusers_logging, transformers_logging):
         lib.set_verbosity_error()
-        lib.disable_progress_bar()
+        lib.disable_progress_bar()  # transformers' also turns off the hub's bars
+    if hub_bars:
+        enable_progress_bars()
 
 
 def main(argv):

@@ -1042,9 +1042,9 @@ def compare_runs(tiny, tmp_path_factory):
 def grid_cells(path, k=2, cell=64):
     """compare_*.png -> (A, B) cells, each (rows * k, cell, cell, 3), by sample.py's layout."""
     g = np.asarray(Image.open(path).convert("RGB"))
-    rows = (g.shape[0] - sample.HEADER) // (sample.CAPTION + cell)
-    assert g.shape == (sample.HEADER + rows * (sample.CAPTION + cell), 2 * k * cell + sample.GAP, 3)
-    ys = [sample.HEADER + r * (sample.CAPTION + cell) + sample.CAPTION for r in range(rows)]
+    rows = (g.shape[0] - sample.HEADER) // cell
+    assert g.shape == (sample.HEADER + rows * cell, 2 * k * cell + sample.GAP, 3)
+    ys = [sample.HEADER + r * cell for r in range(rows)]
     cut = lambda x0: np.stack([g[y:y + cell, x0 + j * cell:x0 + (j + 1) * cell] for y in ys for j in range(k)])
     return cut(0), cut(k * cell + sample.GAP)
 
@@ -1096,6 +1096,125 @@ def test_variant_only_pipeline_needs_variant(tiny, tmp_path, capsys):
     assert Image.open(tmp_path / "yes" / "000.png").size == (64, 64)
 
 
+@pytest.fixture(scope="module")
+def state_dicts(tiny, tmp_path_factory):
+    """The tiny UNet's weights rounded to fp16, as the releases publish them: a UNet folder (fp32
+    values, each exactly an fp16), DMD2's layout (an fp16 .bin, no config beside it) and the DI*
+    release's (unet/diffusion_pytorch_model.fp16.safetensors beside unet/config.json)."""
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import save_file
+
+    sdxl, _ = tiny
+    tmp = tmp_path_factory.mktemp("state_dicts")
+    unet = UNet2DConditionModel.from_pretrained(sdxl, subfolder="unet")
+    with torch.no_grad(), torch.random.fork_rng():  # a generator unlike the pretrained UNet
+        torch.manual_seed(6)
+        for p in unet.parameters():
+            p.copy_((p + 0.05 * torch.randn_like(p)).half().float())
+    unet.save_pretrained(tmp / "folder")
+    half = {k: v.half() for k, v in unet.state_dict().items()}
+    torch.save(half, tmp / "dmd2_sdxl_1step_unet_fp16.bin")
+    (tmp / "release" / "unet").mkdir(parents=True)
+    save_file(half, str(tmp / "release" / "unet" / "diffusion_pytorch_model.fp16.safetensors"))
+    unet.save_config(tmp / "release" / "unet")  # config.json beside the weights
+    return tmp, unet.state_dict()
+
+
+def test_load_generator_reads_state_dict_files_and_variant_folders(tiny, state_dicts):
+    sdxl, _ = tiny
+    tmp, expect = state_dicts
+    for path, variant in (("folder", None), ("dmd2_sdxl_1step_unet_fp16.bin", None),
+                          ("release/unet/diffusion_pytorch_model.fp16.safetensors", None),
+                          ("release", "fp16")):  # a release folder holding unet/: the variant
+        unet = distar.load_generator(str(tmp / path), sdxl, variant=variant)
+        got = unet.state_dict()
+        assert got.keys() == expect.keys(), path
+        assert all(torch.equal(got[k], expect[k]) for k in expect), path
+        tensors = [*got.values(), *unet.buffers()]
+        assert all(t.dtype == torch.float32 and not t.is_meta for t in tensors)
+    assert next(distar.load_generator(str(tmp / "dmd2_sdxl_1step_unet_fp16.bin"), sdxl,
+                                      dtype=torch.float16).parameters()).dtype == torch.float16
+    pretrained = distar.load_generator("", sdxl).state_dict()  # "" = the UNet of pretrained
+    assert not torch.equal(pretrained["conv_in.weight"], expect["conv_in.weight"])
+
+
+def test_load_generator_hub_path_is_owner_repo_then_path_in_repo(tiny, state_dicts, monkeypatch):
+    import huggingface_hub
+    from huggingface_hub.errors import EntryNotFoundError
+
+    sdxl, _ = tiny
+    tmp, expect = state_dicts
+    release, weights = "XDG-XHS/distar_short_1step", "unet/diffusion_pytorch_model.fp16.safetensors"
+    dmd2 = "dmd2_sdxl_1step_unet_fp16.bin"
+    calls, files = [], {(release, weights): tmp / "release" / weights,
+                        (release, "unet/config.json"): tmp / "release" / "unet" / "config.json",
+                        ("tianweiy/DMD2", dmd2): tmp / dmd2}
+
+    def download(repo, filename, **kw):
+        calls.append((repo, filename))
+        if (repo, filename) not in files:
+            raise EntryNotFoundError(f"no {filename} in {repo}")  # what the hub's 404 subclasses
+        return str(files[repo, filename])
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    for path in ("XDG-XHS/distar_short_1step/unet/diffusion_pytorch_model.fp16.safetensors",
+                 "tianweiy/DMD2/dmd2_sdxl_1step_unet_fp16.bin"):  # DMD2: no config beside it
+        got = distar.load_generator(path, sdxl).state_dict()
+        assert all(torch.equal(got[k], expect[k]) for k in expect)
+    assert calls == [*files] + [("tianweiy/DMD2", "config.json")]
+
+
+def test_sample_from_state_dict_files_equals_sample_from_the_folder(tiny, state_dicts, tmp_path):
+    sdxl, _ = tiny
+    tmp, _ = state_dicts
+    from diffusers import StableDiffusionXLPipeline
+
+    # --variant names --pretrained's weight files too: the same fp32 tiny pipeline, files *.fp16.*
+    pipe = StableDiffusionXLPipeline.from_pretrained(sdxl)
+    pipe.save_pretrained(tmp_path / "sdxl16", variant="fp16")
+    args = ["--prompt=a dog", "--images_per_prompt=2", "--seed=2", "--resolution=64"]
+    runs = {}
+    st = tmp / "release" / "unet" / "diffusion_pytorch_model.fp16.safetensors"
+    for name, gen in (("folder", [f"--generator={tmp / 'folder'}"]),
+                      ("bin", [f"--generator={tmp / 'dmd2_sdxl_1step_unet_fp16.bin'}"]),
+                      ("st", [f"--generator={st}"]),
+                      ("variant", [f"--generator={tmp / 'release'}", "--variant=fp16"])):
+        pretrained = tmp_path / "sdxl16" if name == "variant" else sdxl
+        assert sample.main([f"--pretrained={pretrained}", *args, *gen,
+                            f"--out_dir={tmp_path / name}"]) == 0
+        runs[name] = pngs(tmp_path / name, 2)
+    # the same fp32 weights (fp16 values) in every form: the same computation, the same pixels
+    for name in ("bin", "st", "variant"):
+        assert np.array_equal(runs[name], runs["folder"]), name
+    assert sample.main([f"--pretrained={sdxl}", *args, f"--out_dir={tmp_path / 'base'}"]) == 0
+    assert np.abs(pngs(tmp_path / "base", 2) / 255 - runs["folder"] / 255).mean() > 0.01
+
+
+def test_an_unreachable_hub_is_one_line_naming_the_flag(tmp_path, capsys):
+    """HF_HUB_OFFLINE=1 (set above) stands for no network: the default --pretrained is not in
+    this machine's cache, so both scripts must stop at once with one line that says so."""
+    import time
+
+    words = ("cannot load --pretrained=stabilityai/stable-diffusion-xl-base-1.0: "
+             "no such local path, the Hugging Face hub could not be reached and the model is not "
+             "in the local cache; pass a local folder (--pretrained=/path/to/sdxl)")
+    for name, main in (("sample", sample.main), ("distar", distar.main)):
+        t0 = time.perf_counter()
+        assert main(["--prompt=a cat"] * (name == "sample") + [f"--out_dir={tmp_path / name}"]) == 2
+        assert time.perf_counter() - t0 < 20  # no download retries
+        assert capsys.readouterr().err == f"{name}: error: {words}\n"
+        assert not (tmp_path / name).exists()
+
+
+def test_help_lists_every_option_with_its_default():
+    r = run_sample("--help", timeout=120)
+    assert r.returncode == 0 and r.stderr == ""
+    text = " ".join(r.stdout.split())  # argparse wraps lines
+    for f in sample.fields(sample.SampleConfig):
+        assert f"--{f.name}" in text and f.metadata["help"].split(";")[0] in text, f.name
+    assert "(default: samples)" in text and "(default: 1000)" in text and "(default: False)" in text
+
+
 def test_toy_checkpoint_gives_a_scatter_png(tmp_path):
     from safetensors.torch import save_file
 
@@ -1120,7 +1239,7 @@ def test_toy_checkpoint_gives_a_scatter_png(tmp_path):
 
 @pytest.mark.parametrize("case", ["missing_pretrained", "missing_generator", "missing_prompts", "empty_prompts",
                                   "missing_reward", "missing_clip", "missing_compare", "unknown_flag", "bad_value",
-                                  "bad_ci", "prompt_and_prompts"])
+                                  "bad_ci", "bad_type", "bad_bool", "prompt_and_prompts"])
 def test_bad_input_is_one_line_and_exit_2(tiny, tmp_path, capsys, case):
     sdxl, reward = tiny
     (tmp_path / "empty.txt").write_text("\n  \n")
@@ -1138,6 +1257,8 @@ def test_bad_input_is_one_line_and_exit_2(tiny, tmp_path, capsys, case):
                   "unknown_flag": (["--steps=4"], "--steps"),
                   "bad_value": (["--resolution=60"], "--resolution"),
                   "bad_ci": (["--ci=95"], "--ci"),
+                  "bad_type": (["--batch_size=four"], "--batch_size"),
+                  "bad_bool": (["--score=maybe"], "--score"),
                   "prompt_and_prompts": (["--prompt=a", f"--prompts={tmp_path / 'empty.txt'}"], "--prompt")}[case]
     assert sample.main(["--resolution=64", f"--out_dir={tmp_path / 'o'}", *args]) == 2  # later flags win
     err = capsys.readouterr().err
