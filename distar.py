@@ -3,57 +3,42 @@ distar: a minimal, single-file reference implementation of Diff-Instruct* (DI*).
 
 DI* trains a one-step generator g_theta to maximise a reward r(x_0, c) while a score-based
 divergence (eq. 3.2) keeps it close to a reference diffusion model. The divergence's gradient
-comes from the tractable loss of Theorem 3.1 (eq. 3.4); an assistant diffusion model s_psi,
-trained by denoising score matching on the generator's samples (eq. 2.2), stands in for the
-generator's score. Classifier-free guidance enters as an implicit reward (Theorem 3.2, "choice
-1", --cfg=out) or through a CFG-enhanced reference ("choice 2", --cfg=in). Paper: Luo et al.,
-"Diff-Instruct*: Towards Human-Preferred One-step Text-to-image Generative Models".
+comes from the tractable loss of Theorem 3.1 (eq. 3.4), in which an assistant diffusion model
+s_psi, trained by denoising score matching on the generator's samples (eq. 2.2), stands in for
+the generator's score. Classifier-free guidance enters as an implicit reward (Theorem 3.2,
+"choice 1", --cfg=out) or through a CFG-enhanced reference ("choice 2", --cfg=in).
+Paper: Luo et al., "Diff-Instruct*: Towards Human-Preferred One-step Text-to-image Generative
+Models". Every option: python distar.py --help.
 
-Toy 2-D Gaussian world, any laptop, no download (gradient check first, then Algorithm 1):
+The toy 2-D Gaussian world on any laptop (the gradient check, then Algorithm 1):
 $ python distar.py --toy
 $ torchrun --standalone --nproc_per_node=2 distar.py --toy
 
-The paper's Table 2 in the toy, one generator per row, one table and one picture (~1.5 min):
-$ python distar.py --toy --ablation
-
-Tiny random SDXL-shaped models on CPU (the real code path, a smoke test):
-$ torchrun --standalone --nproc_per_node=2 distar.py --tiny --max_steps=4
-
-Full size with nothing downloaded: the real SDXL and PickScore architectures, random weights.
-Without a GPU: memory per GPU and FLOPs per step; on GPUs also seconds/step, images/s, MFU:
-$ python distar.py --dry_run --world_size_plan=8 --zero
-$ torchrun --standalone --nproc_per_node=8 distar.py --dry_run --zero --grad_checkpointing
-
-The cost of a generator step per divergence and of an assistant step, checkpointing off and on,
-as ratios to the KL step (tiny on CPU; full size on one GPU):
-$ python distar.py --tiny --bench
-$ python distar.py --dry_run --bench
-
-The real SDXL and PickScore architectures with random weights, no download: without a GPU the
-memory plan per GPU and the FLOPs per step; on GPUs also seconds/step, images/s, peak memory, MFU:
-$ python distar.py --dry_run --world_size_plan=8 --zero
-$ torchrun --standalone --nproc_per_node=8 distar.py --dry_run --zero --grad_checkpointing
-
-SDXL (defaults: SDXL-base reference, DMD2 one-step init, PickScore reward, bf16):
-one GPU (needs ~85 GiB before activations, so a 141 GB card; see README):
-$ python distar.py --prompts=prompts.txt --grad_checkpointing
-one node of 8 GPUs:
+SDXL (defaults: SDXL-base reference, DMD2 one-step init, PickScore reward, bf16, 1024 px):
+$ python distar.py --prompts=prompts.txt --grad_checkpointing                # one 141 GB GPU
 $ torchrun --standalone --nproc_per_node=8 distar.py --prompts=prompts.txt --zero --grad_checkpointing
-8 nodes of 8 GPUs (run on every node, with the first node's address):
 $ torchrun --nnodes=8 --nproc_per_node=8 --node_rank=$NODE_RANK --master_addr=$MASTER_ADDR \
     --master_port=29500 distar.py --prompts=prompts.txt --zero --grad_checkpointing
-continue an interrupted run: the same command with --resume
+Continue an interrupted run: the same command with --resume.
 
-Read it top to bottom: config, the loss math (one function per equation), the toy world and
-its gradient check, the SDXL world, the alternating loop (written once, given a world),
-distributed setup and checkpoints, main. Every option is a field of Config below and is
-overridden as --key=value.
+Extras: tiny random SDXL-shaped models on CPU, the real code path (--tiny); the real
+architectures with random weights, nothing downloaded: the memory plan and FLOPs per step, and
+on GPUs seconds/step, images/s, peak memory and MFU (--dry_run); the cost of a step per
+divergence (--bench); the paper's Table 2 in the toy (--toy --ablation):
+$ torchrun --standalone --nproc_per_node=2 distar.py --tiny --max_steps=4
+$ python distar.py --dry_run --world_size_plan=8 --zero
+$ torchrun --standalone --nproc_per_node=8 distar.py --dry_run --zero --grad_checkpointing
+$ python distar.py --tiny --bench        (full size on one GPU: --dry_run --bench)
+$ python distar.py --toy --ablation
 """
 
+import argparse
 import datetime
+import inspect
 import json
 import math
 import os
+import re
 import shutil
 import statistics
 import sys
@@ -68,145 +53,141 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 # -----------------------------------------------------------------------------
-# config: defaults below, overridden by --key=value (a bare --flag means True)
+# config: every field is a --flag; its comment is its --help line
 
 
 @dataclass
 class Config:
     toy: bool = False  # the 2-D Gaussian world: CPU, seconds, exact reference scores
-    tiny: bool = False  # write tiny random SDXL-shaped models to {out_dir}/tiny and train on them
-    ablation: bool = False  # with --toy: train one generator per row of the paper's Table 2, compare
-    dry_run: bool = False  # the real SDXL architectures, random weights, no download: time a few steps on
-    # a GPU (seconds/step, images/s, peak memory, MFU), or without one print the planned memory per device
-    world_size_plan: int = 0  # --dry_run: the number of GPUs to plan memory for; 0 = this run's world size
-    peak_tflops: float = 0.0  # --dry_run: the GPU's dense bf16 peak for MFU; 0 = look it up by device name
-    # models: hub ids or local folders (SDXL mode)
-    pretrained: str = "stabilityai/stable-diffusion-xl-base-1.0"  # s_ref, s_psi's init, VAE, text encoders
-    generator_init: str = "tianweiy/DMD2/dmd2_sdxl_1step_unet_fp16.bin"  # state-dict file or UNet folder; "" = pretrained
-    variant: str = ""  # weight-file variant of a --generator_init folder, e.g. fp16
+    tiny: bool = False  # tiny random SDXL-shaped models in {out_dir}/tiny: the SDXL path on CPU
+    dry_run: bool = False  # the real SDXL architectures, random weights, nothing downloaded
+    ablation: bool = False  # with --toy: one generator per row of the paper's Table 2
+    bench: bool = False  # time a step per divergence instead of training: {out_dir}/bench.json
+    # models: hub ids or local folders
+    pretrained: str = "stabilityai/stable-diffusion-xl-base-1.0"  # s_ref, s_psi's init, VAE, text
+    generator_init: str = "tianweiy/DMD2/dmd2_sdxl_1step_unet_fp16.bin"  # UNet folder or state dict
+    variant: str = ""  # weight-file variant of --generator_init, e.g. fp16
     reward_model: str = "yuvalkirstain/PickScore_v1"  # any transformers CLIPModel
-    reward_processor: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"  # its tokenizer and image size/mean/std
-    prompts: str = ""  # text file, one prompt per line; "" = a few built-in prompts
-    resolution: int = 1024
+    reward_processor: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"  # its tokenizer, size, mean/std
+    prompts: str = ""  # text file, one prompt per line; empty: a few built-in prompts
+    resolution: int = 1024  # image side in pixels (latents are 1/8 of it)
     conditioning_t: int = 399  # the one-step generator's conditioning timestep (DMD2, DI*)
-    # the DI* objective (Algorithm 1); paper defaults: alpha_rew 100, alpha_cfg 7.5, cfg in
-    alpha_rew: float = 100.0  # alpha_rew: scale of the explicit reward r(x_0, c)
-    alpha_cfg: float = 7.5  # alpha_cfg: guidance strength; CFG scale omega = 1 + alpha_cfg
-    cfg: str = "in"  # "in": choice 2 (CFG-enhanced reference), "out": choice 1 (Theorem 3.2)
-    divergence: str = "pseudo_huber"  # pseudo_huber | l2 (eq. 3.4) | kl (Diff-Instruct/DI++)
-    huber_c: float = 0.1  # pseudo-Huber c on the eps scale, per sqrt(dim): c = huber_c sqrt(D)
-    t_min: int = 20  # t ~ U{t_min..t_max} of the 1000-step SDXL schedule
-    t_max: int = 980
+    # the DI* objective (Algorithm 1)
+    alpha_rew: float = 100.0  # scale of the explicit reward r(x_0, c) (the raw PickScore cosine)
+    alpha_cfg: float = 7.5  # guidance strength; CFG scale omega = 1 + alpha_cfg
+    cfg: str = "in"  # in: choice 2, CFG-enhanced reference; out: choice 1, Theorem 3.2
+    divergence: str = "pseudo_huber"  # pseudo_huber | l2 (eq. 3.4) | kl (Diff-Instruct, DI++)
+    huber_c: float = 0.1  # pseudo-Huber c per element on the eps scale: c = huber_c sqrt(D)
+    t_min: int = 20  # t ~ U{t_min..t_max} of the 1000-step schedule
+    t_max: int = 980  # (both inclusive; DMD2 draws in [20, 980])
     assistant_steps: int = 5  # K_TA: assistant (DSM) updates per generator update
-    # optimisation (AdamW, as DMD2)
+    # optimisation: AdamW, as DMD2
     batch_size: int = 2  # samples per rank per update
     max_steps: int = 1000  # generator updates
     lr_g: float = 5e-7  # generator learning rate
     lr_psi: float = 5e-7  # assistant learning rate
-    beta1: float = 0.9
-    beta2: float = 0.999
-    weight_decay: float = 0.01
-    grad_clip: float = 10.0  # max grad norm of each net
-    max_skips: int = 20  # stop after this many updates in a row with a non-finite loss or gradient
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.999  # AdamW beta2
+    weight_decay: float = 0.01  # AdamW weight decay
+    grad_clip: float = 10.0  # max gradient norm of each net
+    max_skips: int = 20  # stop after this many updates of a net in a row with a NaN/Inf
     seed: int = 0  # rank r uses seed * world_size + r
     # precision and memory
-    precision: str = "bf16"  # bf16: autocast, fp32 master weights, frozen nets in bf16 | fp32
+    precision: str = "bf16"  # bf16: autocast, fp32 masters, frozen UNet and CLIP in bf16 | fp32
     grad_checkpointing: bool = False  # UNets and VAE recompute activations in backward
-    zero: bool = False  # shard optimizer states across ranks (ZeroRedundancyOptimizer)
+    zero: bool = False  # shard the AdamW states across ranks (ZeroRedundancyOptimizer)
     # output
-    out_dir: str = "out"
+    out_dir: str = "out"  # metrics.jsonl, samples-*.png, checkpoint-*/
     log_interval: int = 10  # steps between metrics lines
     ckpt_interval: int = 500  # steps between checkpoints (and one at the end)
-    sample_interval: int = 500  # steps between sample grids
-    keep_checkpoints: int = 2  # newest complete checkpoints kept (an SDXL one is ~60 GB)
+    sample_interval: int = 500  # steps between sample grids (SDXL)
+    keep_checkpoints: int = 2  # newest checkpoints kept (an SDXL one is ~60 GB)
     resume: bool = False  # continue from the newest complete checkpoint in out_dir
-    # start over in an out_dir that holds an earlier run: its checkpoints, metrics and samples are deleted
-    overwrite: bool = False
-    # the cost table (--bench): time the steps instead of training, write {out_dir}/bench.json
-    bench: bool = False
-    bench_reps: int = 20  # timed repetitions of every variant (medians are reported)
-    bench_warmup: int = 5  # untimed repetitions first
+    overwrite: bool = False  # start over in an out_dir that holds another run (deletes it)
+    # extras
+    world_size_plan: int = 0  # --dry_run: GPUs to plan memory for; 0: this run's world size
+    peak_tflops: float = 0.0  # --dry_run: the GPU's dense bf16 peak for MFU; 0: by its name
+    bench_reps: int = 20  # --bench: timed repetitions per variant (medians are reported)
+    bench_warmup: int = 5  # --bench: untimed repetitions first
 
 
-# the toy is a different problem size: these replace the defaults, and --key=value still wins
+# each world's problem size replaces the defaults; flags on the command line still win
 TOY_DEFAULTS = dict(batch_size=256, max_steps=1000, lr_g=1e-3, lr_psi=3e-3, assistant_steps=4,
                     weight_decay=0.0, log_interval=100, ckpt_interval=1000, out_dir="out_toy")
-# twelve toy runs in under 2 minutes on 2 CPU cores
-ABLATION_DEFAULTS = dict(max_steps=500)
-# tiny random models on CPU: a smoke-test size; --key=value still wins
-TINY_DEFAULTS = dict(resolution=64, batch_size=2, max_steps=4, lr_g=1e-4, lr_psi=1e-4, assistant_steps=2,
-                     precision="fp32", log_interval=1, ckpt_interval=2, sample_interval=2, out_dir="out_tiny")
-# the dry run: a few steps at the real size (the first is warm-up), nothing written
-DRY_RUN_DEFAULTS = dict(max_steps=4, out_dir="out_dry_run")
-CHOICES = dict(cfg=("in", "out"), divergence=("pseudo_huber", "l2", "kl"), precision=("bf16", "fp32"))
+ABLATION_DEFAULTS = dict(max_steps=500)  # twelve toy runs in under 2 minutes on 2 CPU cores
+TINY_DEFAULTS = dict(resolution=64, max_steps=4, lr_g=1e-4, lr_psi=1e-4, assistant_steps=2,
+                     precision="fp32", log_interval=1, ckpt_interval=2, sample_interval=2,
+                     out_dir="out_tiny")
+DRY_RUN_DEFAULTS = dict(max_steps=4, log_interval=1, out_dir="out_dry_run")  # step 1: warm-up
+CHOICES = dict(cfg=("in", "out"), divergence=("pseudo_huber", "l2", "kl"),
+               precision=("bf16", "fp32"))
+AT_LEAST = dict(batch_size=1, max_steps=0, assistant_steps=0, lr_g=0, lr_psi=0, beta1=0, beta2=0,
+                weight_decay=0, grad_clip=0, max_skips=1, log_interval=1, ckpt_interval=1,
+                sample_interval=1, keep_checkpoints=1, world_size_plan=0, peak_tflops=0,
+                bench_reps=1, bench_warmup=0, t_min=0, resolution=8)
 
 
 class ConfigError(ValueError):
     pass
 
 
-def parse_overrides(argv, cls):
-    """--key=value overrides of a config dataclass, type-checked; unknown keys and bad values are
-    errors. A bare --flag means True."""
-    types = {f.name: f.type for f in fields(cls)}
-    overrides = {}
-    for arg in argv:
-        if not arg.startswith("--"):
-            raise ConfigError(f"unexpected argument {arg!r}: options look like --key=value")
-        key, eq, val = arg[2:].partition("=")
-        if key not in types:
-            raise ConfigError(f"unknown option --{key}")
-        typ = types[key]
-        if typ is bool:
-            if eq and val.lower() not in ("true", "false", "1", "0"):
-                raise ConfigError(f"--{key} takes true or false, not {val!r}")
-            overrides[key] = (not eq) or val.lower() in ("true", "1")
-            continue
-        if not eq:
-            raise ConfigError(f"--{key} needs a value: --{key}=<{typ.__name__}>")
-        try:
-            overrides[key] = typ(val)
-        except ValueError:
-            raise ConfigError(f"--{key} expects {typ.__name__}, got {val!r}") from None
-        if key in CHOICES and val not in CHOICES[key]:
-            raise ConfigError(f"--{key} must be one of {'|'.join(CHOICES[key])}, not {val!r}")
-    return overrides
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line naming the flag: no usage dump, no traceback
+        raise ConfigError(message.replace("argument ", ""))
+
+
+def to_bool(v):
+    if v.lower() not in ("true", "false", "1", "0"):
+        raise argparse.ArgumentTypeError(f"takes true or false, not {v!r}")
+    return v.lower() in ("true", "1")
+
+
+def make_parser(cls, prog, defaults=None, add_help=True):
+    """argparse from a config dataclass: --key=value, a bare --flag is True, comments are help."""
+    helps = dict(re.findall(r"^ +(\w+): \w+ = .*?# (.*)$", inspect.getsource(cls), re.M))
+    p = Parser(prog=prog, allow_abbrev=False, description=sys.modules[cls.__module__].__doc__,
+               formatter_class=argparse.RawDescriptionHelpFormatter, add_help=add_help)
+    for f in fields(cls):
+        default = (defaults or {}).get(f.name, f.default)
+        kw = dict(nargs="?", const=True, type=to_bool) if f.type is bool else dict(type=f.type)
+        p.add_argument(f"--{f.name}", default=default, choices=CHOICES.get(f.name),
+                       metavar="true|false" if f.type is bool else f.type.__name__.upper(),
+                       help=f"{helps.get(f.name, '')} (default: {default!r})", **kw)
+    return p
+
+
+def check_at_least(cfg, bounds):
+    for key, low in bounds.items():
+        if getattr(cfg, key) < low:
+            raise ConfigError(f"--{key} must be >= {low}, got {getattr(cfg, key)}")
 
 
 def parse_args(argv):
-    overrides = parse_overrides(argv, Config)
-    defaults = (TOY_DEFAULTS if overrides.get("toy") else TINY_DEFAULTS if overrides.get("tiny")
-                else DRY_RUN_DEFAULTS if overrides.get("dry_run") else {})
-    if overrides.get("ablation"):
-        defaults = {**defaults, **ABLATION_DEFAULTS}
-    cfg = Config(**{**defaults, **overrides})
-    if cfg.toy + cfg.tiny + cfg.dry_run > 1:
-        raise ConfigError("--toy, --tiny and --dry_run are different worlds: choose one")
-    if cfg.ablation and not cfg.toy:
-        raise ConfigError("--ablation is a toy experiment: use --toy --ablation")
-    if cfg.ablation and (set(overrides) & set(ROW_FLAGS) or cfg.resume):
-        raise ConfigError(f"--ablation sets --{', --'.join(ROW_FLAGS)} per row and always starts afresh; "
-                          f"drop {' '.join('--' + k for k in overrides if k in (*ROW_FLAGS, 'resume'))}")
-    if cfg.keep_checkpoints < 1:
-        raise ConfigError(f"--keep_checkpoints must be >= 1, got {cfg.keep_checkpoints}")
-    if cfg.resume and cfg.overwrite:
-        raise ConfigError("--resume continues the run in out_dir, --overwrite deletes it: choose one")
-    if cfg.dry_run and cfg.resume:
-        raise ConfigError("--dry_run writes no checkpoints, so there is nothing to --resume")
-    if cfg.world_size_plan < 0 or cfg.peak_tflops < 0:
-        raise ConfigError("--world_size_plan and --peak_tflops must be >= 0")
-    if cfg.dry_run and cfg.max_steps < 2:
-        raise ConfigError("--dry_run needs --max_steps >= 2: the first step is warm-up and is not timed")
-    if cfg.resolution % 8 or cfg.resolution < 8:
-        raise ConfigError(f"--resolution must be a multiple of 8, got {cfg.resolution}")
-    if not 0 <= cfg.t_min <= cfg.t_max <= 999:
-        raise ConfigError(f"need 0 <= t_min <= t_max <= 999, got {cfg.t_min} and {cfg.t_max}")
-    if cfg.max_skips < 1:
-        raise ConfigError(f"--max_skips must be >= 1, got {cfg.max_skips}")
-    if cfg.batch_size < 1 or cfg.max_steps < 0 or cfg.assistant_steps < 0:
-        raise ConfigError("batch_size must be >= 1, max_steps and assistant_steps >= 0")
-    if cfg.bench and (cfg.toy or cfg.bench_reps < 1 or cfg.bench_warmup < 0):
-        raise ConfigError("--bench times the SDXL world (not --toy) and needs bench_reps >= 1, bench_warmup >= 0")
+    mode = make_parser(Config, "distar.py", add_help=False).parse_known_args(argv)[0]
+    defaults = (TOY_DEFAULTS if mode.toy else TINY_DEFAULTS if mode.tiny
+                else DRY_RUN_DEFAULTS if mode.dry_run else {})
+    defaults = {**defaults, **(ABLATION_DEFAULTS if mode.ablation else {})}
+    cfg = Config(**vars(make_parser(Config, "distar.py", defaults).parse_args(argv)))
+    check_at_least(cfg, AT_LEAST)
+    given = {a[2:].split("=")[0] for a in argv if a.startswith("--")}
+    checks = [
+        (cfg.toy + cfg.tiny + cfg.dry_run > 1, "--toy, --tiny and --dry_run are different worlds"),
+        (cfg.ablation and not cfg.toy, "--ablation is a toy experiment: use --toy --ablation"),
+        (cfg.ablation and bool(given & {*ROW_FLAGS, "resume"}),
+         f"--ablation sets --{', --'.join(ROW_FLAGS)} per row and always starts afresh"),
+        (cfg.bench and cfg.toy, "--bench times the SDXL world, not --toy"),
+        (cfg.dry_run and cfg.resume, "--dry_run writes no checkpoints: nothing to --resume"),
+        (cfg.dry_run and cfg.max_steps < 2, "--dry_run needs --max_steps >= 2 (1 is warm-up)"),
+        (cfg.resolution % 8 != 0, f"--resolution must be a multiple of 8, got {cfg.resolution}"),
+        (not cfg.t_min <= cfg.t_max <= 999, f"need --t_min <= --t_max <= 999, got {cfg.t_min}"
+         f" and {cfg.t_max}"),
+        (not (cfg.beta1 < 1 and cfg.beta2 < 1), "--beta1 and --beta2 must be < 1"),
+        (cfg.huber_c <= 0, f"--huber_c must be > 0, got {cfg.huber_c}"),
+        (cfg.resume and cfg.overwrite, "--resume continues a run, --overwrite deletes it: choose"),
+    ]
+    for bad, message in checks:
+        if bad:
+            raise ConfigError(message)
     return cfg
 
 
@@ -243,7 +224,7 @@ def score_divergence_loss(x_t, cond_score, fake_score_fn, ref_score_fn, distance
     """The divergence term of eq. 3.4 / 3.5 (Theorem 3.1): -d'(y_t) . (s_fake(x_t) - cond_score),
     y_t = s_fake(x_t) - s_ref(x_t). Both score nets see x_t as passed: the theta-gradient flows
     through x_t into d' (both nets) and into the second s_fake. Only the nets' parameters are
-    frozen (sg[theta]). Detaching x_t anywhere here is a different, wrong gradient (math.md)."""
+    frozen (sg[theta]). Detaching x_t anywhere here is a different, wrong gradient."""
     s_fake = fake_score_fn(x_t)  # s_psi(x_t) ~ s_{p_sg[theta],t}(x_t)
     y_t = s_fake - ref_score_fn(x_t)  # y_t = s_fake - s_ref
     return -weight * _dot(distance_grad(y_t, distance, c), s_fake - cond_score)
@@ -283,10 +264,10 @@ def dsm_loss(score_pred, cond_score, weight=1.0):
 
 # -----------------------------------------------------------------------------
 # the toy world: 2-D data, K prompts (classes), each a mixture of isotropic Gaussians
-# Diffusion is the same VP schedule as SDXL (1000 scaled-linear betas 0.00085 -> 0.012),
+# Diffusion is SDXL's VP schedule (1000 scaled-linear betas 0.00085 -> 0.012),
 # x_t = a_t x_0 + sigma_t eps, so a mode N(m, std^2 I) diffuses to N(a_t m, (a_t^2 std^2 +
-# sigma_t^2) I) and every reference score is exact. The unconditional reference is the
-# mixture of all classes, so CFG has an exact meaning too.
+# sigma_t^2) I) and every reference score is exact. The unconditional reference is the mixture of
+# all classes, so CFG has an exact meaning too.
 
 
 def sdxl_alphas_cumprod():
@@ -311,15 +292,14 @@ class ToyNet(nn.Module):
     def forward(self, x, c, t=None):
         h = [x, self.emb(c)]
         if self.use_t:  # Fourier features of t / 1000
-            freqs = torch.arange(1, 9, device=x.device, dtype=x.dtype) * math.pi
-            h += [torch.sin(freqs * t[:, None] / 1000), torch.cos(freqs * t[:, None] / 1000)]
+            f = torch.arange(1, 9, device=x.device, dtype=x.dtype) * math.pi * t[:, None] / 1000
+            h += [torch.sin(f), torch.cos(f)]
         return self.net(torch.cat(h, 1))
 
 
 class ToyWorld:
     """K classes; class k is an equal-weight mixture of isotropic Gaussians means[k] (M, 2), std.
-    Explicit reward r(x, c) = reward_scale * x[0]: it favours the right-hand mode of each class,
-    and its gradient is the constant (reward_scale, 0)."""
+    Explicit reward r(x, c) = reward_scale x[0]: it favours the right-hand mode of each class."""
 
     def __init__(self, means, std=0.3, reward_scale=0.001, device="cpu", dtype=torch.float32):
         self.means = torch.as_tensor(means, dtype=dtype, device=device)  # (K, M, 2)
@@ -328,17 +308,15 @@ class ToyWorld:
         self.alphas_cumprod = sdxl_alphas_cumprod().to(device, dtype)
         self.generator = self.assistant = None  # set by make_toy_world
 
-    # exact reference densities and scores; c: (B,) class ids, or None for the unconditional
-    def _modes(self, x, c):
+    def _modes(self, x, c):  # c: (B,) class ids, or None for the unconditional mixture
         return self.means[c] if c is not None else self.means.reshape(1, -1, 2).expand(len(x), -1, -1)
 
     def log_prob(self, x, a, s, c):
         """log q_t(x | c) for x (B, 2), a = a_t and s = sigma_t (B,)."""
-        m = self._modes(x, c)  # (B, M, 2) component means at t=0
+        m = self._modes(x, c)  # (B, M, 2) component means at t = 0
         var = (a**2 * self.std**2 + s**2)[:, None]  # (B, 1) component variance at t
         sq = ((x[:, None] - a[:, None, None] * m) ** 2).sum(-1)  # (B, M)
-        comp = -sq / (2 * var) - torch.log(2 * math.pi * var)
-        return torch.logsumexp(comp, 1) - math.log(m.shape[1])
+        return torch.logsumexp(-sq / (2 * var) - torch.log(2 * math.pi * var), 1) - math.log(m.shape[1])
 
     def score(self, x, a, s, c):
         """grad_x log q_t(x | c): responsibility-weighted Gaussian scores."""
@@ -350,10 +328,10 @@ class ToyWorld:
 
     def sample_ref(self, c, n):
         """n samples of q_0(x | c) for one class c, (n, 2)."""
-        m = self.means[c:c + 1]  # (1, M, 2)
-        return sample_mixture(m, torch.ones(m.shape[:2], device=m.device), self.std, n)[0]
+        k = torch.randint(self.means.shape[1], (n,), device=self.means.device)
+        return self.means[c, k] + self.std * torch.randn(n, 2, device=self.means.device)
 
-    # the interface the alternating loop uses (the SDXL world has the same methods)
+    # what Algorithm 1 asks of a world (SDXLWorld has the same methods)
     def sample_cond(self, n):
         return torch.randint(self.K, (n,), device=self.means.device)  # prompts c
 
@@ -375,9 +353,9 @@ class ToyWorld:
 
 def make_toy_world(device="cpu"):
     # three classes on a circle of radius 2, two modes each (std 0.3), 1.2 apart horizontally
-    centres = [(2 * math.cos(p), 2 * math.sin(p)) for p in (math.pi / 2, 7 * math.pi / 6, 11 * math.pi / 6)]
-    means = [[(x - 0.6, y), (x + 0.6, y)] for x, y in centres]
-    world = ToyWorld(means, std=0.3, device=device)
+    centres = [(2 * math.cos(p), 2 * math.sin(p)) for p in (math.pi / 2, 7 * math.pi / 6,
+                                                            11 * math.pi / 6)]
+    world = ToyWorld([[(x - 0.6, y), (x + 0.6, y)] for x, y in centres], std=0.3, device=device)
     world.generator = ToyNet(world.K, use_t=False).to(device)
     world.assistant = ToyNet(world.K, use_t=True).to(device)
     return world
@@ -390,56 +368,14 @@ def energy_distance(x, y):
             - torch.cdist(y, y).sum() / (m * (m - 1))).item()
 
 
-def tilt_temperature(world):
-    """beta, the temperature of the toy's KL term. generator_loss weights KL(p_t || q_t) by
-    sigma_t / D, so the KL objective is J(p) = -alpha E_p[r] + E_t[sigma_t KL(p_t || q_t)] / D.
-    For one mode q = N(m, s^2 I), a linear reward r = scale x[0] and p = q shifted by delta along
-    x[0], KL(p_t || q_t) = a_t^2 delta^2 / (2 (a_t^2 s^2 + sigma_t^2)); J is minimised at
-    delta = alpha scale s^2 / beta, which is exactly the tilt q exp(alpha r / beta), with
-    beta = E_t[sigma_t a_t^2 s^2 / (a_t^2 s^2 + sigma_t^2)] / D, t ~ U{t_min..t_max}."""
-    ab = world.alphas_cumprod[world.cfg.t_min:world.cfg.t_max + 1].double()  # a_t^2
-    s2 = world.std**2
-    return ((1 - ab).sqrt() * ab * s2 / (ab * s2 + 1 - ab)).mean().item() / world.means.shape[-1]
-
-
-def tilted_reference(world, alpha_rew):
-    """The reward-tilted reference q(x|c) exp(alpha_rew r(x) / beta) / Z, the optimum of KL-regularised
-    RLHF, in closed form: with r = scale x[0] and lam = alpha_rew scale / beta, each mode N(m, s^2 I)
-    becomes N(m + lam s^2 e_0, s^2 I), and its weight is multiplied by exp(lam m[0])."""
-    lam = alpha_rew * world.reward_scale / tilt_temperature(world)
-    means = world.means.clone()  # (K, M, 2)
-    means[..., 0] += lam * world.std**2
-    return means, torch.softmax(lam * world.means[..., 0].double(), -1).to(means.dtype)  # (K, M, 2), (K, M)
-
-
-def sample_mixture(means, weights, std, n):
-    """n samples of each class's Gaussian mixture: means (K, M, 2), weights (K, M) -> (K, n, 2)."""
-    k = torch.multinomial(weights, n, replacement=True)  # (K, n) mode of each sample
-    eps = torch.randn(len(means), n, 2, device=means.device, dtype=means.dtype)
-    return torch.gather(means, 1, k[..., None].expand(-1, -1, 2)) + std * eps
-
-
-def mode_shares(world, x):
-    """Where each class's samples x (K, N, 2) sit among its reference modes, two views, (K, M)
-    each: the share nearest to each mode, and the share nearest to it and within 3 std of it
-    (samples pushed off the reference's support count for no mode)."""
-    d = torch.cdist(x, world.means.to(x))  # (K, N, M)
-    nearest = F.one_hot(d.argmin(-1), world.means.shape[1]).float()  # (K, N, M)
-    on_support = (d.min(-1, keepdim=True).values <= 3 * world.std).float()  # (K, N, 1)
-    return nearest.mean(1), (nearest * on_support).mean(1)
-
-
 # -----------------------------------------------------------------------------
 # the gradient check: each tractable loss against the quantity it stands for
 # An affine Gaussian generator x_0 = mu + A z has the exact diffused score
 # s_theta,t(x) = -(a^2 A A^T + s^2 I)^{-1} (x - a mu), so the intractable objectives can be
-# differentiated directly: (3.3) by autograd through this score with pi_t frozen, the KL in
-# closed form, minus the implicit reward (3.7) by autograd through reparameterised samples.
-# Reference: a Gaussian per class (one mode), float64, one t. Monte-Carlo tolerance: the
-# gradients are estimated on `n_batches` independent batches, and a loss passes when its mean
-# gradient differs from the exact one by less than 4 standard errors.
-
-
+# differentiated directly: (3.3) by autograd through this score with pi_t frozen, the KL in closed
+# form, minus the implicit reward (3.7) by autograd through reparameterised samples. Reference: a
+# Gaussian per class, float64, one t. A loss passes when its mean gradient over n_batches
+# independent batches is within 4 standard errors of the exact one.
 def gradient_check(n=2**17, n_batches=16, t=300, c_huber=0.5, alpha_cfg=7.5, seed=0):
     gen = torch.Generator().manual_seed(seed)
     dt = torch.float64
@@ -489,7 +425,8 @@ def gradient_check(n=2**17, n_batches=16, t=300, c_huber=0.5, alpha_cfg=7.5, see
         return -_dot(distance_grad(s_sg(x) - ref(x), "pseudo_huber", c_huber), s_sg(x_t) - cond)
 
     def wrong_second_detached(x_t, cond, ref):
-        return -_dot(distance_grad(s_sg(x_t) - ref(x_t), "pseudo_huber", c_huber), s_sg(x_t.detach()) - cond)
+        d_prime = distance_grad(s_sg(x_t) - ref(x_t), "pseudo_huber", c_huber)
+        return -_dot(d_prime, s_sg(x_t.detach()) - cond)
 
     def kl_exact(x_t):  # KL(N(a mu, S) || N(a m0, v I)) in closed form (no samples needed)
         S = a**2 * A @ A.T + s**2 * torch.eye(2, dtype=dt)
@@ -538,9 +475,9 @@ def gradient_check(n=2**17, n_batches=16, t=300, c_huber=0.5, alpha_cfg=7.5, see
         diffs, exacts = torch.stack(diffs), torch.stack(exacts)
         g_norm = exacts.mean(0).norm()
         err = diffs.mean(0)  # (6,): 2 for mu, 4 for A
-        tol = max(4 * (diffs.std(0) / math.sqrt(n_batches)).norm() / g_norm, 1e-9)  # floor: rounding
-        rel = dict(all=(err.norm() / g_norm).item(), mu=(err[:2].norm() / exacts.mean(0)[:2].norm()).item(),
-                   A=(err[2:].norm() / exacts.mean(0)[2:].norm()).item())
+        tol = max(4 * (diffs.std(0) / math.sqrt(n_batches)).norm() / g_norm, 1e-9)  # 1e-9: rounding
+        part = lambda i: (err[i].norm() / exacts.mean(0)[i].norm()).item()
+        rel = dict(all=(err.norm() / g_norm).item(), mu=part(slice(0, 2)), A=part(slice(2, 6)))
         ok = (rel["all"] <= float(tol)) == should_match
         results.append(dict(name=name, rel=rel, tol=float(tol), should_match=should_match, ok=ok))
     return results
@@ -551,16 +488,17 @@ def print_gradient_check(results):
           "(2-D Gaussians, float64)")
     print(f"{'loss':38s} {'mu':>8s} {'A':>8s} {'all':>8s} {'MC tol':>8s}  verdict")
     for r in results:
-        verdict = ("matches" if r["should_match"] else "differs, as it should") if r["ok"] else "FAILED"
+        verdict = ("matches" if r["should_match"] else "differs, as it should") if r["ok"] \
+            else "FAILED"
         print(f"{r['name']:38s} {r['rel']['mu']:8.4f} {r['rel']['A']:8.4f} {r['rel']['all']:8.4f} "
               f"{r['tol']:8.4f}  {verdict}")
 
 
 # -----------------------------------------------------------------------------
-# the SDXL world: the same interface as the toy, with SDXL's UNets, VAE, CLIP text encoders and
-# a CLIP reward. Nets predict eps; scores are s = -eps_hat / sigma_t (the loop converts).
+# the SDXL world: the toy's interface with SDXL's UNets, VAE and CLIP text encoders and a CLIP
+# reward. Nets predict eps; scores are s = -eps_hat / sigma_t (the loop converts).
 
-BUILTIN_PROMPTS = ["a photo of a cat sitting on a windowsill", "the skyline of New York City at dusk",
+BUILTIN_PROMPTS = ["a photo of a cat sitting on a windowsill", "the skyline of New York at dusk",
                    "a shiba inu wearing a red scarf", "a volcano exploding next to a marina",
                    "a bowl of ramen, studio lighting", "an astronaut riding a horse on the moon",
                    "a watercolor painting of a lighthouse", "a cozy cabin in a snowy forest"]
@@ -653,12 +591,27 @@ def load_generator(path, pretrained, variant=None, dtype=None, flag="generator_i
     return load(flag, path, from_state_dict)
 
 
+def quiet_libraries():
+    """Warnings off, and the libraries' own bars ("Loading weights", "Loading pipeline components"),
+    but not huggingface_hub's download bars: a first run shows its tens of GB arriving."""
+    from diffusers.utils import logging as diffusers_logging
+    from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
+    from transformers.utils import logging as transformers_logging
+
+    hub_bars = not are_progress_bars_disabled()  # HF_HUB_DISABLE_PROGRESS_BARS=1 still wins
+    for lib in (diffusers_logging, transformers_logging):
+        lib.set_verbosity_error()
+        lib.disable_progress_bar()  # transformers' also turns off the hub's bars
+    if hub_bars:
+        enable_progress_bars()
+
+
+
 class ClipReward(nn.Module):
-    """r(x, c) = cos(CLIP_image(x), CLIP_text(c)): PickScore with PickScore_v1's CLIPModel, CLIP score
-    with any other. alpha_rew multiplies this raw cosine (about 0.22 for PickScore), not the x100
-    logit. The image path is differentiable: bicubic antialiased resize of the short side to the
-    CLIP size, centre crop, CLIP mean/std; the text side runs under no_grad.
-    model and processor: paths (hub ids or folders), or a CLIPModel and a CLIPProcessor in memory."""
+    """r(x, c) = cos(CLIP_image(x), CLIP_text(c)): PickScore with PickScore_v1, CLIP score with
+    any other CLIPModel. alpha_rew multiplies this raw cosine (~0.22 for PickScore), not the x100
+    logit. The image path is differentiable (bicubic resize, centre crop, CLIP mean/std); the
+    text side runs under no_grad. model, processor: paths, or a CLIPModel and a CLIPProcessor."""
 
     def __init__(self, model, processor, dtype=torch.float32):
         super().__init__()
@@ -677,19 +630,19 @@ class ClipReward(nn.Module):
 
     @torch.no_grad()
     def text_features(self, prompts):
-        dev = self.mean.device
         # no attention mask, as in SDXL's encode_prompt: CLIP's text attention is causal and the
         # features are read at the end token, so the padding after it changes nothing
-        tok = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=77, return_tensors="pt")
-        f = self.model.get_text_features(input_ids=tok.input_ids.to(dev))
-        return F.normalize(f.pooler_output.float(), dim=-1)  # (B, P)
+        ids = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=77,
+                             return_tensors="pt").input_ids.to(self.mean.device)
+        f = self.model.get_text_features(input_ids=ids).pooler_output.float()
+        return F.normalize(f, dim=-1)  # (B, P)
 
     def forward(self, images, text_features):
         """images (B, 3, H, W) in [0, 1], differentiable -> cosine similarity (B,)."""
         h, w = images.shape[-2:]
-        scale = self.size / min(h, w)
-        x = F.interpolate(images, size=(max(self.crop[0], round(h * scale)), max(self.crop[1], round(w * scale))),
-                          mode="bicubic", antialias=True, align_corners=False)
+        s = self.size / min(h, w)
+        size = (max(self.crop[0], round(h * s)), max(self.crop[1], round(w * s)))
+        x = F.interpolate(images, size=size, mode="bicubic", antialias=True, align_corners=False)
         top, left = (x.shape[-2] - self.crop[0]) // 2, (x.shape[-1] - self.crop[1]) // 2
         x = x[..., top:top + self.crop[0], left:left + self.crop[1]]
         x = ((x - self.mean) / self.std).to(self.model.dtype)
@@ -698,24 +651,25 @@ class ClipReward(nn.Module):
 
 
 class SDXLWorld:
-    """Algorithm 1 on SDXL. Trained in fp32 (master weights): the generator g_theta (a UNet read at
+    """Algorithm 1 on SDXL. Trained, with fp32 master weights: the generator g_theta (a UNet read at
     conditioning timestep 399) and the assistant s_psi (a UNet, initialised from the reference).
     Frozen, in bf16 with --precision=bf16: the reference UNet s_ref and the reward CLIP. The VAE
-    (which overflows in half precision) and the text encoders (1.6 GB, as in DMD2) stay fp32."""
+    (which overflows in half precision) and the text encoders (as in DMD2) stay fp32."""
 
     def __init__(self, cfg, device, rank=0, world_size=1, parts=None):
         """parts: the components in memory (dry_run_parts) instead of loading cfg's paths."""
         self.cfg, self.device = cfg, device
         frozen = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
-        # meta tensors (the dry run's plan) have no autocast; FLOP counts do not depend on precision
-        self.autocast = dict(device_type="cpu" if device.type == "meta" else device.type, dtype=torch.bfloat16,
+        # meta tensors (the dry run's plan) have no autocast; FLOP counts do not depend on it
+        self.autocast = dict(device_type="cpu" if device.type == "meta" else device.type,
+                             dtype=torch.bfloat16,
                              enabled=cfg.precision == "bf16" and device.type != "meta")
         prompts = read_prompts(cfg.prompts)
         self.prompts = prompts[rank::world_size] or prompts  # this rank's shard
         parts = parts or load_sdxl_parts(cfg, device, frozen)
-        # text encoders and tokenizers through the SDXL pipeline (its encode_prompt is SDXL's
-        # conditioning: penultimate hidden states of both encoders concatenated, pooled output of 2)
-        self.pipe = parts["pipe"].to(device, torch.float32)  # text encoders in fp32, as DMD2
+        # the text encoders through SDXL's own encode_prompt: penultimate hidden states of both
+        # encoders concatenated (B, 77, 2048), pooled projection of encoder 2 (B, 1280)
+        self.pipe = parts["pipe"].to(device, torch.float32)
         self.pipe.set_progress_bar_config(disable=True)
         self.pipe.text_encoder.requires_grad_(False)
         self.pipe.text_encoder_2.requires_grad_(False)
@@ -729,12 +683,11 @@ class SDXLWorld:
         self.set_grad_checkpointing(cfg.grad_checkpointing)
         r, lat = cfg.resolution, cfg.resolution // 8
         self.latent_shape = (self.generator.config.in_channels, lat, lat)
-        self.time_ids = torch.tensor([[r, r, 0, 0, r, r]], dtype=torch.float32, device=device)  # (1, 6)
+        self.time_ids = torch.tensor([[r, r, 0, 0, r, r]], dtype=torch.float32, device=device)
 
     def set_grad_checkpointing(self, on):
-        """Recompute activations in backward, in the frozen nets too: they sit on the generator's
-        gradient path. diffusers 0.42 checkpoints whenever grad is enabled (not only in train
-        mode), so the frozen s_ref in eval mode recomputes as well. --bench toggles it live."""
+        """Recompute activations in backward, in the frozen nets too: they are on the generator's
+        gradient path (diffusers checkpoints whenever grad is enabled, eval mode included)."""
         for m in (self.generator, self.assistant, self.s_ref, self.vae):
             m.enable_gradient_checkpointing() if on else m.disable_gradient_checkpointing()
 
@@ -744,27 +697,28 @@ class SDXLWorld:
 
     @torch.no_grad()
     def encode(self, prompts):
-        emb, _, pooled, _ = self.pipe.encode_prompt(prompts, device=self.device, do_classifier_free_guidance=False)
-        return dict(prompts=prompts, embeds=emb.float(), pooled=pooled.float())  # (B, 77, 2048), (B, 1280)
+        emb, _, pooled, _ = self.pipe.encode_prompt(prompts, device=self.device,
+                                                    do_classifier_free_guidance=False)
+        return dict(prompts=prompts, embeds=emb.float(), pooled=pooled.float())
 
     def unet(self, net, x, t, cond):
         """eps_hat = net(x_t, t, c); cond None: SDXL's unconditional input, all zeros."""
-        B = len(x)
+        B, te, te2 = len(x), self.pipe.text_encoder.config, self.pipe.text_encoder_2.config
         if cond is None:  # force_zeros_for_empty_prompt
-            emb = torch.zeros(B, 77, self.pipe.text_encoder.config.hidden_size + self.pipe.text_encoder_2.config.hidden_size, device=x.device)
-            pooled = torch.zeros(B, self.pipe.text_encoder_2.config.projection_dim, device=x.device)
+            emb = torch.zeros(B, 77, te.hidden_size + te2.hidden_size, device=x.device)
+            pooled = torch.zeros(B, te2.projection_dim, device=x.device)
         else:
             emb, pooled = cond["embeds"], cond["pooled"]
         t = torch.as_tensor(t, device=x.device).expand(B)
+        added = {"text_embeds": pooled, "time_ids": self.time_ids.expand(B, 6)}
         with torch.autocast(**self.autocast):
-            eps = net(x, t, encoder_hidden_states=emb,
-                      added_cond_kwargs={"text_embeds": pooled, "time_ids": self.time_ids.expand(B, 6)}).sample
+            eps = net(x, t, encoder_hidden_states=emb, added_cond_kwargs=added).sample
         return eps.float()
 
     def generate(self, g, cond, z=None):
-        """The one-step generator as DMD2 and DI* read it: x_0 = (z - sigma eps_hat) / a at t = 399."""
-        if z is None:
-            z = torch.randn(len(cond["prompts"]), *self.latent_shape, device=self.device)  # (B, 4, R/8, R/8)
+        """The one-step generator as DMD2 and DI* read it: x_0 = (z - sigma eps_hat) / a, t = 399."""
+        if z is None:  # (B, 4, R/8, R/8)
+            z = torch.randn(len(cond["prompts"]), *self.latent_shape, device=self.device)
         ab = self.alphas_cumprod[self.cfg.conditioning_t]
         eps_hat = self.unet(g, z, self.cfg.conditioning_t, cond)
         return (z - (1 - ab).sqrt() * eps_hat) / ab.sqrt()  # x_0 = g_theta(z, c)
@@ -784,22 +738,33 @@ class SDXLWorld:
         # the reward's text pass runs here, so only the generator phase pays for it
         return self.reward_fn(self.decode(x0), self.reward_fn.text_features(cond["prompts"]))
 
+    @torch.no_grad()
+    def save_samples(self, path, n=4):
+        """Fixed prompts and noise, so that grids from different steps compare."""
+        from diffusers.utils import make_image_grid
+        from PIL import Image
+
+        z = torch.randn(n, *self.latent_shape, generator=torch.Generator().manual_seed(1234))
+        cond = self.encode([BUILTIN_PROMPTS[i % len(BUILTIN_PROMPTS)] for i in range(n)])
+        img = self.decode(self.generate(self.generator, cond, z.to(self.device)))  # (n, 3, R, R)
+        img = (img.permute(0, 2, 3, 1) * 255).round().byte().cpu().numpy()
+        make_image_grid([Image.fromarray(im) for im in img], rows=1, cols=n).save(path)
+
 
 def load_sdxl_parts(cfg, device, frozen):
-    """SDXLWorld's components from cfg's paths, each moved to `device` as soon as it is loaded (so
-    a node's CPU memory holds one net at a time per rank); frozen nets in dtype `frozen`."""
+    """SDXLWorld's components from cfg's paths, each moved to `device` as soon as it is loaded (a
+    node's CPU memory holds one net at a time per rank); frozen nets in dtype `frozen`."""
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline
 
-    pipe = load("pretrained", cfg.pretrained, StableDiffusionXLPipeline.from_pretrained, cfg.pretrained,
-                unet=None, vae=None, dtype=torch.float32).to(device)
-    sched = load("pretrained", cfg.pretrained, DDPMScheduler.from_pretrained, cfg.pretrained, subfolder="scheduler")
-    vae = load("pretrained", cfg.pretrained, AutoencoderKL.from_pretrained, cfg.pretrained, subfolder="vae").to(device)
-    s_ref = load("pretrained", cfg.pretrained, load_unet, cfg.pretrained, subfolder="unet", dtype=frozen).to(device)
-    assistant = load("pretrained", cfg.pretrained, load_unet, cfg.pretrained, subfolder="unet").to(device)
-    generator = load_generator(cfg.generator_init, cfg.pretrained, cfg.variant or None).to(device)
-    reward_fn = ClipReward(cfg.reward_model, cfg.reward_processor, frozen).to(device)
-    return dict(pipe=pipe, alphas_cumprod=sched.alphas_cumprod, vae=vae, s_ref=s_ref, assistant=assistant,
-                generator=generator, reward_fn=reward_fn)
+    get = lambda fn, **kw: load("pretrained", cfg.pretrained, fn, cfg.pretrained, **kw)
+    pipe = get(StableDiffusionXLPipeline.from_pretrained, unet=None, vae=None, dtype=torch.float32)
+    return dict(pipe=pipe.to(device),
+                alphas_cumprod=get(DDPMScheduler.from_pretrained, subfolder="scheduler").alphas_cumprod,
+                vae=get(AutoencoderKL.from_pretrained, subfolder="vae").to(device),
+                s_ref=get(load_unet, subfolder="unet", dtype=frozen).to(device),
+                assistant=get(load_unet, subfolder="unet").to(device),
+                generator=load_generator(cfg.generator_init, cfg.pretrained, cfg.variant or None),
+                reward_fn=ClipReward(cfg.reward_model, cfg.reward_processor, frozen).to(device))
 
 
 def read_prompts(path):
@@ -814,259 +779,8 @@ def read_prompts(path):
     return prompts
 
 
-def build_tiny(root, resolution=64):
-    """Tiny random SDXL-architecture components, written as the real ones are laid out:
-    {root}/sdxl (a StableDiffusionXLPipeline folder) and {root}/reward (a CLIPModel + processor)."""
-    with torch.random.fork_rng():  # the same tiny models every time; the caller's RNG untouched
-        torch.manual_seed(0)
-        return _build_tiny(root, resolution)
-
-
-def offline_tokenizer():
-    """A CLIP BPE tokenizer over single letters (no download): real token ids are not needed to
-    build or time the models, since prompts are always padded to 77 tokens."""
-    from transformers import CLIPTokenizer
-
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for ch in "abcdefghijklmnopqrstuvwxyz,.!":
-        vocab.setdefault(ch, len(vocab))
-        vocab.setdefault(ch + "</w>", len(vocab))
-    vocab["ab</w>"] = len(vocab)  # one merge, so the BPE model is well formed
-    return CLIPTokenizer(vocab=vocab, merges=[("a", "b</w>")], model_max_length=77)
-
-
-def _build_tiny(root, resolution):
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTextConfig,
-                              CLIPTextModel, CLIPTextModelWithProjection, CLIPVisionConfig)
-
-    tok = offline_tokenizer()
-    text = lambda proj: CLIPTextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
-                                       num_hidden_layers=2, num_attention_heads=4, projection_dim=proj,
-                                       max_position_embeddings=77, bos_token_id=0, eos_token_id=tok.eos_token_id,
-                                       pad_token_id=tok.pad_token_id)
-    unet = UNet2DConditionModel(sample_size=resolution // 8, in_channels=4, out_channels=4, layers_per_block=1,
-                                block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
-                                cross_attention_dim=64, norm_num_groups=8, use_linear_projection=True,
-                                addition_embed_type="text_time", addition_time_embed_dim=8,
-                                projection_class_embeddings_input_dim=32 + 6 * 8)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16, 32, 32),
-                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                        layers_per_block=1, norm_num_groups=8, sample_size=resolution, scaling_factor=0.13025)
-    sched = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                   timestep_spacing="leading", steps_offset=1)
-    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=CLIPTextModel(text(32)), tokenizer=tok,
-                                     text_encoder_2=CLIPTextModelWithProjection(text(32)), tokenizer_2=tok,
-                                     unet=unet, scheduler=sched)
-    pipe.save_pretrained(os.path.join(root, "sdxl"))
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                              image_size=32, patch_size=8)
-    clip = CLIPModel(CLIPConfig(text_config=text(16).to_dict(), vision_config=vision.to_dict(), projection_dim=16))
-    clip.save_pretrained(os.path.join(root, "reward"))
-    proc = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
-                                                            crop_size={"height": 32, "width": 32}), tokenizer=tok)
-    proc.save_pretrained(os.path.join(root, "reward"))
-    return os.path.join(root, "sdxl"), os.path.join(root, "reward")
-
-
 # -----------------------------------------------------------------------------
-# the full-size dry run: the real architectures with random weights, nothing downloaded
-# The configs are those of stabilityai/stable-diffusion-xl-base-1.0 (unet/, vae/, text_encoder/,
-# text_encoder_2/config.json, less the fields that equal the library defaults) and of
-# yuvalkirstain/PickScore_v1 (a CLIP ViT-H/14); a test checks the parameter counts against the
-# published ones. On a GPU the dry run times a few real steps of `train`; anywhere, it builds the
-# same world on the meta device (shapes and dtypes, no memory) to plan memory per device and to
-# count the model FLOPs of a step.
-
-SDXL_UNET = dict(  # 2,567,463,684 parameters
-    sample_size=128, layers_per_block=2, block_out_channels=(320, 640, 1280),
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
-    use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
-    projection_class_embeddings_input_dim=2816)  # 2816 = 1280 pooled + 6 time ids x 256
-SDXL_VAE = dict(  # 83,653,863
-    block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4, sample_size=1024,
-    scaling_factor=0.13025)
-SDXL_TEXT_ENCODER = dict(  # CLIP ViT-L/14 text tower: 123,060,480
-    vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-    projection_dim=768, hidden_act="quick_gelu")
-SDXL_TEXT_ENCODER_2 = dict(  # OpenCLIP ViT-bigG/14 text tower with its projection: 694,659,840
-    vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
-    projection_dim=1280, hidden_act="gelu")
-PICKSCORE = dict(  # CLIP ViT-H/14: 986,109,441
-    text_config=dict(vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                     num_attention_heads=16, hidden_act="gelu"),
-    vision_config=dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
-                       image_size=224, patch_size=14, hidden_act="gelu"),
-    projection_dim=1024)
-# dense bf16 tensor-core peak per GPU, TFLOPS (NVIDIA data sheets), the denominator of MFU;
-# the first name contained in torch.cuda.get_device_name() wins; --peak_tflops overrides
-PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "A100": 312.0}
-
-
-def dry_run_parts(device):
-    """SDXLWorld's components with the real architectures and random weights, built on `device`
-    directly: no download, no CPU initialisation (minutes at this size), nothing at all on meta.
-    The three UNets start equal, as with --generator_init="". Frozen nets are cast by SDXLWorld."""
-    import copy
-
-    from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTextConfig,
-                              CLIPTextModel, CLIPTextModelWithProjection)
-
-    tok = offline_tokenizer()
-    ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    with torch.device(device):
-        unet = UNet2DConditionModel(**SDXL_UNET)
-        text_encoders = dict(text_encoder=CLIPTextModel(CLIPTextConfig(**SDXL_TEXT_ENCODER, **ids)),
-                             text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**SDXL_TEXT_ENCODER_2, **ids)))
-        clip = CLIPModel(CLIPConfig(**{**PICKSCORE, "text_config": {**PICKSCORE["text_config"], **ids}}))
-        parts = dict(vae=AutoencoderKL(**SDXL_VAE), s_ref=unet, assistant=copy.deepcopy(unet),
-                     generator=copy.deepcopy(unet))
-    pipe = StableDiffusionXLPipeline(vae=None, unet=None, scheduler=None, tokenizer=tok, tokenizer_2=tok,
-                                     **text_encoders)
-    # CLIPImageProcessor's defaults are CLIP-H's preprocessing: 224 px, OpenAI CLIP mean and std
-    proc = CLIPProcessor(image_processor=CLIPImageProcessor(), tokenizer=tok)
-    return dict(parts, pipe=pipe, alphas_cumprod=sdxl_alphas_cumprod(), reward_fn=ClipReward(clip, proc))
-
-
-def param_bytes(*nets):
-    return sum(p.numel() * p.element_size() for net in nets for p in net.parameters())
-
-
-def memory_plan(world, n_gpus, zero):
-    """Memory per GPU before activations, from the world's parameter counts and dtypes, for
-    `train` on n_gpus ranks: [(item, bytes)]. AdamW keeps two states per trained weight in its
-    dtype (fp32), 1/n_gpus of them per rank with --zero (ZeroRedundancyOptimizer splits whole
-    tensors, so ranks differ by up to a tensor). Gradients: alone, one trained net's at a time
-    (train frees them after each update); under DDP both nets' gradient buckets persist (the
-    gradients are views into them). Fused AdamW needs no whole-net scratch. Activations are not in
-    it: the GPU run measures them."""
-    g, psi, te = world.generator, world.assistant, (world.pipe.text_encoder, world.pipe.text_encoder_2)
-    shard = n_gpus if zero and n_gpus > 1 else 1
-    one_net = max(param_bytes(g), param_bytes(psi))
-    dt = lambda net: str(next(net.parameters()).dtype).removeprefix("torch.")
-    return [
-        (f"generator + assistant weights ({dt(g)} masters)", param_bytes(g, psi)),
-        ("AdamW states of both, 2 per weight" + (f", 1/{shard} with --zero" if shard > 1 else ""),
-         2 * param_bytes(g, psi) // shard),
-        ("gradients: DDP buckets of both nets" if n_gpus > 1 else "gradients of one net at a time",
-         param_bytes(g, psi) if n_gpus > 1 else one_net),
-        (f"reference UNet ({dt(world.s_ref)})", param_bytes(world.s_ref)),
-        (f"text encoders ({dt(te[0])})", param_bytes(*te)),
-        (f"reward CLIP ({dt(world.reward_fn.model)})", param_bytes(world.reward_fn.model)),
-        (f"VAE ({dt(world.vae)})", param_bytes(world.vae)),
-    ]
-
-
-def step_flops(world, batch_size):
-    """Model FLOPs of one assistant update and of one generator update (prompt encoding, forward
-    and backward; not the optimizer), as torch's FlopCounterMode counts them (matmuls and
-    convolutions). On a meta world this costs no memory at any size, only time: every op is
-    dispatched in Python, about half a minute of CPU at full size. Attention is forced to the math
-    kernel, whose two matmuls the counter sees on every device (it has no formula for the CPU flash
-    kernel). Counted with --grad_checkpointing, recompute is included."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
-
-    def count(step):
-        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-            step()
-        return counter.get_total_flops()
-
-    flops = dict(assistant=count(lambda: assistant_loss(world, world.assistant, world.sample_cond(batch_size)).backward()),
-                 generator=count(lambda: generator_backward(world, world.generator, world.sample_cond(batch_size))))
-    for net in (world.generator, world.assistant):
-        net.zero_grad(set_to_none=True)
-    return flops
-
-
-def peak_tflops(cfg, device):
-    if cfg.peak_tflops:
-        return cfg.peak_tflops
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
-    return next((v for k, v in PEAK_TFLOPS.items() if k in name), 0.0)
-
-
-def dry_run_figures(history, flops_per_step, batch_size, peak):
-    """train's per-step metrics -> seconds per step (median; step 1, the warm-up, left out),
-    images per second per GPU, peak memory (GiB, all steps) and MFU (None without a peak)."""
-    sec = statistics.median(r["sec_assistant"] + r["sec_generator"] for r in history[1:])
-    return dict(sec_per_step=sec, images_per_s=batch_size / sec,
-                peak_mem_gib=max(max(r["mem_assistant_gb"], r["mem_generator_gb"]) for r in history),
-                tflops_per_s=flops_per_step / sec / 1e12, mfu=flops_per_step / sec / (peak * 1e12) if peak else None)
-
-
-def run_dry_run(cfg, dist_info):
-    rank, world_size, device = dist_info
-    cfg = replace(cfg, log_interval=1)  # every step is timed
-    per_step = 0
-    if rank == 0:  # the plan and the FLOPs on meta: shapes and dtypes only
-        n_gpus = cfg.world_size_plan or world_size
-        # no checkpointing on meta (the worlds share parts): recompute is not model FLOPs
-        meta_cfg = replace(cfg, grad_checkpointing=False)
-        parts = dry_run_parts("meta")
-        meta = SDXLWorld(meta_cfg, torch.device("meta"), parts=parts)
-        plan = memory_plan(meta, n_gpus, cfg.zero)
-        n = lambda net: f"{sum(p.numel() for p in net.parameters()):,}"
-        print(f"dry run: SDXL-base UNet {n(meta.s_ref)} parameters (x3: generator, assistant, reference), "
-              f"VAE {n(meta.vae)}, text encoders {n(meta.pipe.text_encoder)} + {n(meta.pipe.text_encoder_2)}, "
-              f"reward CLIP-H {n(meta.reward_fn.model)}; random weights, nothing downloaded")
-        print(f"memory per GPU before activations, {n_gpus} GPU(s), --precision={cfg.precision}"
-              + (", --zero" if cfg.zero and n_gpus > 1 else "") + " (GiB = 2^30 bytes):")
-        for item, b in plan:
-            print(f"  {item:62s} {b / 2**30:7.2f}")
-        print(f"  {'total':62s} {sum(b for _, b in plan) / 2**30:7.2f}")
-        # FLOPs in fp32: meta has no autocast, and precision does not change them
-        meta = SDXLWorld(replace(meta_cfg, precision="fp32"), torch.device("meta"), parts=parts)
-        flops = step_flops(meta, cfg.batch_size)
-        per_step = cfg.assistant_steps * flops["assistant"] + flops["generator"]
-        print(f"model FLOPs per GPU, batch {cfg.batch_size}, {cfg.resolution}x{cfg.resolution}: assistant update "
-              f"{flops['assistant'] / 1e12:.1f} TFLOP, generator update {flops['generator'] / 1e12:.1f} TFLOP, "
-              f"step ({cfg.assistant_steps} + 1 updates) {per_step / 1e12:.1f} TFLOP")
-        del parts, meta
-        if device.type != "cuda":
-            print("no GPU here, so no seconds per step, images per second, peak memory, MFU"
-                  + (" or cost table" if cfg.bench else "") + "; on GPUs, e.g.:\n"
-                  "  torchrun --standalone --nproc_per_node=8 distar.py --dry_run --zero --grad_checkpointing")
-    if device.type != "cuda":
-        return
-    world = SDXLWorld(cfg, device, rank, world_size, parts=dry_run_parts(device))
-    if cfg.bench:  # the full-size cost table instead of the step timing
-        return bench(world, device)
-    measure_steps(world, dist_info, per_step)
-
-
-def measure_steps(world, dist_info, flops_per_step):
-    """The dry run's measurement: train (with cfg.dry_run it writes nothing), then rank 0 prints
-    and returns the figures. Any device; MFU needs a known peak (a GPU, or --peak_tflops)."""
-    cfg = world.cfg
-    rank, world_size, device = dist_info
-    try:
-        history = train(world, dist_info)
-    except torch.cuda.OutOfMemoryError:
-        raise SystemExit(f"dry run: out of GPU memory (peak {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB"
-                         f" of {torch.cuda.get_device_properties(device).total_memory / 2**30:.1f} GiB); try "
-                         "--grad_checkpointing, a smaller --batch_size, or more GPUs with --zero") from None
-    if rank != 0:
-        return None
-    peak = peak_tflops(cfg, device)
-    fig = dry_run_figures(history, flops_per_step, cfg.batch_size, peak)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-    mfu = f"{fig['mfu']:.1%} of {peak:.0f} TFLOPS" if fig["mfu"] is not None else "unknown peak: pass --peak_tflops"
-    print(f"measured on {world_size} x {name}, --precision={cfg.precision}"
-          + (", --grad_checkpointing" if cfg.grad_checkpointing else "") + (", --zero" if cfg.zero else "")
-          + f", batch {cfg.batch_size} per GPU, median of steps 2-{cfg.max_steps}:")
-    print(f"  seconds per step {fig['sec_per_step']:.3g}, images per second per GPU {fig['images_per_s']:.3g}, "
-          f"peak memory {fig['peak_mem_gib']:.1f} GiB, {fig['tflops_per_s']:.3g} TFLOPS, MFU {mfu}")
-    return fig
-
-
-# -----------------------------------------------------------------------------
-# the alternating loop (Algorithm 1), written once and given a world
+# Algorithm 1: the alternating loop, written once and given a world
 # A world holds .generator and .assistant (the trained nets), .alphas_cumprod, and
 # sample_cond(n), generate(g, cond), eps_fake(s_psi, x_t, t, cond), eps_ref(x_t, t, cond or
 # None), reward(x_0, cond). Nets predict eps; scores are s = -eps / sigma_t.
@@ -1121,13 +835,15 @@ def generator_loss(world, g, cond):
     s_ref = s_c
     if cfg.cfg == "in" and cfg.alpha_cfg != 0:  # choice 2: CFG-enhanced reference
         s_ref = lambda x: cfg_score(s_c(x), s_u(x), 1 + cfg.alpha_cfg)
+    cond_score = -eps / sigma_t  # grad log p_t(x_t | x_0)
     if cfg.divergence == "kl":
         loss_div = kl_loss(x_t, s_fake, s_ref, weight=sig / D)
-    elif cfg.divergence == "pseudo_huber":  # w = sigma_t / sqrt(D): see the comment above diffuse
-        loss_div = score_divergence_loss(x_t, -eps / sigma_t, s_fake, s_ref, "pseudo_huber",
-                                         c=cfg.huber_c * math.sqrt(D) / sig, weight=sig / math.sqrt(D))
+    elif cfg.divergence == "pseudo_huber":  # w = sigma_t / sqrt(D): see the comment above
+        c = cfg.huber_c * math.sqrt(D) / sig  # c on the score scale: eps-scale c / sigma_t
+        loss_div = score_divergence_loss(x_t, cond_score, s_fake, s_ref, "pseudo_huber", c=c,
+                                         weight=sig / math.sqrt(D))
     else:
-        loss_div = score_divergence_loss(x_t, -eps / sigma_t, s_fake, s_ref, "l2", weight=sig**2 / D)
+        loss_div = score_divergence_loss(x_t, cond_score, s_fake, s_ref, "l2", weight=sig**2 / D)
     loss_cfg = torch.zeros_like(loss_div)
     if cfg.cfg == "out" and cfg.alpha_cfg != 0:  # choice 1: implicit CFG reward (Thm 3.2)
         loss_cfg = cfg.alpha_cfg * cfg_reward_loss(x_t, s_c, s_u, weight=sig / D)
@@ -1205,161 +921,71 @@ def peak_memory_gb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def train(world, dist_info):
-    """Alternate K_TA assistant updates and one generator update (Algorithm 1)."""
+def train(world, opt_g, opt_psi, dist_info, steps, on_step=None):
+    """Algorithm 1: per step, K_TA assistant updates (DSM, eq. 2.2) with theta frozen, then one
+    generator update with psi's parameters frozen. Every log_interval steps the metrics are
+    all-reduced and returned; on_step(step, metrics or None) is the caller's: log, sample, save."""
     cfg = world.cfg
     rank, world_size, device = dist_info
     g, s_psi = world.generator, world.assistant  # fp32 master weights
-    # gradients as views into DDP's buckets: without it DDP keeps a second fp32 copy of them
+    # DDP only on the two trained nets; gradients as views into its buckets (no second copy)
     wrap = (lambda m: DDP(m, gradient_as_bucket_view=True)) if world_size > 1 else (lambda m: m)
-    g_ddp, s_psi_ddp = wrap(g), wrap(s_psi)  # DDP only on the two trained nets
-    opt_g, opt_psi = make_optimizer(cfg, g.parameters(), cfg.lr_g), make_optimizer(cfg, s_psi.parameters(), cfg.lr_psi)
-    start = load_checkpoint(cfg, world, opt_g, opt_psi, dist_info) if cfg.resume else 0
-    bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps,
-               disable=None if rank == 0 else True, dynamic_ncols=True)
-    writes = not cfg.dry_run  # a dry run times steps and writes nothing
-    history = []  # the logged metrics, returned
-    skipped, in_a_row = 0, dict(g=0, psi=0)  # skips since the last log line; each net's streak
+    g_ddp, s_psi_ddp = wrap(g), wrap(s_psi)
+    bar = tqdm(steps, initial=steps.start, total=steps.stop, disable=None if rank == 0 else True,
+               dynamic_ncols=True)
+    history, skipped, in_a_row = [], 0, dict(g=0, psi=0)  # skips since the last log; streaks
 
     def update(opt, net, loss, name):
         nonlocal skipped
         grad_norm, skip = clip_and_step(opt, net, loss, cfg.grad_clip, world_size)
         skipped, in_a_row[name] = skipped + skip, (in_a_row[name] + 1) * skip
         if in_a_row[name] >= cfg.max_skips:  # weights still finite: no checkpoint holds bad ones
-            raise NonFiniteError(f"{in_a_row[name]} {name} updates in a row had a non-finite loss or "
-                                 f"gradient (step {step + 1}); stopping. Try lower learning rates")
+            raise NonFiniteError(f"{in_a_row[name]} {name} updates in a row had a non-finite loss"
+                                 f" or gradient (step {step + 1}); stopping. Try lower learning"
+                                 " rates")
         return grad_norm
 
     for step in bar:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        # assistant phase: freeze theta, K_TA DSM updates of psi (eq. 2.2)
         t0 = clock(device)
         loss_psi = torch.zeros((), device=device)
-        for _ in range(cfg.assistant_steps):
+        for _ in range(cfg.assistant_steps):  # assistant phase: theta frozen inside assistant_loss
             loss_psi = assistant_loss(world, s_psi_ddp, world.sample_cond(cfg.batch_size))
             loss_psi.backward()
-            update(opt_psi, s_psi, loss_psi, "psi")  # also frees psi's grads before the generator phase
+            update(opt_psi, s_psi, loss_psi, "psi")  # frees psi's grads before the generator phase
         mem_psi, t1 = peak_memory_gb(device), clock(device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        # generator phase: freeze psi (its parameters, not its input), one update of theta
         loss_g, terms = generator_backward(world, g_ddp, world.sample_cond(cfg.batch_size))
         grad_norm = update(opt_g, g, loss_g, "g")
         t2 = clock(device)
-        if (step + 1) % cfg.log_interval == 0 or step + 1 == cfg.max_steps:
+        metrics = None
+        if (step + 1) % cfg.log_interval == 0 or step + 1 == steps.stop:
             metrics = all_reduce_mean(dict(loss_g=loss_g, **terms, loss_psi=loss_psi.detach(),
                                            grad_norm=grad_norm), world_size, device)
-            metrics.update(step=step + 1, skipped=skipped, sec_assistant=(t1 - t0),
-                           sec_generator=(t2 - t1), mem_assistant_gb=mem_psi,
+            metrics.update(step=step + 1, skipped=skipped, sec_assistant=t1 - t0,
+                           sec_generator=t2 - t1, mem_assistant_gb=mem_psi,
                            mem_generator_gb=peak_memory_gb(device))
             skipped = 0
-            bar.set_postfix({k: f"{v:.3g}" for k, v in metrics.items() if k != "step"}, refresh=False)
+            bar.set_postfix({k: f"{v:.3g}" for k, v in metrics.items() if k != "step"},
+                            refresh=False)
             history.append(metrics)
-            if rank == 0 and not cfg.toy and writes:
-                with open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") as f:
-                    f.write(json.dumps(metrics) + "\n")
-        if not cfg.toy and writes and ((step + 1) % cfg.sample_interval == 0 or step + 1 == cfg.max_steps) and rank == 0:
-            save_sample_grid(world, os.path.join(cfg.out_dir, f"samples-{step + 1:06d}.png"))
-        if writes and ((step + 1) % cfg.ckpt_interval == 0 or step + 1 == cfg.max_steps):
-            save_checkpoint(cfg, step + 1, world, opt_g, opt_psi, dist_info)
+        if on_step:
+            on_step(step + 1, metrics)
     for net in (g, s_psi):
         assert_ranks_in_sync(net, world_size)
     return history
 
 
-@torch.no_grad()
-def save_sample_grid(world, path, n=4):
-    """Fixed prompts and fixed noise, so grids from different steps are comparable."""
-    from PIL import Image
-
-    gen = torch.Generator().manual_seed(1234)
-    z = torch.randn(n, *world.latent_shape, generator=gen).to(world.device)
-    cond = world.encode([BUILTIN_PROMPTS[i % len(BUILTIN_PROMPTS)] for i in range(n)])
-    img = world.decode(world.generate(world.generator, cond, z))  # (n, 3, R, R)
-    grid = (img.permute(0, 2, 3, 1).reshape(-1, img.shape[-1], 3) * 255).round().byte()  # stacked vertically
-    grid = grid.view(n, img.shape[-2], img.shape[-1], 3).permute(1, 0, 2, 3).reshape(img.shape[-2], -1, 3)
-    Image.fromarray(grid.cpu().numpy()).save(path)  # one row of n images
-
-
 # -----------------------------------------------------------------------------
-# the cost table (--bench): what one generator step costs with each divergence, and what one
-# assistant step costs, with and without gradient checkpointing, as ratios to the KL generator
-# step. A step here is the loss and its backward, exactly as train runs them (psi frozen in the
-# generator step); gradient clipping and the AdamW update are left out: they cost the same for
-# every divergence and would change the weights. The world is built once and its own nets are
-# timed; checkpointing is toggled on them in place, and the weights are never updated.
+# DDP and checkpoints
 
-
-def bench(world, device):
-    """Time every variant, interleaved (each repetition runs all of them, in an order rotated by
-    one, so drift and position hit all alike), warm-up repetitions dropped, medians. A variant
-    that runs out of GPU memory is reported as such and the others go on. Prints the table and
-    writes {out_dir}/bench.json; returns its rows."""
-    cfg = world.cfg
-    g, s_psi, cuda = world.generator, world.assistant, device.type == "cuda"
-    variants = [(div, ckpt) for ckpt in (False, True) for div in ("pseudo_huber", "l2", "kl", None)]  # None: assistant
-    times, peaks, oom = {v: [] for v in variants}, dict.fromkeys(variants, 0.0), set()
-    for rep in range(cfg.bench_warmup + cfg.bench_reps):
-        k = rep % len(variants)
-        for v in [v for v in variants[k:] + variants[:k] if v not in oom]:
-            div, ckpt = v
-            world.cfg = replace(cfg, divergence=div or cfg.divergence)
-            world.set_grad_checkpointing(ckpt)
-            cond = world.sample_cond(cfg.batch_size)  # prompt encoding is not part of the step
-            if cuda:
-                torch.cuda.synchronize(device)
-                torch.cuda.reset_peak_memory_stats(device)
-            try:
-                t0 = time.perf_counter()
-                if div:  # the generator step of train
-                    generator_backward(world, g, cond)
-                else:  # the assistant step of train (one DSM update)
-                    assistant_loss(world, s_psi, cond).backward()
-                if cuda:
-                    torch.cuda.synchronize(device)
-                dt = time.perf_counter() - t0
-            except torch.cuda.OutOfMemoryError:
-                oom.add(v)
-            finally:
-                g.zero_grad(set_to_none=True)
-                s_psi.zero_grad(set_to_none=True)
-            if rep >= cfg.bench_warmup and v not in oom:
-                times[v].append(dt * 1000)
-                peaks[v] = max(peaks[v], peak_memory_gb(device))
-    world.cfg = cfg
-    world.set_grad_checkpointing(cfg.grad_checkpointing)
-    med = {v: None if v in oom else statistics.median(times[v]) for v in variants}
-    base = med[("kl", False)]
-    rows = [dict(step="generator" if v[0] else "assistant", divergence=v[0], grad_checkpointing=v[1], ms=med[v],
-                 ratio=med[v] / base if med[v] and base else None, peak_gb=peaks[v] if cuda and med[v] else None,
-                 ms_reps=times[v]) for v in variants]
-    name = torch.cuda.get_device_name(device) if cuda else f"cpu, {torch.get_num_threads()} threads"
-    print(f"cost of one step on {name}, {cfg.precision}, {cfg.resolution}x{cfg.resolution}, batch {cfg.batch_size}, "
-          f"--cfg={cfg.cfg}: median of {cfg.bench_reps} after {cfg.bench_warmup} warm-up, interleaved")
-    print(f"{'step':10s} {'divergence':12s} {'checkpointing':>13s} {'ms':>9s} {'/ KL gen':>9s}"
-          + (f" {'peak GB':>8s}" if cuda else ""))
-    for r in rows:
-        ms, ratio = (f"{r['ms']:.1f}", f"{r['ratio']:.2f}x") if r["ms"] else ("out of memory", "-")
-        print(f"{r['step']:10s} {r['divergence'] or '-':12s} {'on' if r['grad_checkpointing'] else 'off':>13s} "
-              f"{ms:>9s} {ratio if base else '-':>9s}" + (f" {r['peak_gb']:8.2f}" if r["peak_gb"] else ""))
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    with open(os.path.join(cfg.out_dir, "bench.json"), "w") as f:
-        json.dump(dict(device=name, config=asdict(cfg), rows=rows), f, indent=1)
-    print(f"wrote {cfg.out_dir}/bench.json")
-    return rows
-
-
-# -----------------------------------------------------------------------------
-# distributed setup
-
-DIST_TIMEOUT = datetime.timedelta(hours=1)
+DIST_TIMEOUT = datetime.timedelta(hours=1)  # rank 0 writes ~60 GB while the others wait
 
 
 def setup_distributed():
-    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; nccl on GPUs, gloo on CPU. The timeout covers
-    rank 0 writing a ~60 GB SDXL checkpoint while the others wait at a barrier (NCCL's default,
-    10 minutes, does not)."""
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; nccl on GPUs, gloo on CPU."""
     if "RANK" not in os.environ:
         return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -1371,12 +997,22 @@ def setup_distributed():
     return dist.get_rank(), dist.get_world_size(), device
 
 
+def all_reduce_mean(metrics, world_size, device):
+    """Scalars averaged over ranks, on the device: NCCL takes only CUDA tensors."""
+    vals = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=device)
+                        for v in metrics.values()])
+    if world_size > 1:
+        dist.all_reduce(vals)
+        vals /= world_size
+    return dict(zip(metrics, vals.tolist()))
+
+
 def assert_ranks_in_sync(net, world_size):
     """DDP must keep every rank's copy identical: compare per-tensor fingerprints with rank 0's."""
     if world_size == 1:
         return
     fp = torch.stack([torch.stack([p.detach().double().sum(), p.detach().double().square().sum()])
-                      for p in net.parameters()])  # (n_tensors, 2); exact copies give exact equality
+                      for p in net.parameters()])  # (n_tensors, 2); equal copies, equal sums
     ref = fp.clone()
     dist.broadcast(ref, 0)
     diff = (fp - ref).abs().max()
@@ -1385,80 +1021,93 @@ def assert_ranks_in_sync(net, world_size):
         raise RuntimeError(f"ranks out of sync: parameter fingerprints differ by {diff.item():.3g}")
 
 
-def all_reduce_mean(metrics, world_size, device):
-    """Scalars averaged over ranks. The tensor lives on the device: NCCL takes only CUDA tensors."""
-    vals = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=device) for v in metrics.values()])
-    if world_size > 1:
-        dist.all_reduce(vals)
-        vals /= world_size
-    return dict(zip(metrics, vals.tolist()))
-
-
-# -----------------------------------------------------------------------------
-# checkpoints: {out_dir}/checkpoint-{step:06d}/ with generator/ and assistant/ (diffusers UNet
-# folders, safetensors), optimizers.pt, rng.safetensors and state.json (step, config).
-# Rank 0 writes everything into a hidden temporary folder and renames it into place: a crash or
-# SIGKILL mid-save leaves only the temporary folder, which resume ignores, and never touches an
-# earlier checkpoint. optimizers.pt is torch.save of the two optimizers' state dicts, read back
-# with weights_only=True: tensors and plain containers only, never code.
-# An out_dir holds one run: --resume continues it; a fresh run refuses it (SDXL, unless --overwrite)
-# or starts it over (the demos): check_out_dir, start_out_dir.
-
+# A checkpoint is {out_dir}/checkpoint-{step:06d}/: generator/ and assistant/ (diffusers UNet
+# folders; the toy's nets as model.safetensors), state.pt (both optimizers' state dicts and every
+# rank's RNG state; torch.save, read back with weights_only=True) and state.json (step, config),
+# written last. Rank 0 writes into a hidden folder and renames it into place, so a crash never
+# leaves a checkpoint that looks complete and never harms an earlier one. An out_dir holds one
+# run: --resume continues it; a fresh run refuses another run's checkpoints (SDXL, unless
+# --overwrite) or starts the out_dir over (the demos, --toy and --tiny).
 CKPT_RE = r"checkpoint-\d{6}"
-# what a run writes into out_dir, and so what starting over removes; {out_dir}/tiny is a cache of
-# the tiny random models (deterministic), shared by every run there, and stays
-RUN_OUTPUTS = {"checkpoint": CKPT_RE, "unfinished checkpoint": r"\.tmp-checkpoint-\d{6}(\.old)?",
-               "metrics.jsonl": r"metrics\.jsonl", "sample grid": r"samples-\d{6}\.png",
-               "toy.png": r"toy\.png", "toy_samples.safetensors": r"toy_samples\.safetensors"}
+RUN_OUTPUTS = (CKPT_RE, r"\.tmp-checkpoint-\d{6}(\.old)?", r"metrics\.jsonl", r"samples-\d{6}\.png",
+               r"toy\.png", r"toy_samples\.safetensors")  # {out_dir}/tiny, a cache, stays
+
+
+def list_checkpoints(out_dir):
+    names = sorted(d for d in (os.listdir(out_dir) if os.path.isdir(out_dir) else [])
+                   if re.fullmatch(CKPT_RE, d) and os.path.isfile(os.path.join(out_dir, d, "state.json")))
+    return [os.path.join(out_dir, d) for d in names]
+
+
+def check_out_dir(cfg):
+    """Before anything loads: a fresh SDXL run must not prune or later resume another run's
+    checkpoints, each of which stands for GPU hours."""
+    ckpts = list_checkpoints(cfg.out_dir)
+    if ckpts and not (cfg.resume or cfg.overwrite or cfg.toy or cfg.tiny):
+        raise LoadError(f"{cfg.out_dir} holds checkpoints of another run (newest {ckpts[-1]}): "
+                        "pass --resume to continue it, or --overwrite to start over")
+
+
+def start_out_dir(cfg, dist_info):
+    """Once the models have loaded: unless this run continues a checkpoint, remove what an
+    earlier run wrote (check_out_dir allowed it). Rank 0 removes, the others wait."""
+    rank, world_size, _ = dist_info
+    if rank == 0:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        if not (cfg.resume and list_checkpoints(cfg.out_dir)):
+            old = [n for n in sorted(os.listdir(cfg.out_dir))
+                   if any(re.fullmatch(p, n) for p in RUN_OUTPUTS)]
+            for name in old:
+                path = os.path.join(cfg.out_dir, name)
+                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+            if old:
+                print(f"starting over in {cfg.out_dir}: removed {', '.join(old)} of an earlier run"
+                      " (--resume continues a run)")
+    if world_size > 1:
+        dist.barrier()
 
 
 def save_net(net, path):
     if hasattr(net, "save_pretrained"):  # diffusers UNet: config.json + safetensors shards
-        net.save_pretrained(path, safe_serialization=True)
+        net.save_pretrained(path)
     else:  # toy MLP
         from safetensors.torch import save_file
 
         os.makedirs(path, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, os.path.join(path, "model.safetensors"))
+        save_file({k: v.contiguous() for k, v in net.state_dict().items()},
+                  os.path.join(path, "model.safetensors"))
 
 
 def load_net(net, path):
     from safetensors.torch import load_file
 
-    sd = {}
-    for name in sorted(os.listdir(path)):
-        if name.endswith(".safetensors"):
-            sd.update(load_file(os.path.join(path, name)))
-    net.load_state_dict(sd)
+    net.load_state_dict({k: v for name in sorted(os.listdir(path)) if name.endswith(".safetensors")
+                         for k, v in load_file(os.path.join(path, name)).items()})
 
 
 def save_checkpoint(cfg, step, world, opt_g, opt_psi, dist_info):
-    from safetensors.torch import save_file
-
     rank, world_size, device = dist_info
-    opt_states = {}
+    state = {}
     for name, opt in (("opt_g", opt_g), ("opt_psi", opt_psi)):
         if hasattr(opt, "consolidate_state_dict"):  # ZeRO: gather the shards on rank 0
             opt.consolidate_state_dict(to=0)
         if rank == 0:
-            opt_states[name] = opt.state_dict()
+            state[name] = opt.state_dict()
     rng = {"cpu": torch.get_rng_state()}
     if device.type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state(device)
-    rngs = [rng]
+    state["rng"] = [rng]
     if world_size > 1:
-        rngs = [None] * world_size
-        dist.all_gather_object(rngs, rng)
+        state["rng"] = [None] * world_size
+        dist.all_gather_object(state["rng"], rng)
     if rank == 0:
         final = os.path.join(cfg.out_dir, f"checkpoint-{step:06d}")
         tmp = os.path.join(cfg.out_dir, f".tmp-checkpoint-{step:06d}")
         shutil.rmtree(tmp, ignore_errors=True)
         save_net(world.generator, os.path.join(tmp, "generator"))
         save_net(world.assistant, os.path.join(tmp, "assistant"))
-        torch.save(opt_states, os.path.join(tmp, "optimizers.pt"))
-        save_file({f"{kind}/{r}": s.cpu() for r, st in enumerate(rngs) for kind, s in st.items()},
-                  os.path.join(tmp, "rng.safetensors"))
-        with open(os.path.join(tmp, "state.json"), "w") as f:  # written last
+        torch.save(state, os.path.join(tmp, "state.pt"))
+        with open(os.path.join(tmp, "state.json"), "w") as f:
             json.dump(dict(step=step, world_size=world_size, config=asdict(cfg)), f, indent=1)
             f.flush()
             os.fsync(f.fileno())
@@ -1468,76 +1117,16 @@ def save_checkpoint(cfg, step, world, opt_g, opt_psi, dist_info):
         shutil.rmtree(tmp + ".old", ignore_errors=True)
         for old in list_checkpoints(cfg.out_dir)[:-cfg.keep_checkpoints]:
             shutil.rmtree(old)
-    del opt_states
-    for opt in (opt_g, opt_psi):  # ZeRO keeps the gathered states of all ranks on rank 0's CPU
-        if hasattr(opt, "_all_state_dicts"):  # until the next save (~40 GB at full size): drop them
+    del state
+    for opt in (opt_g, opt_psi):  # ZeRO keeps the gathered states (~40 GB at full size) on rank
+        if hasattr(opt, "_all_state_dicts"):  # 0's CPU until the next save: drop them now
             opt._all_state_dicts = []
     if world_size > 1:
         dist.barrier()  # rank 0 saves, then everyone goes on
 
 
-def list_checkpoints(out_dir):
-    import re
-
-    if not os.path.isdir(out_dir):
-        return []
-    names = sorted(d for d in os.listdir(out_dir) if re.fullmatch(CKPT_RE, d)
-                   and os.path.isfile(os.path.join(out_dir, d, "state.json")))
-    return [os.path.join(out_dir, d) for d in names]
-
-
-def check_out_dir(cfg):
-    """A fresh SDXL run refuses an out_dir that holds another run's checkpoints, before it loads
-    or writes anything: each checkpoint stands for GPU hours, a fresh run there would prune them
-    (or its own, which have lower steps), and a later --resume would continue the wrong run."""
-    ckpts = list_checkpoints(cfg.out_dir)
-    if ckpts and not (cfg.resume or cfg.overwrite or cfg.toy or cfg.tiny):
-        raise LoadError(f"{cfg.out_dir} holds checkpoints of another run (newest {ckpts[-1]}): "
-                        "pass --resume to continue it, or --overwrite to start over")
-
-
-def start_out_dir(cfg, dist_info):
-    """Make out_dir hold this run only. A run that does not continue a checkpoint there (a fresh
-    one, or --resume with none to continue) removes what an earlier run wrote: the demos (--toy,
-    --tiny) always, SDXL with --overwrite (check_out_dir refused otherwise) or when the earlier
-    run left no complete checkpoint. Rank 0 removes, the others wait."""
-    import re
-
-    rank, world_size, _ = dist_info
-    if rank == 0:
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        if not (cfg.resume and list_checkpoints(cfg.out_dir)):
-            removed = {}
-            for name in sorted(os.listdir(cfg.out_dir)):
-                kind = next((k for k, pat in RUN_OUTPUTS.items() if re.fullmatch(pat, name)), None)
-                if kind is None:
-                    continue
-                path = os.path.join(cfg.out_dir, name)
-                if os.path.isdir(path):
-                    shutil.rmtree(path)
-                else:
-                    os.remove(path)
-                removed[kind] = removed.get(kind, 0) + 1
-            if removed:
-                what = [k if "." in k else f"{n} {k}{'s' * (n > 1)}" for k, n in removed.items()]
-                what = ", ".join(what[:-1]) + " and " + what[-1] if len(what) > 1 else what[0]
-                print(f"starting over in {cfg.out_dir}: removed {what} of an earlier run "
-                      "(--resume continues a run)")
-    if world_size > 1:
-        dist.barrier()
-
-
-def _logged_step(line):
-    try:
-        return json.loads(line)["step"]
-    except (ValueError, KeyError):  # an empty line, or one cut short by a kill
-        return math.inf
-
-
 def load_checkpoint(cfg, world, opt_g, opt_psi, dist_info):
     """Restore the newest complete checkpoint in out_dir; returns the step to continue from."""
-    from safetensors.torch import load_file
-
     rank, world_size, device = dist_info
     ckpts = list_checkpoints(cfg.out_dir)
     if not ckpts:
@@ -1546,85 +1135,76 @@ def load_checkpoint(cfg, world, opt_g, opt_psi, dist_info):
         return 0
     path = ckpts[-1]
     with open(os.path.join(path, "state.json")) as f:
-        state = json.load(f)
+        step, saved_world_size = (lambda s: (s["step"], s["world_size"]))(json.load(f))
     load_net(world.generator, os.path.join(path, "generator"))
     load_net(world.assistant, os.path.join(path, "assistant"))
-    # On the CPU and memory-mapped: a page of the file is read only when its tensor is copied.
-    # AdamW copies every state to its parameter's device (its step counter stays on the CPU);
-    # under --zero each rank copies only the states of the parameters it owns, so no GPU ever
-    # holds more than its shard.
-    opt_file = os.path.join(path, "optimizers.pt")
-    opt_states = torch.load(opt_file, map_location="cpu", weights_only=True, mmap=True)
+    # on the CPU and memory-mapped: a page is read only when its tensor is copied. AdamW copies
+    # each state to its parameter's device; under --zero a rank copies only the shard it owns
+    state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=True,
+                       mmap=True)
     for name, opt, lr in (("opt_g", opt_g, cfg.lr_g), ("opt_psi", opt_psi, cfg.lr_psi)):
-        opt.load_state_dict(opt_states[name])
-        if hasattr(opt, "consolidate_state_dict"):  # ZeRO's load also casts the rank's shard into
-            opt.state.clear()  # the wrapper's own .state, a second copy that step never reads
+        opt.load_state_dict(state[name])
+        if hasattr(opt, "consolidate_state_dict"):  # ZeRO also keeps a copy of the rank's shard
+            opt.state.clear()  # in the wrapper's own .state, which step never reads
         for group in opt.param_groups:  # the command line wins over the saved hyperparameters
             group.update(lr=lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
-    rng = load_file(os.path.join(path, "rng.safetensors"))
-    if state["world_size"] == world_size:  # each rank continues its own random stream
-        torch.set_rng_state(rng[f"cpu/{rank}"])
-        if device.type == "cuda" and f"cuda/{rank}" in rng:
-            torch.cuda.set_rng_state(rng[f"cuda/{rank}"], device)
+    if saved_world_size == world_size:  # each rank continues its own random stream
+        torch.set_rng_state(state["rng"][rank]["cpu"])
+        if device.type == "cuda" and "cuda" in state["rng"][rank]:
+            torch.cuda.set_rng_state(state["rng"][rank]["cuda"], device)
     elif rank == 0:
-        print(f"resume: saved with {state['world_size']} ranks, running {world_size}: fresh random streams")
+        print(f"resume: saved with {saved_world_size} ranks, now {world_size}: new random streams")
     metrics = os.path.join(cfg.out_dir, "metrics.jsonl")
-    if rank == 0 and os.path.isfile(metrics):  # drop the lines logged after the checkpoint: they
-        with open(metrics) as f:  # are logged again, so each step has one line
-            lines = [line for line in f if _logged_step(line) <= state["step"]]
+    if rank == 0 and os.path.isfile(metrics):  # drop lines logged after the checkpoint: they
+        with open(metrics) as f:  # come again, so that each step has one line
+            lines = [line for line in f if logged_step(line) <= step]
         with open(metrics + ".tmp", "w") as f:
             f.writelines(lines)
         os.replace(metrics + ".tmp", metrics)
     if rank == 0:
-        print(f"resumed from {path} (step {state['step']})")
-    return state["step"]
+        print(f"resumed from {path} (step {step})")
+    return step
+
+
+def logged_step(line):
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError):  # an empty line, or one cut short by a kill
+        return math.inf
 
 
 # -----------------------------------------------------------------------------
-# toy mode: gradient check, Algorithm 1, evaluation and a picture
+# main: the toy and SDXL share fit (optimizers, resume, metrics, samples, checkpoints)
 
 
-TOY_COLOURS = [(214, 39, 40), (31, 119, 180), (44, 160, 44)]  # class 0, 1, 2
+def fit(cfg, world, dist_info, save_samples=None):
+    """Train world from step 0 or from the newest checkpoint, writing to cfg.out_dir."""
+    rank, world_size, device = dist_info
+    start_out_dir(cfg, dist_info)
+    opt_g = make_optimizer(cfg, world.generator.parameters(), cfg.lr_g)
+    opt_psi = make_optimizer(cfg, world.assistant.parameters(), cfg.lr_psi)
+    start = load_checkpoint(cfg, world, opt_g, opt_psi, dist_info) if cfg.resume else 0
 
+    def on_step(step, metrics):
+        if metrics and rank == 0:
+            with open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+        last = step == cfg.max_steps
+        if save_samples and rank == 0 and (step % cfg.sample_interval == 0 or last):
+            save_samples(os.path.join(cfg.out_dir, f"samples-{step:06d}.png"))
+        if step % cfg.ckpt_interval == 0 or last:
+            save_checkpoint(cfg, step, world, opt_g, opt_psi, dist_info)
 
-def _scatter(draw, left, top, size, layers, lim):
-    """Draw point sets [(points (N, 2), colour), ...] in order into the square panel of the plane
-    [-lim, lim]^2 whose top-left pixel is (left, top)."""
-    for pts, colour in layers:
-        for x, y in pts[:1500].tolist():
-            if abs(x) > lim or abs(y) > lim:  # off the panel
-                continue
-            px, py = left + (x + lim) / (2 * lim) * size, top + (lim - y) / (2 * lim) * size
-            draw.ellipse([px - 1.5, py - 1.5, px + 1.5, py + 1.5], fill=colour)
-    draw.rectangle([left, top, left + size - 1, top + size - 1], outline=(0, 0, 0))
-
-
-def save_toy_png(path, ref, gen, K):
-    """One panel per class: reference samples in grey, generator samples in colour."""
-    from PIL import Image, ImageDraw
-
-    size = 320
-    img = Image.new("RGB", (size * K, size + 24), "white")
-    draw = ImageDraw.Draw(img)
-    for k in range(K):
-        _scatter(draw, k * size, 24, size, [(ref[k], (170, 170, 170)), (gen[k], TOY_COLOURS[k % 3])], lim=3.2)
-        draw.text((k * size + 6, 6), f"class {k}: reference (grey), generator (colour); reward grows ->",
-                  fill=(0, 0, 0))
-    img.save(path)
-
-
-@torch.no_grad()
-def toy_samples(world, n):
-    """n generator samples and n reference samples of every class -> two (K, n, 2) tensors on the CPU."""
-    dev = world.means.device
-    gen = torch.stack([world.generate(world.generator, torch.full((n,), k, device=dev)) for k in range(world.K)])
-    ref = torch.stack([world.sample_ref(k, n) for k in range(world.K)])
-    return gen.cpu(), ref.cpu()
+    t0 = time.perf_counter()
+    history = train(world, opt_g, opt_psi, dist_info, range(start, cfg.max_steps), on_step)
+    if rank == 0:
+        print(f"trained to step {cfg.max_steps} in {time.perf_counter() - t0:.1f} s on "
+              f"{world_size} process(es)" + (", parameters identical on all ranks"
+                                            if world_size > 1 else "") + f"; in {cfg.out_dir}")
+    return history
 
 
 def run_toy(cfg, dist_info):
-    from safetensors.torch import save_file
-
     rank, world_size, device = dist_info
     ok = torch.ones(1)
     if rank == 0:  # float64 Monte Carlo, ~2 s; the other ranks wait at the broadcast
@@ -1632,179 +1212,61 @@ def run_toy(cfg, dist_info):
         print_gradient_check(results)
         ok[0] = all(r["ok"] for r in results)
     if world_size > 1:
-        dist.broadcast(ok, 0)
+        dist.broadcast(ok, 0)  # gloo: the toy runs on the CPU
     if not ok.item():
-        raise SystemExit("gradient check FAILED: a tractable loss is off beyond Monte-Carlo tolerance")
+        raise SystemExit("gradient check FAILED: a tractable loss is off beyond Monte-Carlo noise")
     world = make_toy_world(device)
     world.cfg = cfg
-    start_out_dir(cfg, dist_info)
-    t0 = time.perf_counter()
-    train(world, dist_info)
-    train_time = time.perf_counter() - t0
-    if rank != 0:
-        return
-    n = 4000
-    gen, ref = toy_samples(world, n)  # (K, N, 2) each
+    fit(cfg, world, dist_info)
+    if rank == 0:
+        evaluate_toy(world, cfg.out_dir)
+
+
+@torch.no_grad()
+def evaluate_toy(world, out_dir, n=4000):
+    """Per class: energy distance to the reference (and N(0, I)'s, for scale), mean reward."""
+    from safetensors.torch import save_file
+
+    gen, ref = toy_samples(world, n)  # (K, n, 2) each
+    save_file({"generator": gen, "reference": ref}, os.path.join(out_dir, "toy_samples.safetensors"))
+    save_toy_png(os.path.join(out_dir, "toy.png"), ref, gen)
     normal = torch.randn(n, 2)
-    save_file({"generator": gen, "reference": ref}, os.path.join(cfg.out_dir, "toy_samples.safetensors"))
-    save_toy_png(os.path.join(cfg.out_dir, "toy.png"), ref, gen, world.K)
-    print(f"trained {cfg.max_steps} steps in {train_time:.1f} s on {world_size} process(es)"
-          + (", parameters identical on all ranks" if world_size > 1 else ""))
-    print(f"{'class':>5s} {'energy dist':>12s} {'/ N(0,I)':>9s} {'reward gen':>11s} {'reward ref':>11s}")
+    print(f"{'class':>5s} {'energy dist':>12s} {'/ N(0,I)':>9s} {'reward gen':>11s} "
+          f"{'reward ref':>11s}")
     for k in range(world.K):
         ed, ed0 = energy_distance(gen[k], ref[k]), energy_distance(normal, ref[k])
-        r_gen, r_ref = world.reward(gen[k], None).mean().item(), world.reward(ref[k], None).mean().item()
+        r_gen, r_ref = world.reward(gen[k], None).mean(), world.reward(ref[k], None).mean()
         print(f"{k:5d} {ed:12.4f} {ed / ed0:9.2%} {r_gen:11.4f} {r_ref:11.4f}")
-    print(f"wrote {cfg.out_dir}/toy.png and {cfg.out_dir}/toy_samples.safetensors")
+    print(f"wrote {out_dir}/toy.png and {out_dir}/toy_samples.safetensors")
 
 
-# -----------------------------------------------------------------------------
-# the paper's Table 2 in the toy (--toy --ablation): one generator per row, the same seed, steps
-# and nets for all; a row is the paper's model and the four flags that make it. KL rows put CFG
-# in the reference: with KL, --cfg=in and --cfg=out give the same gradient (a test checks it).
-# The two [extra] rows are not in the paper: reward without CFG, to tell the reward's effect on
-# diversity from guidance's.
-
-TABLE2 = [
-    ("KL, no reward, no CFG", "--divergence=kl --alpha_rew=0 --alpha_cfg=0 --cfg=in"),
-    ("KL, reward, no CFG [extra]", "--divergence=kl --alpha_rew=100 --alpha_cfg=0 --cfg=in"),
-    ("Diff-Instruct (KL, CFG)", "--divergence=kl --alpha_rew=0 --alpha_cfg=7.5 --cfg=in"),
-    ("DI++ (KL, reward, CFG)", "--divergence=kl --alpha_rew=100 --alpha_cfg=7.5 --cfg=in"),
-    ("DI*-Out (choice 1)", "--divergence=pseudo_huber --alpha_rew=100 --alpha_cfg=7.5 --cfg=out"),
-    ("DI*, no reward, no CFG", "--divergence=pseudo_huber --alpha_rew=0 --alpha_cfg=0 --cfg=in"),
-    ("DI*, reward, no CFG [extra]", "--divergence=pseudo_huber --alpha_rew=100 --alpha_cfg=0 --cfg=in"),
-    ("SIM (score div., CFG)", "--divergence=pseudo_huber --alpha_rew=0 --alpha_cfg=7.5 --cfg=in"),
-    ("DI*-In, alpha_rew 1", "--divergence=pseudo_huber --alpha_rew=1 --alpha_cfg=7.5 --cfg=in"),
-    ("DI*-In, alpha_rew 10", "--divergence=pseudo_huber --alpha_rew=10 --alpha_cfg=7.5 --cfg=in"),
-    ("DI*-In, alpha_cfg 4.5", "--divergence=pseudo_huber --alpha_rew=100 --alpha_cfg=4.5 --cfg=in"),
-    ("DI*-In (choice 2)", "--divergence=pseudo_huber --alpha_rew=100 --alpha_cfg=7.5 --cfg=in"),
-]
-ROW_FLAGS = ("divergence", "alpha_rew", "alpha_cfg", "cfg")  # what a row sets; the rest is shared
-COVERED = 0.05  # a mode is covered when >= 5% of its class's samples are nearest it and within 3 std (the reference: 49%)
-
-
-def row_config(cfg, flags):
-    return replace(cfg, **parse_overrides(flags.split(), Config))
-
-
-def toy_metrics(world, x, ref, alpha_rew):
-    """Table 2's columns for samples x (K, N, 2) of a generator trained with alpha_rew."""
-    K, n = x.shape[:2]
-    nearest, near = mode_shares(world, x)  # (K, M) each
-    right = world.means[..., 0].argmax(-1)  # (K,) each class's high-reward mode
-    tilted = sample_mixture(*tilted_reference(world, alpha_rew), world.std, n).cpu()  # (K, N, 2)
-    return dict(reward=world.reward(x.reshape(-1, 2), None).mean().item(),
-                ed_ref=sum(energy_distance(x[k], ref[k]) for k in range(K)) / K,
-                coverage=(near >= COVERED).float().mean().item(),
-                right_share=nearest.gather(1, right[:, None].cpu()).mean().item(),
-                ed_tilted=sum(energy_distance(x[k], tilted[k]) for k in range(K)) / K,
-                mode_shares=near.tolist())  # (K, M): where the coverage comes from
-
-
-def save_ablation_png(path, rows, cols=5, size=260, band=32):
-    """One panel per row, every class in it: the reference in grey, the generator in class colours."""
-    from PIL import Image, ImageDraw
-
-    n_rows = -(-len(rows) // cols)
-    img = Image.new("RGB", (cols * size, n_rows * (size + band)), "white")
-    draw = ImageDraw.Draw(img)
-    for i, row in enumerate(rows):
-        left, top = (i % cols) * size, (i // cols) * (size + band) + band
-        layers = [(r, (170, 170, 170)) for r in row["ref"]] + [(g, TOY_COLOURS[k % 3]) for k, g in enumerate(row["x"])]
-        _scatter(draw, left, top, size, layers, lim=4.0)  # wide: guidance can push samples far out
-        draw.text((left + 6, top - band + 4), row["name"], fill=(0, 0, 0))
-        draw.text((left + 6, top - band + 17), row["short"], fill=(90, 90, 90))
-    img.save(path)
-
-
-def run_ablation(cfg, device, n=2000):
-    """Train every TABLE2 row from the same start, then score them all (and two reference rows:
-    a second draw of q, the noise floor, and the tilt at alpha_rew 100) against the same q."""
-    world = make_toy_world(device)
-    world.cfg = cfg
-    torch.manual_seed(cfg.seed)
-    ref = torch.stack([world.sample_ref(k, n) for k in range(world.K)]).cpu()  # (K, N, 2), the reference q
-    tilt_best = sample_mixture(*tilted_reference(world, 100.0), world.std, n).cpu()
-    rows = [dict(name="reference q (a second draw)", short="the noise floor", alpha_rew=0.0,
-                 x=torch.stack([world.sample_ref(k, n) for k in range(world.K)]).cpu()),
-            dict(name="tilted reference, alpha_rew 100", short=f"q exp(alpha_rew r / beta), beta {tilt_temperature(world):.4f}",
-                 alpha_rew=100.0, x=tilt_best)]
-    for i, (name, flags) in enumerate(TABLE2):
-        row_cfg = replace(row_config(cfg, flags), out_dir=os.path.join(cfg.out_dir, "ablation", f"row{i + 1:02d}"))
-        print(f"row {i + 1}/{len(TABLE2)}: {name}: {flags}", flush=True)
-        torch.manual_seed(cfg.seed)  # every row starts from the same nets and draws the same noise
-        world = make_toy_world(device)
-        world.cfg = row_cfg
-        os.makedirs(row_cfg.out_dir, exist_ok=True)
-        t0 = time.perf_counter()
-        train(world, (0, 1, device))
-        short = " ".join(f.split("=")[1] for f in flags.split())
-        rows.append(dict(name=name, flags=flags, short=short, alpha_rew=row_cfg.alpha_rew,
-                         seconds=time.perf_counter() - t0, x=toy_samples(world, n)[0]))
-    torch.manual_seed(cfg.seed + 1)  # the tilted samples inside the metrics
-    for row in rows:
-        row.update(toy_metrics(world, row["x"], ref, row["alpha_rew"]), ref=ref)
-    print(f"\nTable 2 in the toy: {cfg.max_steps} steps per row, {n} samples per class, r = "
-          f"{world.reward_scale:g} x[0]; modes: share covered (>= {COVERED:.0%} of a class's samples nearest them, within 3 std); "
-          f"right: share nearest the high-reward mode")
-    print(f"{'row':32s} {'div':>12s} {'a_rew':>5s} {'a_cfg':>5s} {'cfg':>3s} {'r x1e3':>7s} {'ED(q)':>7s} "
-          f"{'modes':>6s} {'right':>6s} {'ED(tilt)':>8s}")
-    for row in rows:
-        div, a_rew, a_cfg, mode = (row["short"].split() if "flags" in row else ["-"] * 4)
-        print(f"{row['name']:32s} {div:>12s} {a_rew:>5s} {a_cfg:>5s} {mode:>3s} {row['reward'] * 1e3:7.3f} "
-              f"{row['ed_ref']:7.4f} {row['coverage']:6.0%} {row['right_share']:6.1%} {row['ed_tilted']:8.4f}")
-    save_ablation_png(os.path.join(cfg.out_dir, "ablation.png"), rows)
-    keep = ("name", "flags", "alpha_rew", "seconds", "reward", "ed_ref", "coverage", "right_share", "ed_tilted",
-            "mode_shares")
-    with open(os.path.join(cfg.out_dir, "ablation.json"), "w") as f:
-        json.dump(dict(steps=cfg.max_steps, samples_per_class=n, covered_threshold=COVERED,
-                       beta=tilt_temperature(world), rows=[{k: r[k] for k in keep if k in r} for r in rows]), f, indent=1)
-    print(f"wrote {cfg.out_dir}/ablation.png, {cfg.out_dir}/ablation.json and each row's checkpoint in "
-          f"{cfg.out_dir}/ablation/")
-
-
-# -----------------------------------------------------------------------------
-# SDXL mode and main
+def toy_samples(world, n):
+    """n generator and n reference samples of every class: two (K, n, 2) tensors on the CPU."""
+    c = lambda k: torch.full((n,), k, device=world.means.device)
+    with torch.no_grad():
+        gen = torch.stack([world.generate(world.generator, c(k)) for k in range(world.K)])
+    return gen.cpu(), torch.stack([world.sample_ref(k, n) for k in range(world.K)]).cpu()
 
 
 def run_sdxl(cfg, dist_info):
     rank, world_size, device = dist_info
-    read_prompts(cfg.prompts)  # fail on a bad prompt file before writing anything
-    if not cfg.bench:  # and on an out_dir with another run's checkpoints, before loading models
-        check_out_dir(cfg)
+    read_prompts(cfg.prompts)  # a bad prompt file fails before anything loads
     if cfg.tiny:  # tiny random models, saved and then loaded through the same from_pretrained code
         root = os.path.join(cfg.out_dir, "tiny")
         if rank == 0 and not os.path.isfile(os.path.join(root, "reward", "config.json")):
             build_tiny(root, cfg.resolution)
         if world_size > 1:
             dist.barrier()
-        cfg.pretrained, cfg.generator_init = os.path.join(root, "sdxl"), ""
-        cfg.reward_model = cfg.reward_processor = os.path.join(root, "reward")
+        cfg = replace(cfg, pretrained=os.path.join(root, "sdxl"), generator_init="",
+                      reward_model=os.path.join(root, "reward"),
+                      reward_processor=os.path.join(root, "reward"))
+    elif rank == 0 and not cfg.bench:
+        print(f"distar: SDXL on {world_size} x {device.type}: loading {cfg.pretrained}, "
+              f"{cfg.generator_init or 'its UNet'} and {cfg.reward_model}", flush=True)
     world = SDXLWorld(cfg, device, rank, world_size)
-    world.cfg = cfg
     if cfg.bench:  # the cost table instead of training
-        return bench(world, device)
-    start_out_dir(cfg, dist_info)  # only now, so that a model that fails to load deletes nothing
-    t0 = time.perf_counter()
-    train(world, dist_info)
-    if rank == 0:
-        print(f"trained to step {cfg.max_steps} in {time.perf_counter() - t0:.1f} s on {world_size} process(es)"
-              + (", parameters identical on all ranks" if world_size > 1 else "") + f"; outputs in {cfg.out_dir}")
-
-
-def quiet_libraries():
-    """Warnings off, and the libraries' own bars ("Loading weights", "Loading pipeline components"),
-    but not huggingface_hub's download bars: a first run shows its tens of GB arriving."""
-    from diffusers.utils import logging as diffusers_logging
-    from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
-    from transformers.utils import logging as transformers_logging
-
-    hub_bars = not are_progress_bars_disabled()  # HF_HUB_DISABLE_PROGRESS_BARS=1 still wins
-    for lib in (diffusers_logging, transformers_logging):
-        lib.set_verbosity_error()
-        lib.disable_progress_bar()  # transformers' also turns off the hub's bars
-    if hub_bars:
-        enable_progress_bars()
+        return bench(world, dist_info)
+    fit(cfg, world, dist_info, world.save_samples)
 
 
 def main(argv):
@@ -1813,38 +1275,492 @@ def main(argv):
     except ConfigError as e:
         print(f"distar: error: {e}", file=sys.stderr)
         return 2
-    if cfg.bench and int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        print("distar: error: --bench times one process: run it with python, not torchrun", file=sys.stderr)
+    if (cfg.bench or cfg.ablation) and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        print("distar: error: --bench and --ablation run in one process: use python, not torchrun",
+              file=sys.stderr)
         return 2
     quiet_libraries()
     dist_info = setup_distributed()
     rank, world_size, _ = dist_info
     torch.manual_seed(cfg.seed * world_size + rank)
-    if cfg.toy:  # MLPs this small gain nothing from intra-op threads, and threads that compete for
-        torch.set_num_threads(1)  # cores (torchrun ranks, other jobs) slow them down 10x or more
-    if cfg.ablation and world_size > 1:
-        if rank == 0:
-            print("distar: error: --ablation runs in one process: use python, not torchrun", file=sys.stderr)
-        return 2
+    if cfg.toy:  # nets this small gain nothing from intra-op threads, and threads that compete
+        torch.set_num_threads(1)  # for cores (torchrun ranks, other jobs) slow them down 10x
     try:
-        if cfg.ablation:
-            run_ablation(cfg, dist_info[2])
-        elif cfg.toy:
-            run_toy(cfg, dist_info)
-        else:
-            run_dry_run(cfg, dist_info) if cfg.dry_run else run_sdxl(cfg, dist_info)
-    except LoadError as e:  # bad model path or prompt file: one line, before anything is written
+        if not (cfg.dry_run or cfg.bench or cfg.ablation):
+            check_out_dir(cfg)  # before anything loads
+        run = (run_ablation if cfg.ablation else run_toy if cfg.toy
+               else run_dry_run if cfg.dry_run else run_sdxl)
+        run(cfg, dist_info)
+    except (LoadError, ConfigError, NonFiniteError) as e:  # one line; every rank stops here
         if rank == 0:
             print(f"distar: error: {e}", file=sys.stderr)
-        return 2
-    except NonFiniteError as e:  # every rank raises it at the same update
-        if rank == 0:
-            print(f"distar: error: {e}", file=sys.stderr)
-        return 1
+        return 1 if isinstance(e, NonFiniteError) else 2
     if world_size > 1:
         dist.barrier()  # rank 0 has written its files; leave together
         dist.destroy_process_group()
     return 0
+
+
+
+###############################################################################
+# EXTRAS. Tooling around the DI* path above, which never needs it to train: SDXL-architecture
+# models from configs (tiny ones, and the full size with random weights), the dry run and the
+# cost table, the toy pictures, and the paper's Table 2 in the toy.
+###############################################################################
+
+# -----------------------------------------------------------------------------
+# SDXL-architecture models from configs: tiny (--tiny, the tests) and full size (--dry_run,
+# stabilityai/stable-diffusion-xl-base-1.0 and yuvalkirstain/PickScore_v1 less their defaults)
+
+_UNET_BLOCKS = dict(down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                    use_linear_projection=True, addition_embed_type="text_time")
+_VAE_BLOCKS = dict(down_block_types=("DownEncoderBlock2D",) * 4, latent_channels=4,
+                   up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=0.13025)
+_TINY_TEXT = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, projection_dim=32, max_position_embeddings=77)
+TINY = dict(
+    unet=dict(_UNET_BLOCKS, layers_per_block=1, block_out_channels=(32, 64),
+              down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), norm_num_groups=8,
+              up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
+              cross_attention_dim=64, addition_time_embed_dim=8,
+              projection_class_embeddings_input_dim=32 + 6 * 8),
+    vae=dict(_VAE_BLOCKS, block_out_channels=(8, 16, 32, 32), layers_per_block=1,
+             norm_num_groups=8),
+    text_encoder=_TINY_TEXT, text_encoder_2=_TINY_TEXT,
+    clip=dict(text_config=dict(_TINY_TEXT, projection_dim=16), projection_dim=16,
+              vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, image_size=32, patch_size=8)),
+    image=dict(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}))
+SDXL = dict(  # parameters: UNet 2,567,463,684, VAE 83,653,863, text 123,060,480 + 694,659,840
+    unet=dict(_UNET_BLOCKS, layers_per_block=2, block_out_channels=(320, 640, 1280),
+              transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
+              cross_attention_dim=2048, addition_time_embed_dim=256,
+              projection_class_embeddings_input_dim=2816),  # 1280 pooled + 6 time ids x 256
+    vae=dict(_VAE_BLOCKS, block_out_channels=(128, 256, 512, 512), layers_per_block=2),
+    text_encoder=dict(vocab_size=49408, hidden_size=768, intermediate_size=3072,  # CLIP ViT-L
+                      num_hidden_layers=12, num_attention_heads=12, projection_dim=768,
+                      hidden_act="quick_gelu"),
+    text_encoder_2=dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120,  # bigG
+                        num_hidden_layers=32, num_attention_heads=20, projection_dim=1280),
+    clip=dict(projection_dim=1024,  # PickScore: CLIP ViT-H/14, 986,109,441 parameters
+              text_config=dict(vocab_size=49408, hidden_size=1024, intermediate_size=4096,
+                               num_hidden_layers=24, num_attention_heads=16),
+              vision_config=dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                                 num_attention_heads=16, image_size=224, patch_size=14)),
+    image=dict())  # CLIPImageProcessor's defaults are CLIP-H's: 224 px, OpenAI mean and std
+
+
+def offline_tokenizer():
+    """A CLIP BPE tokenizer over single letters, no download: prompts are padded to 77 tokens,
+    so token ids change no cost."""
+    from transformers import CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for ch in "abcdefghijklmnopqrstuvwxyz,.!":
+        vocab.setdefault(ch, len(vocab))
+        vocab.setdefault(ch + "</w>", len(vocab))
+    vocab["ab</w>"] = len(vocab)  # one merge, so that the BPE model is well formed
+    return CLIPTokenizer(vocab=vocab, merges=[("a", "b</w>")], model_max_length=77)
+
+
+def random_parts(sizes, device="cpu"):
+    """Random-weight SDXL components from config dicts, built on `device` directly."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor,
+                              CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection)
+
+    tok = offline_tokenizer()
+    ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+               pad_token_id=tok.pad_token_id)
+    clip = dict(sizes["clip"], text_config={**sizes["clip"]["text_config"], **ids})
+    with torch.device(device):
+        return dict(unet=UNet2DConditionModel(**sizes["unet"]), vae=AutoencoderKL(**sizes["vae"]),
+                    text_encoder=CLIPTextModel(CLIPTextConfig(**sizes["text_encoder"], **ids)),
+                    text_encoder_2=CLIPTextModelWithProjection(
+                        CLIPTextConfig(**sizes["text_encoder_2"], **ids)),
+                    tokenizer=tok, tokenizer_2=tok, clip=CLIPModel(CLIPConfig(**clip)),
+                    processor=CLIPProcessor(CLIPImageProcessor(**sizes["image"]), tokenizer=tok))
+
+
+def build_tiny(root, resolution=64):
+    """Tiny random models laid out as the real ones: {root}/sdxl, a StableDiffusionXLPipeline
+    folder, and {root}/reward, a CLIPModel with its processor. The same ones every time."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    with torch.random.fork_rng():  # the caller's RNG untouched
+        torch.manual_seed(0)
+        p = random_parts(TINY)
+    sched = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, steps_offset=1,
+                                   beta_schedule="scaled_linear", timestep_spacing="leading")
+    clip, proc = p.pop("clip"), p.pop("processor")
+    StableDiffusionXLPipeline(**p, scheduler=sched).save_pretrained(os.path.join(root, "sdxl"))
+    clip.save_pretrained(os.path.join(root, "reward"))
+    proc.save_pretrained(os.path.join(root, "reward"))
+    return os.path.join(root, "sdxl"), os.path.join(root, "reward")
+
+
+def dry_run_parts(device):
+    """SDXLWorld's components at full size with random weights: no download, no CPU init, and
+    nothing at all on meta. The three UNets start equal, as with --generator_init=""."""
+    import copy
+
+    from diffusers import StableDiffusionXLPipeline
+
+    p = random_parts(SDXL, device)
+    unet, vae, clip, proc = (p.pop(k) for k in ("unet", "vae", "clip", "processor"))
+    pipe = StableDiffusionXLPipeline(**p, vae=None, unet=None, scheduler=None)
+    return dict(pipe=pipe, alphas_cumprod=sdxl_alphas_cumprod(), vae=vae, s_ref=unet,
+                assistant=copy.deepcopy(unet), generator=copy.deepcopy(unet),
+                reward_fn=ClipReward(clip, proc))
+
+
+# -----------------------------------------------------------------------------
+# the dry run and the cost table. Without a GPU, the world is built on the meta device (shapes
+# and dtypes, no memory) to plan memory per GPU and count FLOPs; on GPUs, train's own per-step
+# timings and peak memory give seconds per step, images/s and MFU, and --bench the cost table.
+# Dense bf16 tensor-core peak per GPU in TFLOPS (data sheets); the first name contained in the
+# device name wins; --peak_tflops overrides.
+PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "A100": 312.0}
+
+
+def param_bytes(*nets):
+    return sum(p.numel() * p.element_size() for net in nets for p in net.parameters())
+
+
+def memory_plan(world, n_gpus, zero):
+    """Memory per GPU before activations, [(item, bytes)], for train on n_gpus ranks. AdamW keeps
+    two fp32 states per trained weight (1/n_gpus of them with --zero); fused, it needs no scratch.
+    Gradients: one net's at a time alone (train frees them); under DDP both nets' buckets."""
+    g, psi, te = world.generator, world.assistant, (world.pipe.text_encoder, world.pipe.text_encoder_2)
+    shard = n_gpus if zero and n_gpus > 1 else 1
+    dt = lambda net: str(next(net.parameters()).dtype).removeprefix("torch.")
+    return [(f"generator + assistant weights ({dt(g)} masters)", param_bytes(g, psi)),
+            ("AdamW states of both, 2 per weight" + (f", 1/{shard} with --zero" if shard > 1 else ""),
+             2 * param_bytes(g, psi) // shard),
+            ("gradients: DDP buckets of both nets" if n_gpus > 1 else "gradients of one net at a time",
+             param_bytes(g, psi) if n_gpus > 1 else max(param_bytes(g), param_bytes(psi))),
+            (f"reference UNet ({dt(world.s_ref)})", param_bytes(world.s_ref)),
+            (f"text encoders ({dt(te[0])})", param_bytes(*te)),
+            (f"reward CLIP ({dt(world.reward_fn.model)})", param_bytes(world.reward_fn.model)),
+            (f"VAE ({dt(world.vae)})", param_bytes(world.vae))]
+
+
+def step_flops(world, batch_size):
+    """Model FLOPs of one assistant and one generator update (forward and backward, prompts
+    included, not the optimizer), counted by FlopCounterMode. On meta this costs no memory, only
+    time. Attention runs the math kernel, whose matmuls the counter sees on every device."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def count(step):
+        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+            step()
+        return counter.get_total_flops()
+
+    cond = lambda: world.sample_cond(batch_size)
+    flops = dict(assistant=count(lambda: assistant_loss(world, world.assistant, cond()).backward()),
+                 generator=count(lambda: generator_backward(world, world.generator, cond())))
+    for net in (world.generator, world.assistant):
+        net.zero_grad(set_to_none=True)
+    return flops
+
+
+def run_dry_run(cfg, dist_info):
+    rank, world_size, device = dist_info
+    per_step = 0
+    if rank == 0:  # the plan and the FLOPs on meta; no checkpointing: recompute is not model FLOPs
+        parts = dry_run_parts("meta")
+        meta = SDXLWorld(replace(cfg, grad_checkpointing=False), torch.device("meta"), parts=parts)
+        n_gpus = cfg.world_size_plan or world_size
+        n = lambda net: f"{sum(p.numel() for p in net.parameters()):,}"
+        print(f"dry run: SDXL-base UNet {n(meta.s_ref)} parameters (x3: generator, assistant, "
+              f"reference), VAE {n(meta.vae)}, text encoders {n(meta.pipe.text_encoder)} + "
+              f"{n(meta.pipe.text_encoder_2)}, reward CLIP-H {n(meta.reward_fn.model)}; random "
+              f"weights, nothing downloaded\nmemory per GPU before activations, {n_gpus} GPU(s), "
+              f"--precision={cfg.precision}" + (", --zero" if cfg.zero and n_gpus > 1 else "")
+              + " (GiB = 2^30 bytes):")
+        plan = memory_plan(meta, n_gpus, cfg.zero)
+        for item, b in plan + [("total", sum(b for _, b in plan))]:
+            print(f"  {item:62s} {b / 2**30:7.2f}")
+        # FLOPs in fp32: meta has no autocast, and precision does not change them
+        meta = SDXLWorld(replace(cfg, grad_checkpointing=False, precision="fp32"),
+                         torch.device("meta"), parts=parts)
+        flops = step_flops(meta, cfg.batch_size)
+        per_step = cfg.assistant_steps * flops["assistant"] + flops["generator"]
+        print(f"model FLOPs per GPU, batch {cfg.batch_size}, {cfg.resolution}x{cfg.resolution}: "
+              f"assistant update {flops['assistant'] / 1e12:.1f} TFLOP, generator update "
+              f"{flops['generator'] / 1e12:.1f} TFLOP, step ({cfg.assistant_steps} + 1 updates) "
+              f"{per_step / 1e12:.1f} TFLOP")
+        del parts, meta
+        if device.type != "cuda":
+            print("no GPU here, so no seconds per step, images per second, peak memory, MFU or "
+                  "cost table; on GPUs, e.g.:\n  torchrun --standalone --nproc_per_node=8 "
+                  "distar.py --dry_run --zero --grad_checkpointing")
+    if device.type == "cuda":
+        world = SDXLWorld(cfg, device, rank, world_size, parts=dry_run_parts(device))
+        bench(world, dist_info) if cfg.bench else measure_steps(world, dist_info, per_step)
+
+
+def measure_steps(world, dist_info, flops_per_step):
+    """train's own timings, nothing written: seconds per step (median, step 1 is warm-up),
+    images/s per GPU, peak memory over all steps, MFU (needs a known peak)."""
+    cfg, (rank, world_size, device) = world.cfg, dist_info
+    opts = [make_optimizer(cfg, n.parameters(), cfg.lr_g) for n in (world.generator, world.assistant)]
+    try:
+        history = train(world, *opts, dist_info, range(cfg.max_steps))
+    except torch.cuda.OutOfMemoryError:
+        total = torch.cuda.get_device_properties(device).total_memory / 2**30
+        raise SystemExit(f"dry run: out of GPU memory ({total:.1f} GiB); try --grad_checkpointing,"
+                         " a smaller --batch_size, or more GPUs with --zero") from None
+    if rank != 0:
+        return None
+    fig = dry_run_figures(history, flops_per_step, cfg.batch_size, peak_tflops(cfg, device))
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    mfu = f"{fig['mfu']:.1%}" if fig["mfu"] is not None else "unknown peak: pass --peak_tflops"
+    print(f"measured on {world_size} x {name}, --precision={cfg.precision}"
+          + (", --grad_checkpointing" if cfg.grad_checkpointing else "")
+          + (", --zero" if cfg.zero else "") + f", batch {cfg.batch_size} per GPU, median of "
+          f"steps 2-{cfg.max_steps}:\n  seconds per step {fig['sec_per_step']:.3g}, images per "
+          f"second per GPU {fig['images_per_s']:.3g}, peak memory {fig['peak_mem_gib']:.1f} GiB, "
+          f"{fig['tflops_per_s']:.3g} TFLOPS, MFU {mfu}")
+    return fig
+
+
+def peak_tflops(cfg, device):
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    return cfg.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name), 0.0)
+
+
+def dry_run_figures(history, flops_per_step, batch_size, peak):
+    sec = statistics.median(r["sec_assistant"] + r["sec_generator"] for r in history[1:])
+    mem = max(max(r["mem_assistant_gb"], r["mem_generator_gb"]) for r in history)
+    return dict(sec_per_step=sec, images_per_s=batch_size / sec, peak_mem_gib=mem,
+                tflops_per_s=flops_per_step / sec / 1e12,
+                mfu=flops_per_step / sec / (peak * 1e12) if peak else None)
+
+
+def bench(world, dist_info):
+    """The cost table: train's own timings of one step (one assistant and one generator update,
+    prompts, clipping and AdamW included) per divergence, checkpointing off and on, as ratios
+    to the KL generator update. Variants interleave (each repetition runs all, in an order
+    rotated by one), so drift hits all alike; lr 0 leaves the weights as they were. A variant
+    that runs out of GPU memory is reported so. Prints the table, writes {out_dir}/bench.json."""
+    cfg, device = world.cfg, dist_info[2]
+    opts = [make_optimizer(cfg, n.parameters(), 0.0) for n in (world.generator, world.assistant)]
+    variants = [(div, ckpt) for ckpt in (False, True) for div in ("pseudo_huber", "l2", "kl")]
+    runs, oom = {v: [] for v in variants}, set()
+    os.environ["TQDM_DISABLE"] = "1"  # one progress bar per timed step would flood the screen
+    for rep in range(cfg.bench_warmup + cfg.bench_reps):
+        for v in [v for v in variants[rep % 6:] + variants[:rep % 6] if v not in oom]:
+            world.cfg = replace(cfg, divergence=v[0], assistant_steps=1, log_interval=1)
+            world.set_grad_checkpointing(v[1])
+            try:
+                (m,) = train(world, *opts, dist_info, range(1))
+                runs[v] += [m] if rep >= cfg.bench_warmup else []
+            except torch.cuda.OutOfMemoryError:
+                oom.add(v)
+                [o.zero_grad(set_to_none=True) for o in opts]
+    world.cfg = cfg
+    world.set_grad_checkpointing(cfg.grad_checkpointing)
+    def row(step, div, ckpt, ms, mem):
+        return dict(step=step, divergence=div, grad_checkpointing=ckpt, ms_reps=ms,
+                    ms=statistics.median(ms) if ms else None, peak_gb=max(mem, default=None))
+
+    rows = [row("generator", div, ckpt, [m["sec_generator"] * 1000 for m in runs[div, ckpt]],
+                [m["mem_generator_gb"] for m in runs[div, ckpt]]) for div, ckpt in variants]
+    for ckpt in (False, True):  # the assistant update does not depend on the divergence
+        ms = [m for v in variants if v[1] == ckpt for m in runs[v]]
+        rows.append(row("assistant", None, ckpt, [m["sec_assistant"] * 1000 for m in ms],
+                        [m["mem_assistant_gb"] for m in ms]))
+    base = rows[2]["ms"]  # KL, checkpointing off
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"cpu, {torch.get_num_threads()} threads"
+    print(f"cost of one update on {name}, {cfg.precision}, {cfg.resolution}x{cfg.resolution}, "
+          f"batch {cfg.batch_size}, --cfg={cfg.cfg}: median of {cfg.bench_reps} after "
+          f"{cfg.bench_warmup} warm-up, interleaved\n{'step':10s} {'divergence':12s} "
+          f"{'checkpointing':>13s} {'ms':>9s} {'/ KL gen':>9s} {'peak GB':>8s}")
+    for r in rows:
+        r["ratio"] = r["ms"] / base if r["ms"] and base else None
+        ms, ratio = (f"{r['ms']:.1f}", f"{r['ratio']:.2f}x") if r["ms"] else ("out of memory", "-")
+        ckpt = "on" if r["grad_checkpointing"] else "off"
+        print(f"{r['step']:10s} {r['divergence'] or '-':12s} {ckpt:>13s} {ms:>9s} "
+              f"{ratio if base else '-':>9s} {r['peak_gb'] or 0:8.2f}")
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    with open(os.path.join(cfg.out_dir, "bench.json"), "w") as f:
+        json.dump(dict(device=name, config=asdict(cfg), rows=rows), f, indent=1)
+    print(f"wrote {cfg.out_dir}/bench.json")
+    return rows
+
+
+# -----------------------------------------------------------------------------
+# the toy pictures (PIL scatter plots: reference in grey, generator in class colours)
+
+TOY_COLOURS = [(214, 39, 40), (31, 119, 180), (44, 160, 44)]  # class 0, 1, 2
+
+
+def scatter(draw, left, top, size, layers, lim):
+    """Point sets [(points (N, 2), colour), ...] into the square panel of [-lim, lim]^2."""
+    for pts, colour in layers:
+        for x, y in pts[:1500].tolist():
+            if abs(x) <= lim and abs(y) <= lim:
+                px, py = left + (x + lim) / (2 * lim) * size, top + (lim - y) / (2 * lim) * size
+                draw.ellipse([px - 1.5, py - 1.5, px + 1.5, py + 1.5], fill=colour)
+    draw.rectangle([left, top, left + size - 1, top + size - 1], outline=(0, 0, 0))
+
+
+def save_panels(path, panels, cols, size, lim):
+    """panels: [(title, subtitle, layers)], one square each, cols per row."""
+    from PIL import Image, ImageDraw
+
+    rows, band = -(-len(panels) // cols), 32
+    img = Image.new("RGB", (cols * size, rows * (size + band)), "white")
+    draw = ImageDraw.Draw(img)
+    for i, (title, sub, layers) in enumerate(panels):
+        left, top = (i % cols) * size, (i // cols) * (size + band) + band
+        scatter(draw, left, top, size, layers, lim)
+        draw.text((left + 6, top - band + 4), title, fill=(0, 0, 0))
+        draw.text((left + 6, top - band + 17), sub, fill=(90, 90, 90))
+    img.save(path)
+
+
+def save_toy_png(path, ref, gen):
+    """One panel per class: reference samples (K, N, 2) in grey, the generator's in colour."""
+    save_panels(path, [(f"class {k}: reference (grey), generator", "reward grows to the right",
+                        [(ref[k], (170, 170, 170)), (gen[k], TOY_COLOURS[k % 3])])
+                       for k in range(len(ref))], cols=len(ref), size=320, lim=3.2)
+
+
+# -----------------------------------------------------------------------------
+# the paper's Table 2 in the toy (--toy --ablation): one generator per row, the same seed, steps
+# and nets for all. KL rows put CFG in the reference (with KL, --cfg=in and out give the same
+# gradient). The [extra] rows, reward without CFG, tell the reward's effect from guidance's.
+
+TABLE2 = [
+    ("KL, no reward, no CFG", "--divergence=kl --alpha_rew=0 --alpha_cfg=0 --cfg=in"),
+    ("KL, reward, no CFG [extra]", "--divergence=kl --alpha_rew=100 --alpha_cfg=0 --cfg=in"),
+    ("Diff-Instruct (KL, CFG)", "--divergence=kl --alpha_rew=0 --alpha_cfg=7.5 --cfg=in"),
+    ("DI++ (KL, reward, CFG)", "--divergence=kl --alpha_rew=100 --alpha_cfg=7.5 --cfg=in"),
+    ("DI*-Out (choice 1)", "--divergence=pseudo_huber --alpha_rew=100 --alpha_cfg=7.5 --cfg=out"),
+    ("DI*, no reward, no CFG", "--divergence=pseudo_huber --alpha_rew=0 --alpha_cfg=0 --cfg=in"),
+    ("DI*, reward, no CFG [extra]",
+     "--divergence=pseudo_huber --alpha_rew=100 --alpha_cfg=0 --cfg=in"),
+    ("SIM (score div., CFG)", "--divergence=pseudo_huber --alpha_rew=0 --alpha_cfg=7.5 --cfg=in"),
+    ("DI*-In, alpha_rew 1", "--divergence=pseudo_huber --alpha_rew=1 --alpha_cfg=7.5 --cfg=in"),
+    ("DI*-In, alpha_rew 10", "--divergence=pseudo_huber --alpha_rew=10 --alpha_cfg=7.5 --cfg=in"),
+    ("DI*-In, alpha_cfg 4.5", "--divergence=pseudo_huber --alpha_rew=100 --alpha_cfg=4.5 --cfg=in"),
+    ("DI*-In (choice 2)", "--divergence=pseudo_huber --alpha_rew=100 --alpha_cfg=7.5 --cfg=in"),
+]
+ROW_FLAGS = ("divergence", "alpha_rew", "alpha_cfg", "cfg")  # what a row sets
+COVERED = 0.05  # a mode is covered by >= 5% of its class's samples (the reference: 49%)
+
+
+def row_config(cfg, flags):
+    row = vars(make_parser(Config, "row").parse_args(flags.split()))
+    return replace(cfg, **{k: row[k] for k in ROW_FLAGS})
+
+
+def tilt_temperature(world):
+    """beta, the temperature of the toy's KL term. generator_loss weights KL(p_t || q_t) by
+    sigma_t / D: J(p) = -alpha E_p[r] + E_t[sigma_t KL(p_t || q_t)] / D. For one mode
+    q = N(m, s^2 I), r = scale x[0] and p = q shifted by delta along x[0],
+    KL(p_t || q_t) = a_t^2 delta^2 / (2 (a_t^2 s^2 + sigma_t^2)), so J is minimised at
+    delta = alpha scale s^2 / beta, exactly the tilt q exp(alpha r / beta), with
+    beta = E_t[sigma_t a_t^2 s^2 / (a_t^2 s^2 + sigma_t^2)] / D, t ~ U{t_min..t_max}."""
+    ab = world.alphas_cumprod[world.cfg.t_min:world.cfg.t_max + 1].double()  # a_t^2
+    s2 = world.std**2
+    return ((1 - ab).sqrt() * ab * s2 / (ab * s2 + 1 - ab)).mean().item() / world.means.shape[-1]
+
+
+def tilted_reference(world, alpha_rew):
+    """q(x|c) exp(alpha_rew r(x) / beta) / Z, KL-regularised RLHF's optimum, in closed form: with
+    lam = alpha_rew scale / beta, each mode N(m, s^2 I) moves to N(m + lam s^2 e_0, s^2 I), its
+    weight times exp(lam m[0]). Returns means (K, M, 2) and weights (K, M)."""
+    lam = alpha_rew * world.reward_scale / tilt_temperature(world)
+    means = world.means.clone()
+    means[..., 0] += lam * world.std**2
+    return means, torch.softmax(lam * world.means[..., 0].double(), -1).to(means.dtype)
+
+
+def sample_mixture(means, weights, std, n):
+    """n samples of each class's Gaussian mixture: means (K, M, 2), weights (K, M) -> (K, n, 2)."""
+    k = torch.multinomial(weights, n, replacement=True)  # (K, n) mode of each sample
+    eps = torch.randn(len(means), n, 2, device=means.device, dtype=means.dtype)
+    return torch.gather(means, 1, k[..., None].expand(-1, -1, 2)) + std * eps
+
+
+def mode_shares(world, x):
+    """Per class and reference mode, (K, M) each: the share of samples x (K, N, 2) nearest it,
+    and nearest it and within 3 std (samples pushed off the support count for no mode)."""
+    d = torch.cdist(x, world.means.to(x))  # (K, N, M)
+    nearest = F.one_hot(d.argmin(-1), world.means.shape[1]).float()  # (K, N, M)
+    on_support = (d.min(-1, keepdim=True).values <= 3 * world.std).float()  # (K, N, 1)
+    return nearest.mean(1), (nearest * on_support).mean(1)
+
+
+def toy_metrics(world, x, ref, alpha_rew):
+    """Table 2's columns for samples x (K, N, 2) of a generator trained with alpha_rew."""
+    K, n = x.shape[:2]
+    nearest, near = mode_shares(world, x)
+    right = world.means[..., 0].argmax(-1)  # (K,) each class's high-reward mode
+    tilted = sample_mixture(*tilted_reference(world, alpha_rew), world.std, n).cpu()
+    ed = lambda y: sum(energy_distance(x[k], y[k]) for k in range(K)) / K
+    return dict(reward=world.reward(x.reshape(-1, 2), None).mean().item(), ed_ref=ed(ref),
+                coverage=(near >= COVERED).float().mean().item(), ed_tilted=ed(tilted),
+                right_share=nearest.gather(1, right[:, None].cpu()).mean().item(),
+                mode_shares=near.tolist())
+
+
+def run_ablation(cfg, dist_info, n=2000):
+    """Train every TABLE2 row from the same start, then score them all, and two reference rows
+    (a second draw of q: the noise floor; the tilt at alpha_rew 100), against the same q."""
+    world = make_toy_world(dist_info[2])
+    world.cfg = cfg
+    torch.manual_seed(cfg.seed)
+    draw_q = lambda: torch.stack([world.sample_ref(k, n) for k in range(world.K)]).cpu()
+    ref = draw_q()  # (K, n, 2)
+    rows = [dict(name="reference q (a second draw)", short="the noise floor", alpha_rew=0.0,
+                 x=draw_q()),
+            dict(name="tilted reference, alpha_rew 100", alpha_rew=100.0,
+                 short=f"q exp(alpha_rew r / beta), beta {tilt_temperature(world):.4f}",
+                 x=sample_mixture(*tilted_reference(world, 100.0), world.std, n).cpu())]
+    for i, (name, flags) in enumerate(TABLE2):
+        row_cfg = replace(row_config(cfg, flags), out_dir=os.path.join(cfg.out_dir, "ablation",
+                                                                       f"row{i + 1:02d}"))
+        print(f"row {i + 1}/{len(TABLE2)}: {name}: {flags}", flush=True)
+        torch.manual_seed(cfg.seed)  # every row starts from the same nets and draws the same noise
+        world = make_toy_world(dist_info[2])
+        world.cfg = row_cfg
+        t0 = time.perf_counter()
+        fit(row_cfg, world, (0, 1, dist_info[2]))
+        short = " ".join(f.split("=")[1] for f in flags.split())
+        rows.append(dict(name=name, flags=flags, short=short, alpha_rew=row_cfg.alpha_rew,
+                         seconds=time.perf_counter() - t0, x=toy_samples(world, n)[0]))
+    torch.manual_seed(cfg.seed + 1)  # the tilted samples inside the metrics
+    for row in rows:
+        row.update(toy_metrics(world, row["x"], ref, row["alpha_rew"]))
+    print(f"\nTable 2 in the toy: {cfg.max_steps} steps per row, {n} samples per class, r = "
+          f"{world.reward_scale:g} x[0]; modes: share covered (>= {COVERED:.0%} of a class's "
+          "samples nearest them, within 3 std); right: share nearest the high-reward mode")
+    print(f"{'row':32s} {'div':>12s} {'a_rew':>5s} {'a_cfg':>5s} {'cfg':>3s} {'r x1e3':>7s} "
+          f"{'ED(q)':>7s} {'modes':>6s} {'right':>6s} {'ED(tilt)':>8s}")
+    for row in rows:
+        div, a_rew, a_cfg, mode = row["short"].split() if "flags" in row else ["-"] * 4
+        print(f"{row['name']:32s} {div:>12s} {a_rew:>5s} {a_cfg:>5s} {mode:>3s} "
+              f"{row['reward'] * 1e3:7.3f} {row['ed_ref']:7.4f} {row['coverage']:6.0%} "
+              f"{row['right_share']:6.1%} {row['ed_tilted']:8.4f}")
+    grey = [(r, (170, 170, 170)) for r in ref]
+    save_panels(os.path.join(cfg.out_dir, "ablation.png"), [
+        (r["name"], r["short"], grey + [(g, TOY_COLOURS[k % 3]) for k, g in enumerate(r["x"])])
+        for r in rows], cols=5, size=260, lim=4.0)  # wide: guidance pushes samples far out
+    keep = ("name", "flags", "alpha_rew", "seconds", "reward", "ed_ref", "coverage", "right_share",
+            "ed_tilted", "mode_shares")
+    with open(os.path.join(cfg.out_dir, "ablation.json"), "w") as f:
+        json.dump(dict(steps=cfg.max_steps, samples_per_class=n, covered_threshold=COVERED,
+                       beta=tilt_temperature(world),
+                       rows=[{k: r[k] for k in keep if k in r} for r in rows]), f, indent=1)
+    print(f"wrote {cfg.out_dir}/ablation.png, ablation.json and each row's checkpoint in "
+          f"{cfg.out_dir}/ablation/")
 
 
 if __name__ == "__main__":

@@ -9,11 +9,10 @@ $ python sample.py --generator=out/checkpoint-000500/generator \\
 $ python sample.py --generator=out_toy/checkpoint-001000/generator   # a toy checkpoint: a scatter
 """
 
-import argparse
 import json
 import os
 import sys
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -26,47 +25,33 @@ SCALE = dict(pickscore=lambda cos: cos, clip_score=lambda cos: 100 * cos.clamp(m
 TAGS = {"": "", "a": "A ", "b": "B ", "b_minus_a": "B-A "}  # a metric's line, per generator
 
 
-def opt(default, help):
-    return field(default=default, metadata=dict(help=help))
-
-
 @dataclass
 class SampleConfig:
-    pretrained: str = opt("stabilityai/stable-diffusion-xl-base-1.0", "VAE, text encoders, ...")
-    generator: str = opt("", "UNet or pipeline folder or state-dict file, local or on the hub as "
-                             "owner/repo/file; '' = the UNet of --pretrained")
-    variant: str = opt("", "weight-file variant of --pretrained and generator folders, e.g. fp16")
-    prompt: str = opt("", "one prompt")
-    prompts: str = opt("", "text file, one prompt per line; neither: distar's built-in prompts")
-    images_per_prompt: int = opt(1, "images of each prompt")
-    batch_size: int = opt(4, "images per pipeline call")
-    seed: int = opt(0, "batch i uses seed + i; the bootstrap uses it too")
-    resolution: int = opt(1024, "image side in pixels, a multiple of 8")
-    out_dir: str = opt("samples", "000.png, 001.png, ... (a/ and b/ with --compare)")
-    score: bool = opt(False, "PickScore and CLIP score of every image; means with intervals")
-    reward_model: str = opt("yuvalkirstain/PickScore_v1", "PickScore's CLIPModel")
-    reward_processor: str = opt("laion/CLIP-ViT-H-14-laion2B-s32B-b79K", "PickScore's processor")
-    clip_model: str = opt("openai/clip-vit-large-patch14", "CLIP score's CLIPModel and processor")
-    bootstrap: int = opt(1000, "bootstrap resamples of the prompts")
-    ci: float = opt(0.95, "confidence level of the percentile interval")
-    compare: str = opt("", "a second generator B, as --generator: same prompts and seeds, grids")
-    grid_rows: int = opt(8, "prompts per compare_*.png")
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line naming the flag: no usage dump, no traceback
-        raise distar.ConfigError(message.replace("argument ", ""))
+    pretrained: str = "stabilityai/stable-diffusion-xl-base-1.0"  # VAE, text encoders, scheduler
+    generator: str = ""  # UNet/pipeline folder or state-dict file; empty: --pretrained's UNet
+    variant: str = ""  # weight-file variant of --pretrained and generator folders, e.g. fp16
+    prompt: str = ""  # one prompt
+    prompts: str = ""  # text file, one prompt per line; neither: distar's built-in prompts
+    images_per_prompt: int = 1  # images of each prompt
+    batch_size: int = 4  # images per pipeline call
+    seed: int = 0  # batch i uses seed + i; the bootstrap uses it too
+    resolution: int = 1024  # image side in pixels, a multiple of 8
+    out_dir: str = "samples"  # 000.png, 001.png, ... (a/ and b/ with --compare)
+    score: bool = False  # PickScore and CLIP score of every image; means with intervals
+    reward_model: str = "yuvalkirstain/PickScore_v1"  # PickScore's CLIPModel
+    reward_processor: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"  # PickScore's processor
+    clip_model: str = "openai/clip-vit-large-patch14"  # CLIP score's CLIPModel and processor
+    bootstrap: int = 1000  # bootstrap resamples of the prompts
+    ci: float = 0.95  # confidence level of the percentile interval
+    compare: str = ""  # a second generator B, as --generator: same prompts and seeds, grids
+    grid_rows: int = 8  # prompts per compare_*.png
 
 
 def parse_args(argv):
-    p = Parser(allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in fields(SampleConfig):  # --key=value or --key value; --score and --no-score
-        kw = dict(action=argparse.BooleanOptionalAction) if f.type is bool else dict(type=f.type)
-        p.add_argument(f"--{f.name}", default=f.default, **f.metadata, **kw)
-    c = SampleConfig(**vars(p.parse_args(argv)))
-    for ok, msg in ((c.resolution % 8 == 0 < c.resolution, "--resolution must be a multiple of 8"),
-                    (min(c.batch_size, c.images_per_prompt, c.bootstrap, c.grid_rows) > 0,
-                     "--batch_size, --images_per_prompt, --bootstrap and --grid_rows must be >= 1"),
+    c = SampleConfig(**vars(distar.make_parser(SampleConfig, "sample.py").parse_args(argv)))
+    distar.check_at_least(c, dict(resolution=8, batch_size=1, images_per_prompt=1, bootstrap=1,
+                                  grid_rows=1))
+    for ok, msg in ((c.resolution % 8 == 0, "--resolution must be a multiple of 8"),
                     (0 < c.ci < 1, f"--ci is a confidence level in (0, 1), not {c.ci}"),
                     (not (c.prompt and c.prompts), "give --prompt or --prompts, not both")):
         if not ok:
@@ -83,7 +68,7 @@ def sample_toy(cfg):
     distar.load("generator", cfg.generator, distar.load_net, world.generator, cfg.generator)
     gen, ref = distar.toy_samples(world, 4000)
     os.makedirs(cfg.out_dir, exist_ok=True)
-    distar.save_toy_png(os.path.join(cfg.out_dir, "toy_samples.png"), ref, gen, world.K)
+    distar.save_toy_png(os.path.join(cfg.out_dir, "toy_samples.png"), ref, gen)
     print(f"wrote {cfg.out_dir}/toy_samples.png: samples of each class (colour), reference (grey)")
 
 

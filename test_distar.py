@@ -11,6 +11,8 @@ import statistics
 import subprocess
 import sys
 
+from dataclasses import fields
+
 import numpy as np
 import pytest
 import torch
@@ -427,18 +429,20 @@ def test_ablation_command(tmp_path):
 
 
 @pytest.mark.parametrize("args, words", [
-    (["--toy", "--nope=1"], "unknown option --nope"),
-    (["--toy", "--max_steps=ten"], "--max_steps expects int, got 'ten'"),
-    (["--toy", "--alpha_rew"], "--alpha_rew needs a value"),
-    (["--toy", "--cfg=sideways"], "--cfg must be one of in|out"),
-    (["--toy", "--divergence=tv"], "--divergence must be one of"),
-    (["--toy", "--toy=maybe"], "--toy takes true or false"),
-    (["--toy", "stray"], "unexpected argument"),
-    (["--toy", "--t_min=990"], "t_min <= t_max"),
+    (["--toy", "--nope=1"], "unrecognized arguments: --nope=1"),
+    (["--toy", "--max_steps=ten"], "--max_steps: invalid int value: 'ten'"),
+    (["--toy", "--alpha_rew"], "--alpha_rew: expected one argument"),
+    (["--toy", "--cfg=sideways"], "--cfg: invalid choice: 'sideways'"),
+    (["--toy", "--divergence=tv"], "--divergence: invalid choice"),
+    (["--toy", "--toy=maybe"], "--toy: takes true or false"),
+    (["--toy", "--max_steps=3", "stray"], "unrecognized arguments: stray"),
+    (["--toy", "--t_min=990"], "--t_min <= --t_max"),
+    (["--toy", "--lr_g=-1"], "--lr_g must be >= 0"),
+    (["--toy", "--max_steps=-5"], "--max_steps must be >= 0"),
     (["--ablation"], "--ablation is a toy experiment"),
-    (["--toy", "--ablation", "--alpha_rew=3"], "drop --alpha_rew"),
+    (["--toy", "--ablation", "--alpha_rew=3"], "--ablation sets --divergence, --alpha_rew"),
     (["--toy", "--keep_checkpoints=0"], "--keep_checkpoints must be >= 1"),
-    (["--tiny", "--resume", "--overwrite"], "--overwrite deletes it: choose one"),
+    (["--tiny", "--resume", "--overwrite"], "--overwrite deletes it: choose"),
 ])
 def test_bad_config_is_one_clear_line(args, words):
     p = run(*args, timeout=60)
@@ -540,7 +544,7 @@ def test_a_non_finite_update_is_skipped_and_counted(tmp_path, monkeypatch):
 
     world.reward, real = reward_nan_at_step_2, distar.clip_and_step
     monkeypatch.setattr(distar, "clip_and_step", spy)
-    history = distar.train(world, (0, 1, torch.device("cpu")))
+    history = distar.fit(world.cfg, world, (0, 1, torch.device("cpu")))
     assert [r["skipped"] for r in history] == [0, 1, 0]
     assert seen == [(False, False), (True, True), (False, False)]  # (skipped, theta unchanged)
     assert all(torch.isfinite(p).all() for p in world.generator.parameters())
@@ -594,7 +598,7 @@ def test_one_alternating_step_changes_the_trained_nets_only(tiny, tmp_path):
     frozen = {"s_ref": world.s_ref, "vae": world.vae, "text_encoder": world.pipe.text_encoder,
               "text_encoder_2": world.pipe.text_encoder_2, "reward": world.reward_fn.model}
     before = {k: _state(m) for k, m in {**frozen, "g": world.generator, "psi": world.assistant}.items()}
-    distar.train(world, (0, 1, torch.device("cpu")))
+    distar.fit(world.cfg, world, (0, 1, torch.device("cpu")))
     for name, net in {**frozen, "g": world.generator, "psi": world.assistant}.items():
         after = _state(net)
         changed = any(not torch.equal(after[k], before[name][k]) for k in after)
@@ -823,7 +827,7 @@ def trained_dir(tmp_path_factory):
     (["--tiny", "--prompts=/nonexistent/prompts.txt"], "--prompts=/nonexistent/prompts.txt: no such file"),
     (["--tiny", "--prompts={empty}"], "has no prompts"),
     (["--tiny", "--resolution=30"], "--resolution must be a multiple of 8"),
-    (["--tiny", "--precision=fp8"], "--precision must be one of bf16|fp32"),
+    (["--tiny", "--precision=fp8"], "--precision: invalid choice: 'fp8'"),
 ])
 def test_bad_sdxl_input_is_one_line_and_leaves_checkpoints_intact(trained_dir, tmp_path, args, words):
     empty = tmp_path / "empty.txt"
@@ -868,8 +872,8 @@ def test_a_fresh_run_starts_the_out_dir_over(tiny, trained_dir, tmp_path, mode):
     args = ["--tiny"] if mode == "--tiny" else [*_sdxl_args(tiny), "--overwrite"]
     p = run(*args, "--max_steps=1", "--sample_interval=1", f"--out_dir={d}")
     assert p.returncode == 0, p.stderr[-2000:]
-    assert (f"starting over in {d}: removed 1 checkpoint, metrics.jsonl and 1 sample grid of an "
-            "earlier run (--resume continues a run)") in p.stdout
+    assert (f"starting over in {d}: removed checkpoint-000002, metrics.jsonl, samples-000002.png "
+            "of an earlier run (--resume continues a run)") in p.stdout
     assert [c.name for c in sorted(d.glob("checkpoint-*"))] == ["checkpoint-000001"]
     rows = (d / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in rows] == [1]
@@ -1206,13 +1210,19 @@ def test_an_unreachable_hub_is_one_line_naming_the_flag(tmp_path, capsys):
         assert not (tmp_path / name).exists()
 
 
-def test_help_lists_every_option_with_its_default():
-    r = run_sample("--help", timeout=120)
-    assert r.returncode == 0 and r.stderr == ""
-    text = " ".join(r.stdout.split())  # argparse wraps lines
-    for f in sample.fields(sample.SampleConfig):
-        assert f"--{f.name}" in text and f.metadata["help"].split(";")[0] in text, f.name
-    assert "(default: samples)" in text and "(default: 1000)" in text and "(default: False)" in text
+@pytest.mark.parametrize("script", ["distar.py", "sample.py"])
+def test_help_lists_every_option_with_its_default_and_meaning(script):
+    r = subprocess.run([sys.executable, os.path.join(HERE, script), "--help"], cwd=HERE, env=ENV,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "Traceback" not in r.stderr
+    text = r.stdout
+    cls = distar.Config if script == "distar.py" else sample.SampleConfig
+    helps = {a.dest: a.help for a in distar.make_parser(cls, script)._actions}
+    for f in fields(cls):
+        meaning = helps[f.name].split(" (default")[0]
+        assert meaning and f"--{f.name}" in text, f.name  # every field has its one line
+        squeeze = lambda x: "".join(x.split())  # argparse breaks long words at hyphens
+        assert squeeze(helps[f.name]) in squeeze(text), f.name
 
 
 def test_toy_checkpoint_gives_a_scatter_png(tmp_path):
@@ -1231,9 +1241,9 @@ def test_toy_checkpoint_gives_a_scatter_png(tmp_path):
         assert im.format == "PNG"
         im.verify()
     im = Image.open(tmp_path / "o" / "toy_samples.png").convert("RGB")
-    assert im.size == (3 * 320, 320 + 24)
+    assert im.size == (3 * 320, 320 + 32)
     colours = [(214, 39, 40), (31, 119, 180), (44, 160, 44)]
-    x, y = (1 + 3.2) / 6.4 * 320, (3.2 + 1) / 6.4 * 320 + 24  # save_toy_png's mapping of (1, -1)
+    x, y = (1 + 3.2) / 6.4 * 320, (3.2 + 1) / 6.4 * 320 + 32  # save_toy_png's mapping of (1, -1)
     assert [im.getpixel((round(k * 320 + x), round(y))) for k in range(3)] == colours
 
 
@@ -1343,7 +1353,7 @@ def test_memory_plan_rows_are_what_train_allocates(tiny, tmp_path):
     states = sum(v.untyped_storage().nbytes() for s in opt.state.values() for k, v in s.items() if k != "step")
     assert 2 * states == rows["AdamW states of both, 2 per weight"]  # both nets are the same size
     world.assistant.zero_grad(set_to_none=True)
-    distar.train(world, (0, 1, torch.device("cpu")))
+    distar.fit(world.cfg, world, (0, 1, torch.device("cpu")))
     assert all(p.grad is None for n in (world.generator, world.assistant) for p in n.parameters())
 
 
@@ -1417,7 +1427,8 @@ def test_bench_command_prints_and_writes_the_cost_table(tiny, tmp_path):
     os.symlink(os.path.dirname(tiny[0]), tmp_path / "tiny")  # --tiny finds its models there, builds none
     r = run("--tiny", "--bench", "--bench_reps=2", "--bench_warmup=0", f"--out_dir={tmp_path}")
     assert r.returncode == 0, r.stderr
-    lines = re.findall(r"^(generator|assistant) +(\S+) +(on|off) +([\d.]+) +([\d.]+)x$", r.stdout, re.M)
+    lines = re.findall(r"^(generator|assistant) +(\S+) +(on|off) +([\d.]+) +([\d.]+)x +[\d.]+$", r.stdout,
+                       re.M)
     assert {(div if div != "-" else None, ck == "on") for _, div, ck, _, _ in lines} == BENCH_VARIANTS, r.stdout
     rows = json.load(open(tmp_path / "bench.json"))["rows"]
     assert sorted(r["step"] for r in rows) == ["assistant"] * 2 + ["generator"] * 6
@@ -1425,14 +1436,16 @@ def test_bench_command_prints_and_writes_the_cost_table(tiny, tmp_path):
     kl = next(r for r in rows if r["divergence"] == "kl" and not r["grad_checkpointing"])
     assert kl["ratio"] == 1.0
     for row in rows:  # medians of the timed repetitions, as ratios to the KL step
-        assert len(row["ms_reps"]) == 2 and row["ms"] == pytest.approx(np.median(row["ms_reps"]))
+        reps = 2 if row["step"] == "generator" else 2 * 3  # the assistant's: from every divergence
+        assert len(row["ms_reps"]) == reps and row["ms"] == pytest.approx(np.median(row["ms_reps"]))
         assert row["ratio"] == pytest.approx(row["ms"] / kl["ms"]) and row["ms"] > 0
     assert sorted(os.listdir(tmp_path)) == ["bench.json", "tiny"]  # no checkpoint, metrics or samples
 
 
 def test_bench_runs_every_variant_and_leaves_the_world_as_it_was(tiny, tmp_path, monkeypatch, capsys):
-    """Each variant reaches the losses with its own divergence and checkpointing; one that runs
-    out of GPU memory (l2 without checkpointing, here) is reported and the others go on."""
+    """Each variant reaches the losses with its own divergence and checkpointing (a timed step is
+    one assistant and one generator update); one that runs out of GPU memory (l2 without
+    checkpointing, here) is reported and the others go on; lr 0 leaves the weights as they were."""
     world = _sdxl_world(tiny, "--bench", "--bench_reps=1", "--bench_warmup=0", f"--out_dir={tmp_path}")
     cfg, nets = world.cfg, (world.generator, world.assistant, world.s_ref, world.vae)
     before = {k: _state(m) for k, m in (("g", world.generator), ("psi", world.assistant))}
@@ -1448,11 +1461,11 @@ def test_bench_runs_every_variant_and_leaves_the_world_as_it_was(tiny, tmp_path,
 
     monkeypatch.setattr(distar, "generator_loss", spy(distar.generator_loss, lambda w: w.cfg.divergence))
     monkeypatch.setattr(distar, "assistant_loss", spy(distar.assistant_loss, lambda w: None))
-    rows = distar.bench(world, torch.device("cpu"))
-    assert len(seen) == len(rows) == 8
+    rows = distar.bench(world, (0, 1, torch.device("cpu")))
+    assert len(seen) == 2 * 6 and len(rows) == 8
     assert {(div, ckpt[0]) for div, ckpt in seen} == BENCH_VARIANTS
     assert all(len(set(ckpt)) == 1 for _, ckpt in seen)  # all four nets toggled together
-    assert re.search(r"^generator +l2 +off +out of memory +-$", capsys.readouterr().out, re.M)
+    assert re.search(r"^generator +l2 +off +out of memory +- +0.00$", capsys.readouterr().out, re.M)
     assert [(r["divergence"], r["grad_checkpointing"]) for r in rows if r["ms"] is None] == [("l2", False)]
     assert all(r["ratio"] > 0 for r in rows if r["ms"] is not None)
     assert world.cfg is cfg and not any(m.is_gradient_checkpointing for m in nets)
