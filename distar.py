@@ -16,7 +16,8 @@ $ torchrun --standalone --nproc_per_node=2 distar.py --toy
 
 SDXL (defaults: SDXL-base reference, DMD2 one-step init, PickScore reward, bf16, 1024 px):
 $ python distar.py --prompts=prompts.txt --grad_checkpointing                # one 141 GB GPU
-$ torchrun --standalone --nproc_per_node=8 distar.py --prompts=prompts.txt --zero --grad_checkpointing
+$ torchrun --standalone --nproc_per_node=8 distar.py --prompts=prompts.txt --zero \
+    --grad_checkpointing
 $ torchrun --nnodes=8 --nproc_per_node=8 --node_rank=$NODE_RANK --master_addr=$MASTER_ADDR \
     --master_port=29500 distar.py --prompts=prompts.txt --zero --grad_checkpointing
 Continue an interrupted run: the same command with --resume.
@@ -44,6 +45,7 @@ import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, fields, replace
+from unittest import mock
 
 import torch
 import torch.distributed as dist
@@ -309,14 +311,17 @@ class ToyWorld:
         self.generator = self.assistant = None  # set by make_toy_world
 
     def _modes(self, x, c):  # c: (B,) class ids, or None for the unconditional mixture
-        return self.means[c] if c is not None else self.means.reshape(1, -1, 2).expand(len(x), -1, -1)
+        if c is None:
+            return self.means.reshape(1, -1, 2).expand(len(x), -1, -1)
+        return self.means[c]
 
     def log_prob(self, x, a, s, c):
         """log q_t(x | c) for x (B, 2), a = a_t and s = sigma_t (B,)."""
         m = self._modes(x, c)  # (B, M, 2) component means at t = 0
         var = (a**2 * self.std**2 + s**2)[:, None]  # (B, 1) component variance at t
         sq = ((x[:, None] - a[:, None, None] * m) ** 2).sum(-1)  # (B, M)
-        return torch.logsumexp(-sq / (2 * var) - torch.log(2 * math.pi * var), 1) - math.log(m.shape[1])
+        comp = -sq / (2 * var) - torch.log(2 * math.pi * var)  # log N(x; a_t m, var I)
+        return torch.logsumexp(comp, 1) - math.log(m.shape[1])
 
     def score(self, x, a, s, c):
         """grad_x log q_t(x | c): responsibility-weighted Gaussian scores."""
@@ -508,105 +513,6 @@ class LoadError(RuntimeError):
     pass
 
 
-def hub_unreachable(e):
-    """Whether e, or an error that caused it, says the hub could not be reached (or offline mode
-    is on) and the files were not in the local cache. By class name, since the HTTP library under
-    huggingface_hub changes (requests, httpx, httpx2): their connection errors are named so."""
-    while e is not None:  # diffusers wraps the hub's error in an OSError of its own
-        names = {c.__name__ for c in type(e).__mro__}
-        if names & {"LocalEntryNotFoundError", "ConnectionError", "TimeoutError", "TransportError"}:
-            return True
-        e = e.__cause__ or e.__context__
-    return False
-
-
-def load(flag, value, fn, *args, **kwargs):
-    """Run a from_pretrained-style loader; a failure becomes one line naming the flag."""
-    try:
-        return fn(*args, **kwargs)
-    except LoadError:  # from a nested load, which named its own flag
-        raise
-    except Exception as e:  # OSError, ValueError, HFValidationError, ...: report, do not trace
-        if hub_unreachable(e):
-            local = "/path/to/sdxl" if flag == "pretrained" else "/path/to/unet"
-            first = ("no such local path, the Hugging Face hub could not be reached and the model is "
-                     f"not in the local cache; pass a local folder (--{flag}={local})")
-        else:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise LoadError(f"cannot load --{flag}={value}: {first}") from None
-
-
-def load_unet(path, **kw):
-    from diffusers import UNet2DConditionModel
-
-    return UNet2DConditionModel.from_pretrained(path, subfolder=kw.pop("subfolder", None), **kw)
-
-
-def load_generator(path, pretrained, variant=None, dtype=None, flag="generator_init"):
-    """A one-step generator's UNet, in any form one is published in:
-    "": the UNet of `pretrained`; a diffusers UNet folder, or a pipeline folder holding unet/
-    (both with `variant`, e.g. fp16); a state-dict file (.bin/.pt/.pth/.safetensors), local or
-    on the hub as owner/repo/path/in/repo (DMD2's tianweiy/DMD2/dmd2_sdxl_1step_unet_fp16.bin).
-    A state dict's architecture is the config.json beside it if there is one (a release's unet/
-    folder), else `pretrained`'s unet/config.json. Returned in `dtype` (default fp32)."""
-    from diffusers import UNet2DConditionModel
-
-    dtype = dtype or torch.float32
-    if not path:
-        return load("pretrained", pretrained, load_unet, pretrained, subfolder="unet",
-                    variant=variant, dtype=dtype)
-    if not path.endswith((".bin", ".pt", ".pth", ".safetensors")):
-        sub = "unet" if os.path.isdir(os.path.join(path, "unet")) else None
-        return load(flag, path, load_unet, path, subfolder=sub, variant=variant, dtype=dtype)
-
-    def from_state_dict():
-        from accelerate import init_empty_weights
-        from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import EntryNotFoundError
-        from safetensors.torch import load_file
-
-        file, config = path, os.path.join(os.path.dirname(os.path.abspath(path)), "config.json")
-        if not os.path.exists(path):  # owner/repo/path/in/repo
-            parts = path.split("/")
-            repo = "/".join(parts[:2])
-            file = hf_hub_download(repo, "/".join(parts[2:]))
-            try:
-                config = hf_hub_download(repo, "/".join(parts[2:-1] + ["config.json"]))
-            except EntryNotFoundError:  # none beside it (or offline and not cached)
-                config = ""
-        if os.path.isfile(config):
-            config = UNet2DConditionModel.load_config(config)
-        else:
-            config = load("pretrained", pretrained, UNet2DConditionModel.load_config, pretrained,
-                          subfolder="unet")
-        if file.endswith(".safetensors"):
-            sd = load_file(file)
-        else:
-            sd = torch.load(file, map_location="cpu", weights_only=True)
-        with init_empty_weights():  # parameters on meta: no random init of weights about to go
-            unet = UNet2DConditionModel.from_config(config)
-        unet.load_state_dict(sd, strict=True, assign=True)  # the file's tensors become parameters
-        return unet.to(dtype)
-
-    return load(flag, path, from_state_dict)
-
-
-def quiet_libraries():
-    """Warnings off, and the libraries' own bars ("Loading weights", "Loading pipeline components"),
-    but not huggingface_hub's download bars: a first run shows its tens of GB arriving."""
-    from diffusers.utils import logging as diffusers_logging
-    from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
-    from transformers.utils import logging as transformers_logging
-
-    hub_bars = not are_progress_bars_disabled()  # HF_HUB_DISABLE_PROGRESS_BARS=1 still wins
-    for lib in (diffusers_logging, transformers_logging):
-        lib.set_verbosity_error()
-        lib.disable_progress_bar()  # transformers' also turns off the hub's bars
-    if hub_bars:
-        enable_progress_bars()
-
-
-
 class ClipReward(nn.Module):
     """r(x, c) = cos(CLIP_image(x), CLIP_text(c)): PickScore with PickScore_v1, CLIP score with
     any other CLIPModel. alpha_rew multiplies this raw cosine (~0.22 for PickScore), not the x100
@@ -618,7 +524,8 @@ class ClipReward(nn.Module):
         from transformers import AutoProcessor, CLIPModel
 
         if isinstance(processor, str):
-            processor = load("reward_processor", processor, AutoProcessor.from_pretrained, processor)
+            processor = load("reward_processor", processor, AutoProcessor.from_pretrained,
+                             processor)
         if isinstance(model, str):
             model = load("reward_model", model, CLIPModel.from_pretrained, model, dtype=dtype)
         self.tokenizer, ip = processor.tokenizer, processor.image_processor
@@ -716,7 +623,7 @@ class SDXLWorld:
         return eps.float()
 
     def generate(self, g, cond, z=None):
-        """The one-step generator as DMD2 and DI* read it: x_0 = (z - sigma eps_hat) / a, t = 399."""
+        """The one-step generator as DMD2 and DI* read it, at t = 399: x_0 = (z - s eps_hat) / a."""
         if z is None:  # (B, 4, R/8, R/8)
             z = torch.randn(len(cond["prompts"]), *self.latent_shape, device=self.device)
         ab = self.alphas_cumprod[self.cfg.conditioning_t]
@@ -758,8 +665,8 @@ def load_sdxl_parts(cfg, device, frozen):
 
     get = lambda fn, **kw: load("pretrained", cfg.pretrained, fn, cfg.pretrained, **kw)
     pipe = get(StableDiffusionXLPipeline.from_pretrained, unet=None, vae=None, dtype=torch.float32)
-    return dict(pipe=pipe.to(device),
-                alphas_cumprod=get(DDPMScheduler.from_pretrained, subfolder="scheduler").alphas_cumprod,
+    sched = get(DDPMScheduler.from_pretrained, subfolder="scheduler")
+    return dict(pipe=pipe.to(device), alphas_cumprod=sched.alphas_cumprod,
                 vae=get(AutoencoderKL.from_pretrained, subfolder="vae").to(device),
                 s_ref=get(load_unet, subfolder="unet", dtype=frozen).to(device),
                 assistant=get(load_unet, subfolder="unet").to(device),
@@ -1035,7 +942,8 @@ RUN_OUTPUTS = (CKPT_RE, r"\.tmp-checkpoint-\d{6}(\.old)?", r"metrics\.jsonl", r"
 
 def list_checkpoints(out_dir):
     names = sorted(d for d in (os.listdir(out_dir) if os.path.isdir(out_dir) else [])
-                   if re.fullmatch(CKPT_RE, d) and os.path.isfile(os.path.join(out_dir, d, "state.json")))
+                   if re.fullmatch(CKPT_RE, d)
+                   and os.path.isfile(os.path.join(out_dir, d, "state.json")))  # complete
     return [os.path.join(out_dir, d) for d in names]
 
 
@@ -1222,32 +1130,6 @@ def run_toy(cfg, dist_info):
         evaluate_toy(world, cfg.out_dir)
 
 
-@torch.no_grad()
-def evaluate_toy(world, out_dir, n=4000):
-    """Per class: energy distance to the reference (and N(0, I)'s, for scale), mean reward."""
-    from safetensors.torch import save_file
-
-    gen, ref = toy_samples(world, n)  # (K, n, 2) each
-    save_file({"generator": gen, "reference": ref}, os.path.join(out_dir, "toy_samples.safetensors"))
-    save_toy_png(os.path.join(out_dir, "toy.png"), ref, gen)
-    normal = torch.randn(n, 2)
-    print(f"{'class':>5s} {'energy dist':>12s} {'/ N(0,I)':>9s} {'reward gen':>11s} "
-          f"{'reward ref':>11s}")
-    for k in range(world.K):
-        ed, ed0 = energy_distance(gen[k], ref[k]), energy_distance(normal, ref[k])
-        r_gen, r_ref = world.reward(gen[k], None).mean(), world.reward(ref[k], None).mean()
-        print(f"{k:5d} {ed:12.4f} {ed / ed0:9.2%} {r_gen:11.4f} {r_ref:11.4f}")
-    print(f"wrote {out_dir}/toy.png and {out_dir}/toy_samples.safetensors")
-
-
-def toy_samples(world, n):
-    """n generator and n reference samples of every class: two (K, n, 2) tensors on the CPU."""
-    c = lambda k: torch.full((n,), k, device=world.means.device)
-    with torch.no_grad():
-        gen = torch.stack([world.generate(world.generator, c(k)) for k in range(world.K)])
-    return gen.cpu(), torch.stack([world.sample_ref(k, n) for k in range(world.K)]).cpu()
-
-
 def run_sdxl(cfg, dist_info):
     rank, world_size, device = dist_info
     read_prompts(cfg.prompts)  # a bad prompt file fails before anything loads
@@ -1303,16 +1185,117 @@ def main(argv):
 
 
 ###############################################################################
-# EXTRAS. Tooling around the DI* path above, which never needs it to train: SDXL-architecture
-# models from configs (tiny ones, and the full size with random weights), the dry run and the
-# cost table, the toy pictures, and the paper's Table 2 in the toy.
+# EXTRAS. Tooling around the DI* path above: loading models with one-line errors, SDXL models
+# from configs (tiny ones, and the full size with random weights), the dry run and the cost
+# table, the toy pictures, and the paper's Table 2 in the toy.
 ###############################################################################
+
+# -----------------------------------------------------------------------------
+# loading models: local folders, hub ids and state-dict files; a failure is one line naming its flag
+
+def hub_unreachable(e):
+    """Whether e, or an error that caused it, says the hub could not be reached (or offline mode
+    is on) and the files were not in the local cache. By class name, since the HTTP library under
+    huggingface_hub changes (requests, httpx, httpx2): their connection errors are named so."""
+    while e is not None:  # diffusers wraps the hub's error in an OSError of its own
+        names = {c.__name__ for c in type(e).__mro__}
+        if names & {"LocalEntryNotFoundError", "ConnectionError", "TimeoutError", "TransportError"}:
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def load(flag, value, fn, *args, **kwargs):
+    """Run a from_pretrained-style loader; a failure becomes one line naming the flag."""
+    try:
+        return fn(*args, **kwargs)
+    except LoadError:  # from a nested load, which named its own flag
+        raise
+    except Exception as e:  # OSError, ValueError, HFValidationError, ...: report, do not trace
+        if hub_unreachable(e):
+            local = "/path/to/sdxl" if flag == "pretrained" else "/path/to/unet"
+            first = ("no such local path, the Hugging Face hub could not be reached and the model "
+                     f"is not in the local cache; pass a local folder (--{flag}={local})")
+        else:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise LoadError(f"cannot load --{flag}={value}: {first}") from None
+
+
+def load_unet(path, **kw):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel.from_pretrained(path, subfolder=kw.pop("subfolder", None), **kw)
+
+
+def load_generator(path, pretrained, variant=None, dtype=None, flag="generator_init"):
+    """A one-step generator's UNet, in any form one is published in:
+    "": the UNet of `pretrained`; a diffusers UNet folder, or a pipeline folder holding unet/
+    (both with `variant`, e.g. fp16); a state-dict file (.bin/.pt/.pth/.safetensors), local or
+    on the hub as owner/repo/path/in/repo (DMD2's tianweiy/DMD2/dmd2_sdxl_1step_unet_fp16.bin).
+    A state dict's architecture is the config.json beside it if there is one (a release's unet/
+    folder), else `pretrained`'s unet/config.json. Returned in `dtype` (default fp32)."""
+    from diffusers import UNet2DConditionModel
+
+    dtype = dtype or torch.float32
+    if not path:
+        return load("pretrained", pretrained, load_unet, pretrained, subfolder="unet",
+                    variant=variant, dtype=dtype)
+    if not path.endswith((".bin", ".pt", ".pth", ".safetensors")):
+        sub = "unet" if os.path.isdir(os.path.join(path, "unet")) else None
+        return load(flag, path, load_unet, path, subfolder=sub, variant=variant, dtype=dtype)
+
+    def from_state_dict():
+        from accelerate import init_empty_weights
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError
+        from safetensors.torch import load_file
+
+        file, config = path, os.path.join(os.path.dirname(os.path.abspath(path)), "config.json")
+        if not os.path.exists(path):  # owner/repo/path/in/repo
+            parts = path.split("/")
+            repo = "/".join(parts[:2])
+            file = hf_hub_download(repo, "/".join(parts[2:]))
+            try:
+                config = hf_hub_download(repo, "/".join(parts[2:-1] + ["config.json"]))
+            except EntryNotFoundError:  # none beside it (or offline and not cached)
+                config = ""
+        if os.path.isfile(config):
+            config = UNet2DConditionModel.load_config(config)
+        else:
+            config = load("pretrained", pretrained, UNet2DConditionModel.load_config, pretrained,
+                          subfolder="unet")
+        if file.endswith(".safetensors"):
+            sd = load_file(file)
+        else:
+            sd = torch.load(file, map_location="cpu", weights_only=True)
+        with init_empty_weights():  # parameters on meta: no random init of weights about to go
+            unet = UNet2DConditionModel.from_config(config)
+        unet.load_state_dict(sd, strict=True, assign=True)  # the file's tensors become parameters
+        return unet.to(dtype)
+
+    return load(flag, path, from_state_dict)
+
+
+def quiet_libraries():
+    """Warnings off, and the libraries' own bars ("Loading weights", "Loading pipeline components"),
+    but not huggingface_hub's download bars: a first run shows its tens of GB arriving."""
+    from diffusers.utils import logging as diffusers_logging
+    from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
+    from transformers.utils import logging as transformers_logging
+
+    hub_bars = not are_progress_bars_disabled()  # HF_HUB_DISABLE_PROGRESS_BARS=1 still wins
+    for lib in (diffusers_logging, transformers_logging):
+        lib.set_verbosity_error()
+        lib.disable_progress_bar()  # transformers' also turns off the hub's bars
+    if hub_bars:
+        enable_progress_bars()
+
 
 # -----------------------------------------------------------------------------
 # SDXL-architecture models from configs: tiny (--tiny, the tests) and full size (--dry_run,
 # stabilityai/stable-diffusion-xl-base-1.0 and yuvalkirstain/PickScore_v1 less their defaults)
 
-_UNET_BLOCKS = dict(down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+_UNET_BLOCKS = dict(down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * 2,
                     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
                     use_linear_projection=True, addition_embed_type="text_time")
 _VAE_BLOCKS = dict(down_block_types=("DownEncoderBlock2D",) * 4, latent_channels=4,
@@ -1432,14 +1415,16 @@ def memory_plan(world, n_gpus, zero):
     """Memory per GPU before activations, [(item, bytes)], for train on n_gpus ranks. AdamW keeps
     two fp32 states per trained weight (1/n_gpus of them with --zero); fused, it needs no scratch.
     Gradients: one net's at a time alone (train frees them); under DDP both nets' buckets."""
-    g, psi, te = world.generator, world.assistant, (world.pipe.text_encoder, world.pipe.text_encoder_2)
+    g, psi, te = world.generator, world.assistant, (world.pipe.text_encoder,
+                                                    world.pipe.text_encoder_2)
     shard = n_gpus if zero and n_gpus > 1 else 1
     dt = lambda net: str(next(net.parameters()).dtype).removeprefix("torch.")
+    ddp = n_gpus > 1
     return [(f"generator + assistant weights ({dt(g)} masters)", param_bytes(g, psi)),
-            ("AdamW states of both, 2 per weight" + (f", 1/{shard} with --zero" if shard > 1 else ""),
+            ("AdamW states of both, 2 per weight" + (f", 1/{shard} with --zero" * (shard > 1)),
              2 * param_bytes(g, psi) // shard),
-            ("gradients: DDP buckets of both nets" if n_gpus > 1 else "gradients of one net at a time",
-             param_bytes(g, psi) if n_gpus > 1 else max(param_bytes(g), param_bytes(psi))),
+            ("gradients: DDP buckets of both nets" if ddp else "gradients of one net at a time",
+             param_bytes(g, psi) if ddp else max(param_bytes(g), param_bytes(psi))),
             (f"reference UNet ({dt(world.s_ref)})", param_bytes(world.s_ref)),
             (f"text encoders ({dt(te[0])})", param_bytes(*te)),
             (f"reward CLIP ({dt(world.reward_fn.model)})", param_bytes(world.reward_fn.model)),
@@ -1506,7 +1491,8 @@ def measure_steps(world, dist_info, flops_per_step):
     """train's own timings, nothing written: seconds per step (median, step 1 is warm-up),
     images/s per GPU, peak memory over all steps, MFU (needs a known peak)."""
     cfg, (rank, world_size, device) = world.cfg, dist_info
-    opts = [make_optimizer(cfg, n.parameters(), cfg.lr_g) for n in (world.generator, world.assistant)]
+    opts = [make_optimizer(cfg, n.parameters(), lr) for n, lr in ((world.generator, cfg.lr_g),
+                                                                   (world.assistant, cfg.lr_psi))]
     try:
         history = train(world, *opts, dist_info, range(cfg.max_steps))
     except torch.cuda.OutOfMemoryError:
@@ -1550,17 +1536,19 @@ def bench(world, dist_info):
     opts = [make_optimizer(cfg, n.parameters(), 0.0) for n in (world.generator, world.assistant)]
     variants = [(div, ckpt) for ckpt in (False, True) for div in ("pseudo_huber", "l2", "kl")]
     runs, oom = {v: [] for v in variants}, set()
-    os.environ["TQDM_DISABLE"] = "1"  # one progress bar per timed step would flood the screen
-    for rep in range(cfg.bench_warmup + cfg.bench_reps):
-        for v in [v for v in variants[rep % 6:] + variants[:rep % 6] if v not in oom]:
-            world.cfg = replace(cfg, divergence=v[0], assistant_steps=1, log_interval=1)
-            world.set_grad_checkpointing(v[1])
-            try:
-                (m,) = train(world, *opts, dist_info, range(1))
-                runs[v] += [m] if rep >= cfg.bench_warmup else []
-            except torch.cuda.OutOfMemoryError:
-                oom.add(v)
-                [o.zero_grad(set_to_none=True) for o in opts]
+    order = lambda rep: [v for v in variants[rep % 6:] + variants[:rep % 6] if v not in oom]
+    with mock.patch.dict(os.environ, TQDM_DISABLE="1"):  # no progress bar per timed step
+        for rep in range(cfg.bench_warmup + cfg.bench_reps):
+            for v in order(rep):
+                world.cfg = replace(cfg, divergence=v[0], assistant_steps=1, log_interval=1)
+                world.set_grad_checkpointing(v[1])
+                try:
+                    (m,) = train(world, *opts, dist_info, range(1))
+                    runs[v] += [m] if rep >= cfg.bench_warmup else []
+                except torch.cuda.OutOfMemoryError:
+                    oom.add(v)
+                    for o in opts:
+                        o.zero_grad(set_to_none=True)
     world.cfg = cfg
     world.set_grad_checkpointing(cfg.grad_checkpointing)
     def row(step, div, ckpt, ms, mem):
@@ -1594,9 +1582,36 @@ def bench(world, dist_info):
 
 
 # -----------------------------------------------------------------------------
-# the toy pictures (PIL scatter plots: reference in grey, generator in class colours)
+# the toy's evaluation and pictures (PIL scatter plots: reference in grey, generator in colour)
 
 TOY_COLOURS = [(214, 39, 40), (31, 119, 180), (44, 160, 44)]  # class 0, 1, 2
+
+
+@torch.no_grad()
+def evaluate_toy(world, out_dir, n=4000):
+    """Per class: energy distance to the reference (and N(0, I)'s, for scale), mean reward."""
+    from safetensors.torch import save_file
+
+    gen, ref = toy_samples(world, n)  # (K, n, 2) each
+    save_file({"generator": gen, "reference": ref},
+              os.path.join(out_dir, "toy_samples.safetensors"))
+    save_toy_png(os.path.join(out_dir, "toy.png"), ref, gen)
+    normal = torch.randn(n, 2)
+    print(f"{'class':>5s} {'energy dist':>12s} {'/ N(0,I)':>9s} {'reward gen':>11s} "
+          f"{'reward ref':>11s}")
+    for k in range(world.K):
+        ed, ed0 = energy_distance(gen[k], ref[k]), energy_distance(normal, ref[k])
+        r_gen, r_ref = world.reward(gen[k], None).mean(), world.reward(ref[k], None).mean()
+        print(f"{k:5d} {ed:12.4f} {ed / ed0:9.2%} {r_gen:11.4f} {r_ref:11.4f}")
+    print(f"wrote {out_dir}/toy.png and {out_dir}/toy_samples.safetensors")
+
+
+def toy_samples(world, n):
+    """n generator and n reference samples of every class: two (K, n, 2) tensors on the CPU."""
+    c = lambda k: torch.full((n,), k, device=world.means.device)
+    with torch.no_grad():
+        gen = torch.stack([world.generate(world.generator, c(k)) for k in range(world.K)])
+    return gen.cpu(), torch.stack([world.sample_ref(k, n) for k in range(world.K)]).cpu()
 
 
 def scatter(draw, left, top, size, layers, lim):
