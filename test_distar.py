@@ -21,8 +21,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub, in-proces
 import distar  # noqa: E402
 import sample  # noqa: E402
 
+# One intra-op thread, here and in every subprocess (torchrun sets the same per rank): these nets
+# are tiny, and threads that compete for cores (other jobs, ranks) slow a run down 10-30x.
+torch.set_num_threads(1)
 HERE = os.path.dirname(os.path.abspath(__file__))
-ENV = {**os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+ENV = {**os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 f64 = torch.float64
 
 
@@ -59,12 +62,20 @@ def test_flags_parse_to_their_types_and_each_mode_has_defaults_the_command_line_
     (["--toy", "--keep_checkpoints=0"], "--keep_checkpoints must be >= 1"),
     (["--tiny", "--resume", "--overwrite"], "--overwrite deletes it: choose"),
 ])
-def test_a_bad_command_line_is_one_line_naming_the_flag_and_exit_2(args, words):
-    p = run(*args, timeout=60)
+def test_a_bad_command_line_is_one_line_naming_the_flag_and_exit_2(args, words, capsys):
+    assert distar.main(args) == 2  # the script exits with main's code (next test)
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and words in lines[0], err
+
+
+def test_the_script_exits_with_mains_code_and_no_traceback():
+    p = run("--toy", "--max_steps=ten", timeout=60)
     assert p.returncode == 2
     assert "Traceback" not in p.stderr and p.stdout == ""
     lines = p.stderr.strip().splitlines()
-    assert len(lines) == 1 and words in lines[0], p.stderr
+    assert len(lines) == 1 and "--max_steps: invalid int value: 'ten'" in lines[0], p.stderr
 
 
 @pytest.mark.parametrize("script", ["distar.py", "sample.py"])
@@ -718,8 +729,11 @@ def _tree_digest(folder):
 
 @pytest.fixture(scope="module")
 def trained_dir(tmp_path_factory):
+    """One tiny SDXL run of 2 steps, samples at each, read only: an out_dir holding another run's
+    checkpoints here, and the outputs of the tiny command line in main's section."""
     d = tmp_path_factory.mktemp("trained")
-    assert run("--tiny", "--max_steps=2", f"--out_dir={d}").returncode == 0
+    p = run("--tiny", "--max_steps=2", "--sample_interval=1", f"--out_dir={d}")
+    assert p.returncode == 0, p.stderr[-2000:]
     return d
 
 
@@ -730,14 +744,16 @@ def trained_dir(tmp_path_factory):
     (["--tiny", "--resolution=30"], "--resolution must be a multiple of 8"),
     (["--tiny", "--precision=fp8"], "--precision: invalid choice: 'fp8'"),
 ])
-def test_bad_sdxl_input_is_one_line_and_leaves_checkpoints_intact(trained_dir, tmp_path, args, words):
+def test_bad_sdxl_input_is_one_line_and_leaves_checkpoints_intact(trained_dir, tmp_path, args, words, capsys):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n")
     before = _tree_digest(trained_dir)
-    p = run(*[a.replace("{empty}", str(empty)) for a in args], f"--out_dir={trained_dir}", "--resume", timeout=120)
-    assert p.returncode == 2 and "Traceback" not in p.stderr
-    lines = p.stderr.strip().splitlines()
-    assert len(lines) == 1 and words in lines[0], p.stderr
+    argv = [a.replace("{empty}", str(empty)) for a in args]
+    assert distar.main([*argv, f"--out_dir={trained_dir}", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and words in lines[0], err
     assert _tree_digest(trained_dir) == before
 
 
@@ -749,12 +765,13 @@ def _sdxl_args(tiny):
             "--log_interval=1"]
 
 
-def test_fresh_sdxl_run_refuses_an_out_dir_with_another_runs_checkpoints(tiny, trained_dir):
+def test_fresh_sdxl_run_refuses_an_out_dir_with_another_runs_checkpoints(tiny, trained_dir, capsys):
     before = _tree_digest(trained_dir)
-    p = run(*_sdxl_args(tiny), "--max_steps=1", f"--out_dir={trained_dir}", timeout=120)
-    assert p.returncode == 2 and "Traceback" not in p.stderr and p.stdout == ""
-    lines = p.stderr.strip().splitlines()
-    assert len(lines) == 1, p.stderr
+    assert distar.main([*_sdxl_args(tiny), "--max_steps=1", f"--out_dir={trained_dir}"]) == 2
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
     newest = trained_dir / "checkpoint-000002"
     assert lines[0] == (f"distar: error: {trained_dir} holds checkpoints of another run (newest "
                         f"{newest}): pass --resume to continue it, or --overwrite to start over")
@@ -768,13 +785,13 @@ def test_a_fresh_run_starts_the_out_dir_over(tiny, trained_dir, tmp_path, mode):
     import shutil
 
     d = tmp_path / "out"
-    shutil.copytree(trained_dir, d)  # checkpoint-000002, metrics.jsonl, samples-000002.png, tiny/
+    shutil.copytree(trained_dir, d)  # checkpoint-000002, metrics.jsonl, samples-00000{1,2}.png, tiny/
     tiny_models = _tree_digest(d / "tiny")
     args = ["--tiny"] if mode == "--tiny" else [*_sdxl_args(tiny), "--overwrite"]
     p = run(*args, "--max_steps=1", "--sample_interval=1", f"--out_dir={d}")
     assert p.returncode == 0, p.stderr[-2000:]
-    assert (f"starting over in {d}: removed checkpoint-000002, metrics.jsonl, samples-000002.png "
-            "of an earlier run (--resume continues a run)") in p.stdout
+    assert (f"starting over in {d}: removed checkpoint-000002, metrics.jsonl, samples-000001.png, "
+            "samples-000002.png of an earlier run (--resume continues a run)") in p.stdout
     assert [c.name for c in sorted(d.glob("checkpoint-*"))] == ["checkpoint-000001"]
     rows = (d / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in rows] == [1]
@@ -828,12 +845,10 @@ def test_torchrun_toy_runs_two_ranks_in_sync_and_rank_0_alone_prints(tmp_path):
     assert (tmp_path / "toy_samples.safetensors").exists()
 
 
-def test_tiny_run_writes_a_diffusers_generator_samples_state_and_every_metric(tmp_path):
-    p = run("--tiny", "--max_steps=2", "--sample_interval=1", f"--out_dir={tmp_path}")
-    assert p.returncode == 0, p.stderr[-2000:]
+def test_tiny_run_writes_a_diffusers_generator_samples_state_and_every_metric(trained_dir):
     from diffusers import UNet2DConditionModel
-    from PIL import Image
 
+    tmp_path = trained_dir  # run("--tiny", "--max_steps=2", "--sample_interval=1"), checked there
     unet = UNet2DConditionModel.from_pretrained(tmp_path / "checkpoint-000002" / "generator")  # loads in diffusers
     assert unet.config.addition_embed_type == "text_time"
     assert Image.open(tmp_path / "samples-000001.png").size == (4 * 64, 64)
