@@ -770,15 +770,15 @@ def generator_backward(world, g, cond):
     world.assistant.requires_grad_(False)
     try:
         loss, terms = generator_loss(world, g, cond)
-        x0 = terms.pop("x0")
-        grad_x0 = torch.zeros_like(x0)
-        for k in ("rew", "div", "cfg"):
+        x0, grad = terms.pop("x0"), {}
+        # each term's graph is freed once its gradient is taken; only the CFG term's is kept
+        # until the divergence's, because the two share x_t
+        for k, keep in (("rew", False), ("cfg", True), ("div", False)):
             term = terms[f"loss_{k}"]
-            g_k = (torch.autograd.grad(term, x0, retain_graph=True)[0] if term.requires_grad
-                   else torch.zeros_like(x0))  # (B, C, H, W)
-            terms[f"x0grad_{k}"] = g_k.norm()
-            grad_x0 += g_k
-        x0.backward(grad_x0)
+            grad[k] = (torch.autograd.grad(term, x0, retain_graph=keep)[0] if term.requires_grad
+                       else torch.zeros_like(x0))  # (B, C, H, W)
+            terms[f"x0grad_{k}"] = grad[k].norm()
+        x0.backward(grad["rew"] + grad["div"] + grad["cfg"])
     finally:
         world.assistant.requires_grad_(True)
     return loss.detach(), {k: v.detach() for k, v in terms.items()}  # the graphs go here
