@@ -1042,6 +1042,8 @@ def load_checkpoint(cfg, world, opt_g, opt_psi, dist_info):
             print(f"resume: no complete checkpoint in {cfg.out_dir}; starting at step 0")
         return 0
     path = ckpts[-1]
+    if not os.path.isfile(os.path.join(path, "state.pt")):
+        raise LoadError(f"--resume: {path} has no state.pt (an older layout); start over elsewhere")
     with open(os.path.join(path, "state.json")) as f:
         step, saved_world_size = (lambda s: (s["step"], s["world_size"]))(json.load(f))
     load_net(world.generator, os.path.join(path, "generator"))

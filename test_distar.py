@@ -648,6 +648,18 @@ def test_resume_takes_learning_rates_betas_and_weight_decay_from_the_command_lin
         assert all(torch.equal(a[k], b[k]) for k in ("exp_avg", "exp_avg_sq"))
 
 
+def test_resume_of_a_checkpoint_without_state_pt_is_one_line_and_touches_nothing(tmp_path, capsys,
+                                                                                   monkeypatch):
+    ckpt = tmp_path / "checkpoint-000002"
+    ckpt.mkdir()
+    (ckpt / "state.json").write_text(json.dumps({"step": 2, "world_size": 1, "config": {}}))
+    monkeypatch.setattr(distar, "gradient_check", lambda: [])
+    assert distar.main(["--toy", "--resume", "--max_steps=3", f"--out_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "has no state.pt" in err, err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["checkpoint-000002", "state.json"]
+
+
 def test_resume_reads_the_optimizer_states_on_the_cpu(tmp_path, monkeypatch):
     """Every rank reads optimizers.pt onto the CPU (memory-mapped), and the optimizer copies what
     it keeps to its device: under --zero only the rank's own shard reaches the GPU."""
