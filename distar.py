@@ -122,7 +122,7 @@ TINY_DEFAULTS = dict(resolution=64, max_steps=4, lr_g=1e-4, lr_psi=1e-4, assista
                      out_dir="out_tiny")
 DRY_RUN_DEFAULTS = dict(max_steps=4, log_interval=1, out_dir="out_dry_run")  # step 1: warm-up
 CHOICES = dict(cfg=("in", "out"), divergence=("pseudo_huber", "l2", "kl"),
-               precision=("bf16", "fp32"))
+               precision=("bf16", "fp32"), dtype=("fp16", "bf16", "fp32"))  # dtype: sample.py
 AT_LEAST = dict(batch_size=1, max_steps=0, assistant_steps=0, lr_g=0, lr_psi=0, beta1=0, beta2=0,
                 weight_decay=0, grad_clip=0, max_skips=1, log_interval=1, ckpt_interval=1,
                 sample_interval=1, keep_checkpoints=1, world_size_plan=0, peak_tflops=0,

@@ -36,6 +36,7 @@ class SampleConfig:
     batch_size: int = 4  # images per pipeline call
     seed: int = 0  # batch i uses seed + i; the bootstrap uses it too
     resolution: int = 1024  # image side in pixels, a multiple of 8
+    dtype: str = "fp16"  # fp16 (the releases') | bf16 | fp32 on a GPU; always fp32 on the CPU
     out_dir: str = "samples"  # 000.png, 001.png, ... (a/ and b/ with --compare)
     score: bool = False  # PickScore and CLIP score of every image; means with intervals
     reward_model: str = "yuvalkirstain/PickScore_v1"  # PickScore's CLIPModel
@@ -110,7 +111,8 @@ def sample(cfg):
     from diffusers.utils import make_image_grid
     from PIL import Image, ImageDraw
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.float16 if device == "cuda" else torch.float32  # the releases' fp16 on a GPU
+    dtype = getattr(torch, dict(fp16="float16", bf16="bfloat16", fp32="float32")[cfg.dtype])
+    dtype = dtype if device == "cuda" else torch.float32  # half precision is for GPUs
     prompts = [cfg.prompt] if cfg.prompt else distar.read_prompts(cfg.prompts)
     k, records = cfg.images_per_prompt, []
     jobs = [(p, text) for p, text in enumerate(prompts) for _ in range(k)]

@@ -1561,7 +1561,7 @@ def test_compare_two_generators_uses_the_same_prompts_and_seeds(compare_runs):
 
 @pytest.mark.parametrize("case", ["missing_pretrained", "missing_generator", "missing_prompts",
                                   "empty_prompts", "missing_reward", "missing_clip", "missing_compare",
-                                  "unknown_flag", "bad_value", "bad_ci", "bad_type", "bad_bool",
+                                  "unknown_flag", "bad_value", "bad_ci", "bad_type", "bad_bool", "bad_dtype",
                                   "prompt_and_prompts"])
 def test_bad_sample_input_is_one_line_exit_2_and_writes_nothing(tiny, tmp_path, capsys, case):
     sdxl, reward = tiny
@@ -1585,6 +1585,7 @@ def test_bad_sample_input_is_one_line_exit_2_and_writes_nothing(tiny, tmp_path, 
                   "bad_ci": (["--ci=95"], "--ci"),
                   "bad_type": (["--batch_size=four"], "--batch_size"),
                   "bad_bool": (["--score=maybe"], "--score"),
+                  "bad_dtype": (["--dtype=fp8"], "--dtype"),
                   "prompt_and_prompts": (["--prompt=a", f"--prompts={tmp_path / 'empty.txt'}"],
                                          "--prompt")}[case]
     assert sample.main(["--resolution=64", f"--out_dir={tmp_path / 'o'}", *args]) == 2  # later flags win
