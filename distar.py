@@ -670,7 +670,8 @@ def load_sdxl_parts(cfg, device, frozen):
                 vae=get(AutoencoderKL.from_pretrained, subfolder="vae").to(device),
                 s_ref=get(load_unet, subfolder="unet", dtype=frozen).to(device),
                 assistant=get(load_unet, subfolder="unet").to(device),
-                generator=load_generator(cfg.generator_init, cfg.pretrained, cfg.variant or None),
+                generator=load_generator(cfg.generator_init, cfg.pretrained,
+                                         cfg.variant or None).to(device),
                 reward_fn=ClipReward(cfg.reward_model, cfg.reward_processor, frozen).to(device))
 
 
@@ -993,30 +994,38 @@ def load_net(net, path):
                          for k, v in load_file(os.path.join(path, name)).items()})
 
 
+def state_file(rank):
+    """Rank 0's state.pt holds every rank's RNG state and its optimizers; under --zero each other
+    rank's file holds its own shard of the AdamW states (nothing is gathered through rank 0)."""
+    return "state.pt" if rank == 0 else f"state-rank{rank:03d}.pt"
+
+
 def save_checkpoint(cfg, step, world, opt_g, opt_psi, dist_info):
     rank, world_size, device = dist_info
-    state = {}
-    for name, opt in (("opt_g", opt_g), ("opt_psi", opt_psi)):
-        if hasattr(opt, "consolidate_state_dict"):  # ZeRO: gather the shards on rank 0
-            opt.consolidate_state_dict(to=0)
-        if rank == 0:
-            state[name] = opt.state_dict()
+    zero = hasattr(opt_g, "optim")  # ZeroRedundancyOptimizer: .optim is this rank's AdamW
     rng = {"cpu": torch.get_rng_state()}
     if device.type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state(device)
-    state["rng"] = [rng]
+    rngs = [rng]
     if world_size > 1:
-        state["rng"] = [None] * world_size
-        dist.all_gather_object(state["rng"], rng)
+        rngs = [None] * world_size
+        dist.all_gather_object(rngs, rng)
+    tmp = os.path.join(cfg.out_dir, f".tmp-checkpoint-{step:06d}")
     if rank == 0:
-        final = os.path.join(cfg.out_dir, f"checkpoint-{step:06d}")
-        tmp = os.path.join(cfg.out_dir, f".tmp-checkpoint-{step:06d}")
         shutil.rmtree(tmp, ignore_errors=True)
         save_net(world.generator, os.path.join(tmp, "generator"))
         save_net(world.assistant, os.path.join(tmp, "assistant"))
-        torch.save(state, os.path.join(tmp, "state.pt"))
+    barrier(world_size)  # the folder exists
+    if rank == 0 or zero:
+        opts = {name: getattr(opt, "optim", opt).state_dict()
+                for name, opt in (("opt_g", opt_g), ("opt_psi", opt_psi))}
+        torch.save(dict(opts, rng=rngs) if rank == 0 else opts, os.path.join(tmp, state_file(rank)))
+    barrier(world_size)  # every file is written
+    if rank == 0:
+        final = os.path.join(cfg.out_dir, f"checkpoint-{step:06d}")
         with open(os.path.join(tmp, "state.json"), "w") as f:
-            json.dump(dict(step=step, world_size=world_size, config=asdict(cfg)), f, indent=1)
+            json.dump(dict(step=step, world_size=world_size, zero=zero, config=asdict(cfg)), f,
+                      indent=1)
             f.flush()
             os.fsync(f.fileno())
         if os.path.exists(final):  # the same step saved again: swap, then drop the old copy
@@ -1025,45 +1034,53 @@ def save_checkpoint(cfg, step, world, opt_g, opt_psi, dist_info):
         shutil.rmtree(tmp + ".old", ignore_errors=True)
         for old in list_checkpoints(cfg.out_dir)[:-cfg.keep_checkpoints]:
             shutil.rmtree(old)
-    del state
-    for opt in (opt_g, opt_psi):  # ZeRO keeps the gathered states (~40 GB at full size) on rank
-        if hasattr(opt, "_all_state_dicts"):  # 0's CPU until the next save: drop them now
-            opt._all_state_dicts = []
+    barrier(world_size)  # rank 0 saves, then everyone goes on
+
+
+def barrier(world_size):
     if world_size > 1:
-        dist.barrier()  # rank 0 saves, then everyone goes on
+        dist.barrier()
 
 
 def load_checkpoint(cfg, world, opt_g, opt_psi, dist_info):
     """Restore the newest complete checkpoint in out_dir; returns the step to continue from."""
     rank, world_size, device = dist_info
-    ckpts = list_checkpoints(cfg.out_dir)
-    if not ckpts:
+    path = (list_checkpoints(cfg.out_dir) or [None])[-1]
+    if world_size > 1:  # rank 0's choice, so that every rank continues the same checkpoint
+        chosen = [path]
+        dist.broadcast_object_list(chosen, 0)
+        path = chosen[0]
+    if path is None:
         if rank == 0:
             print(f"resume: no complete checkpoint in {cfg.out_dir}; starting at step 0")
         return 0
-    path = ckpts[-1]
+    with open(os.path.join(path, "state.json")) as f:
+        saved = json.load(f)
+    step, zero = saved["step"], hasattr(opt_g, "optim")
     if not os.path.isfile(os.path.join(path, "state.pt")):
         raise LoadError(f"--resume: {path} has no state.pt (an older layout); start over elsewhere")
-    with open(os.path.join(path, "state.json")) as f:
-        step, saved_world_size = (lambda s: (s["step"], s["world_size"]))(json.load(f))
+    if zero != saved.get("zero", False) or (zero and saved["world_size"] != world_size):
+        how = f"--zero on {saved['world_size']} ranks" if saved.get("zero") else "no --zero"
+        raise LoadError(f"--resume: {path} was saved with {how}: resume it the same way")
     load_net(world.generator, os.path.join(path, "generator"))
     load_net(world.assistant, os.path.join(path, "assistant"))
-    # on the CPU and memory-mapped: a page is read only when its tensor is copied. AdamW copies
-    # each state to its parameter's device; under --zero a rank copies only the shard it owns
-    state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=True,
-                       mmap=True)
+    # on the CPU and memory-mapped: a page is read only when its tensor is copied. Each AdamW
+    # (under --zero, the rank's own) puts every state on its parameter's device, fused AdamW's
+    # step counter included
+    read = lambda name: torch.load(os.path.join(path, name), map_location="cpu",
+                                   weights_only=True, mmap=True)
+    state = read("state.pt")
+    opts = state if rank == 0 or not zero else read(state_file(rank))
     for name, opt, lr in (("opt_g", opt_g, cfg.lr_g), ("opt_psi", opt_psi, cfg.lr_psi)):
-        opt.load_state_dict(state[name])
-        if hasattr(opt, "consolidate_state_dict"):  # ZeRO also keeps a copy of the rank's shard
-            opt.state.clear()  # in the wrapper's own .state, which step never reads
+        getattr(opt, "optim", opt).load_state_dict(opts[name])
         for group in opt.param_groups:  # the command line wins over the saved hyperparameters
             group.update(lr=lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
-    if saved_world_size == world_size:  # each rank continues its own random stream
+    if saved["world_size"] == world_size:  # each rank continues its own random stream
         torch.set_rng_state(state["rng"][rank]["cpu"])
         if device.type == "cuda" and "cuda" in state["rng"][rank]:
             torch.cuda.set_rng_state(state["rng"][rank]["cuda"], device)
     elif rank == 0:
-        print(f"resume: saved with {saved_world_size} ranks, now {world_size}: new random streams")
+        print(f"resume: saved with {saved['world_size']} ranks, now {world_size}: new RNG streams")
     metrics = os.path.join(cfg.out_dir, "metrics.jsonl")
     if rank == 0 and os.path.isfile(metrics):  # drop lines logged after the checkpoint: they
         with open(metrics) as f:  # come again, so that each step has one line
@@ -1116,13 +1133,13 @@ def fit(cfg, world, dist_info, save_samples=None):
 
 def run_toy(cfg, dist_info):
     rank, world_size, device = dist_info
-    ok = torch.ones(1)
+    ok = torch.ones(1, device=device)  # on the device: NCCL takes only CUDA tensors
     if rank == 0:  # float64 Monte Carlo, ~2 s; the other ranks wait at the broadcast
         results = gradient_check()
         print_gradient_check(results)
         ok[0] = all(r["ok"] for r in results)
     if world_size > 1:
-        dist.broadcast(ok, 0)  # gloo: the toy runs on the CPU
+        dist.broadcast(ok, 0)
     if not ok.item():
         raise SystemExit("gradient check FAILED: a tractable loss is off beyond Monte-Carlo noise")
     world = make_toy_world(device)

@@ -661,7 +661,7 @@ def test_resume_of_a_checkpoint_without_state_pt_is_one_line_and_touches_nothing
 
 
 def test_resume_reads_the_optimizer_states_on_the_cpu(tmp_path, monkeypatch):
-    """Every rank reads optimizers.pt onto the CPU (memory-mapped), and the optimizer copies what
+    """Every rank reads its state file onto the CPU (memory-mapped), and the optimizer copies what
     it keeps to its device: under --zero only the rank's own shard reaches the GPU."""
     _toy_checkpoint(tmp_path)
     loads, handed = [], []
@@ -683,6 +683,37 @@ def test_resume_reads_the_optimizer_states_on_the_cpu(tmp_path, monkeypatch):
     assert loads and all(k.get("map_location") == "cpu" and k.get("weights_only") is True
                          for k in loads)
     assert handed and set(handed) == {"cpu"}
+
+
+def test_zero_resume_loads_the_ranks_shard_into_its_own_adamw(tmp_path, monkeypatch):
+    """ZeroRedundancyOptimizer.load_state_dict moves AdamW's step counters to the CPU, which fused
+    AdamW on a GPU refuses (pytorch#124133): each rank saves its shard and loads it into ZeRO's own
+    AdamW, whose load puts every state on its parameter's device. One rank, in-process."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    distar.dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0,
+                                   world_size=1)
+    try:
+        world = _toy([f"--out_dir={tmp_path / 'o'}", "--zero"])
+        opts = _toy_optimizers(world.cfg, world)
+        assert all(isinstance(o, ZeroRedundancyOptimizer) for o in opts)
+        for net, opt in zip((world.generator, world.assistant), opts):
+            for p in net.parameters():
+                p.grad = torch.randn_like(p)
+            opt.step()
+        distar.save_checkpoint(world.cfg, 1, world, *opts, (0, 1, torch.device("cpu")))
+        saved = [o.optim.state_dict()["state"] for o in opts]
+        monkeypatch.setattr(ZeroRedundancyOptimizer, "load_state_dict", None)  # never through it
+        world = _toy([f"--out_dir={tmp_path / 'o'}", "--zero", "--resume"])
+        opts = _toy_optimizers(world.cfg, world)
+        assert distar.load_checkpoint(world.cfg, world, *opts, (0, 1, torch.device("cpu"))) == 1
+        for state, opt in zip(saved, opts):
+            params = [p for g in opt.optim.param_groups for p in g["params"]]
+            for i, p in enumerate(params):
+                got = opt.optim.state[p]
+                assert torch.equal(got["exp_avg"], state[i]["exp_avg"])
+                assert got["step"].device == p.device  # fused AdamW's rule, not ZeRO's
+    finally:
+        distar.dist.destroy_process_group()
 
 
 def test_incomplete_checkpoints_are_ignored(tmp_path):
@@ -726,6 +757,9 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_run(tmp_path, launcher
     os.killpg(proc.pid, signal.SIGKILL)  # the launcher and every rank
     assert proc.wait() == -9, "the run finished before it could be killed"
     assert not (b / "checkpoint-000006").exists()
+    if launcher != "python":  # each rank's own AdamW shard, nothing gathered through rank 0
+        assert sorted(f.name for f in (b / "checkpoint-000002").glob("state*.pt")) == [
+            "state-rank001.pt", "state.pt"]
     p = subprocess.run([*cmd, *args, f"--out_dir={b}", "--resume"], cwd=HERE, env=ENV,
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
