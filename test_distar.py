@@ -685,6 +685,7 @@ def test_resume_reads_the_optimizer_states_on_the_cpu(tmp_path, monkeypatch):
     assert handed and set(handed) == {"cpu"}
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit, imported by ZeRO
 def test_zero_resume_loads_the_ranks_shard_into_its_own_adamw(tmp_path, monkeypatch):
     """ZeroRedundancyOptimizer.load_state_dict moves AdamW's step counters to the CPU, which fused
     AdamW on a GPU refuses (pytorch#124133): each rank saves its shard and loads it into ZeRO's own
