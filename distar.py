@@ -1440,8 +1440,8 @@ def memory_plan(world, n_gpus, zero):
     dt = lambda net: str(next(net.parameters()).dtype).removeprefix("torch.")
     ddp = n_gpus > 1
     return [(f"generator + assistant weights ({dt(g)} masters)", param_bytes(g, psi)),
-            ("AdamW states of both, 2 per weight" + (f", 1/{shard} with --zero" * (shard > 1)),
-             2 * param_bytes(g, psi) // shard),
+            ("AdamW states of both, 2 per weight"
+             + (f", 1/{shard} with --zero" if shard > 1 else ""), 2 * param_bytes(g, psi) // shard),
             ("gradients: DDP buckets of both nets" if ddp else "gradients of one net at a time",
              param_bytes(g, psi) if ddp else max(param_bytes(g), param_bytes(psi))),
             (f"reference UNet ({dt(world.s_ref)})", param_bytes(world.s_ref)),
