@@ -130,7 +130,7 @@ AT_LEAST = dict(batch_size=1, max_steps=0, assistant_steps=0, lr_g=0, lr_psi=0, 
 
 
 class ConfigError(ValueError):
-    pass
+    """A bad command line: main prints it as one line and exits 2."""
 
 
 class Parser(argparse.ArgumentParser):
@@ -186,6 +186,8 @@ def parse_args(argv):
         (not (cfg.beta1 < 1 and cfg.beta2 < 1), "--beta1 and --beta2 must be < 1"),
         (cfg.huber_c <= 0, f"--huber_c must be > 0, got {cfg.huber_c}"),
         (cfg.resume and cfg.overwrite, "--resume continues a run, --overwrite deletes it: choose"),
+        ((cfg.bench or cfg.ablation) and int(os.environ.get("WORLD_SIZE", 1)) > 1,
+         "--bench and --ablation run in one process: use python, not torchrun"),
     ]
     for bad, message in checks:
         if bad:
@@ -204,29 +206,21 @@ def _dot(u, v):
     return (u * v).flatten(1).sum(1)  # per-sample inner product, (B,)
 
 
-def _per_sample(v, like):
-    """A float or a (B,) tensor, shaped to broadcast against `like` (B, ...)."""
-    if torch.is_tensor(v) and v.ndim == 1:
-        return v.view(-1, *([1] * (like.ndim - 1)))
-    return v
-
-
 def distance_grad(y, distance="pseudo_huber", c=1.0):
-    """d'(y) of the distance d in eq. 3.2."""
+    """d'(y) of the distance d in eq. 3.2; c is a float or one per sample, (B,)."""
     if distance == "l2":  # d(y) = ||y||^2
         return 2 * y
     if distance == "pseudo_huber":  # d(y) = sqrt(||y||^2 + c^2) - c, eq. 3.8
-        c = _per_sample(c, y)
-        return y / torch.sqrt(_dot(y, y).view(-1, *([1] * (y.ndim - 1))) + c**2)
+        norm = torch.sqrt(_dot(y, y) + c**2)  # (B,)
+        return y / norm.view(-1, *([1] * (y.ndim - 1)))
     raise ValueError(f"unknown distance {distance!r}")
 
 
 def score_divergence_loss(x_t, cond_score, fake_score_fn, ref_score_fn, distance="pseudo_huber",
                           c=1.0, weight=1.0):
-    """The divergence term of eq. 3.4 / 3.5 (Theorem 3.1): -d'(y_t) . (s_fake(x_t) - cond_score),
-    y_t = s_fake(x_t) - s_ref(x_t). Both score nets see x_t as passed: the theta-gradient flows
-    through x_t into d' (both nets) and into the second s_fake. Only the nets' parameters are
-    frozen (sg[theta]). Detaching x_t anywhere here is a different, wrong gradient."""
+    """Eq. 3.4 / 3.5 (Theorem 3.1): -d'(y_t) . (s_fake(x_t) - cond_score), y_t = s_fake - s_ref.
+    Only the nets' parameters are frozen (sg[theta]): the theta-gradient flows through x_t into
+    d' (both nets) and the second s_fake. Detaching x_t anywhere is a different, wrong gradient."""
     s_fake = fake_score_fn(x_t)  # s_psi(x_t) ~ s_{p_sg[theta],t}(x_t)
     y_t = s_fake - ref_score_fn(x_t)  # y_t = s_fake - s_ref
     return -weight * _dot(distance_grad(y_t, distance, c), s_fake - cond_score)
@@ -235,20 +229,17 @@ def score_divergence_loss(x_t, cond_score, fake_score_fn, ref_score_fn, distance
 def kl_loss(x_t, fake_score_fn, ref_score_fn, weight=1.0):
     """Diff-Instruct / DI++ baseline: (s_fake(sg[x_t]) - s_ref(sg[x_t])) . x_t, whose theta-gradient
     is that of KL(p_theta,t || q_t). No back-propagation through either net."""
-    with torch.no_grad():
-        x = x_t.detach()
-        g = fake_score_fn(x) - ref_score_fn(x)
+    with torch.no_grad():  # sg[x_t]
+        g = fake_score_fn(x_t.detach()) - ref_score_fn(x_t.detach())
     return weight * _dot(g, x_t)
 
 
 def cfg_reward_loss(x_t, cond_score_fn, uncond_score_fn, weight=1.0):
-    """Theorem 3.2, choice 1 (DI*-Out): -(s_ref(sg[x_t]|c) - s_ref(sg[x_t]|empty)) . x_t.
-    Its gradient is that of MINUS the implicit reward (3.7). The paper prints a + in (3.5) and
-    (3.6): in score space that is the opposite gradient (it holds for eps-predictions,
-    s = -eps/sigma_t, which flip the sign). The gradient check prints both."""
-    with torch.no_grad():
-        x = x_t.detach()
-        g = cond_score_fn(x) - uncond_score_fn(x)
+    """Theorem 3.2, choice 1 (DI*-Out): -(s_ref(sg[x_t]|c) - s_ref(sg[x_t]|empty)) . x_t, whose
+    gradient is MINUS that of the implicit reward (3.7). The + printed in (3.5), (3.6) holds for
+    eps-predictions (s = -eps / sigma_t flips the sign); the gradient check prints both."""
+    with torch.no_grad():  # sg[x_t]
+        g = cond_score_fn(x_t.detach()) - uncond_score_fn(x_t.detach())
     return -weight * _dot(g, x_t)
 
 
@@ -1106,7 +1097,7 @@ def logged_step(line):
 
 def fit(cfg, world, dist_info, save_samples=None):
     """Train world from step 0 or from the newest checkpoint, writing to cfg.out_dir."""
-    rank, world_size, device = dist_info
+    rank, world_size, _ = dist_info
     start_out_dir(cfg, dist_info)
     opt_g = make_optimizer(cfg, world.generator.parameters(), cfg.lr_g)
     opt_psi = make_optimizer(cfg, world.assistant.parameters(), cfg.lr_psi)
@@ -1125,9 +1116,9 @@ def fit(cfg, world, dist_info, save_samples=None):
     t0 = time.perf_counter()
     history = train(world, opt_g, opt_psi, dist_info, range(start, cfg.max_steps), on_step)
     if rank == 0:
+        in_sync = ", parameters identical on all ranks" if world_size > 1 else ""
         print(f"trained to step {cfg.max_steps} in {time.perf_counter() - t0:.1f} s on "
-              f"{world_size} process(es)" + (", parameters identical on all ranks"
-                                            if world_size > 1 else "") + f"; in {cfg.out_dir}")
+              f"{world_size} process(es){in_sync}; in {cfg.out_dir}")
     return history
 
 
@@ -1151,16 +1142,17 @@ def run_toy(cfg, dist_info):
 
 def run_sdxl(cfg, dist_info):
     rank, world_size, device = dist_info
-    read_prompts(cfg.prompts)  # a bad prompt file fails before anything loads
+    if not cfg.bench:  # --bench writes no checkpoints
+        check_out_dir(cfg)
+    read_prompts(cfg.prompts)  # both fail before anything loads
     if cfg.tiny:  # tiny random models, saved and then loaded through the same from_pretrained code
         root = os.path.join(cfg.out_dir, "tiny")
-        if rank == 0 and not os.path.isfile(os.path.join(root, "reward", "config.json")):
+        reward = os.path.join(root, "reward")
+        if rank == 0 and not os.path.isfile(os.path.join(reward, "config.json")):
             build_tiny(root, cfg.resolution)
-        if world_size > 1:
-            dist.barrier()
+        barrier(world_size)
         cfg = replace(cfg, pretrained=os.path.join(root, "sdxl"), generator_init="",
-                      reward_model=os.path.join(root, "reward"),
-                      reward_processor=os.path.join(root, "reward"))
+                      reward_model=reward, reward_processor=reward)
     elif rank == 0 and not cfg.bench:
         print(f"distar: SDXL on {world_size} x {device.type}: loading {cfg.pretrained}, "
               f"{cfg.generator_init or 'its UNet'} and {cfg.reward_model}", flush=True)
@@ -1171,24 +1163,15 @@ def run_sdxl(cfg, dist_info):
 
 
 def main(argv):
+    rank = 0  # until the process group is up, every process reports a bad command line
     try:
         cfg = parse_args(argv)
-    except ConfigError as e:
-        print(f"distar: error: {e}", file=sys.stderr)
-        return 2
-    if (cfg.bench or cfg.ablation) and int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        print("distar: error: --bench and --ablation run in one process: use python, not torchrun",
-              file=sys.stderr)
-        return 2
-    quiet_libraries()
-    dist_info = setup_distributed()
-    rank, world_size, _ = dist_info
-    torch.manual_seed(cfg.seed * world_size + rank)
-    if cfg.toy:  # nets this small gain nothing from intra-op threads, and threads that compete
-        torch.set_num_threads(1)  # for cores (torchrun ranks, other jobs) slow them down 10x
-    try:
-        if not (cfg.dry_run or cfg.bench or cfg.ablation):
-            check_out_dir(cfg)  # before anything loads
+        quiet_libraries()
+        dist_info = setup_distributed()
+        rank, world_size, _ = dist_info
+        torch.manual_seed(cfg.seed * world_size + rank)
+        if cfg.toy:  # nets this small gain nothing from intra-op threads, and threads that compete
+            torch.set_num_threads(1)  # for cores (torchrun ranks, other jobs) slow them down 10x
         run = (run_ablation if cfg.ablation else run_toy if cfg.toy
                else run_dry_run if cfg.dry_run else run_sdxl)
         run(cfg, dist_info)
@@ -1200,7 +1183,6 @@ def main(argv):
         dist.barrier()  # rank 0 has written its files; leave together
         dist.destroy_process_group()
     return 0
-
 
 
 ###############################################################################
