@@ -301,31 +301,30 @@ class ToyWorld:
         self.alphas_cumprod = sdxl_alphas_cumprod().to(device, dtype)
         self.generator = self.assistant = None  # set by make_toy_world
 
-    def _modes(self, x, c):  # c: (B,) class ids, or None for the unconditional mixture
-        if c is None:
-            return self.means.reshape(1, -1, 2).expand(len(x), -1, -1)
-        return self.means[c]
+    def _diffused(self, x, a, s, c):
+        """x - a_t m for the modes m of q_0(. | c), (B, M, 2), and their variance at t, (B, 1, 1).
+        c: (B,) class ids, one class id, or None for the unconditional mixture of all classes."""
+        m = self.means.reshape(1, -1, 2) if c is None else self.means[c]
+        a, s = a.view(-1, 1, 1), s.view(-1, 1, 1)  # a_t, sigma_t: (B,) or one t for all
+        return x[:, None] - a * m, a**2 * self.std**2 + s**2
 
     def log_prob(self, x, a, s, c):
-        """log q_t(x | c) for x (B, 2), a = a_t and s = sigma_t (B,)."""
-        m = self._modes(x, c)  # (B, M, 2) component means at t = 0
-        var = (a**2 * self.std**2 + s**2)[:, None]  # (B, 1) component variance at t
-        sq = ((x[:, None] - a[:, None, None] * m) ** 2).sum(-1)  # (B, M)
-        comp = -sq / (2 * var) - torch.log(2 * math.pi * var)  # log N(x; a_t m, var I)
-        return torch.logsumexp(comp, 1) - math.log(m.shape[1])
+        """log q_t(x | c) = log mean_m N(x; a_t m, var I), x (B, 2)."""
+        diff, var = self._diffused(x, a, s, c)
+        comp = -(diff**2).sum(-1, keepdim=True) / (2 * var) - torch.log(2 * math.pi * var)
+        return torch.logsumexp(comp[..., 0], 1) - math.log(diff.shape[1])
 
     def score(self, x, a, s, c):
         """grad_x log q_t(x | c): responsibility-weighted Gaussian scores."""
-        m = self._modes(x, c)
-        var = (a**2 * self.std**2 + s**2)[:, None, None]  # (B, 1, 1)
-        diff = x[:, None] - a[:, None, None] * m  # (B, M, 2)
+        diff, var = self._diffused(x, a, s, c)
         resp = torch.softmax(-(diff**2).sum(-1, keepdim=True) / (2 * var), 1)  # (B, M, 1)
         return -(resp * diff / var).sum(1)
 
-    def sample_ref(self, c, n):
-        """n samples of q_0(x | c) for one class c, (n, 2)."""
-        k = torch.randint(self.means.shape[1], (n,), device=self.means.device)
-        return self.means[c, k] + self.std * torch.randn(n, 2, device=self.means.device)
+    def sample_ref(self, n):
+        """n samples of q_0(x | c) for every class c, (K, n, 2)."""
+        M, dev = self.means.shape[1], self.means.device
+        return torch.stack([self.means[c, torch.randint(M, (n,), device=dev)]
+                            + self.std * torch.randn(n, 2, device=dev) for c in range(self.K)])
 
     # what Algorithm 1 asks of a world (SDXLWorld has the same methods)
     def sample_cond(self, n):
@@ -373,6 +372,8 @@ def energy_distance(x, y):
 # Gaussian per class, float64, one t. A loss passes when its mean gradient over n_batches
 # independent batches is within 4 standard errors of the exact one.
 def gradient_check(n=2**17, n_batches=16, t=300, c_huber=0.5, alpha_cfg=7.5, seed=0):
+    from torch.distributions import MultivariateNormal, kl_divergence
+
     gen = torch.Generator().manual_seed(seed)
     dt = torch.float64
     world = ToyWorld([[(0.0, 1.0)], [(-1.0, -0.5)], [(1.0, -0.5)]], std=0.6, dtype=dt)
@@ -380,70 +381,48 @@ def gradient_check(n=2**17, n_batches=16, t=300, c_huber=0.5, alpha_cfg=7.5, see
     a, s = ab.sqrt(), (1 - ab).sqrt()
     mu = torch.tensor([0.4, 0.2], dtype=dt, requires_grad=True)  # theta = (mu, A), class 0
     A = torch.tensor([[0.9, 0.3], [-0.2, 0.5]], dtype=dt, requires_grad=True)
-    m0, v0 = world.means[0, 0], world.std**2
+    cov = lambda A: a**2 * A @ A.T + s**2 * torch.eye(2, dtype=dt)  # of p_theta,t
 
     def gen_score(x, mu, A):  # exact score of p_theta,t at these parameters
-        cov = a**2 * A @ A.T + s**2 * torch.eye(2, dtype=dt)
-        return -torch.linalg.solve(cov, (x - a * mu).T).T
-
-    def log_q(x, c):
-        b = len(x)
-        return world.log_prob(x, a.expand(b), s.expand(b), c)
-
-    def q_score(x, c):
-        b = len(x)
-        return world.score(x, a.expand(b), s.expand(b), c)
-
-    def autograd_score(logp):  # exact score from a log density, by autograd
-        def f(x):
-            with torch.enable_grad():
-                x = x.detach().requires_grad_(True)
-                return torch.autograd.grad(logp(x).sum(), x)[0]
-        return f
+        return -torch.linalg.solve(cov(A), (x - a * mu).T).T
 
     omega = 1 + alpha_cfg
-    cls0 = lambda x: torch.zeros(len(x), dtype=torch.long)
-    s_c = lambda x: q_score(x, cls0(x))
-    s_u = lambda x: q_score(x, None)
-    s_cfg_exact = autograd_score(lambda x: omega * log_q(x, cls0(x)) + (1 - omega) * log_q(x, None))
+    s_c = lambda x: world.score(x, a, s, 0)  # s_ref(x | c = 0)
+    s_u = lambda x: world.score(x, a, s, None)  # s_ref(x | empty)
     s_sg = lambda x: gen_score(x, mu.detach(), A.detach())  # s_{p_sg[theta],t}
 
-    def d(y, distance):
-        sq = _dot(y, y)
-        return sq if distance == "l2" else torch.sqrt(sq + c_huber**2) - c_huber
+    def s_cfg_exact(x):  # grad_x [omega log q_t(x|c) + (1 - omega) log q_t(x)], by autograd
+        x = x.detach().requires_grad_(True)
+        logp = omega * world.log_prob(x, a, s, 0) + (1 - omega) * world.log_prob(x, a, s, None)
+        return torch.autograd.grad(logp.sum(), x)[0]
 
     def div_33(x_t, ref, distance):  # (3.3): d(s_theta - s_ref) at frozen samples x ~ pi_t
         x = x_t.detach()
-        return d(gen_score(x, mu, A) - ref(x), distance)
+        y = gen_score(x, mu, A) - ref(x)
+        return _dot(y, y) if distance == "l2" else torch.sqrt(_dot(y, y) + c_huber**2) - c_huber
 
-    def wrong_dprime_detached(x_t, cond, ref):
-        x = x_t.detach()
-        return -_dot(distance_grad(s_sg(x) - ref(x), "pseudo_huber", c_huber), s_sg(x_t) - cond)
+    def detached(x_t, cond, where):  # eq 3.4 pseudo-Huber with x_t detached in one place: wrong
+        x_1, x_2 = (x_t.detach(), x_t) if where == "d'" else (x_t, x_t.detach())
+        d_prime = distance_grad(s_sg(x_1) - s_c(x_1), "pseudo_huber", c_huber)
+        return -_dot(d_prime, s_sg(x_2) - cond)
 
-    def wrong_second_detached(x_t, cond, ref):
-        d_prime = distance_grad(s_sg(x_t) - ref(x_t), "pseudo_huber", c_huber)
-        return -_dot(d_prime, s_sg(x_t.detach()) - cond)
-
-    def kl_exact(x_t):  # KL(N(a mu, S) || N(a m0, v I)) in closed form (no samples needed)
-        S = a**2 * A @ A.T + s**2 * torch.eye(2, dtype=dt)
-        v = a**2 * v0 + s**2
-        dm = a * (mu - m0)
-        kl = 0.5 * (torch.trace(S) / v + dm @ dm / v - 2 + 2 * torch.log(v) - torch.logdet(S))
-        return kl.expand(len(x_t))
+    def kl_exact(x_t):  # KL(p_theta,t || q_t(. | c = 0)) between two Gaussians, no samples
+        v = a**2 * world.std**2 + s**2  # q_t's variance
+        q_t = MultivariateNormal(a * world.means[0, 0], v * torch.eye(2, dtype=dt))
+        return kl_divergence(MultivariateNormal(a * mu, cov(A)), q_t).expand(len(x_t))
 
     def neg_implicit_reward(x_t):  # -(3.7): -log q_t(x_t|c) / q_t(x_t), through x_t
-        return -(log_q(x_t, cls0(x_t)) - log_q(x_t, None))
+        return world.log_prob(x_t, a, s, None) - world.log_prob(x_t, a, s, 0)
 
     ph = dict(distance="pseudo_huber", c=c_huber)
-    rows = [  # (name, tractable loss, exact objective, should match)
+    div_ph = lambda x: div_33(x, s_c, "pseudo_huber")
+    rows = [  # (name, tractable loss of (x_t, cond score), exact objective, should match)
         ("eq 3.4 pseudo-Huber (Thm 3.1)", lambda x, e: score_divergence_loss(x, e, s_sg, s_c, **ph),
-         lambda x: div_33(x, s_c, "pseudo_huber"), True),
+         div_ph, True),
         ("eq 3.4 l2 (Thm 3.1)", lambda x, e: score_divergence_loss(x, e, s_sg, s_c, distance="l2"),
          lambda x: div_33(x, s_c, "l2"), True),
-        ("  wrong: x_t detached inside d'", lambda x, e: wrong_dprime_detached(x, e, s_c),
-         lambda x: div_33(x, s_c, "pseudo_huber"), False),
-        ("  wrong: x_t detached in 2nd s_fake", lambda x, e: wrong_second_detached(x, e, s_c),
-         lambda x: div_33(x, s_c, "pseudo_huber"), False),
+        ("  wrong: x_t detached inside d'", lambda x, e: detached(x, e, "d'"), div_ph, False),
+        ("  wrong: x_t detached in 2nd s_fake", lambda x, e: detached(x, e, "2nd"), div_ph, False),
         ("kl_loss vs closed-form KL", lambda x, e: kl_loss(x, s_sg, s_c), kl_exact, True),
         ("cfg_reward_loss (Thm 3.2, sign -)", lambda x, e: cfg_reward_loss(x, s_c, s_u),
          neg_implicit_reward, True),
@@ -456,6 +435,7 @@ def gradient_check(n=2**17, n_batches=16, t=300, c_huber=0.5, alpha_cfg=7.5, see
             x, e, s_sg, lambda y: s_c(y) + alpha_cfg * s_u(y), **ph),
          lambda x: div_33(x, s_cfg_exact, "pseudo_huber"), False),
     ]
+    flat = lambda grads: torch.cat([g.flatten() for g in grads])  # (6,): 2 for mu, 4 for A
     results = []
     for name, tractable, exact, should_match in rows:
         diffs, exacts = [], []
@@ -463,19 +443,16 @@ def gradient_check(n=2**17, n_batches=16, t=300, c_huber=0.5, alpha_cfg=7.5, see
             z = torch.randn(n // n_batches, 2, dtype=dt, generator=gen)
             eps = torch.randn(n // n_batches, 2, dtype=dt, generator=gen)
             x_t = a * (mu + z @ A.T) + s * eps  # reparameterised: carries the theta-gradient
-            g_tr = torch.autograd.grad(tractable(x_t, -eps / s).mean(), (mu, A))
-            x_t = a * (mu + z @ A.T) + s * eps
-            g_ex = torch.autograd.grad(exact(x_t).mean(), (mu, A))
-            diffs.append(torch.cat([(u - v).flatten() for u, v in zip(g_tr, g_ex)]))
-            exacts.append(torch.cat([v.flatten() for v in g_ex]))
-        diffs, exacts = torch.stack(diffs), torch.stack(exacts)
-        g_norm = exacts.mean(0).norm()
-        err = diffs.mean(0)  # (6,): 2 for mu, 4 for A
-        tol = max(4 * (diffs.std(0) / math.sqrt(n_batches)).norm() / g_norm, 1e-9)  # 1e-9: rounding
-        part = lambda i: (err[i].norm() / exacts.mean(0)[i].norm()).item()
-        rel = dict(all=(err.norm() / g_norm).item(), mu=part(slice(0, 2)), A=part(slice(2, 6)))
-        ok = (rel["all"] <= float(tol)) == should_match
-        results.append(dict(name=name, rel=rel, tol=float(tol), should_match=should_match, ok=ok))
+            g_ex = flat(torch.autograd.grad(exact(x_t).mean(), (mu, A), retain_graph=True))
+            diffs.append(flat(torch.autograd.grad(tractable(x_t, -eps / s).mean(), (mu, A))) - g_ex)
+            exacts.append(g_ex)
+        err, g = torch.stack(diffs).mean(0), torch.stack(exacts).mean(0)
+        se = torch.stack(diffs).std(0) / math.sqrt(n_batches)  # standard error of err
+        tol = max(float(4 * se.norm() / g.norm()), 1e-9)  # 1e-9: rounding
+        rel = {k: (err[i].norm() / g[i].norm()).item()
+               for k, i in (("all", slice(None)), ("mu", slice(0, 2)), ("A", slice(2, 6)))}
+        ok = (rel["all"] <= tol) == should_match
+        results.append(dict(name=name, rel=rel, tol=tol, should_match=should_match, ok=ok))
     return results
 
 
@@ -484,10 +461,9 @@ def print_gradient_check(results):
           "(2-D Gaussians, float64)")
     print(f"{'loss':38s} {'mu':>8s} {'A':>8s} {'all':>8s} {'MC tol':>8s}  verdict")
     for r in results:
-        verdict = ("matches" if r["should_match"] else "differs, as it should") if r["ok"] \
-            else "FAILED"
+        verdict = "matches" if r["should_match"] else "differs, as it should"
         print(f"{r['name']:38s} {r['rel']['mu']:8.4f} {r['rel']['A']:8.4f} {r['rel']['all']:8.4f} "
-              f"{r['tol']:8.4f}  {verdict}")
+              f"{r['tol']:8.4f}  {verdict if r['ok'] else 'FAILED'}")
 
 
 # -----------------------------------------------------------------------------
@@ -1588,7 +1564,6 @@ def bench(world, dist_info):
 TOY_COLOURS = [(214, 39, 40), (31, 119, 180), (44, 160, 44)]  # class 0, 1, 2
 
 
-@torch.no_grad()
 def evaluate_toy(world, out_dir, n=4000):
     """Per class: energy distance to the reference (and N(0, I)'s, for scale), mean reward."""
     from safetensors.torch import save_file
@@ -1607,26 +1582,17 @@ def evaluate_toy(world, out_dir, n=4000):
     print(f"wrote {out_dir}/toy.png and {out_dir}/toy_samples.safetensors")
 
 
+@torch.no_grad()
 def toy_samples(world, n):
     """n generator and n reference samples of every class: two (K, n, 2) tensors on the CPU."""
     c = lambda k: torch.full((n,), k, device=world.means.device)
-    with torch.no_grad():
-        gen = torch.stack([world.generate(world.generator, c(k)) for k in range(world.K)])
-    return gen.cpu(), torch.stack([world.sample_ref(k, n) for k in range(world.K)]).cpu()
-
-
-def scatter(draw, left, top, size, layers, lim):
-    """Point sets [(points (N, 2), colour), ...] into the square panel of [-lim, lim]^2."""
-    for pts, colour in layers:
-        for x, y in pts[:1500].tolist():
-            if abs(x) <= lim and abs(y) <= lim:
-                px, py = left + (x + lim) / (2 * lim) * size, top + (lim - y) / (2 * lim) * size
-                draw.ellipse([px - 1.5, py - 1.5, px + 1.5, py + 1.5], fill=colour)
-    draw.rectangle([left, top, left + size - 1, top + size - 1], outline=(0, 0, 0))
+    gen = torch.stack([world.generate(world.generator, c(k)) for k in range(world.K)])
+    return gen.cpu(), world.sample_ref(n).cpu()
 
 
 def save_panels(path, panels, cols, size, lim):
-    """panels: [(title, subtitle, layers)], one square each, cols per row."""
+    """panels: [(title, subtitle, [(points (N, 2), colour), ...])], each a square of
+    [-lim, lim]^2 with its first 1500 points of each set, cols per row."""
     from PIL import Image, ImageDraw
 
     rows, band = -(-len(panels) // cols), 32
@@ -1634,7 +1600,13 @@ def save_panels(path, panels, cols, size, lim):
     draw = ImageDraw.Draw(img)
     for i, (title, sub, layers) in enumerate(panels):
         left, top = (i % cols) * size, (i // cols) * (size + band) + band
-        scatter(draw, left, top, size, layers, lim)
+        for pts, colour in layers:
+            for x, y in pts[:1500].tolist():
+                if abs(x) <= lim and abs(y) <= lim:
+                    px = left + (x + lim) / (2 * lim) * size
+                    py = top + (lim - y) / (2 * lim) * size
+                    draw.ellipse([px - 1.5, py - 1.5, px + 1.5, py + 1.5], fill=colour)
+        draw.rectangle([left, top, left + size - 1, top + size - 1], outline=(0, 0, 0))
         draw.text((left + 6, top - band + 4), title, fill=(0, 0, 0))
         draw.text((left + 6, top - band + 17), sub, fill=(90, 90, 90))
     img.save(path)
@@ -1643,7 +1615,7 @@ def save_panels(path, panels, cols, size, lim):
 def save_toy_png(path, ref, gen):
     """One panel per class: reference samples (K, N, 2) in grey, the generator's in colour."""
     save_panels(path, [(f"class {k}: reference (grey), generator", "reward grows to the right",
-                        [(ref[k], (170, 170, 170)), (gen[k], TOY_COLOURS[k % 3])])
+                        [(ref[k], (170, 170, 170)), (gen[k], TOY_COLOURS[k])])
                        for k in range(len(ref))], cols=len(ref), size=320, lim=3.2)
 
 
@@ -1652,36 +1624,39 @@ def save_toy_png(path, ref, gen):
 # and nets for all. KL rows put CFG in the reference (with KL, --cfg=in and out give the same
 # gradient). The [extra] rows, reward without CFG, tell the reward's effect from guidance's.
 
-TABLE2 = [
-    ("KL, no reward, no CFG", "--divergence=kl --alpha_rew=0 --alpha_cfg=0 --cfg=in"),
-    ("KL, reward, no CFG [extra]", "--divergence=kl --alpha_rew=100 --alpha_cfg=0 --cfg=in"),
-    ("Diff-Instruct (KL, CFG)", "--divergence=kl --alpha_rew=0 --alpha_cfg=7.5 --cfg=in"),
-    ("DI++ (KL, reward, CFG)", "--divergence=kl --alpha_rew=100 --alpha_cfg=7.5 --cfg=in"),
-    ("DI*-Out (choice 1)", "--divergence=pseudo_huber --alpha_rew=100 --alpha_cfg=7.5 --cfg=out"),
-    ("DI*, no reward, no CFG", "--divergence=pseudo_huber --alpha_rew=0 --alpha_cfg=0 --cfg=in"),
-    ("DI*, reward, no CFG [extra]",
-     "--divergence=pseudo_huber --alpha_rew=100 --alpha_cfg=0 --cfg=in"),
-    ("SIM (score div., CFG)", "--divergence=pseudo_huber --alpha_rew=0 --alpha_cfg=7.5 --cfg=in"),
-    ("DI*-In, alpha_rew 1", "--divergence=pseudo_huber --alpha_rew=1 --alpha_cfg=7.5 --cfg=in"),
-    ("DI*-In, alpha_rew 10", "--divergence=pseudo_huber --alpha_rew=10 --alpha_cfg=7.5 --cfg=in"),
-    ("DI*-In, alpha_cfg 4.5", "--divergence=pseudo_huber --alpha_rew=100 --alpha_cfg=4.5 --cfg=in"),
-    ("DI*-In (choice 2)", "--divergence=pseudo_huber --alpha_rew=100 --alpha_cfg=7.5 --cfg=in"),
+TABLE2 = [  # (row, its --divergence --alpha_rew --alpha_cfg --cfg: ROW_FLAGS)
+    ("KL, no reward, no CFG", "kl 0 0 in"),
+    ("KL, reward, no CFG [extra]", "kl 100 0 in"),
+    ("Diff-Instruct (KL, CFG)", "kl 0 7.5 in"),
+    ("DI++ (KL, reward, CFG)", "kl 100 7.5 in"),
+    ("DI*-Out (choice 1)", "pseudo_huber 100 7.5 out"),
+    ("DI*, no reward, no CFG", "pseudo_huber 0 0 in"),
+    ("DI*, reward, no CFG [extra]", "pseudo_huber 100 0 in"),
+    ("SIM (score div., CFG)", "pseudo_huber 0 7.5 in"),
+    ("DI*-In, alpha_rew 1", "pseudo_huber 1 7.5 in"),
+    ("DI*-In, alpha_rew 10", "pseudo_huber 10 7.5 in"),
+    ("DI*-In, alpha_cfg 4.5", "pseudo_huber 100 4.5 in"),
+    ("DI*-In (choice 2)", "pseudo_huber 100 7.5 in"),
 ]
 ROW_FLAGS = ("divergence", "alpha_rew", "alpha_cfg", "cfg")  # what a row sets
 COVERED = 0.05  # a mode is covered by >= 5% of its class's samples (the reference: 49%)
 
 
-def row_config(cfg, flags):
-    row = vars(make_parser(Config, "row").parse_args(flags.split()))
+def row_flags(values):
+    """A TABLE2 row's values as its command-line flags: "--divergence=kl --alpha_rew=0 ..."."""
+    return " ".join(f"--{k}={v}" for k, v in zip(ROW_FLAGS, values.split()))
+
+
+def row_config(cfg, values):
+    row = vars(make_parser(Config, "row").parse_args(row_flags(values).split()))
     return replace(cfg, **{k: row[k] for k in ROW_FLAGS})
 
 
 def tilt_temperature(world):
-    """beta, the temperature of the toy's KL term. generator_loss weights KL(p_t || q_t) by
-    sigma_t / D: J(p) = -alpha E_p[r] + E_t[sigma_t KL(p_t || q_t)] / D. For one mode
-    q = N(m, s^2 I), r = scale x[0] and p = q shifted by delta along x[0],
-    KL(p_t || q_t) = a_t^2 delta^2 / (2 (a_t^2 s^2 + sigma_t^2)), so J is minimised at
-    delta = alpha scale s^2 / beta, exactly the tilt q exp(alpha r / beta), with
+    """beta, the temperature of the toy's KL term: generator_loss minimises J(p) = -alpha E_p[r] +
+    E_t[sigma_t KL(p_t || q_t)] / D. For q = N(m, s^2 I), r = scale x[0] and p = q shifted by delta
+    along x[0], KL(p_t || q_t) = a_t^2 delta^2 / (2 (a_t^2 s^2 + sigma_t^2)): J is minimised at
+    delta = alpha scale s^2 / beta, the tilt q exp(alpha r / beta), with
     beta = E_t[sigma_t a_t^2 s^2 / (a_t^2 s^2 + sigma_t^2)] / D, t ~ U{t_min..t_max}."""
     ab = world.alphas_cumprod[world.cfg.t_min:world.cfg.t_max + 1].double()  # a_t^2
     s2 = world.std**2
@@ -1705,53 +1680,47 @@ def sample_mixture(means, weights, std, n):
     return torch.gather(means, 1, k[..., None].expand(-1, -1, 2)) + std * eps
 
 
-def mode_shares(world, x):
-    """Per class and reference mode, (K, M) each: the share of samples x (K, N, 2) nearest it,
-    and nearest it and within 3 std (samples pushed off the support count for no mode)."""
+def toy_metrics(world, x, ref, alpha_rew):
+    """Table 2's columns for samples x (K, N, 2) of a generator trained with alpha_rew. A sample
+    counts for its nearest reference mode (right_share) and, within 3 std of it, for the mode's
+    coverage (samples pushed off the support count for no mode); ED: mean energy distance."""
     d = torch.cdist(x, world.means.to(x))  # (K, N, M)
     nearest = F.one_hot(d.argmin(-1), world.means.shape[1]).float()  # (K, N, M)
-    on_support = (d.min(-1, keepdim=True).values <= 3 * world.std).float()  # (K, N, 1)
-    return nearest.mean(1), (nearest * on_support).mean(1)
-
-
-def toy_metrics(world, x, ref, alpha_rew):
-    """Table 2's columns for samples x (K, N, 2) of a generator trained with alpha_rew."""
-    K, n = x.shape[:2]
-    nearest, near = mode_shares(world, x)
-    right = world.means[..., 0].argmax(-1)  # (K,) each class's high-reward mode
-    tilted = sample_mixture(*tilted_reference(world, alpha_rew), world.std, n).cpu()
-    ed = lambda y: sum(energy_distance(x[k], y[k]) for k in range(K)) / K
+    near = (nearest * (d.min(-1, keepdim=True).values <= 3 * world.std)).mean(1)  # (K, M)
+    right = world.means[..., 0].argmax(-1).cpu()  # (K,) each class's high-reward mode
+    tilted = sample_mixture(*tilted_reference(world, alpha_rew), world.std, x.shape[1]).cpu()
+    ed = lambda y: sum(energy_distance(x[k], y[k]) for k in range(len(x))) / len(x)
     return dict(reward=world.reward(x.reshape(-1, 2), None).mean().item(), ed_ref=ed(ref),
-                coverage=(near >= COVERED).float().mean().item(), ed_tilted=ed(tilted),
-                right_share=nearest.gather(1, right[:, None].cpu()).mean().item(),
-                mode_shares=near.tolist())
+                coverage=(near >= COVERED).float().mean().item(),
+                right_share=nearest.mean(1).gather(1, right[:, None]).mean().item(),
+                ed_tilted=ed(tilted), mode_shares=near.tolist())
 
 
 def run_ablation(cfg, dist_info, n=2000):
     """Train every TABLE2 row from the same start, then score them all, and two reference rows
     (a second draw of q: the noise floor; the tilt at alpha_rew 100), against the same q."""
-    world = make_toy_world(dist_info[2])
-    world.cfg = cfg
-    torch.manual_seed(cfg.seed)
-    draw_q = lambda: torch.stack([world.sample_ref(k, n) for k in range(world.K)]).cpu()
-    ref = draw_q()  # (K, n, 2)
-    rows = [dict(name="reference q (a second draw)", short="the noise floor", alpha_rew=0.0,
-                 x=draw_q()),
-            dict(name="tilted reference, alpha_rew 100", alpha_rew=100.0,
-                 short=f"q exp(alpha_rew r / beta), beta {tilt_temperature(world):.4f}",
-                 x=sample_mixture(*tilted_reference(world, 100.0), world.std, n).cpu())]
-    for i, (name, flags) in enumerate(TABLE2):
-        row_cfg = replace(row_config(cfg, flags), out_dir=os.path.join(cfg.out_dir, "ablation",
-                                                                       f"row{i + 1:02d}"))
+    trained = []
+    for i, (name, values) in enumerate(TABLE2):
+        flags = row_flags(values)
+        row_cfg = replace(row_config(cfg, values), out_dir=os.path.join(cfg.out_dir, "ablation",
+                                                                        f"row{i + 1:02d}"))
         print(f"row {i + 1}/{len(TABLE2)}: {name}: {flags}", flush=True)
         torch.manual_seed(cfg.seed)  # every row starts from the same nets and draws the same noise
         world = make_toy_world(dist_info[2])
         world.cfg = row_cfg
         t0 = time.perf_counter()
         fit(row_cfg, world, (0, 1, dist_info[2]))
-        short = " ".join(f.split("=")[1] for f in flags.split())
-        rows.append(dict(name=name, flags=flags, short=short, alpha_rew=row_cfg.alpha_rew,
-                         seconds=time.perf_counter() - t0, x=toy_samples(world, n)[0]))
+        trained.append(dict(name=name, flags=flags, short=values, alpha_rew=row_cfg.alpha_rew,
+                            seconds=time.perf_counter() - t0, x=toy_samples(world, n)[0]))
+    world.cfg = cfg
+    beta = tilt_temperature(world)
+    torch.manual_seed(cfg.seed)  # q: the reference, a second draw, the tilt
+    ref = world.sample_ref(n).cpu()  # (K, n, 2)
+    rows = [dict(name="reference q (a second draw)", short="the noise floor", alpha_rew=0.0,
+                 x=world.sample_ref(n).cpu()),
+            dict(name="tilted reference, alpha_rew 100", alpha_rew=100.0,
+                 short=f"q exp(alpha_rew r / beta), beta {beta:.4f}",
+                 x=sample_mixture(*tilted_reference(world, 100.0), world.std, n).cpu())] + trained
     torch.manual_seed(cfg.seed + 1)  # the tilted samples inside the metrics
     for row in rows:
         row.update(toy_metrics(world, row["x"], ref, row["alpha_rew"]))
@@ -1767,14 +1736,12 @@ def run_ablation(cfg, dist_info, n=2000):
               f"{row['right_share']:6.1%} {row['ed_tilted']:8.4f}")
     grey = [(r, (170, 170, 170)) for r in ref]
     save_panels(os.path.join(cfg.out_dir, "ablation.png"), [
-        (r["name"], r["short"], grey + [(g, TOY_COLOURS[k % 3]) for k, g in enumerate(r["x"])])
+        (r["name"], r["short"], grey + [(g, TOY_COLOURS[k]) for k, g in enumerate(r["x"])])
         for r in rows], cols=5, size=260, lim=4.0)  # wide: guidance pushes samples far out
-    keep = ("name", "flags", "alpha_rew", "seconds", "reward", "ed_ref", "coverage", "right_share",
-            "ed_tilted", "mode_shares")
+    saved = [{k: v for k, v in r.items() if k not in ("short", "x")} for r in rows]
     with open(os.path.join(cfg.out_dir, "ablation.json"), "w") as f:
         json.dump(dict(steps=cfg.max_steps, samples_per_class=n, covered_threshold=COVERED,
-                       beta=tilt_temperature(world),
-                       rows=[{k: r[k] for k in keep if k in r} for r in rows]), f, indent=1)
+                       beta=beta, rows=saved), f, indent=1)
     print(f"wrote {cfg.out_dir}/ablation.png, ablation.json and each row's checkpoint in "
           f"{cfg.out_dir}/ablation/")
 

@@ -186,7 +186,7 @@ def test_toy_scores_are_the_gradients_of_the_toy_log_densities():
     x = (torch.randn(100, 2, dtype=f64) * 2).requires_grad_(True)
     ab = torch.rand(100, dtype=f64)
     a, s = ab.sqrt(), (1 - ab).sqrt()
-    for c in (torch.randint(world.K, (100,)), None):
+    for c in (torch.randint(world.K, (100,)), 1, None):  # per-sample classes, one class, none
         (g,) = torch.autograd.grad(world.log_prob(x, a, s, c).sum(), x)
         assert torch.allclose(world.score(x, a, s, c), g, atol=1e-10)
 
@@ -1264,8 +1264,8 @@ def test_toy_metrics_give_the_known_coverage_shares_and_distances_of_known_sampl
     world = distar.make_toy_world()
     world.cfg = distar.parse_args(["--toy"])
     n = 2000
-    ref = torch.stack([world.sample_ref(k, n) for k in range(3)])
-    same = distar.toy_metrics(world, torch.stack([world.sample_ref(k, n) for k in range(3)]), ref, 0.0)
+    ref = world.sample_ref(n)
+    same = distar.toy_metrics(world, world.sample_ref(n), ref, 0.0)
     assert same["coverage"] == 1.0 and abs(same["right_share"] - 0.5) < 0.03
     assert abs(same["ed_ref"]) < 0.01 and abs(same["ed_tilted"]) < 0.01
     assert abs(same["reward"]) < 0.02e-3 * 100
@@ -1276,7 +1276,7 @@ def test_toy_metrics_give_the_known_coverage_shares_and_distances_of_known_sampl
     assert math.isclose(m["reward"], world.reward_scale * right[..., 0].mean().item(), abs_tol=2e-5)
     # both modes, but pushed 1.5 (5 std) off the reference's support: nearest-mode shares stay
     # 50/50, coverage drops to zero
-    off = torch.stack([world.sample_ref(k, n) for k in range(3)]) + torch.tensor([0.0, 1.5])
+    off = world.sample_ref(n) + torch.tensor([0.0, 1.5])
     m = distar.toy_metrics(world, off, ref, 0.0)
     assert m["coverage"] == 0.0 and abs(m["right_share"] - 0.5) < 0.03
     tilted = distar.sample_mixture(*distar.tilted_reference(world, 100.0), world.std, n)
@@ -1306,7 +1306,7 @@ def test_each_ablation_row_selects_its_losses(name, monkeypatch):
     """Run generator_loss with each row's flags, spying on the loss functions it calls; the reward
     enters through a leaf u, so d loss / d u per sample is -alpha_rew / B."""
     div, alpha_rew, guidance, alpha_cfg = PAPER_ROWS[name]
-    flags = dict(distar.TABLE2)[name]
+    values = dict(distar.TABLE2)[name]
     calls = []
     for fn in ("kl_loss", "score_divergence_loss", "cfg_reward_loss", "cfg_score"):
         real = getattr(distar, fn)
@@ -1315,7 +1315,7 @@ def test_each_ablation_row_selects_its_losses(name, monkeypatch):
             calls.append((_f, a, out))
             return out
         monkeypatch.setattr(distar, fn, spy)
-    cfg = distar.row_config(distar.parse_args(["--toy"]), flags)
+    cfg = distar.row_config(distar.parse_args(["--toy"]), values)
     world = distar.make_toy_world()
     world.cfg = cfg
     B = 16
@@ -1347,6 +1347,8 @@ def test_ablation_command_writes_every_row_to_the_table_json_picture_and_checkpo
         assert name in table
     result = json.loads((tmp_path / "ablation.json").read_text())
     assert [r["name"] for r in result["rows"][2:]] == [name for name, _ in distar.TABLE2]
+    flags = "--divergence=pseudo_huber --alpha_rew=100 --alpha_cfg=7.5 --cfg=out"  # the command line
+    assert result["rows"][6]["name"] == "DI*-Out (choice 1)" and result["rows"][6]["flags"] == flags
     assert result["steps"] == 3
     for r in result["rows"]:
         assert 0 <= r["coverage"] <= 1 and 0 <= r["right_share"] <= 1 and math.isfinite(r["ed_tilted"])
