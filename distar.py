@@ -660,20 +660,15 @@ def read_prompts(path):
 # sample_cond(n), generate(g, cond), eps_fake(s_psi, x_t, t, cond), eps_ref(x_t, t, cond or
 # None), reward(x_0, cond). Nets predict eps; scores are s = -eps / sigma_t.
 #
-# w(t) and c, which the paper leaves open: we put the distance on the eps scale,
-# d_t(y) = d(sigma_t y), which is a proper distance at every t, so Theorem 3.1 still holds, and
-# choose w so that every divergence reads per element, whatever the resolution. With
-# Delta = eps_psi - eps_ref (D elements per sample):
-#   l2:           ||Delta||^2 / D                                  (per-element MSE), w = 1 / D
-#   pseudo-Huber: (sqrt(||Delta||^2 + c^2) - c) / sqrt(D)
-#                 = sqrt(||Delta||^2 / D + huber_c^2) - huber_c    (per-element RMS), w = 1/sqrt(D)
-# with c = huber_c sqrt(D). d' of pseudo-Huber has norm <= 1, so 1/D would shrink it by a further
-# sqrt(D) (about 180x from the toy to SDXL at 1024^2); 1/sqrt(D) keeps its x_0-gradient scaling
-# with D as l2's and KL's do, so alpha_rew's balance carries from the toy to SDXL.
-# In score space d_t'(y) = sigma_t d'(y; c/sigma_t) (pseudo-Huber) or sigma_t^2 d'(y) (l2).
-# KL and the CFG reward take the eps-scale weight sigma_t / D, so their gradient per element is
-# a_t (eps_ref - eps_psi) / D; the assistant's DSM weight lambda(t) = sigma_t^2 / D is the usual
-# eps-prediction MSE.
+# w(t) and c, which the paper leaves open. The distance is on the eps scale, d_t(y) = d(sigma_t y),
+# a distance at every t (so Theorem 3.1 holds), and per element: with Delta = eps_psi - eps_ref and
+# D elements per sample, l2 is ||Delta||^2 / D and pseudo-Huber, with c = huber_c sqrt(D) and
+# weight 1/sqrt(D), is sqrt(||Delta||^2 / D + huber_c^2) - huber_c. Why 1/sqrt(D): its d' has norm
+# <= 1, so 1/D would shrink its x_0-gradient by a further sqrt(D) (~180x from the toy to SDXL at
+# 1024 px); 1/sqrt(D) scales it with D as l2's and KL's do, so alpha_rew's balance carries over.
+# On the score scale the weights are sigma_t / sqrt(D) (with c / sigma_t) and sigma_t^2 / D (l2);
+# KL and the CFG reward take sigma_t / D (x_0-gradient a_t (eps_ref - eps_psi) / D per element),
+# the DSM sigma_t^2 / D (the eps MSE).
 
 
 def diffuse(world, x0):
@@ -710,7 +705,7 @@ def generator_loss(world, g, cond):
     s_ref = s_c
     if cfg.cfg == "in" and cfg.alpha_cfg != 0:  # choice 2: CFG-enhanced reference
         s_ref = lambda x: cfg_score(s_c(x), s_u(x), 1 + cfg.alpha_cfg)
-    cond_score = -eps / sigma_t  # grad log p_t(x_t | x_0)
+    cond_score = score(eps)  # grad log p_t(x_t | x_0)
     if cfg.divergence == "kl":
         loss_div = kl_loss(x_t, s_fake, s_ref, weight=sig / D)
     elif cfg.divergence == "pseudo_huber":  # w = sigma_t / sqrt(D): see the comment above
@@ -731,20 +726,19 @@ def generator_loss(world, g, cond):
 
 
 def generator_backward(world, g, cond):
-    """The generator phase's loss and backward: psi's parameters frozen (no gradient), its input
-    not (the loss back-propagates through it). Each term's gradient on x_0 is taken on its own,
-    then their sum goes back through g_theta: the same work as one backward, and the norms are
-    the balance of reward, divergence and CFG that alpha_rew sets."""
+    """The generator phase's loss and backward, psi's parameters frozen (not its input). Each
+    term's x_0-gradient is taken on its own and their sum goes back through g_theta: the work of
+    one backward, and the norms log the balance of reward, divergence and CFG."""
     world.assistant.requires_grad_(False)
     try:
         loss, terms = generator_loss(world, g, cond)
         x0, grad = terms.pop("x0"), {}
-        # each term's graph is freed once its gradient is taken; only the CFG term's is kept
-        # until the divergence's, because the two share x_t
-        for k, keep in (("rew", False), ("cfg", True), ("div", False)):
+        # each term's graph is freed once its gradient is taken; the CFG term's only after the
+        # divergence's, as the two share x_t
+        for k in ("rew", "cfg", "div"):
             term = terms[f"loss_{k}"]
-            grad[k] = (torch.autograd.grad(term, x0, retain_graph=keep)[0] if term.requires_grad
-                       else torch.zeros_like(x0))  # (B, C, H, W)
+            grad[k] = (torch.autograd.grad(term, x0, retain_graph=k == "cfg")[0]
+                       if term.requires_grad else torch.zeros_like(x0))  # (B, C, H, W)
             terms[f"x0grad_{k}"] = grad[k].norm()
         x0.backward(grad["rew"] + grad["div"] + grad["cfg"])
     finally:
@@ -804,8 +798,8 @@ def train(world, opt_g, opt_psi, dist_info, steps, on_step=None):
     rank, world_size, device = dist_info
     g, s_psi = world.generator, world.assistant  # fp32 master weights
     # DDP only on the two trained nets; gradients as views into its buckets (no second copy)
-    wrap = (lambda m: DDP(m, gradient_as_bucket_view=True)) if world_size > 1 else (lambda m: m)
-    g_ddp, s_psi_ddp = wrap(g), wrap(s_psi)
+    g_ddp, s_psi_ddp = (DDP(m, gradient_as_bucket_view=True) if world_size > 1 else m
+                        for m in (g, s_psi))
     bar = tqdm(steps, initial=steps.start, total=steps.stop, disable=None if rank == 0 else True,
                dynamic_ncols=True)
     history, skipped, in_a_row = [], 0, dict(g=0, psi=0)  # skips since the last log; streaks
@@ -856,19 +850,18 @@ def train(world, opt_g, opt_psi, dist_info, steps, on_step=None):
 # -----------------------------------------------------------------------------
 # DDP and checkpoints
 
-DIST_TIMEOUT = datetime.timedelta(hours=1)  # rank 0 writes ~60 GB while the others wait
-
 
 def setup_distributed():
     """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; nccl on GPUs, gloo on CPU."""
+    cuda = torch.cuda.is_available()
     if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
+        return 0, 1, torch.device("cuda" if cuda else "cpu")
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
+    if cuda:
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=DIST_TIMEOUT,
-                            device_id=device if device.type == "cuda" else None)
+    # an hour: the others wait while rank 0 writes a ~60 GB checkpoint
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=1),
+                            device_id=device if cuda else None)
     return dist.get_rank(), dist.get_world_size(), device
 
 
@@ -896,13 +889,17 @@ def assert_ranks_in_sync(net, world_size):
         raise RuntimeError(f"ranks out of sync: parameter fingerprints differ by {diff.item():.3g}")
 
 
+def barrier(world_size):
+    if world_size > 1:
+        dist.barrier()
+
+
 # A checkpoint is {out_dir}/checkpoint-{step:06d}/: generator/ and assistant/ (diffusers UNet
-# folders; the toy's nets as model.safetensors), state.pt (both optimizers' state dicts and every
-# rank's RNG state; torch.save, read back with weights_only=True) and state.json (step, config),
-# written last. Rank 0 writes into a hidden folder and renames it into place, so a crash never
-# leaves a checkpoint that looks complete and never harms an earlier one. An out_dir holds one
-# run: --resume continues it; a fresh run refuses another run's checkpoints (SDXL, unless
-# --overwrite) or starts the out_dir over (the demos, --toy and --tiny).
+# folders; the toy's nets as model.safetensors), state.pt (optimizer and RNG states, see
+# state_file) and state.json (step, config), written last. Rank 0 writes into a hidden folder and
+# renames it into place, so a crash never leaves a checkpoint that looks complete nor harms an
+# earlier one. An out_dir holds one run: --resume continues it; a fresh run refuses another run's
+# checkpoints (SDXL, unless --overwrite) or starts the out_dir over (the demos, --toy and --tiny).
 CKPT_RE = r"checkpoint-\d{6}"
 RUN_OUTPUTS = (CKPT_RE, r"\.tmp-checkpoint-\d{6}(\.old)?", r"metrics\.jsonl", r"samples-\d{6}\.png",
                r"toy\.png", r"toy_samples\.safetensors")  # {out_dir}/tiny, a cache, stays
@@ -939,8 +936,7 @@ def start_out_dir(cfg, dist_info):
             if old:
                 print(f"starting over in {cfg.out_dir}: removed {', '.join(old)} of an earlier run"
                       " (--resume continues a run)")
-    if world_size > 1:
-        dist.barrier()
+    barrier(world_size)
 
 
 def save_net(net, path):
@@ -973,9 +969,8 @@ def save_checkpoint(cfg, step, world, opt_g, opt_psi, dist_info):
     rng = {"cpu": torch.get_rng_state()}
     if device.type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state(device)
-    rngs = [rng]
+    rngs = [rng] * world_size
     if world_size > 1:
-        rngs = [None] * world_size
         dist.all_gather_object(rngs, rng)
     tmp = os.path.join(cfg.out_dir, f".tmp-checkpoint-{step:06d}")
     if rank == 0:
@@ -1004,19 +999,13 @@ def save_checkpoint(cfg, step, world, opt_g, opt_psi, dist_info):
     barrier(world_size)  # rank 0 saves, then everyone goes on
 
 
-def barrier(world_size):
-    if world_size > 1:
-        dist.barrier()
-
-
 def load_checkpoint(cfg, world, opt_g, opt_psi, dist_info):
     """Restore the newest complete checkpoint in out_dir; returns the step to continue from."""
     rank, world_size, device = dist_info
-    path = (list_checkpoints(cfg.out_dir) or [None])[-1]
+    chosen = [(list_checkpoints(cfg.out_dir) or [None])[-1]]
     if world_size > 1:  # rank 0's choice, so that every rank continues the same checkpoint
-        chosen = [path]
         dist.broadcast_object_list(chosen, 0)
-        path = chosen[0]
+    path = chosen[0]
     if path is None:
         if rank == 0:
             print(f"resume: no complete checkpoint in {cfg.out_dir}; starting at step 0")

@@ -421,19 +421,11 @@ def test_kl_gradient_is_the_same_for_cfg_in_and_out():
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
 
 
-def test_generator_phase_backpropagates_through_the_assistant_input_but_not_its_weights():
-    world = _toy(["--alpha_rew=0", "--alpha_cfg=0"])
-    world.assistant.requires_grad_(False)
-    loss, _ = distar.generator_loss(world, world.generator, world.sample_cond(32))
-    loss.backward()
-    assert all(p.grad is None for p in world.assistant.parameters())
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in world.generator.parameters())
-
-
 def test_generator_backward_freezes_the_assistant_only_for_the_step():
     """The one generator step train, --bench and the FLOP count share: no gradient reaches psi's
-    weights, theta gets one, and psi is trainable again afterwards (also after an error)."""
-    world = _toy(["--alpha_rew=0"])
+    weights, theta gets one (with no reward and no CFG, only through the nets' inputs), and psi is
+    trainable again afterwards (also after an error)."""
+    world = _toy(["--alpha_rew=0", "--alpha_cfg=0"])
     distar.generator_backward(world, world.generator, world.sample_cond(32))
     assert all(p.grad is None and p.requires_grad for p in world.assistant.parameters())
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in world.generator.parameters())
@@ -577,8 +569,10 @@ def test_every_divergence_scales_like_kl_with_the_resolution(tiny):
 # sharded), and what a run may do to an out_dir holding another run
 
 
-def _clip_and_step_spy(monkeypatch):
-    seen = []
+def test_collectives_take_tensors_on_the_training_device(monkeypatch):
+    """NCCL takes only CUDA tensors, so every tensor that reaches a collective must live on the
+    training device. Meta stands in for CUDA here: a tensor moved to the CPU would show."""
+    seen, meta = [], torch.device("meta")
 
     def spy(t, *a, **k):
         seen.append(t.device)
@@ -586,14 +580,6 @@ def _clip_and_step_spy(monkeypatch):
 
     for name in ("all_reduce", "broadcast", "all_gather", "reduce"):
         monkeypatch.setattr(distar.dist, name, spy)
-    return seen
-
-
-def test_collectives_take_tensors_on_the_training_device(monkeypatch):
-    """NCCL takes only CUDA tensors, so every tensor that reaches a collective must live on the
-    training device. Meta stands in for CUDA here: a tensor moved to the CPU would show."""
-    seen = _clip_and_step_spy(monkeypatch)
-    meta = torch.device("meta")
     with pytest.raises(StopIteration):
         distar.all_reduce_mean(dict(a=torch.ones((), device=meta), b=3.0, c=torch.ones(())), 2, meta)
     net = torch.nn.Linear(2, 2, device=meta)
@@ -624,9 +610,9 @@ def _toy_optimizers(cfg, world):
             distar.make_optimizer(cfg, world.assistant.parameters(), cfg.lr_psi))
 
 
-def _toy_checkpoint(out_dir):
+def _toy_checkpoint(out_dir, *args):
     """A toy checkpoint at step 1 with Adam states; returns its optimizers."""
-    world = _toy([f"--out_dir={out_dir}"])
+    world = _toy([f"--out_dir={out_dir}", *args])
     opts = _toy_optimizers(world.cfg, world)
     for net, opt in zip((world.generator, world.assistant), opts):
         for p in net.parameters():
@@ -636,13 +622,33 @@ def _toy_checkpoint(out_dir):
     return opts
 
 
-def test_resume_takes_learning_rates_betas_and_weight_decay_from_the_command_line(tmp_path):
-    saved_g, saved_psi = _toy_checkpoint(tmp_path)
+def test_resume_reads_adam_states_on_the_cpu_and_hyperparameters_from_the_command_line(
+        tmp_path, monkeypatch):
+    """Every rank reads its state file onto the CPU (memory-mapped), and the optimizer copies what
+    it keeps to its device (under --zero only the rank's own shard reaches the GPU); the saved Adam
+    moments come back, the learning rates, betas and weight decay are the command line's."""
+    saved_g, _ = _toy_checkpoint(tmp_path)
+    loads, handed = [], []
+    real_load, real_load_sd = torch.load, torch.optim.AdamW.load_state_dict
+
+    def spy_load(*args, **kwargs):
+        loads.append(kwargs)
+        return real_load(*args, **kwargs)
+
+    def spy_load_sd(opt, sd):
+        handed.extend(v.device.type for st in sd["state"].values() for v in st.values())
+        return real_load_sd(opt, sd)
+
+    monkeypatch.setattr(torch, "load", spy_load)
+    monkeypatch.setattr(torch.optim.AdamW, "load_state_dict", spy_load_sd)
     world = _toy([f"--out_dir={tmp_path}", "--resume", "--lr_g=2e-4", "--lr_psi=3e-4",
                   "--beta1=0.5", "--beta2=0.9", "--weight_decay=0.1"])
     opt_g, opt_psi = _toy_optimizers(world.cfg, world)
     cpu = (0, 1, torch.device("cpu"))
     assert distar.load_checkpoint(world.cfg, world, opt_g, opt_psi, cpu) == 1
+    assert loads and all(k.get("map_location") == "cpu" and k.get("weights_only") is True
+                         for k in loads)
+    assert handed and set(handed) == {"cpu"}
     for opt, lr in ((opt_g, 2e-4), (opt_psi, 3e-4)):
         group = opt.param_groups[0]
         assert (group["lr"], group["betas"], group["weight_decay"]) == (lr, (0.5, 0.9), 0.1)
@@ -662,31 +668,6 @@ def test_resume_of_a_checkpoint_without_state_pt_is_one_line_and_touches_nothing
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["checkpoint-000002", "state.json"]
 
 
-def test_resume_reads_the_optimizer_states_on_the_cpu(tmp_path, monkeypatch):
-    """Every rank reads its state file onto the CPU (memory-mapped), and the optimizer copies what
-    it keeps to its device: under --zero only the rank's own shard reaches the GPU."""
-    _toy_checkpoint(tmp_path)
-    loads, handed = [], []
-    real_load, real_load_sd = torch.load, torch.optim.AdamW.load_state_dict
-
-    def spy_load(*args, **kwargs):
-        loads.append(kwargs)
-        return real_load(*args, **kwargs)
-
-    def spy_load_sd(opt, sd):
-        handed.extend(v.device.type for st in sd["state"].values() for v in st.values())
-        return real_load_sd(opt, sd)
-
-    monkeypatch.setattr(torch, "load", spy_load)
-    monkeypatch.setattr(torch.optim.AdamW, "load_state_dict", spy_load_sd)
-    world = _toy([f"--out_dir={tmp_path}", "--resume"])
-    cpu = (0, 1, torch.device("cpu"))
-    distar.load_checkpoint(world.cfg, world, *_toy_optimizers(world.cfg, world), cpu)
-    assert loads and all(k.get("map_location") == "cpu" and k.get("weights_only") is True
-                         for k in loads)
-    assert handed and set(handed) == {"cpu"}
-
-
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit, imported by ZeRO
 def test_zero_resume_loads_the_ranks_shard_into_its_own_adamw(tmp_path, monkeypatch):
     """ZeroRedundancyOptimizer.load_state_dict moves AdamW's step counters to the CPU, which fused
@@ -696,14 +677,8 @@ def test_zero_resume_loads_the_ranks_shard_into_its_own_adamw(tmp_path, monkeypa
     distar.dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0,
                                    world_size=1)
     try:
-        world = _toy([f"--out_dir={tmp_path / 'o'}", "--zero"])
-        opts = _toy_optimizers(world.cfg, world)
+        opts = _toy_checkpoint(tmp_path / "o", "--zero")
         assert all(isinstance(o, ZeroRedundancyOptimizer) for o in opts)
-        for net, opt in zip((world.generator, world.assistant), opts):
-            for p in net.parameters():
-                p.grad = torch.randn_like(p)
-            opt.step()
-        distar.save_checkpoint(world.cfg, 1, world, *opts, (0, 1, torch.device("cpu")))
         saved = [o.optim.state_dict()["state"] for o in opts]
         monkeypatch.setattr(ZeroRedundancyOptimizer, "load_state_dict", None)  # never through it
         world = _toy([f"--out_dir={tmp_path / 'o'}", "--zero", "--resume"])
