@@ -1373,28 +1373,25 @@ def dry_run_parts(device):
 PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "A100": 312.0}
 
 
-def param_bytes(*nets):
-    return sum(p.numel() * p.element_size() for net in nets for p in net.parameters())
-
-
 def memory_plan(world, n_gpus, zero):
     """Memory per GPU before activations, [(item, bytes)], for train on n_gpus ranks. AdamW keeps
     two fp32 states per trained weight (1/n_gpus of them with --zero); fused, it needs no scratch.
     Gradients: one net's at a time alone (train frees them); under DDP both nets' buckets."""
-    g, psi, te = world.generator, world.assistant, (world.pipe.text_encoder,
-                                                    world.pipe.text_encoder_2)
-    shard = n_gpus if zero and n_gpus > 1 else 1
+    size = lambda *nets: sum(p.numel() * p.element_size() for n in nets for p in n.parameters())
     dt = lambda net: str(next(net.parameters()).dtype).removeprefix("torch.")
+    g, psi = world.generator, world.assistant
+    te = (world.pipe.text_encoder, world.pipe.text_encoder_2)
+    shard = n_gpus if zero and n_gpus > 1 else 1
     ddp = n_gpus > 1
-    return [(f"generator + assistant weights ({dt(g)} masters)", param_bytes(g, psi)),
+    return [(f"generator + assistant weights ({dt(g)} masters)", size(g, psi)),
             ("AdamW states of both, 2 per weight"
-             + (f", 1/{shard} with --zero" if shard > 1 else ""), 2 * param_bytes(g, psi) // shard),
+             + (f", 1/{shard} with --zero" if shard > 1 else ""), 2 * size(g, psi) // shard),
             ("gradients: DDP buckets of both nets" if ddp else "gradients of one net at a time",
-             param_bytes(g, psi) if ddp else max(param_bytes(g), param_bytes(psi))),
-            (f"reference UNet ({dt(world.s_ref)})", param_bytes(world.s_ref)),
-            (f"text encoders ({dt(te[0])})", param_bytes(*te)),
-            (f"reward CLIP ({dt(world.reward_fn.model)})", param_bytes(world.reward_fn.model)),
-            (f"VAE ({dt(world.vae)})", param_bytes(world.vae))]
+             size(g, psi) if ddp else max(size(g), size(psi))),
+            (f"reference UNet ({dt(world.s_ref)})", size(world.s_ref)),
+            (f"text encoders ({dt(te[0])})", size(*te)),
+            (f"reward CLIP ({dt(world.reward_fn.model)})", size(world.reward_fn.model)),
+            (f"VAE ({dt(world.vae)})", size(world.vae))]
 
 
 def step_flops(world, batch_size):
@@ -1404,14 +1401,13 @@ def step_flops(world, batch_size):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    def count(step):
+    def count(update):
         with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-            step()
+            update(world.sample_cond(batch_size))
         return counter.get_total_flops()
 
-    cond = lambda: world.sample_cond(batch_size)
-    flops = dict(assistant=count(lambda: assistant_loss(world, world.assistant, cond()).backward()),
-                 generator=count(lambda: generator_backward(world, world.generator, cond())))
+    flops = dict(assistant=count(lambda c: assistant_loss(world, world.assistant, c).backward()),
+                 generator=count(lambda c: generator_backward(world, world.generator, c)))
     for net in (world.generator, world.assistant):
         net.zero_grad(set_to_none=True)
     return flops
@@ -1443,19 +1439,18 @@ def run_dry_run(cfg, dist_info):
               f"assistant update {flops['assistant'] / 1e12:.1f} TFLOP, generator update "
               f"{flops['generator'] / 1e12:.1f} TFLOP, step ({cfg.assistant_steps} + 1 updates) "
               f"{per_step / 1e12:.1f} TFLOP")
-        del parts, meta
-        if device.type != "cuda":
-            print("no GPU here, so no seconds per step, images per second, peak memory, MFU or "
-                  "cost table; on GPUs, e.g.:\n  torchrun --standalone --nproc_per_node=8 "
-                  "distar.py --dry_run --zero --grad_checkpointing")
     if device.type == "cuda":
         world = SDXLWorld(cfg, device, rank, world_size, parts=dry_run_parts(device))
         bench(world, dist_info) if cfg.bench else measure_steps(world, dist_info, per_step)
+    elif rank == 0:
+        print("no GPU here, so no seconds per step, images per second, peak memory, MFU or cost "
+              "table; on GPUs, e.g.:\n  torchrun --standalone --nproc_per_node=8 distar.py "
+              "--dry_run --zero --grad_checkpointing")
 
 
 def measure_steps(world, dist_info, flops_per_step):
-    """train's own timings, nothing written: seconds per step (median, step 1 is warm-up),
-    images/s per GPU, peak memory over all steps, MFU (needs a known peak)."""
+    """train's own timings, nothing written: seconds per step (median; step 1 is warm-up),
+    images/s per GPU, peak memory over all steps, MFU (needs a known peak). Rank 0's figures."""
     cfg, (rank, world_size, device) = world.cfg, dist_info
     opts = [make_optimizer(cfg, n.parameters(), lr) for n, lr in ((world.generator, cfg.lr_g),
                                                                    (world.assistant, cfg.lr_psi))]
@@ -1467,9 +1462,14 @@ def measure_steps(world, dist_info, flops_per_step):
                          " a smaller --batch_size, or more GPUs with --zero") from None
     if rank != 0:
         return None
-    fig = dry_run_figures(history, flops_per_step, cfg.batch_size, peak_tflops(cfg, device))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-    mfu = f"{fig['mfu']:.1%}" if fig["mfu"] is not None else "unknown peak: pass --peak_tflops"
+    peak = cfg.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name), 0.0)
+    sec = statistics.median(r["sec_assistant"] + r["sec_generator"] for r in history[1:])
+    fig = dict(sec_per_step=sec, images_per_s=cfg.batch_size / sec,
+               peak_mem_gib=max(max(r["mem_assistant_gb"], r["mem_generator_gb"]) for r in history),
+               tflops_per_s=flops_per_step / sec / 1e12,
+               mfu=flops_per_step / sec / (peak * 1e12) if peak else None)
+    mfu = f"{fig['mfu']:.1%}" if peak else "unknown peak: pass --peak_tflops"
     print(f"measured on {world_size} x {name}, --precision={cfg.precision}"
           + (", --grad_checkpointing" if cfg.grad_checkpointing else "")
           + (", --zero" if cfg.zero else "") + f", batch {cfg.batch_size} per GPU, median of "
@@ -1479,54 +1479,42 @@ def measure_steps(world, dist_info, flops_per_step):
     return fig
 
 
-def peak_tflops(cfg, device):
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
-    return cfg.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name), 0.0)
-
-
-def dry_run_figures(history, flops_per_step, batch_size, peak):
-    sec = statistics.median(r["sec_assistant"] + r["sec_generator"] for r in history[1:])
-    mem = max(max(r["mem_assistant_gb"], r["mem_generator_gb"]) for r in history)
-    return dict(sec_per_step=sec, images_per_s=batch_size / sec, peak_mem_gib=mem,
-                tflops_per_s=flops_per_step / sec / 1e12,
-                mfu=flops_per_step / sec / (peak * 1e12) if peak else None)
-
-
 def bench(world, dist_info):
-    """The cost table: train's own timings of one step (one assistant and one generator update,
-    prompts, clipping and AdamW included) per divergence, checkpointing off and on, as ratios
-    to the KL generator update. Variants interleave (each repetition runs all, in an order
-    rotated by one), so drift hits all alike; lr 0 leaves the weights as they were. A variant
-    that runs out of GPU memory is reported so. Prints the table, writes {out_dir}/bench.json."""
+    """The cost table, printed and in {out_dir}/bench.json: train's own timings of one step (an
+    assistant and a generator update, prompts, clipping and AdamW included) per divergence,
+    checkpointing off and on, as ratios to the KL generator update, and peak memory (or out of
+    memory). Variants interleave (each repetition runs all, rotated by one), so drift hits all
+    alike; lr 0 leaves the weights as they were."""
     cfg, device = world.cfg, dist_info[2]
     opts = [make_optimizer(cfg, n.parameters(), 0.0) for n in (world.generator, world.assistant)]
     variants = [(div, ckpt) for ckpt in (False, True) for div in ("pseudo_huber", "l2", "kl")]
-    runs, oom = {v: [] for v in variants}, set()
-    order = lambda rep: [v for v in variants[rep % 6:] + variants[:rep % 6] if v not in oom]
+    # timed steps per row: the assistant update does not depend on the divergence
+    runs = ({("generator", div, ckpt): [] for div, ckpt in variants}
+            | {("assistant", None, ckpt): [] for ckpt in (False, True)})
+    oom = set()
     with mock.patch.dict(os.environ, TQDM_DISABLE="1"):  # no progress bar per timed step
         for rep in range(cfg.bench_warmup + cfg.bench_reps):
-            for v in order(rep):
-                world.cfg = replace(cfg, divergence=v[0], assistant_steps=1, log_interval=1)
-                world.set_grad_checkpointing(v[1])
+            for div, ckpt in [v for v in variants[rep % 6:] + variants[:rep % 6] if v not in oom]:
+                world.cfg = replace(cfg, divergence=div, assistant_steps=1)
+                world.set_grad_checkpointing(ckpt)
                 try:
                     (m,) = train(world, *opts, dist_info, range(1))
-                    runs[v] += [m] if rep >= cfg.bench_warmup else []
                 except torch.cuda.OutOfMemoryError:
-                    oom.add(v)
+                    oom.add((div, ckpt))
                     for o in opts:
                         o.zero_grad(set_to_none=True)
+                    continue
+                if rep >= cfg.bench_warmup:
+                    runs["generator", div, ckpt].append(m)
+                    runs["assistant", None, ckpt].append(m)
     world.cfg = cfg
     world.set_grad_checkpointing(cfg.grad_checkpointing)
-    def row(step, div, ckpt, ms, mem):
-        return dict(step=step, divergence=div, grad_checkpointing=ckpt, ms_reps=ms,
-                    ms=statistics.median(ms) if ms else None, peak_gb=max(mem, default=None))
-
-    rows = [row("generator", div, ckpt, [m["sec_generator"] * 1000 for m in runs[div, ckpt]],
-                [m["mem_generator_gb"] for m in runs[div, ckpt]]) for div, ckpt in variants]
-    for ckpt in (False, True):  # the assistant update does not depend on the divergence
-        ms = [m for v in variants if v[1] == ckpt for m in runs[v]]
-        rows.append(row("assistant", None, ckpt, [m["sec_assistant"] * 1000 for m in ms],
-                        [m["mem_assistant_gb"] for m in ms]))
+    rows = []
+    for (step, div, ckpt), timed in runs.items():
+        ms = [m[f"sec_{step}"] * 1000 for m in timed]
+        rows.append(dict(step=step, divergence=div, grad_checkpointing=ckpt, ms_reps=ms,
+                         ms=statistics.median(ms) if ms else None,
+                         peak_gb=max((m[f"mem_{step}_gb"] for m in timed), default=None)))
     base = rows[2]["ms"]  # KL, checkpointing off
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"cpu, {torch.get_num_threads()} threads"
@@ -1536,10 +1524,11 @@ def bench(world, dist_info):
           f"{'checkpointing':>13s} {'ms':>9s} {'/ KL gen':>9s} {'peak GB':>8s}")
     for r in rows:
         r["ratio"] = r["ms"] / base if r["ms"] and base else None
-        ms, ratio = (f"{r['ms']:.1f}", f"{r['ratio']:.2f}x") if r["ms"] else ("out of memory", "-")
+        ms = f"{r['ms']:.1f}" if r["ms"] else "out of memory"
+        ratio = f"{r['ratio']:.2f}x" if r["ratio"] else "-"
         ckpt = "on" if r["grad_checkpointing"] else "off"
-        print(f"{r['step']:10s} {r['divergence'] or '-':12s} {ckpt:>13s} {ms:>9s} "
-              f"{ratio if base else '-':>9s} {r['peak_gb'] or 0:8.2f}")
+        print(f"{r['step']:10s} {r['divergence'] or '-':12s} {ckpt:>13s} {ms:>9s} {ratio:>9s} "
+              f"{r['peak_gb'] or 0:8.2f}")
     os.makedirs(cfg.out_dir, exist_ok=True)
     with open(os.path.join(cfg.out_dir, "bench.json"), "w") as f:
         json.dump(dict(device=name, config=asdict(cfg), rows=rows), f, indent=1)

@@ -1010,33 +1010,37 @@ def test_step_flops_on_meta_equal_the_flops_of_real_tensors(tiny):
     assert fc.get_total_flops() < cpu["assistant"]
 
 
-def test_dry_run_figures_leave_out_the_warm_up_step():
+def test_dry_run_measurement_gives_throughput_and_mfu_and_writes_nothing(tiny, tmp_path, capsys,
+                                                                          monkeypatch):
+    """The dry run's GPU measurement on tiny models on CPU (the GPU itself cannot be tested here),
+    then its figures from a given history of train's timings: step 1 is warm-up."""
+    from dataclasses import replace
+    world = _sdxl_world(tiny, "--max_steps=3", "--assistant_steps=1", f"--out_dir={tmp_path}")
+    world.cfg = replace(world.cfg, tiny=False, dry_run=True, log_interval=1, peak_tflops=1000.0)
+    cpu = (0, 1, torch.device("cpu"))
+    assert distar.measure_steps(world, cpu, flops_per_step=1e9)["sec_per_step"] > 0
+    assert "measured on 1 x cpu" in capsys.readouterr().out
+    assert os.listdir(tmp_path) == []  # no metrics file, samples or checkpoints
     rows = [dict(sec_assistant=a, sec_generator=g, mem_assistant_gb=m, mem_generator_gb=m + 1)
             for a, g, m in ((9.0, 1.0, 50.0), (0.5, 0.5, 40.0), (1.0, 1.0, 41.0), (2.0, 1.0, 40.0))]
-    fig = distar.dry_run_figures(rows, flops_per_step=400e12, batch_size=2, peak=1000.0)
+    monkeypatch.setattr(distar, "train", lambda *args: rows)
+    fig = distar.measure_steps(world, cpu, flops_per_step=400e12)  # batch 2, peak 1000 TFLOPS
     assert fig["sec_per_step"] == 2.0  # median of 1, 2 and 3 s; the 10 s warm-up left out
     assert fig["images_per_s"] == 1.0 and fig["tflops_per_s"] == 200.0 and fig["mfu"] == 0.2
     assert fig["peak_mem_gib"] == 51.0  # the peak of every step, warm-up included
-    assert distar.dry_run_figures(rows, 400e12, 2, 0.0)["mfu"] is None
-
-
-def test_dry_run_measurement_gives_throughput_and_mfu_and_writes_nothing(tiny, tmp_path, capsys):
-    """The dry run's GPU measurement (train with cfg.dry_run, then the figures) on tiny models on
-    CPU: the GPU itself cannot be tested here (no GPU)."""
-    from dataclasses import replace
-    world = _sdxl_world(tiny, "--max_steps=3", "--assistant_steps=1", f"--out_dir={tmp_path}")
-    world.cfg = replace(world.cfg, tiny=False, dry_run=True, log_interval=1, peak_tflops=0.5)
-    fig = distar.measure_steps(world, (0, 1, torch.device("cpu")), flops_per_step=1e9)
-    assert fig["images_per_s"] == pytest.approx(2 / fig["sec_per_step"])
-    assert fig["mfu"] == pytest.approx(1e9 / fig["sec_per_step"] / 0.5e12)
-    assert "measured on 1 x cpu" in capsys.readouterr().out
-    assert os.listdir(tmp_path) == []  # no metrics file, samples or checkpoints
+    world.cfg = replace(world.cfg, peak_tflops=0.0)  # and no known peak for "cpu"
+    assert distar.measure_steps(world, cpu, 400e12)["mfu"] is None
+    out = capsys.readouterr().out
+    assert "seconds per step 2, images per second per GPU 1, peak memory 51.0 GiB, 200 TFLOPS" in out
+    assert "MFU 20.0%" in out and "MFU unknown peak: pass --peak_tflops" in out
 
 
 @pytest.mark.parametrize("args, words", [
     (["--dry_run", "--tiny"], "different worlds"), (["--dry_run", "--resume"], "nothing to --resume"),
-    (["--dry_run", "--max_steps=1"], "warm-up"), (["--dry_run", "--world_size_plan=-8"], ">= 0")])
-def test_bad_dry_run_config_is_one_line(args, words, capsys):
+    (["--dry_run", "--max_steps=1"], "warm-up"), (["--dry_run", "--world_size_plan=-8"], ">= 0"),
+    (["--toy", "--bench"], "--bench"), (["--tiny", "--bench", "--bench_reps=0"], "--bench"),
+    (["--bench", "--bench_warmup=-1"], "--bench")])
+def test_bad_dry_run_or_bench_config_is_one_line(args, words, capsys):
     assert distar.main(args) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and words in err, err
@@ -1079,9 +1083,10 @@ def test_bench_command_prints_and_writes_the_cost_table(tiny, tmp_path):
 
 def test_bench_runs_every_variant_and_leaves_the_world_as_it_was(tiny, tmp_path, monkeypatch, capsys):
     """Each variant reaches the losses with its own divergence and checkpointing (a timed step is
-    one assistant and one generator update); one that runs out of GPU memory (l2 without
-    checkpointing, here) is reported and the others go on; lr 0 leaves the weights as they were."""
-    world = _sdxl_world(tiny, "--bench", "--bench_reps=1", "--bench_warmup=0", f"--out_dir={tmp_path}")
+    one assistant and one generator update); one that runs out of GPU memory (l2 and KL without
+    checkpointing, here) is reported and the others go on, without ratios if KL has no time; lr 0
+    leaves the weights as they were."""
+    world = _sdxl_world(tiny, "--bench", "--bench_reps=2", "--bench_warmup=0", f"--out_dir={tmp_path}")
     cfg, nets = world.cfg, (world.generator, world.assistant, world.s_ref, world.vae)
     before = {k: _state(m) for k, m in (("g", world.generator), ("psi", world.assistant))}
     seen = []  # (divergence, checkpointing on each net) as the loss functions see them
@@ -1089,7 +1094,7 @@ def test_bench_runs_every_variant_and_leaves_the_world_as_it_was(tiny, tmp_path,
     def spy(fn, divergence):
         def wrapped(world, *args):
             seen.append((divergence(world), tuple(m.is_gradient_checkpointing for m in nets)))
-            if seen[-1] == ("l2", (False,) * 4):
+            if seen[-1] in (("l2", (False,) * 4), ("kl", (False,) * 4)):
                 raise torch.cuda.OutOfMemoryError("CUDA out of memory")
             return fn(world, *args)
         return wrapped
@@ -1097,12 +1102,15 @@ def test_bench_runs_every_variant_and_leaves_the_world_as_it_was(tiny, tmp_path,
     monkeypatch.setattr(distar, "generator_loss", spy(distar.generator_loss, lambda w: w.cfg.divergence))
     monkeypatch.setattr(distar, "assistant_loss", spy(distar.assistant_loss, lambda w: None))
     rows = distar.bench(world, (0, 1, torch.device("cpu")))
-    assert len(seen) == 2 * 6 and len(rows) == 8
+    assert len(seen) == 2 * 6 + 2 * 4 and len(rows) == 8  # out of memory once, then left out
     assert {(div, ckpt[0]) for div, ckpt in seen} == BENCH_VARIANTS
     assert all(len(set(ckpt)) == 1 for _, ckpt in seen)  # all four nets toggled together
-    assert re.search(r"^generator +l2 +off +out of memory +- +0.00$", capsys.readouterr().out, re.M)
-    assert [(r["divergence"], r["grad_checkpointing"]) for r in rows if r["ms"] is None] == [("l2", False)]
-    assert all(r["ratio"] > 0 for r in rows if r["ms"] is not None)
+    out = capsys.readouterr().out
+    assert re.search(r"^generator +l2 +off +out of memory +- +0.00$", out, re.M), out
+    assert re.search(r"^generator +pseudo_huber +off +[\d.]+ +- +[\d.]+$", out, re.M), out
+    oom = [(r["divergence"], r["grad_checkpointing"]) for r in rows if r["ms"] is None]
+    assert oom == [("l2", False), ("kl", False)]
+    assert all(r["ratio"] is None for r in rows)  # no KL time to divide by
     assert world.cfg is cfg and not any(m.is_gradient_checkpointing for m in nets)
     for name, net in (("g", world.generator), ("psi", world.assistant)):
         assert all(torch.equal(v, before[name][k]) for k, v in _state(net).items()), name
@@ -1136,11 +1144,7 @@ def test_grad_checkpointing_toggle_recomputes_in_backward(tiny):
         assert count("assistant") == dict(g=1, psi=k, ref=0, vae=0)
 
 
-def test_bad_bench_config_is_one_line_and_bench_refuses_torchrun(monkeypatch, capsys):
-    for args in (["--toy", "--bench"], ["--tiny", "--bench", "--bench_reps=0"],
-                 ["--bench", "--bench_warmup=-1"]):
-        with pytest.raises(distar.ConfigError, match="--bench"):
-            distar.parse_args(args)
+def test_bench_refuses_torchrun_in_one_line(monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "2")  # under torchrun: refused before anything is built
     assert distar.main(["--tiny", "--bench", "--out_dir=/nonexistent/never"]) == 2
     err = capsys.readouterr().err
