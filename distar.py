@@ -483,8 +483,7 @@ class LoadError(RuntimeError):
 class ClipReward(nn.Module):
     """r(x, c) = cos(CLIP_image(x), CLIP_text(c)): PickScore with PickScore_v1, CLIP score with
     any other CLIPModel. alpha_rew multiplies this raw cosine (~0.22 for PickScore), not the x100
-    logit. The image path is differentiable (bicubic resize, centre crop, CLIP mean/std); the
-    text side runs under no_grad. model, processor: paths, or a CLIPModel and a CLIPProcessor."""
+    logit. model, processor: paths, or a CLIPModel and a CLIPProcessor."""
 
     def __init__(self, model, processor, dtype=torch.float32):
         super().__init__()
@@ -512,11 +511,11 @@ class ClipReward(nn.Module):
         return F.normalize(f, dim=-1)  # (B, P)
 
     def forward(self, images, text_features):
-        """images (B, 3, H, W) in [0, 1], differentiable -> cosine similarity (B,)."""
+        """images (B, 3, H, W) in [0, 1] -> cosine similarity (B,), differentiable: the processor's
+        resize of the short side (bicubic), centre crop and mean/std, in torch."""
         h, w = images.shape[-2:]
         s = self.size / min(h, w)
-        size = (max(self.crop[0], round(h * s)), max(self.crop[1], round(w * s)))
-        x = F.interpolate(images, size=size, mode="bicubic", antialias=True, align_corners=False)
+        x = F.interpolate(images, size=(round(h * s), round(w * s)), mode="bicubic", antialias=True)
         top, left = (x.shape[-2] - self.crop[0]) // 2, (x.shape[-1] - self.crop[1]) // 2
         x = x[..., top:top + self.crop[0], left:left + self.crop[1]]
         x = ((x - self.mean) / self.std).to(self.model.dtype)
@@ -541,15 +540,12 @@ class SDXLWorld:
         prompts = read_prompts(cfg.prompts)
         self.prompts = prompts[rank::world_size] or prompts  # this rank's shard
         parts = parts or load_sdxl_parts(cfg, device, frozen)
-        # the text encoders through SDXL's own encode_prompt: penultimate hidden states of both
-        # encoders concatenated (B, 77, 2048), pooled projection of encoder 2 (B, 1280)
-        self.pipe = parts["pipe"].to(device, torch.float32)
-        self.pipe.set_progress_bar_config(disable=True)
-        self.pipe.text_encoder.requires_grad_(False)
-        self.pipe.text_encoder_2.requires_grad_(False)
-        self.alphas_cumprod = parts["alphas_cumprod"].to(device)  # alphabar_t, (1000,)
-        self.vae = parts["vae"].to(device, torch.float32).requires_grad_(False)
-        self.s_ref = parts["s_ref"].to(device, frozen).requires_grad_(False).eval()
+        self.pipe = parts["pipe"].to(device, torch.float32)  # text encoders, VAE and scheduler
+        self.vae = self.pipe.vae
+        self.alphas_cumprod = self.pipe.scheduler.alphas_cumprod.to(device)  # alphabar_t, (1000,)
+        self.s_ref = parts["s_ref"].to(device, frozen).eval()
+        for net in (self.pipe.text_encoder, self.pipe.text_encoder_2, self.vae, self.s_ref):
+            net.requires_grad_(False)
         self.assistant = parts["assistant"].to(device, torch.float32)
         self.generator = parts["generator"].to(device, torch.float32)
         self.reward_fn = parts["reward_fn"].to(device)
@@ -571,6 +567,8 @@ class SDXLWorld:
 
     @torch.no_grad()
     def encode(self, prompts):
+        """SDXL's own encode_prompt: the penultimate hidden states of both text encoders,
+        concatenated (B, 77, 2048), and the pooled projection of encoder 2 (B, 1280)."""
         emb, _, pooled, _ = self.pipe.encode_prompt(prompts, device=self.device,
                                                     do_classifier_free_guidance=False)
         return dict(prompts=prompts, embeds=emb.float(), pooled=pooled.float())
@@ -604,8 +602,7 @@ class SDXLWorld:
         return self.unet(self.s_ref, x_t, t, cond)
 
     def decode(self, x0):
-        with torch.autocast(self.autocast["device_type"], enabled=False):  # the VAE in fp32
-            img = self.vae.decode(x0.float() / self.vae.config.scaling_factor).sample
+        img = self.vae.decode(x0 / self.vae.config.scaling_factor).sample  # the VAE in fp32
         return (img / 2 + 0.5).clamp(0, 1)  # (B, 3, R, R) in [0, 1]
 
     def reward(self, x0, cond):
@@ -615,43 +612,13 @@ class SDXLWorld:
     @torch.no_grad()
     def save_samples(self, path, n=4):
         """Fixed prompts and noise, so that grids from different steps compare."""
-        from diffusers.utils import make_image_grid
-        from PIL import Image
+        from diffusers.utils import make_image_grid, numpy_to_pil
 
         z = torch.randn(n, *self.latent_shape, generator=torch.Generator().manual_seed(1234))
         cond = self.encode([BUILTIN_PROMPTS[i % len(BUILTIN_PROMPTS)] for i in range(n)])
         img = self.decode(self.generate(self.generator, cond, z.to(self.device)))  # (n, 3, R, R)
-        img = (img.permute(0, 2, 3, 1) * 255).round().byte().cpu().numpy()
-        make_image_grid([Image.fromarray(im) for im in img], rows=1, cols=n).save(path)
-
-
-def load_sdxl_parts(cfg, device, frozen):
-    """SDXLWorld's components from cfg's paths, each moved to `device` as soon as it is loaded (a
-    node's CPU memory holds one net at a time per rank); frozen nets in dtype `frozen`."""
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline
-
-    get = lambda fn, **kw: load("pretrained", cfg.pretrained, fn, cfg.pretrained, **kw)
-    pipe = get(StableDiffusionXLPipeline.from_pretrained, unet=None, vae=None, dtype=torch.float32)
-    sched = get(DDPMScheduler.from_pretrained, subfolder="scheduler")
-    return dict(pipe=pipe.to(device), alphas_cumprod=sched.alphas_cumprod,
-                vae=get(AutoencoderKL.from_pretrained, subfolder="vae").to(device),
-                s_ref=get(load_unet, subfolder="unet", dtype=frozen).to(device),
-                assistant=get(load_unet, subfolder="unet").to(device),
-                generator=load_generator(cfg.generator_init, cfg.pretrained,
-                                         cfg.variant or None).to(device),
-                reward_fn=ClipReward(cfg.reward_model, cfg.reward_processor, frozen).to(device))
-
-
-def read_prompts(path):
-    if not path:
-        return BUILTIN_PROMPTS
-    if not os.path.isfile(path):
-        raise LoadError(f"--prompts={path}: no such file")
-    with open(path, encoding="utf-8") as f:
-        prompts = [line.strip() for line in f if line.strip()]
-    if not prompts:
-        raise LoadError(f"--prompts={path}: the file has no prompts (one per line)")
-    return prompts
+        images = numpy_to_pil(img.permute(0, 2, 3, 1).cpu().numpy())
+        make_image_grid(images, rows=1, cols=n).save(path)
 
 
 # -----------------------------------------------------------------------------
@@ -1157,7 +1124,8 @@ def main(argv):
 ###############################################################################
 
 # -----------------------------------------------------------------------------
-# loading models: local folders, hub ids and state-dict files; a failure is one line naming its flag
+# loading models and prompts: local folders, hub ids and state-dict files; a failure is one line
+# naming its flag
 
 def hub_unreachable(e):
     """Whether e, or an error that caused it, says the hub could not be reached (or offline mode
@@ -1187,59 +1155,82 @@ def load(flag, value, fn, *args, **kwargs):
         raise LoadError(f"cannot load --{flag}={value}: {first}") from None
 
 
-def load_unet(path, **kw):
-    from diffusers import UNet2DConditionModel
+def load_sdxl_parts(cfg, device, frozen):
+    """SDXLWorld's components from cfg's paths, each moved to `device` as soon as it is loaded (a
+    node's CPU memory holds one UNet at a time per rank); frozen nets in dtype `frozen`."""
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 
-    return UNet2DConditionModel.from_pretrained(path, subfolder=kw.pop("subfolder", None), **kw)
+    get = lambda cls, **kw: load("pretrained", cfg.pretrained, cls.from_pretrained, cfg.pretrained,
+                                 **kw).to(device)
+    return dict(pipe=get(StableDiffusionXLPipeline, unet=None, dtype=torch.float32),
+                s_ref=get(UNet2DConditionModel, subfolder="unet", dtype=frozen),
+                assistant=get(UNet2DConditionModel, subfolder="unet"),
+                generator=load_generator(cfg.generator_init, cfg.pretrained,
+                                         cfg.variant or None).to(device),
+                reward_fn=ClipReward(cfg.reward_model, cfg.reward_processor, frozen).to(device))
 
 
 def load_generator(path, pretrained, variant=None, dtype=None, flag="generator_init"):
-    """A one-step generator's UNet, in any form one is published in:
+    """A one-step generator's UNet, in any form one is published in, in `dtype` (default fp32):
     "": the UNet of `pretrained`; a diffusers UNet folder, or a pipeline folder holding unet/
-    (both with `variant`, e.g. fp16); a state-dict file (.bin/.pt/.pth/.safetensors), local or
-    on the hub as owner/repo/path/in/repo (DMD2's tianweiy/DMD2/dmd2_sdxl_1step_unet_fp16.bin).
-    A state dict's architecture is the config.json beside it if there is one (a release's unet/
-    folder), else `pretrained`'s unet/config.json. Returned in `dtype` (default fp32)."""
+    (both with `variant`, e.g. fp16); a state-dict file (unet_from_state_dict)."""
     from diffusers import UNet2DConditionModel
 
     dtype = dtype or torch.float32
+    unet = lambda folder, sub: UNet2DConditionModel.from_pretrained(folder, subfolder=sub,
+                                                                    variant=variant, dtype=dtype)
     if not path:
-        return load("pretrained", pretrained, load_unet, pretrained, subfolder="unet",
-                    variant=variant, dtype=dtype)
-    if not path.endswith((".bin", ".pt", ".pth", ".safetensors")):
-        sub = "unet" if os.path.isdir(os.path.join(path, "unet")) else None
-        return load(flag, path, load_unet, path, subfolder=sub, variant=variant, dtype=dtype)
+        return load("pretrained", pretrained, unet, pretrained, "unet")
+    if path.endswith((".bin", ".pt", ".pth", ".safetensors")):
+        return load(flag, path, unet_from_state_dict, path, pretrained).to(dtype)
+    sub = "unet" if os.path.isdir(os.path.join(path, "unet")) else None  # a pipeline folder
+    return load(flag, path, unet, path, sub)
 
-    def from_state_dict():
-        from accelerate import init_empty_weights
-        from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import EntryNotFoundError
-        from safetensors.torch import load_file
 
-        file, config = path, os.path.join(os.path.dirname(os.path.abspath(path)), "config.json")
-        if not os.path.exists(path):  # owner/repo/path/in/repo
-            parts = path.split("/")
-            repo = "/".join(parts[:2])
-            file = hf_hub_download(repo, "/".join(parts[2:]))
-            try:
-                config = hf_hub_download(repo, "/".join(parts[2:-1] + ["config.json"]))
-            except EntryNotFoundError:  # none beside it (or offline and not cached)
-                config = ""
-        if os.path.isfile(config):
-            config = UNet2DConditionModel.load_config(config)
-        else:
-            config = load("pretrained", pretrained, UNet2DConditionModel.load_config, pretrained,
-                          subfolder="unet")
-        if file.endswith(".safetensors"):
-            sd = load_file(file)
-        else:
-            sd = torch.load(file, map_location="cpu", weights_only=True)
-        with init_empty_weights():  # parameters on meta: no random init of weights about to go
-            unet = UNet2DConditionModel.from_config(config)
-        unet.load_state_dict(sd, strict=True, assign=True)  # the file's tensors become parameters
-        return unet.to(dtype)
+def unet_from_state_dict(path, pretrained):
+    """A UNet from a .bin/.pt/.pth/.safetensors file, local or on the hub as owner/repo/path/in/repo
+    (DMD2's tianweiy/DMD2/dmd2_sdxl_1step_unet_fp16.bin). Its architecture: the config.json beside
+    it if there is one (a release's unet/ folder), else `pretrained`'s unet/config.json."""
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+    from safetensors.torch import load_file
 
-    return load(flag, path, from_state_dict)
+    file, config = path, os.path.join(os.path.dirname(os.path.abspath(path)), "config.json")
+    if not os.path.exists(path):  # owner/repo/path/in/repo
+        if os.path.isabs(path):
+            raise FileNotFoundError("no such file")
+        parts = path.split("/")
+        repo = "/".join(parts[:2])
+        file = hf_hub_download(repo, "/".join(parts[2:]))
+        try:
+            config = hf_hub_download(repo, "/".join(parts[2:-1] + ["config.json"]))
+        except EntryNotFoundError:  # none beside it (or offline and not cached)
+            config = ""
+    if os.path.isfile(config):
+        config = UNet2DConditionModel.load_config(config)
+    else:
+        config = load("pretrained", pretrained, UNet2DConditionModel.load_config, pretrained,
+                      subfolder="unet")
+    sd = (load_file(file) if file.endswith(".safetensors")
+          else torch.load(file, map_location="cpu", weights_only=True))
+    with init_empty_weights():  # parameters on meta: no random init of weights about to go
+        unet = UNet2DConditionModel.from_config(config)
+    unet.load_state_dict(sd, strict=True, assign=True)  # the file's tensors become parameters
+    return unet
+
+
+def read_prompts(path):
+    if not path:
+        return BUILTIN_PROMPTS
+    if not os.path.isfile(path):
+        raise LoadError(f"--prompts={path}: no such file")
+    with open(path, encoding="utf-8") as f:
+        prompts = [line.strip() for line in f if line.strip()]
+    if not prompts:
+        raise LoadError(f"--prompts={path}: the file has no prompts (one per line)")
+    return prompts
 
 
 def quiet_libraries():
@@ -1305,48 +1296,47 @@ def offline_tokenizer():
     so token ids change no cost."""
     from transformers import CLIPTokenizer
 
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for ch in "abcdefghijklmnopqrstuvwxyz,.!":
-        vocab.setdefault(ch, len(vocab))
-        vocab.setdefault(ch + "</w>", len(vocab))
-    vocab["ab</w>"] = len(vocab)  # one merge, so that the BPE model is well formed
-    return CLIPTokenizer(vocab=vocab, merges=[("a", "b</w>")], model_max_length=77)
+    letters = [ch + end for ch in "abcdefghijklmnopqrstuvwxyz,.!" for end in ("", "</w>")]
+    tokens = ["<|startoftext|>", "<|endoftext|>", *letters, "ab</w>"]  # "ab": BPE needs a merge
+    return CLIPTokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=[("a", "b</w>")],
+                         model_max_length=77)
 
 
 def random_parts(sizes, device="cpu"):
-    """Random-weight SDXL components from config dicts, built on `device` directly."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    """Random-weight SDXL from config dicts, built on `device` directly: a StableDiffusionXLPipeline
+    (SDXL's scheduler) and the reward's CLIPModel and CLIPProcessor."""
+    from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline,
+                           UNet2DConditionModel)
     from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor,
                               CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection)
 
     tok = offline_tokenizer()
     ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                pad_token_id=tok.pad_token_id)
-    clip = dict(sizes["clip"], text_config={**sizes["clip"]["text_config"], **ids})
+    clip_sizes = dict(sizes["clip"], text_config={**sizes["clip"]["text_config"], **ids})
     with torch.device(device):
-        return dict(unet=UNet2DConditionModel(**sizes["unet"]), vae=AutoencoderKL(**sizes["vae"]),
-                    text_encoder=CLIPTextModel(CLIPTextConfig(**sizes["text_encoder"], **ids)),
-                    text_encoder_2=CLIPTextModelWithProjection(
-                        CLIPTextConfig(**sizes["text_encoder_2"], **ids)),
-                    tokenizer=tok, tokenizer_2=tok, clip=CLIPModel(CLIPConfig(**clip)),
-                    processor=CLIPProcessor(CLIPImageProcessor(**sizes["image"]), tokenizer=tok))
+        unet, vae = UNet2DConditionModel(**sizes["unet"]), AutoencoderKL(**sizes["vae"])
+        te = CLIPTextModel(CLIPTextConfig(**sizes["text_encoder"], **ids))
+        te2 = CLIPTextModelWithProjection(CLIPTextConfig(**sizes["text_encoder_2"], **ids))
+        clip = CLIPModel(CLIPConfig(**clip_sizes))
+    sched = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, steps_offset=1,
+                                   beta_schedule="scaled_linear", timestep_spacing="leading")
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=te, text_encoder_2=te2, tokenizer=tok,
+                                     tokenizer_2=tok, unet=unet, scheduler=sched)
+    return pipe, clip, CLIPProcessor(CLIPImageProcessor(**sizes["image"]), tokenizer=tok)
 
 
 def build_tiny(root, resolution=64):
     """Tiny random models laid out as the real ones: {root}/sdxl, a StableDiffusionXLPipeline
     folder, and {root}/reward, a CLIPModel with its processor. The same ones every time."""
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
-
     with torch.random.fork_rng():  # the caller's RNG untouched
         torch.manual_seed(0)
-        p = random_parts(TINY)
-    sched = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, steps_offset=1,
-                                   beta_schedule="scaled_linear", timestep_spacing="leading")
-    clip, proc = p.pop("clip"), p.pop("processor")
-    StableDiffusionXLPipeline(**p, scheduler=sched).save_pretrained(os.path.join(root, "sdxl"))
-    clip.save_pretrained(os.path.join(root, "reward"))
-    proc.save_pretrained(os.path.join(root, "reward"))
-    return os.path.join(root, "sdxl"), os.path.join(root, "reward")
+        pipe, clip, processor = random_parts(TINY)
+    sdxl, reward = os.path.join(root, "sdxl"), os.path.join(root, "reward")
+    pipe.save_pretrained(sdxl)
+    clip.save_pretrained(reward)
+    processor.save_pretrained(reward)
+    return sdxl, reward
 
 
 def dry_run_parts(device):
@@ -1354,14 +1344,9 @@ def dry_run_parts(device):
     nothing at all on meta. The three UNets start equal, as with --generator_init=""."""
     import copy
 
-    from diffusers import StableDiffusionXLPipeline
-
-    p = random_parts(SDXL, device)
-    unet, vae, clip, proc = (p.pop(k) for k in ("unet", "vae", "clip", "processor"))
-    pipe = StableDiffusionXLPipeline(**p, vae=None, unet=None, scheduler=None)
-    return dict(pipe=pipe, alphas_cumprod=sdxl_alphas_cumprod(), vae=vae, s_ref=unet,
-                assistant=copy.deepcopy(unet), generator=copy.deepcopy(unet),
-                reward_fn=ClipReward(clip, proc))
+    pipe, clip, processor = random_parts(SDXL, device)
+    return dict(pipe=pipe, s_ref=pipe.unet, assistant=copy.deepcopy(pipe.unet),
+                generator=copy.deepcopy(pipe.unet), reward_fn=ClipReward(clip, processor))
 
 
 # -----------------------------------------------------------------------------

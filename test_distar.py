@@ -226,8 +226,7 @@ def test_theorem_3_2_printed_sign_gives_the_opposite_gradient(grad_check):
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     distar.quiet_libraries()
-    sdxl, reward = distar.build_tiny(str(tmp_path_factory.mktemp("tiny")))
-    return sdxl, reward
+    return distar.build_tiny(str(tmp_path_factory.mktemp("tiny")))
 
 
 def _sdxl_world(tiny, *args):
@@ -236,7 +235,6 @@ def _sdxl_world(tiny, *args):
                              f"--reward_model={reward}", f"--reward_processor={reward}", *args])
     distar.quiet_libraries()
     world = distar.SDXLWorld(cfg, torch.device("cpu"))
-    world.cfg = cfg
     # a generator that differs from the reference, as after DMD2 initialisation
     with torch.no_grad():
         for p in world.generator.parameters():
@@ -310,6 +308,18 @@ def test_load_generator_hub_path_is_owner_repo_then_path_in_repo(tiny, state_dic
         got = distar.load_generator(path, sdxl).state_dict()
         assert all(torch.equal(got[k], expect[k]) for k in expect)
     assert calls == [*files] + [("tianweiy/DMD2", "config.json")]
+
+
+def test_load_generator_errors_are_one_line_naming_the_flag(tiny, tmp_path):
+    sdxl, _ = tiny
+    torch.save({"conv_in.weight": torch.zeros(1)}, tmp_path / "bad.bin")
+    for path, words in ((tmp_path / "missing.bin", "no such file"),
+                        (tmp_path / "bad.bin", "Error(s) in loading state_dict"),
+                        (tmp_path / "missing", "")):  # words: diffusers' own
+        with pytest.raises(distar.LoadError) as e:
+            distar.load_generator(str(path), sdxl, flag="generator")
+        assert str(e.value).startswith(f"cannot load --generator={path}: ") and words in str(e.value)
+        assert "\n" not in str(e.value)
 
 
 def test_an_unreachable_hub_is_one_line_naming_the_flag(tmp_path, capsys):
@@ -937,6 +947,7 @@ def test_dry_run_builds_the_published_architectures_on_meta(dry_parts):
     assert abs(_numel(world.reward_fn.model) - 986e6) < 0.5e6
     assert all(p.is_meta for p in world.generator.parameters())  # no memory spent
     assert world.latent_shape == (4, 128, 128)
+    assert torch.equal(dry_parts["pipe"].scheduler.alphas_cumprod, distar.sdxl_alphas_cumprod())
     # CLIP-H's preprocessing (laion/CLIP-ViT-H-14-laion2B-s32B-b79K preprocessor_config.json)
     assert world.reward_fn.size == 224 and world.reward_fn.crop == (224, 224)
     from transformers import CLIPImageProcessor  # dry_run_parts relies on its defaults for mean and std
