@@ -263,12 +263,13 @@ def dsm_loss(score_pred, cond_score, weight=1.0):
 # all classes, so CFG has an exact meaning too.
 
 
+SDXL_BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+
+
 def sdxl_alphas_cumprod():
     from diffusers import DDPMScheduler
 
-    sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear",
-                          beta_start=0.00085, beta_end=0.012)
-    return sched.alphas_cumprod  # alphabar_t, (1000,)
+    return DDPMScheduler(num_train_timesteps=1000, **SDXL_BETAS).alphas_cumprod  # alphabar_t
 
 
 class ToyNet(nn.Module):
@@ -883,7 +884,7 @@ def check_out_dir(cfg):
     """Before anything loads: a fresh SDXL run must not prune or later resume another run's
     checkpoints, each of which stands for GPU hours."""
     ckpts = list_checkpoints(cfg.out_dir)
-    if ckpts and not (cfg.resume or cfg.overwrite or cfg.toy or cfg.tiny):
+    if ckpts and not (cfg.resume or cfg.overwrite or cfg.tiny):
         raise LoadError(f"{cfg.out_dir} holds checkpoints of another run (newest {ckpts[-1]}): "
                         "pass --resume to continue it, or --overwrite to start over")
 
@@ -1081,7 +1082,7 @@ def run_sdxl(cfg, dist_info):
         root = os.path.join(cfg.out_dir, "tiny")
         reward = os.path.join(root, "reward")
         if rank == 0 and not os.path.isfile(os.path.join(reward, "config.json")):
-            build_tiny(root, cfg.resolution)
+            build_tiny(root)
         barrier(world_size)
         cfg = replace(cfg, pretrained=os.path.join(root, "sdxl"), generator_init="",
                       reward_model=reward, reward_processor=reward)
@@ -1319,14 +1320,13 @@ def random_parts(sizes, device="cpu"):
         te = CLIPTextModel(CLIPTextConfig(**sizes["text_encoder"], **ids))
         te2 = CLIPTextModelWithProjection(CLIPTextConfig(**sizes["text_encoder_2"], **ids))
         clip = CLIPModel(CLIPConfig(**clip_sizes))
-    sched = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, steps_offset=1,
-                                   beta_schedule="scaled_linear", timestep_spacing="leading")
+    sched = EulerDiscreteScheduler(**SDXL_BETAS, steps_offset=1, timestep_spacing="leading")
     pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=te, text_encoder_2=te2, tokenizer=tok,
                                      tokenizer_2=tok, unet=unet, scheduler=sched)
     return pipe, clip, CLIPProcessor(CLIPImageProcessor(**sizes["image"]), tokenizer=tok)
 
 
-def build_tiny(root, resolution=64):
+def build_tiny(root):
     """Tiny random models laid out as the real ones: {root}/sdxl, a StableDiffusionXLPipeline
     folder, and {root}/reward, a CLIPModel with its processor. The same ones every time."""
     with torch.random.fork_rng():  # the caller's RNG untouched
