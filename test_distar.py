@@ -189,6 +189,18 @@ def test_toy_scores_are_the_gradients_of_the_toy_log_densities():
     for c in (torch.randint(world.K, (100,)), 1, None):  # per-sample classes, one class, none
         (g,) = torch.autograd.grad(world.log_prob(x, a, s, c).sum(), x)
         assert torch.allclose(world.score(x, a, s, c), g, atol=1e-10)
+    # and the log density is the diffused mixture's: mean over modes m of N(x; a_t m, var I) with
+    # var = a_t^2 std^2 + sigma_t^2, written here with torch.distributions
+    from torch.distributions import Normal
+
+    def mixture(modes):  # modes (M, 2) -> log q_t(x), (B,)
+        sd = (a**2 * world.std**2 + s**2).sqrt()[:, None]
+        comps = [Normal(a[:, None] * m, sd).log_prob(x).sum(-1) for m in modes]
+        return torch.logsumexp(torch.stack(comps), 0) - math.log(len(modes))
+
+    assert torch.allclose(world.log_prob(x, a, s, 1), mixture(world.means[1]), atol=1e-10)
+    assert torch.allclose(world.log_prob(x, a, s, None), mixture(world.means.reshape(-1, 2)),
+                          atol=1e-10)
 
 
 @pytest.fixture(scope="module")
