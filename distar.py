@@ -819,11 +819,14 @@ def train(world, opt_g, opt_psi, dist_info, steps, on_step=None):
 # DDP and checkpoints
 
 
-def setup_distributed():
-    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; nccl on GPUs, gloo on CPU."""
-    cuda = torch.cuda.is_available()
+def setup_distributed(cuda=True):
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; nccl on GPUs, gloo on CPU (or cuda=False)."""
+    cuda = cuda and torch.cuda.is_available()
     if "RANK" not in os.environ:
         return 0, 1, torch.device("cuda" if cuda else "cpu")
+    if cuda and int(os.environ.get("LOCAL_WORLD_SIZE", 1)) > torch.cuda.device_count():
+        raise ConfigError(f"--nproc_per_node={os.environ['LOCAL_WORLD_SIZE']} but this node has "
+                          f"{torch.cuda.device_count()} GPU(s): one process per GPU")
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
     if cuda:
         torch.cuda.set_device(device)
@@ -1096,15 +1099,17 @@ def run_sdxl(cfg, dist_info):
 
 
 def main(argv):
-    rank = 0  # until the process group is up, every process reports a bad command line
+    rank = int(os.environ.get("RANK", 0))  # one line from torchrun's rank 0, not one per rank
     try:
         cfg = parse_args(argv)
         quiet_libraries()
-        dist_info = setup_distributed()
+        # the toy's nets are so small that a GPU only adds launch latency: it runs on the CPU,
+        # with one intra-op thread (threads competing for cores slow it down 10x)
+        dist_info = setup_distributed(cuda=not cfg.toy)
         rank, world_size, _ = dist_info
         torch.manual_seed(cfg.seed * world_size + rank)
-        if cfg.toy:  # nets this small gain nothing from intra-op threads, and threads that compete
-            torch.set_num_threads(1)  # for cores (torchrun ranks, other jobs) slow them down 10x
+        if cfg.toy:
+            torch.set_num_threads(1)
         run = (run_ablation if cfg.ablation else run_toy if cfg.toy
                else run_dry_run if cfg.dry_run else run_sdxl)
         run(cfg, dist_info)
