@@ -1117,7 +1117,7 @@ def main(argv):
         if rank == 0:
             print(f"distar: error: {e}", file=sys.stderr)
         return 1 if isinstance(e, NonFiniteError) else 2
-    if world_size > 1:
+    if dist.is_initialized():  # torchrun, even with one process
         dist.barrier()  # rank 0 has written its files; leave together
         dist.destroy_process_group()
     return 0

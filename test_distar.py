@@ -18,6 +18,8 @@ import torch
 from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub, in-process either
+# the specification runs on the CPU, also where CUDA is present (CUDA_VISIBLE_DEVICES=0 opts in)
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 import distar  # noqa: E402
 import sample  # noqa: E402
 
@@ -625,6 +627,28 @@ def test_process_group_waits_for_a_checkpoint_write(monkeypatch):
     distar.setup_distributed()
     assert got["backend"] == ("nccl" if torch.cuda.is_available() else "gloo")
     assert got["timeout"] >= datetime.timedelta(minutes=30)
+
+
+def test_the_toy_runs_on_the_cpu_and_torchrun_needs_a_gpu_per_process(monkeypatch, capsys):
+    """The toy's nets are too small for a GPU: its ranks use gloo on the CPU, so the quick start's
+    torchrun command runs on a one-GPU laptop. SDXL puts one rank on each GPU."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert distar.setup_distributed(cuda=False) == (0, 1, torch.device("cpu"))
+    for k, v in dict(RANK="1", LOCAL_RANK="1", WORLD_SIZE="2", LOCAL_WORLD_SIZE="2").items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(distar.ConfigError, match="--nproc_per_node=2 but this node has 1 GPU"):
+        distar.setup_distributed()
+    monkeypatch.setattr(distar, "run_toy", lambda cfg, dist_info: None)  # past the set-up
+    got = {}
+    monkeypatch.setattr(distar.dist, "init_process_group", lambda backend, **kw: got.update(
+        backend=backend, **kw))
+    monkeypatch.setattr(distar.dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(distar.dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(distar.dist, "is_initialized", lambda: False)
+    assert distar.main(["--toy"]) == 0 and got["backend"] == "gloo" and got["device_id"] is None
+    assert distar.main(["--tiny"]) == 2  # rank 1 of 2 on a one-GPU node: one line, from rank 0
+    assert capsys.readouterr().err == ""
 
 
 def _toy_optimizers(cfg, world):
