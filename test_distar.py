@@ -1120,7 +1120,7 @@ def test_bench_command_prints_and_writes_the_cost_table(tiny, tmp_path):
     assert sorted(r["step"] for r in rows) == ["assistant"] * 2 + ["generator"] * 6
     assert {(r["divergence"], r["grad_checkpointing"]) for r in rows} == BENCH_VARIANTS
     kl = next(r for r in rows if r["divergence"] == "kl" and not r["grad_checkpointing"])
-    assert kl["ratio"] == 1.0
+    assert kl["ratio"] == 1.0 and "over the KL generator update with checkpointing off" in r.stdout
     for row in rows:  # medians of the timed repetitions, as ratios to the KL step
         reps = 2 if row["step"] == "generator" else 2 * 3  # the assistant's: from every divergence
         assert len(row["ms_reps"]) == reps and row["ms"] == pytest.approx(np.median(row["ms_reps"]))
@@ -1131,8 +1131,8 @@ def test_bench_command_prints_and_writes_the_cost_table(tiny, tmp_path):
 def test_bench_runs_every_variant_and_leaves_the_world_as_it_was(tiny, tmp_path, monkeypatch, capsys):
     """Each variant reaches the losses with its own divergence and checkpointing (a timed step is
     one assistant and one generator update); one that runs out of GPU memory (l2 and KL without
-    checkpointing, here) is reported and the others go on, without ratios if KL has no time; lr 0
-    leaves the weights as they were."""
+    checkpointing, here) is reported and the others go on, as ratios to KL with checkpointing on
+    when KL without it has no time; lr 0 leaves the weights as they were."""
     world = _sdxl_world(tiny, "--bench", "--bench_reps=2", "--bench_warmup=0", f"--out_dir={tmp_path}")
     cfg, nets = world.cfg, (world.generator, world.assistant, world.s_ref, world.vae)
     before = {k: _state(m) for k, m in (("g", world.generator), ("psi", world.assistant))}
@@ -1154,10 +1154,13 @@ def test_bench_runs_every_variant_and_leaves_the_world_as_it_was(tiny, tmp_path,
     assert all(len(set(ckpt)) == 1 for _, ckpt in seen)  # all four nets toggled together
     out = capsys.readouterr().out
     assert re.search(r"^generator +l2 +off +out of memory +- +0.00$", out, re.M), out
-    assert re.search(r"^generator +pseudo_huber +off +[\d.]+ +- +[\d.]+$", out, re.M), out
+    assert re.search(r"^generator +pseudo_huber +off +[\d.]+ +[\d.]+x +[\d.]+$", out, re.M), out
+    assert "/ KL gen: over the KL generator update with checkpointing on" in out
     oom = [(r["divergence"], r["grad_checkpointing"]) for r in rows if r["ms"] is None]
     assert oom == [("l2", False), ("kl", False)]
-    assert all(r["ratio"] is None for r in rows)  # no KL time to divide by
+    kl_on = next(r for r in rows if r["divergence"] == "kl" and r["grad_checkpointing"])
+    assert all(r["ratio"] is None if r["ms"] is None else r["ratio"] == pytest.approx(r["ms"] / kl_on["ms"])
+               for r in rows) and kl_on["ratio"] == 1.0
     assert world.cfg is cfg and not any(m.is_gradient_checkpointing for m in nets)
     for name, net in (("g", world.generator), ("psi", world.assistant)):
         assert all(torch.equal(v, before[name][k]) for k, v in _state(net).items()), name
