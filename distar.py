@@ -15,11 +15,10 @@ $ python distar.py --toy
 $ torchrun --standalone --nproc_per_node=2 distar.py --toy
 
 SDXL (defaults: SDXL-base reference, DMD2 one-step init, PickScore reward, bf16, 1024 px):
-$ python distar.py --prompts=prompts.txt --grad_checkpointing                # one 141 GB GPU
-$ torchrun --standalone --nproc_per_node=8 distar.py --prompts=prompts.txt --zero \
-    --grad_checkpointing
+$ python distar.py --prompts=prompts.txt                                # one 141 GB GPU
+$ torchrun --standalone --nproc_per_node=8 distar.py --prompts=prompts.txt --zero
 $ torchrun --nnodes=8 --nproc_per_node=8 --node_rank=$NODE_RANK --master_addr=$MASTER_ADDR \
-    --master_port=29500 distar.py --prompts=prompts.txt --zero --grad_checkpointing
+    --master_port=29500 distar.py --prompts=prompts.txt --zero
 Continue an interrupted run: the same command with --resume.
 
 Extras: tiny random SDXL-shaped models on CPU, the real code path (--tiny); the real
@@ -28,7 +27,7 @@ on GPUs seconds/step, images/s, peak memory and MFU (--dry_run); the cost of a s
 divergence (--bench); the paper's Table 2 in the toy (--toy --ablation):
 $ torchrun --standalone --nproc_per_node=2 distar.py --tiny --max_steps=4
 $ python distar.py --dry_run --world_size_plan=8 --zero
-$ torchrun --standalone --nproc_per_node=8 distar.py --dry_run --zero --grad_checkpointing
+$ torchrun --standalone --nproc_per_node=8 distar.py --dry_run --zero
 $ python distar.py --tiny --bench        (full size on one GPU: --dry_run --bench)
 $ python distar.py --toy --ablation
 """
@@ -96,7 +95,7 @@ class Config:
     seed: int = 0  # rank r uses seed * world_size + r
     # precision and memory
     precision: str = "bf16"  # bf16: autocast, fp32 masters, frozen UNet and CLIP in bf16 | fp32
-    grad_checkpointing: bool = False  # UNets and VAE recompute activations in backward
+    grad_checkpointing: bool = True  # recompute activations in backward (1024 px needs it)
     zero: bool = False  # shard the AdamW states across ranks (ZeroRedundancyOptimizer)
     # output
     out_dir: str = "out"  # metrics.jsonl, samples-*.png, checkpoint-*/
@@ -118,8 +117,8 @@ TOY_DEFAULTS = dict(batch_size=256, max_steps=1000, lr_g=1e-3, lr_psi=3e-3, assi
                     weight_decay=0.0, log_interval=100, ckpt_interval=1000, out_dir="out_toy")
 ABLATION_DEFAULTS = dict(max_steps=500)  # twelve toy runs in under 2 minutes on 2 CPU cores
 TINY_DEFAULTS = dict(resolution=64, max_steps=4, lr_g=1e-4, lr_psi=1e-4, assistant_steps=2,
-                     precision="fp32", log_interval=1, ckpt_interval=2, sample_interval=2,
-                     out_dir="out_tiny")
+                     precision="fp32", grad_checkpointing=False, log_interval=1, ckpt_interval=2,
+                     sample_interval=2, out_dir="out_tiny")
 DRY_RUN_DEFAULTS = dict(max_steps=4, log_interval=1, out_dir="out_dry_run")  # step 1: warm-up
 CHOICES = dict(cfg=("in", "out"), divergence=("pseudo_huber", "l2", "kl"),
                precision=("bf16", "fp32"), dtype=("fp16", "bf16", "fp32"))  # dtype: sample.py
@@ -1117,6 +1116,10 @@ def main(argv):
         if rank == 0:
             print(f"distar: error: {e}", file=sys.stderr)
         return 1 if isinstance(e, NonFiniteError) else 2
+    except torch.cuda.OutOfMemoryError:  # from the rank that ran out; torchrun stops the others
+        print(f"distar: error: rank {rank} ran out of GPU memory: try a smaller --batch_size, more "
+              "GPUs with --zero, or --grad_checkpointing if it is off", file=sys.stderr)
+        return 1
     if dist.is_initialized():  # torchrun, even with one process
         dist.barrier()  # rank 0 has written its files; leave together
         dist.destroy_process_group()
@@ -1435,7 +1438,7 @@ def run_dry_run(cfg, dist_info):
     elif rank == 0:
         print("no GPU here, so no seconds per step, images per second, peak memory, MFU or cost "
               "table; on GPUs, e.g.:\n  torchrun --standalone --nproc_per_node=8 distar.py "
-              "--dry_run --zero --grad_checkpointing")
+              "--dry_run --zero")
 
 
 def measure_steps(world, dist_info, flops_per_step):
@@ -1444,12 +1447,7 @@ def measure_steps(world, dist_info, flops_per_step):
     cfg, (rank, world_size, device) = world.cfg, dist_info
     opts = [make_optimizer(cfg, n.parameters(), lr) for n, lr in ((world.generator, cfg.lr_g),
                                                                    (world.assistant, cfg.lr_psi))]
-    try:
-        history = train(world, *opts, dist_info, range(cfg.max_steps))
-    except torch.cuda.OutOfMemoryError:
-        total = torch.cuda.get_device_properties(device).total_memory / 2**30
-        raise SystemExit(f"dry run: out of GPU memory ({total:.1f} GiB); try --grad_checkpointing,"
-                         " a smaller --batch_size, or more GPUs with --zero") from None
+    history = train(world, *opts, dist_info, range(cfg.max_steps))
     if rank != 0:
         return None
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type

@@ -47,6 +47,8 @@ def test_flags_parse_to_their_types_and_each_mode_has_defaults_the_command_line_
     assert cfg.max_steps == distar.TOY_DEFAULTS["max_steps"]  # toy defaults apply
     assert distar.parse_args(["--toy", "--max_steps=5"]).max_steps == 5  # and the user wins
     assert distar.parse_args([]).alpha_cfg == 7.5 and distar.parse_args([]).cfg == "in"
+    # at 1024 px no step fits even a 141 GB GPU without activation checkpointing; tiny ones do
+    assert distar.parse_args([]).grad_checkpointing and not distar.parse_args(["--tiny"]).grad_checkpointing
 
 
 @pytest.mark.parametrize("args, words", [
@@ -79,6 +81,18 @@ def test_the_script_exits_with_mains_code_and_no_traceback():
     p = run("--toy", "--max_steps=ten", timeout=60)
     assert (p.returncode, p.stdout) == (2, "")
     assert p.stderr == "distar: error: --max_steps: invalid int value: 'ten'\n"
+
+
+def test_running_out_of_gpu_memory_is_one_line_from_the_rank_that_did(monkeypatch, capsys):
+    def run_toy(cfg, dist_info):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(distar, "run_toy", run_toy)
+    monkeypatch.setattr(distar, "setup_distributed", lambda cuda: (3, 8, torch.device("cpu")))
+    assert distar.main(["--toy"]) == 1  # rank 3 of 8: it may be the only one that ran out
+    out, err = capsys.readouterr()
+    assert out == "" and err == ("distar: error: rank 3 ran out of GPU memory: try a smaller "
+                                 "--batch_size, more GPUs with --zero, or --grad_checkpointing if it is off\n")
 
 
 @pytest.mark.parametrize("script", ["distar.py", "sample.py"])
