@@ -665,6 +665,16 @@ def test_the_toy_runs_on_the_cpu_and_torchrun_needs_a_gpu_per_process(monkeypatc
     assert capsys.readouterr().err == ""
 
 
+def test_torchrun_with_one_process_leaves_its_process_group(monkeypatch):
+    calls = []  # NCCL warns at exit about a process group that was not destroyed
+    monkeypatch.setattr(distar, "setup_distributed", lambda cuda: (0, 1, torch.device("cpu")))
+    monkeypatch.setattr(distar, "run_toy", lambda cfg, dist_info: None)
+    monkeypatch.setattr(distar.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(distar.dist, "barrier", lambda: calls.append("barrier"))
+    monkeypatch.setattr(distar.dist, "destroy_process_group", lambda: calls.append("destroy"))
+    assert distar.main(["--toy"]) == 0 and calls == ["barrier", "destroy"]
+
+
 def _toy_optimizers(cfg, world):
     return (distar.make_optimizer(cfg, world.generator.parameters(), cfg.lr_g),
             distar.make_optimizer(cfg, world.assistant.parameters(), cfg.lr_psi))
