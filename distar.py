@@ -1243,15 +1243,16 @@ def read_prompts(path):
 
 
 def quiet_libraries():
-    """Warnings off, and the libraries' own bars ("Loading weights", "Loading pipeline components"),
-    but not huggingface_hub's download bars: a first run shows its tens of GB arriving."""
+    """The libraries' warnings and error logs off (a failed load raises, and is reported as one
+    line), and their own bars ("Loading weights", "Loading pipeline components"), but not
+    huggingface_hub's download bars: a first run shows its tens of GB arriving."""
     from diffusers.utils import logging as diffusers_logging
     from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
     from transformers.utils import logging as transformers_logging
 
     hub_bars = not are_progress_bars_disabled()  # HF_HUB_DISABLE_PROGRESS_BARS=1 still wins
     for lib in (diffusers_logging, transformers_logging):
-        lib.set_verbosity_error()
+        lib.set_verbosity(lib.CRITICAL)
         lib.disable_progress_bar()  # transformers' also turns off the hub's bars
     if hub_bars:
         enable_progress_bars()

@@ -1687,8 +1687,15 @@ def test_bad_sample_input_is_one_line_exit_2_and_writes_nothing(tiny, tmp_path, 
     assert not os.path.exists(tmp_path / "o")  # nothing written, not even the folder
 
 
-def test_bad_sample_command_line_has_no_traceback(tmp_path):
-    for args in (["--bogus"], [f"--pretrained={tmp_path / 'nope'}", "--prompt=a"]):
+def test_bad_sample_command_line_has_no_traceback(tiny, tmp_path):
+    import shutil
+
+    fp16 = tmp_path / "fp16vae"  # a VAE without plain weights: diffusers logs an error, then raises
+    shutil.copytree(tiny[0], fp16)
+    os.rename(fp16 / "vae" / "diffusion_pytorch_model.safetensors",
+              fp16 / "vae" / "diffusion_pytorch_model.fp16.safetensors")
+    for args in (["--bogus"], [f"--pretrained={tmp_path / 'nope'}", "--prompt=a"],
+                 [f"--pretrained={fp16}", "--prompt=a", "--resolution=64"]):
         r = run_sample(*args, f"--out_dir={tmp_path / 'o'}")
         assert r.returncode == 2 and r.stdout == "", r
         assert r.stderr.startswith("sample: error: ") and r.stderr.count("\n") == 1, r.stderr
