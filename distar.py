@@ -1442,6 +1442,12 @@ def run_dry_run(cfg, dist_info):
               "--dry_run --zero")
 
 
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{device.type}, {torch.get_num_threads()} threads"
+
+
 def measure_steps(world, dist_info, flops_per_step):
     """train's own timings, nothing written: seconds per step (median; step 1 is warm-up),
     images/s per GPU, peak memory over all steps, MFU (needs a known peak). Rank 0's figures."""
@@ -1451,7 +1457,7 @@ def measure_steps(world, dist_info, flops_per_step):
     history = train(world, *opts, dist_info, range(cfg.max_steps))
     if rank != 0:
         return None
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    name = device_name(device)
     peak = cfg.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name), 0.0)
     sec = statistics.median(r["sec_assistant"] + r["sec_generator"] for r in history[1:])
     fig = dict(sec_per_step=sec, images_per_s=cfg.batch_size / sec,
@@ -1505,10 +1511,10 @@ def bench(world, dist_info):
                          ms=statistics.median(ms) if ms else None,
                          peak_gb=max((m[f"mem_{step}_gb"] for m in timed), default=None)))
     # the unit: the KL generator update, checkpointing off (on where off ran out of memory)
-    base = next((r for r in (rows[2], rows[5]) if r["ms"]), rows[2])
-    unit = f"the KL generator update with checkpointing {'on' if base is rows[5] else 'off'}"
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
-        f"cpu, {torch.get_num_threads()} threads"
+    kl = {r["grad_checkpointing"]: r for r in rows if r["divergence"] == "kl"}
+    base = kl[False] if kl[False]["ms"] or not kl[True]["ms"] else kl[True]
+    unit = f"the KL generator update with checkpointing {'on' if base is kl[True] else 'off'}"
+    name = device_name(device)
     print(f"cost of one update on {name}, {cfg.precision}, {cfg.resolution}x{cfg.resolution}, "
           f"batch {cfg.batch_size}, --cfg={cfg.cfg}: median of {cfg.bench_reps} after "
           f"{cfg.bench_warmup} warm-up, interleaved; / KL gen: over {unit}\n"
