@@ -54,7 +54,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 # -----------------------------------------------------------------------------
-# config: every field is a --flag; its comment is its --help line
+# config: every field is a --flag and its comment the --help line (the command line: parse_args,
+# after the banner)
 
 
 @dataclass
@@ -120,78 +121,6 @@ TINY_DEFAULTS = dict(resolution=64, max_steps=4, lr_g=1e-4, lr_psi=1e-4, assista
                      precision="fp32", grad_checkpointing=False, log_interval=1, ckpt_interval=2,
                      sample_interval=2, out_dir="out_tiny")
 DRY_RUN_DEFAULTS = dict(max_steps=4, log_interval=1, out_dir="out_dry_run")  # step 1: warm-up
-CHOICES = dict(cfg=("in", "out"), divergence=("pseudo_huber", "l2", "kl"),
-               precision=("bf16", "fp32"), dtype=("fp16", "bf16", "fp32"))  # dtype: sample.py
-AT_LEAST = dict(batch_size=1, max_steps=0, assistant_steps=0, lr_g=0, lr_psi=0, beta1=0, beta2=0,
-                weight_decay=0, grad_clip=0, max_skips=1, log_interval=1, ckpt_interval=1,
-                sample_interval=1, keep_checkpoints=1, world_size_plan=0, peak_tflops=0,
-                bench_reps=1, bench_warmup=0, t_min=0, resolution=8)
-
-
-class ConfigError(ValueError):
-    """A bad command line: main prints it as one line and exits 2."""
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line naming the flag: no usage dump, no traceback
-        raise ConfigError(message.replace("argument ", ""))
-
-
-def to_bool(v):
-    if v.lower() not in ("true", "false", "1", "0"):
-        raise argparse.ArgumentTypeError(f"takes true or false, not {v!r}")
-    return v.lower() in ("true", "1")
-
-
-def make_parser(cls, prog, defaults=None, add_help=True):
-    """argparse from a config dataclass: --key=value, a bare --flag is True, comments are help."""
-    helps = dict(re.findall(r"^ +(\w+): \w+ = .*?# (.*)$", inspect.getsource(cls), re.M))
-    p = Parser(prog=prog, allow_abbrev=False, description=sys.modules[cls.__module__].__doc__,
-               formatter_class=argparse.RawDescriptionHelpFormatter, add_help=add_help)
-    for f in fields(cls):
-        default = (defaults or {}).get(f.name, f.default)
-        kw = dict(nargs="?", const=True, type=to_bool) if f.type is bool else dict(type=f.type)
-        p.add_argument(f"--{f.name}", default=default, choices=CHOICES.get(f.name),
-                       metavar="true|false" if f.type is bool else f.type.__name__.upper(),
-                       help=f"{helps.get(f.name, '')} (default: {default!r})", **kw)
-    return p
-
-
-def check_at_least(cfg, bounds):
-    for key, low in bounds.items():
-        if getattr(cfg, key) < low:
-            raise ConfigError(f"--{key} must be >= {low}, got {getattr(cfg, key)}")
-
-
-def parse_args(argv):
-    mode = make_parser(Config, "distar.py", add_help=False).parse_known_args(argv)[0]
-    defaults = (TOY_DEFAULTS if mode.toy else TINY_DEFAULTS if mode.tiny
-                else DRY_RUN_DEFAULTS if mode.dry_run else {})
-    defaults = {**defaults, **(ABLATION_DEFAULTS if mode.ablation else {})}
-    cfg = Config(**vars(make_parser(Config, "distar.py", defaults).parse_args(argv)))
-    check_at_least(cfg, AT_LEAST)
-    given = {a[2:].split("=")[0] for a in argv if a.startswith("--")}
-    checks = [
-        (cfg.toy + cfg.tiny + cfg.dry_run > 1, "--toy, --tiny and --dry_run are different worlds"),
-        (cfg.ablation and not cfg.toy, "--ablation is a toy experiment: use --toy --ablation"),
-        (cfg.ablation and bool(given & {*ROW_FLAGS, "resume"}),
-         f"--ablation sets --{', --'.join(ROW_FLAGS)} per row and always starts afresh"),
-        (cfg.bench and cfg.toy, "--bench times the SDXL world, not --toy"),
-        (cfg.dry_run and cfg.resume, "--dry_run writes no checkpoints: nothing to --resume"),
-        (cfg.dry_run and cfg.max_steps < 2, "--dry_run needs --max_steps >= 2 (1 is warm-up)"),
-        (cfg.resolution % 8 != 0, f"--resolution must be a multiple of 8, got {cfg.resolution}"),
-        (not cfg.t_min <= cfg.t_max <= 999, f"need --t_min <= --t_max <= 999, got {cfg.t_min}"
-         f" and {cfg.t_max}"),
-        (not (cfg.beta1 < 1 and cfg.beta2 < 1), "--beta1 and --beta2 must be < 1"),
-        (cfg.huber_c <= 0, f"--huber_c must be > 0, got {cfg.huber_c}"),
-        (cfg.resume and cfg.overwrite, "--resume continues a run, --overwrite deletes it: choose"),
-        ((cfg.bench or cfg.ablation) and int(os.environ.get("WORLD_SIZE", 1)) > 1,
-         "--bench and --ablation run in one process: use python, not torchrun"),
-    ]
-    for bad, message in checks:
-        if bad:
-            raise ConfigError(message)
-    return cfg
 
 
 # -----------------------------------------------------------------------------
@@ -355,12 +284,6 @@ def make_toy_world(device="cpu"):
     world.assistant = ToyNet(world.K, use_t=True).to(device)
     return world
 
-
-def energy_distance(x, y):
-    """Energy distance 2E|X-Y| - E|X-X'| - E|Y-Y'| (U-statistics; 0 iff same distribution)."""
-    n, m = len(x), len(y)
-    return (2 * torch.cdist(x, y).mean() - torch.cdist(x, x).sum() / (n * (n - 1))
-            - torch.cdist(y, y).sum() / (m * (m - 1))).item()
 
 
 # -----------------------------------------------------------------------------
@@ -868,11 +791,8 @@ def barrier(world_size):
 # folders; the toy's nets as model.safetensors), state.pt (optimizer and RNG states, see
 # state_file) and state.json (step, config), written last. Rank 0 writes into a hidden folder and
 # renames it into place, so a crash never leaves a checkpoint that looks complete nor harms an
-# earlier one. An out_dir holds one run: --resume continues it; a fresh run refuses another run's
-# checkpoints (SDXL, unless --overwrite) or starts the out_dir over (the demos, --toy and --tiny).
+# earlier one.
 CKPT_RE = r"checkpoint-\d{6}"
-RUN_OUTPUTS = (CKPT_RE, r"\.tmp-checkpoint-\d{6}(\.old)?", r"metrics\.jsonl", r"samples-\d{6}\.png",
-               r"toy\.png", r"toy_samples\.safetensors")  # {out_dir}/tiny, a cache, stays
 
 
 def list_checkpoints(out_dir):
@@ -880,33 +800,6 @@ def list_checkpoints(out_dir):
                    if re.fullmatch(CKPT_RE, d)
                    and os.path.isfile(os.path.join(out_dir, d, "state.json")))  # complete
     return [os.path.join(out_dir, d) for d in names]
-
-
-def check_out_dir(cfg):
-    """Before anything loads: a fresh SDXL run must not prune or later resume another run's
-    checkpoints, each of which stands for GPU hours."""
-    ckpts = list_checkpoints(cfg.out_dir)
-    if ckpts and not (cfg.resume or cfg.overwrite or cfg.tiny):
-        raise LoadError(f"{cfg.out_dir} holds checkpoints of another run (newest {ckpts[-1]}): "
-                        "pass --resume to continue it, or --overwrite to start over")
-
-
-def start_out_dir(cfg, dist_info):
-    """Once the models have loaded: unless this run continues a checkpoint, remove what an
-    earlier run wrote (check_out_dir allowed it). Rank 0 removes, the others wait."""
-    rank, world_size, _ = dist_info
-    if rank == 0:
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        if not (cfg.resume and list_checkpoints(cfg.out_dir)):
-            old = [n for n in sorted(os.listdir(cfg.out_dir))
-                   if any(re.fullmatch(p, n) for p in RUN_OUTPUTS)]
-            for name in old:
-                path = os.path.join(cfg.out_dir, name)
-                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-            if old:
-                print(f"starting over in {cfg.out_dir}: removed {', '.join(old)} of an earlier run"
-                      " (--resume continues a run)")
-    barrier(world_size)
 
 
 def save_net(net, path):
@@ -984,7 +877,7 @@ def load_checkpoint(cfg, world, opt_g, opt_psi, dist_info):
         saved = json.load(f)
     step, zero = saved["step"], hasattr(opt_g, "optim")
     if not os.path.isfile(os.path.join(path, "state.pt")):
-        raise LoadError(f"--resume: {path} has no state.pt (an older layout); start over elsewhere")
+        raise LoadError(f"--resume: {path} has no state.pt, so it cannot be resumed")
     if zero != saved.get("zero", False) or (zero and saved["world_size"] != world_size):
         how = f"--zero on {saved['world_size']} ranks" if saved.get("zero") else "no --zero"
         raise LoadError(f"--resume: {path} was saved with {how}: resume it the same way")
@@ -1080,14 +973,8 @@ def run_sdxl(cfg, dist_info):
     if not cfg.bench:  # --bench writes no checkpoints
         check_out_dir(cfg)
     read_prompts(cfg.prompts)  # both fail before anything loads
-    if cfg.tiny:  # tiny random models, saved and then loaded through the same from_pretrained code
-        root = os.path.join(cfg.out_dir, "tiny")
-        reward = os.path.join(root, "reward")
-        if rank == 0 and not os.path.isfile(os.path.join(reward, "config.json")):
-            build_tiny(root)
-        barrier(world_size)
-        cfg = replace(cfg, pretrained=os.path.join(root, "sdxl"), generator_init="",
-                      reward_model=reward, reward_processor=reward)
+    if cfg.tiny:
+        cfg = tiny_config(cfg, dist_info)
     elif rank == 0 and not cfg.bench:
         print(f"distar: SDXL on {world_size} x {device.type}: loading {cfg.pretrained}, "
               f"{cfg.generator_init or 'its UNet'} and {cfg.reward_model}", flush=True)
@@ -1127,10 +1014,122 @@ def main(argv):
 
 
 ###############################################################################
-# EXTRAS. Tooling around the DI* path above: loading models with one-line errors, SDXL models
-# from configs (tiny ones, and the full size with random weights), the dry run and the cost
-# table, the toy pictures, and the paper's Table 2 in the toy.
+# EXTRAS. Tooling around the DI* path above: the command line, the out_dir's one-run rule,
+# loading models with one-line errors, SDXL models from configs (tiny ones, and the full size with
+# random weights), the dry run and the cost table, the toy pictures, and Table 2 in the toy.
 ###############################################################################
+
+# -----------------------------------------------------------------------------
+# the command line: argparse built from Config; a bad value is one line naming its flag
+
+CHOICES = dict(cfg=("in", "out"), divergence=("pseudo_huber", "l2", "kl"),
+               precision=("bf16", "fp32"), dtype=("fp16", "bf16", "fp32"))  # dtype: sample.py
+AT_LEAST = dict(batch_size=1, max_steps=0, assistant_steps=0, lr_g=0, lr_psi=0, beta1=0, beta2=0,
+                weight_decay=0, grad_clip=0, max_skips=1, log_interval=1, ckpt_interval=1,
+                sample_interval=1, keep_checkpoints=1, world_size_plan=0, peak_tflops=0,
+                bench_reps=1, bench_warmup=0, t_min=0, resolution=8)
+
+
+class ConfigError(ValueError):
+    """A bad command line: main prints it as one line and exits 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line naming the flag: no usage dump, no traceback
+        raise ConfigError(message.replace("argument ", ""))
+
+
+def to_bool(v):
+    if v.lower() not in ("true", "false", "1", "0"):
+        raise argparse.ArgumentTypeError(f"takes true or false, not {v!r}")
+    return v.lower() in ("true", "1")
+
+
+def make_parser(cls, prog, defaults=None, add_help=True):
+    """argparse from a config dataclass: --key=value, a bare --flag is True, comments are help."""
+    helps = dict(re.findall(r"^ +(\w+): \w+ = .*?# (.*)$", inspect.getsource(cls), re.M))
+    p = Parser(prog=prog, allow_abbrev=False, description=sys.modules[cls.__module__].__doc__,
+               formatter_class=argparse.RawDescriptionHelpFormatter, add_help=add_help)
+    for f in fields(cls):
+        default = (defaults or {}).get(f.name, f.default)
+        kw = dict(nargs="?", const=True, type=to_bool) if f.type is bool else dict(type=f.type)
+        p.add_argument(f"--{f.name}", default=default, choices=CHOICES.get(f.name),
+                       metavar="true|false" if f.type is bool else f.type.__name__.upper(),
+                       help=f"{helps.get(f.name, '')} (default: {default!r})", **kw)
+    return p
+
+
+def check_at_least(cfg, bounds):
+    for key, low in bounds.items():
+        if getattr(cfg, key) < low:
+            raise ConfigError(f"--{key} must be >= {low}, got {getattr(cfg, key)}")
+
+
+def parse_args(argv):
+    mode = make_parser(Config, "distar.py", add_help=False).parse_known_args(argv)[0]
+    defaults = (TOY_DEFAULTS if mode.toy else TINY_DEFAULTS if mode.tiny
+                else DRY_RUN_DEFAULTS if mode.dry_run else {})
+    defaults = {**defaults, **(ABLATION_DEFAULTS if mode.ablation else {})}
+    cfg = Config(**vars(make_parser(Config, "distar.py", defaults).parse_args(argv)))
+    check_at_least(cfg, AT_LEAST)
+    given = {a[2:].split("=")[0] for a in argv if a.startswith("--")}
+    checks = [
+        (cfg.toy + cfg.tiny + cfg.dry_run > 1, "--toy, --tiny and --dry_run are different worlds"),
+        (cfg.ablation and not cfg.toy, "--ablation is a toy experiment: use --toy --ablation"),
+        (cfg.ablation and bool(given & {*ROW_FLAGS, "resume"}),
+         f"--ablation sets --{', --'.join(ROW_FLAGS)} per row and always starts afresh"),
+        (cfg.bench and cfg.toy, "--bench times the SDXL world, not --toy"),
+        (cfg.dry_run and cfg.resume, "--dry_run writes no checkpoints: nothing to --resume"),
+        (cfg.dry_run and cfg.max_steps < 2, "--dry_run needs --max_steps >= 2 (1 is warm-up)"),
+        (cfg.resolution % 8 != 0, f"--resolution must be a multiple of 8, got {cfg.resolution}"),
+        (not cfg.t_min <= cfg.t_max <= 999, f"need --t_min <= --t_max <= 999, got {cfg.t_min}"
+         f" and {cfg.t_max}"),
+        (not (cfg.beta1 < 1 and cfg.beta2 < 1), "--beta1 and --beta2 must be < 1"),
+        (cfg.huber_c <= 0, f"--huber_c must be > 0, got {cfg.huber_c}"),
+        (cfg.resume and cfg.overwrite, "--resume continues a run, --overwrite deletes it: choose"),
+        ((cfg.bench or cfg.ablation) and int(os.environ.get("WORLD_SIZE", 1)) > 1,
+         "--bench and --ablation run in one process: use python, not torchrun"),
+    ]
+    for bad, message in checks:
+        if bad:
+            raise ConfigError(message)
+    return cfg
+
+
+# -----------------------------------------------------------------------------
+# the out_dir holds one run: --resume continues it; a fresh run refuses another run's
+# checkpoints (SDXL, unless --overwrite) or starts the out_dir over (--toy, --tiny)
+
+RUN_OUTPUTS = (CKPT_RE, r"\.tmp-checkpoint-\d{6}(\.old)?", r"metrics\.jsonl", r"samples-\d{6}\.png",
+               r"toy\.png", r"toy_samples\.safetensors")  # {out_dir}/tiny, a cache, stays
+
+
+def check_out_dir(cfg):
+    """Before anything loads: a fresh SDXL run must not prune or later resume another run's
+    checkpoints, each of which stands for GPU hours."""
+    ckpts = list_checkpoints(cfg.out_dir)
+    if ckpts and not (cfg.resume or cfg.overwrite or cfg.tiny):
+        raise LoadError(f"{cfg.out_dir} holds checkpoints of another run (newest {ckpts[-1]}): "
+                        "pass --resume to continue it, or --overwrite to start over")
+
+
+def start_out_dir(cfg, dist_info):
+    """Once the models have loaded: unless this run continues a checkpoint, remove what an
+    earlier run wrote (check_out_dir allowed it). Rank 0 removes, the others wait."""
+    rank, world_size, _ = dist_info
+    if rank == 0:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        if not (cfg.resume and list_checkpoints(cfg.out_dir)):
+            old = [n for n in sorted(os.listdir(cfg.out_dir))
+                   if any(re.fullmatch(p, n) for p in RUN_OUTPUTS)]
+            for name in old:
+                path = os.path.join(cfg.out_dir, name)
+                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+            if old:
+                print(f"starting over in {cfg.out_dir}: removed {', '.join(old)} of an earlier run"
+                      " (--resume continues a run)")
+    barrier(world_size)
+
 
 # -----------------------------------------------------------------------------
 # loading models and prompts: local folders, hub ids and state-dict files; a failure is one line
@@ -1348,6 +1347,17 @@ def build_tiny(root):
     return sdxl, reward
 
 
+def tiny_config(cfg, dist_info):
+    """--tiny: cfg's models become tiny random ones in {out_dir}/tiny, built once by rank 0 and
+    then loaded through the same from_pretrained code as the real ones."""
+    root = os.path.join(cfg.out_dir, "tiny")
+    reward = os.path.join(root, "reward")
+    if dist_info[0] == 0 and not os.path.isfile(os.path.join(reward, "config.json")):
+        build_tiny(root)
+    barrier(dist_info[1])
+    return replace(cfg, pretrained=os.path.join(root, "sdxl"), generator_init="",
+                   reward_model=reward, reward_processor=reward)
+
 def dry_run_parts(device):
     """SDXLWorld's components at full size with random weights: no download, no CPU init, and
     nothing at all on meta. The three UNets start equal, as with --generator_init=""."""
@@ -1538,6 +1548,13 @@ def bench(world, dist_info):
 # the toy's evaluation and pictures (PIL scatter plots: reference in grey, generator in colour)
 
 TOY_COLOURS = [(214, 39, 40), (31, 119, 180), (44, 160, 44)]  # class 0, 1, 2
+
+
+def energy_distance(x, y):
+    """Energy distance 2E|X-Y| - E|X-X'| - E|Y-Y'| (U-statistics; 0 iff same distribution)."""
+    n, m = len(x), len(y)
+    return (2 * torch.cdist(x, y).mean() - torch.cdist(x, x).sum() / (n * (n - 1))
+            - torch.cdist(y, y).sum() / (m * (m - 1))).item()
 
 
 def evaluate_toy(world, out_dir, n=4000):
