@@ -38,79 +38,6 @@ def run(*args, timeout=300):
 
 
 # -----------------------------------------------------------------------------
-# config: every field is a --flag with its mode's default; a bad command line is one line, exit 2
-
-
-def test_flags_parse_to_their_types_and_each_mode_has_defaults_the_command_line_overrides():
-    cfg = distar.parse_args(["--toy", "--alpha_rew=3", "--cfg=out", "--seed=7"])
-    assert cfg.toy is True and cfg.alpha_rew == 3.0 and cfg.cfg == "out" and cfg.seed == 7
-    assert cfg.max_steps == distar.TOY_DEFAULTS["max_steps"]  # toy defaults apply
-    assert distar.parse_args(["--toy", "--max_steps=5"]).max_steps == 5  # and the user wins
-    assert distar.parse_args([]).alpha_cfg == 7.5 and distar.parse_args([]).cfg == "in"
-    # at 1024 px no step fits even a 141 GB GPU without activation checkpointing; tiny ones do
-    assert distar.parse_args([]).grad_checkpointing and not distar.parse_args(["--tiny"]).grad_checkpointing
-
-
-@pytest.mark.parametrize("args, words", [
-    (["--toy", "--nope=1"], "unrecognized arguments: --nope=1"),
-    (["--toy", "--max_steps=ten"], "--max_steps: invalid int value: 'ten'"),
-    (["--toy", "--alpha_rew"], "--alpha_rew: expected one argument"),
-    (["--toy", "--cfg=sideways"], "--cfg: invalid choice: 'sideways'"),
-    (["--toy", "--divergence=tv"], "--divergence: invalid choice"),
-    (["--toy", "--toy=maybe"], "--toy: takes true or false"),
-    (["--toy", "--max_steps=3", "stray"], "unrecognized arguments: stray"),
-    (["--toy", "--t_min=990"], "--t_min <= --t_max"),
-    (["--toy", "--lr_g=-1"], "--lr_g must be >= 0"),
-    (["--toy", "--max_steps=-5"], "--max_steps must be >= 0"),
-    (["--ablation"], "--ablation is a toy experiment"),
-    (["--toy", "--ablation", "--alpha_rew=3"], "--ablation sets --divergence, --alpha_rew"),
-    (["--toy", "--keep_checkpoints=0"], "--keep_checkpoints must be >= 1"),
-    (["--tiny", "--resume", "--overwrite"], "--overwrite deletes it: choose"),
-    (["--toy", "--ablation"], "--bench and --ablation run in one process: use python"),
-])
-def test_a_bad_command_line_is_one_line_naming_the_flag_and_exit_2(args, words, capsys,
-                                                                   monkeypatch):
-    monkeypatch.setenv("WORLD_SIZE", "2")  # as under torchrun, where every process reports it
-    assert distar.main(args) == 2  # the script exits with main's code (next test)
-    out, err = capsys.readouterr()
-    assert out == "" and err.startswith("distar: error: ") and err.count("\n") == 1, err
-    assert words in err, err
-
-
-def test_the_script_exits_with_mains_code_and_no_traceback():
-    p = run("--toy", "--max_steps=ten", timeout=60)
-    assert (p.returncode, p.stdout) == (2, "")
-    assert p.stderr == "distar: error: --max_steps: invalid int value: 'ten'\n"
-
-
-def test_running_out_of_gpu_memory_is_one_line_from_the_rank_that_did(monkeypatch, capsys):
-    def run_toy(cfg, dist_info):
-        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-
-    monkeypatch.setattr(distar, "run_toy", run_toy)
-    monkeypatch.setattr(distar, "setup_distributed", lambda cuda: (3, 8, torch.device("cpu")))
-    assert distar.main(["--toy"]) == 1  # rank 3 of 8: it may be the only one that ran out
-    out, err = capsys.readouterr()
-    assert out == "" and err == ("distar: error: rank 3 ran out of GPU memory: try a smaller "
-                                 "--batch_size, more GPUs with --zero, or --grad_checkpointing if it is off\n")
-
-
-@pytest.mark.parametrize("script", ["distar.py", "sample.py"])
-def test_help_lists_every_option_with_its_default_and_meaning(script):
-    r = subprocess.run([sys.executable, os.path.join(HERE, script), "--help"], cwd=HERE, env=ENV,
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0 and "Traceback" not in r.stderr
-    text = r.stdout
-    cls = distar.Config if script == "distar.py" else sample.SampleConfig
-    helps = {a.dest: a.help for a in distar.make_parser(cls, script)._actions}
-    squeeze = lambda x: "".join(x.split())  # argparse breaks long words at hyphens
-    for f in fields(cls):
-        meaning = helps[f.name].split(" (default")[0]
-        assert meaning and f"--{f.name}" in text, f.name  # every field has its one line
-        assert squeeze(helps[f.name]) in squeeze(text), f.name
-
-
-# -----------------------------------------------------------------------------
 # the loss math against exact answers, in float64
 
 
@@ -247,8 +174,8 @@ def test_theorem_3_2_printed_sign_gives_the_opposite_gradient(grad_check):
 
 
 # -----------------------------------------------------------------------------
-# the SDXL world on tiny random models (the real loading code): generator loading from files,
-# folders and the hub, one-line load errors, ClipReward, and generate as the LCM one-step pipeline
+# the SDXL world on tiny random models, loaded by the real code: ClipReward, and generate as the
+# LCM one-step pipeline
 
 
 @pytest.fixture(scope="module")
@@ -268,102 +195,6 @@ def _sdxl_world(tiny, *args):
         for p in world.generator.parameters():
             p.add_(0.01 * torch.randn_like(p))
     return world
-
-
-@pytest.fixture(scope="module")
-def state_dicts(tiny, tmp_path_factory):
-    """The tiny UNet's weights rounded to fp16, as the releases publish them: a UNet folder (fp32
-    values, each exactly an fp16), DMD2's layout (an fp16 .bin, no config beside it) and the DI*
-    release's (unet/diffusion_pytorch_model.fp16.safetensors beside unet/config.json)."""
-    from diffusers import UNet2DConditionModel
-    from safetensors.torch import save_file
-
-    sdxl, _ = tiny
-    tmp = tmp_path_factory.mktemp("state_dicts")
-    unet = UNet2DConditionModel.from_pretrained(sdxl, subfolder="unet")
-    with torch.no_grad(), torch.random.fork_rng():  # a generator unlike the pretrained UNet
-        torch.manual_seed(6)
-        for p in unet.parameters():
-            p.copy_((p + 0.05 * torch.randn_like(p)).half().float())
-    unet.save_pretrained(tmp / "folder")
-    half = {k: v.half() for k, v in unet.state_dict().items()}
-    torch.save(half, tmp / "dmd2_sdxl_1step_unet_fp16.bin")
-    (tmp / "release" / "unet").mkdir(parents=True)
-    save_file(half, str(tmp / "release" / "unet" / "diffusion_pytorch_model.fp16.safetensors"))
-    unet.save_config(tmp / "release" / "unet")  # config.json beside the weights
-    return tmp, unet.state_dict()
-
-
-def test_load_generator_reads_state_dict_files_and_variant_folders(tiny, state_dicts):
-    sdxl, _ = tiny
-    tmp, expect = state_dicts
-    for path, variant in (("folder", None), ("dmd2_sdxl_1step_unet_fp16.bin", None),
-                          ("release/unet/diffusion_pytorch_model.fp16.safetensors", None),
-                          ("release", "fp16")):  # a release folder holding unet/: the variant
-        unet = distar.load_generator(str(tmp / path), sdxl, variant=variant)
-        got = unet.state_dict()
-        assert got.keys() == expect.keys(), path
-        assert all(torch.equal(got[k], expect[k]) for k in expect), path
-        tensors = [*got.values(), *unet.buffers()]
-        assert all(t.dtype == torch.float32 and not t.is_meta for t in tensors)
-    assert next(distar.load_generator(str(tmp / "dmd2_sdxl_1step_unet_fp16.bin"), sdxl,
-                                      dtype=torch.float16).parameters()).dtype == torch.float16
-    pretrained = distar.load_generator("", sdxl).state_dict()  # "" = the UNet of pretrained
-    assert not torch.equal(pretrained["conv_in.weight"], expect["conv_in.weight"])
-
-
-def test_load_generator_hub_path_is_owner_repo_then_path_in_repo(tiny, state_dicts, monkeypatch):
-    import huggingface_hub
-    from huggingface_hub.errors import EntryNotFoundError
-
-    sdxl, _ = tiny
-    tmp, expect = state_dicts
-    release, weights = "XDG-XHS/distar_short_1step", "unet/diffusion_pytorch_model.fp16.safetensors"
-    dmd2 = "dmd2_sdxl_1step_unet_fp16.bin"
-    calls, files = [], {(release, weights): tmp / "release" / weights,
-                        (release, "unet/config.json"): tmp / "release" / "unet" / "config.json",
-                        ("tianweiy/DMD2", dmd2): tmp / dmd2}
-
-    def download(repo, filename, **kw):
-        calls.append((repo, filename))
-        if (repo, filename) not in files:
-            raise EntryNotFoundError(f"no {filename} in {repo}")  # what the hub's 404 subclasses
-        return str(files[repo, filename])
-
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
-    for path in ("XDG-XHS/distar_short_1step/unet/diffusion_pytorch_model.fp16.safetensors",
-                 "tianweiy/DMD2/dmd2_sdxl_1step_unet_fp16.bin"):  # DMD2: no config beside it
-        got = distar.load_generator(path, sdxl).state_dict()
-        assert all(torch.equal(got[k], expect[k]) for k in expect)
-    assert calls == [*files] + [("tianweiy/DMD2", "config.json")]
-
-
-def test_load_generator_errors_are_one_line_naming_the_flag(tiny, tmp_path):
-    sdxl, _ = tiny
-    torch.save({"conv_in.weight": torch.zeros(1)}, tmp_path / "bad.bin")
-    for path, words in ((tmp_path / "missing.bin", "no such file"),
-                        (tmp_path / "bad.bin", "Error(s) in loading state_dict"),
-                        (tmp_path / "missing", "")):  # words: diffusers' own
-        with pytest.raises(distar.LoadError) as e:
-            distar.load_generator(str(path), sdxl, flag="generator")
-        assert str(e.value).startswith(f"cannot load --generator={path}: ") and words in str(e.value)
-        assert "\n" not in str(e.value)
-
-
-def test_an_unreachable_hub_is_one_line_naming_the_flag(tmp_path, capsys):
-    """HF_HUB_OFFLINE=1 (set above) stands for no network: the default --pretrained is not in
-    this machine's cache, so both scripts must stop at once with one line that says so."""
-    import time
-
-    words = ("cannot load --pretrained=stabilityai/stable-diffusion-xl-base-1.0: "
-             "no such local path, the Hugging Face hub could not be reached and the model is not "
-             "in the local cache; pass a local folder (--pretrained=/path/to/sdxl)")
-    for name, main in (("sample", sample.main), ("distar", distar.main)):
-        t0 = time.perf_counter()
-        assert main(["--prompt=a cat"] * (name == "sample") + [f"--out_dir={tmp_path / name}"]) == 2
-        assert time.perf_counter() - t0 < 20  # no download retries
-        assert capsys.readouterr().err == f"{name}: error: {words}\n"
-        assert not (tmp_path / name).exists()
 
 
 def test_clip_text_features_need_no_attention_mask(tiny):
@@ -858,48 +689,6 @@ def test_bad_sdxl_input_is_one_line_and_leaves_checkpoints_intact(trained_dir, t
     assert _tree_digest(trained_dir) == before
 
 
-def _sdxl_args(tiny):
-    """SDXL mode (not --tiny) on the tiny models: the real run's rules for out_dir apply."""
-    sdxl, reward = tiny
-    return [f"--pretrained={sdxl}", "--generator_init=", f"--reward_model={reward}",
-            f"--reward_processor={reward}", "--resolution=64", "--precision=fp32", "--assistant_steps=1",
-            "--log_interval=1"]
-
-
-def test_fresh_sdxl_run_refuses_an_out_dir_with_another_runs_checkpoints(tiny, trained_dir, capsys):
-    before = _tree_digest(trained_dir)
-    assert distar.main([*_sdxl_args(tiny), "--max_steps=1", f"--out_dir={trained_dir}"]) == 2
-    out, err = capsys.readouterr()
-    assert "Traceback" not in err and out == ""
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    newest = trained_dir / "checkpoint-000002"
-    assert lines[0] == (f"distar: error: {trained_dir} holds checkpoints of another run (newest "
-                        f"{newest}): pass --resume to continue it, or --overwrite to start over")
-    assert _tree_digest(trained_dir) == before
-
-
-@pytest.mark.parametrize("mode", ["--tiny", "--overwrite"])
-def test_a_fresh_run_starts_the_out_dir_over(tiny, trained_dir, tmp_path, mode):
-    """A demo (--tiny) run twice, with fewer steps the second time, or SDXL with --overwrite:
-    only the new run's checkpoints, metrics and samples remain; the tiny models' cache stays."""
-    import shutil
-
-    d = tmp_path / "out"
-    shutil.copytree(trained_dir, d)  # checkpoint-000002, metrics.jsonl, samples-00000{1,2}.png, tiny/
-    tiny_models = _tree_digest(d / "tiny")
-    args = ["--tiny"] if mode == "--tiny" else [*_sdxl_args(tiny), "--overwrite"]
-    p = run(*args, "--max_steps=1", "--sample_interval=1", f"--out_dir={d}")
-    assert p.returncode == 0, p.stderr[-2000:]
-    assert (f"starting over in {d}: removed checkpoint-000002, metrics.jsonl, samples-000001.png, "
-            "samples-000002.png of an earlier run (--resume continues a run)") in p.stdout
-    assert [c.name for c in sorted(d.glob("checkpoint-*"))] == ["checkpoint-000001"]
-    rows = (d / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(line)["step"] for line in rows] == [1]
-    assert [f.name for f in sorted(d.glob("samples-*.png"))] == ["samples-000001.png"]
-    assert _tree_digest(d / "tiny") == tiny_models
-
-
 # -----------------------------------------------------------------------------
 # main: the real command lines end to end (the toy converges, tiny SDXL in fp32 and bf16, torchrun)
 
@@ -972,9 +761,232 @@ def test_bf16_autocast_path_trains_on_tiny_models_with_finite_losses(tmp_path):
 
 
 ###############################################################################
-# EXTRAS. Tooling around the DI* path above: full-size models with random weights, the dry run
-# and the cost table, the toy pictures, and the paper's Table 2 in the toy.
+# EXTRAS. Tooling around the DI* path above: the command line, the out_dir's one-run rule,
+# full-size models with random weights, the dry run and the cost table, the toy pictures, and the
+# paper's Table 2 in the toy.
 ###############################################################################
+
+
+# -----------------------------------------------------------------------------
+# the command line: every field is a --flag with its mode's default; a bad command line (and
+# running out of GPU memory) is one line and a non-zero exit
+
+
+def test_flags_parse_to_their_types_and_each_mode_has_defaults_the_command_line_overrides():
+    cfg = distar.parse_args(["--toy", "--alpha_rew=3", "--cfg=out", "--seed=7"])
+    assert cfg.toy is True and cfg.alpha_rew == 3.0 and cfg.cfg == "out" and cfg.seed == 7
+    assert cfg.max_steps == distar.TOY_DEFAULTS["max_steps"]  # toy defaults apply
+    assert distar.parse_args(["--toy", "--max_steps=5"]).max_steps == 5  # and the user wins
+    assert distar.parse_args([]).alpha_cfg == 7.5 and distar.parse_args([]).cfg == "in"
+    # at 1024 px no step fits even a 141 GB GPU without activation checkpointing; tiny ones do
+    assert distar.parse_args([]).grad_checkpointing and not distar.parse_args(["--tiny"]).grad_checkpointing
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--toy", "--nope=1"], "unrecognized arguments: --nope=1"),
+    (["--toy", "--max_steps=ten"], "--max_steps: invalid int value: 'ten'"),
+    (["--toy", "--alpha_rew"], "--alpha_rew: expected one argument"),
+    (["--toy", "--cfg=sideways"], "--cfg: invalid choice: 'sideways'"),
+    (["--toy", "--divergence=tv"], "--divergence: invalid choice"),
+    (["--toy", "--toy=maybe"], "--toy: takes true or false"),
+    (["--toy", "--max_steps=3", "stray"], "unrecognized arguments: stray"),
+    (["--toy", "--t_min=990"], "--t_min <= --t_max"),
+    (["--toy", "--lr_g=-1"], "--lr_g must be >= 0"),
+    (["--toy", "--max_steps=-5"], "--max_steps must be >= 0"),
+    (["--ablation"], "--ablation is a toy experiment"),
+    (["--toy", "--ablation", "--alpha_rew=3"], "--ablation sets --divergence, --alpha_rew"),
+    (["--toy", "--keep_checkpoints=0"], "--keep_checkpoints must be >= 1"),
+    (["--tiny", "--resume", "--overwrite"], "--overwrite deletes it: choose"),
+    (["--toy", "--ablation"], "--bench and --ablation run in one process: use python"),
+])
+def test_a_bad_command_line_is_one_line_naming_the_flag_and_exit_2(args, words, capsys,
+                                                                   monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as under torchrun, where every process reports it
+    assert distar.main(args) == 2  # the script exits with main's code (next test)
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("distar: error: ") and err.count("\n") == 1, err
+    assert words in err, err
+
+
+def test_the_script_exits_with_mains_code_and_no_traceback():
+    p = run("--toy", "--max_steps=ten", timeout=60)
+    assert (p.returncode, p.stdout) == (2, "")
+    assert p.stderr == "distar: error: --max_steps: invalid int value: 'ten'\n"
+
+
+def test_running_out_of_gpu_memory_is_one_line_from_the_rank_that_did(monkeypatch, capsys):
+    def run_toy(cfg, dist_info):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(distar, "run_toy", run_toy)
+    monkeypatch.setattr(distar, "setup_distributed", lambda cuda: (3, 8, torch.device("cpu")))
+    assert distar.main(["--toy"]) == 1  # rank 3 of 8: it may be the only one that ran out
+    out, err = capsys.readouterr()
+    assert out == "" and err == ("distar: error: rank 3 ran out of GPU memory: try a smaller "
+                                 "--batch_size, more GPUs with --zero, or --grad_checkpointing if it is off\n")
+
+
+@pytest.mark.parametrize("script", ["distar.py", "sample.py"])
+def test_help_lists_every_option_with_its_default_and_meaning(script):
+    r = subprocess.run([sys.executable, os.path.join(HERE, script), "--help"], cwd=HERE, env=ENV,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "Traceback" not in r.stderr
+    text = r.stdout
+    cls = distar.Config if script == "distar.py" else sample.SampleConfig
+    helps = {a.dest: a.help for a in distar.make_parser(cls, script)._actions}
+    squeeze = lambda x: "".join(x.split())  # argparse breaks long words at hyphens
+    for f in fields(cls):
+        meaning = helps[f.name].split(" (default")[0]
+        assert meaning and f"--{f.name}" in text, f.name  # every field has its one line
+        assert squeeze(helps[f.name]) in squeeze(text), f.name
+
+
+# -----------------------------------------------------------------------------
+# the out_dir holds one run: a fresh SDXL run refuses another run's checkpoints; a demo run,
+# or --overwrite, starts the out_dir over
+
+
+def _sdxl_args(tiny):
+    """SDXL mode (not --tiny) on the tiny models: the real run's rules for out_dir apply."""
+    sdxl, reward = tiny
+    return [f"--pretrained={sdxl}", "--generator_init=", f"--reward_model={reward}",
+            f"--reward_processor={reward}", "--resolution=64", "--precision=fp32", "--assistant_steps=1",
+            "--log_interval=1"]
+
+
+def test_fresh_sdxl_run_refuses_an_out_dir_with_another_runs_checkpoints(tiny, trained_dir, capsys):
+    before = _tree_digest(trained_dir)
+    assert distar.main([*_sdxl_args(tiny), "--max_steps=1", f"--out_dir={trained_dir}"]) == 2
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    newest = trained_dir / "checkpoint-000002"
+    assert lines[0] == (f"distar: error: {trained_dir} holds checkpoints of another run (newest "
+                        f"{newest}): pass --resume to continue it, or --overwrite to start over")
+    assert _tree_digest(trained_dir) == before
+
+
+@pytest.mark.parametrize("mode", ["--tiny", "--overwrite"])
+def test_a_fresh_run_starts_the_out_dir_over(tiny, trained_dir, tmp_path, mode):
+    """A demo (--tiny) run twice, with fewer steps the second time, or SDXL with --overwrite:
+    only the new run's checkpoints, metrics and samples remain; the tiny models' cache stays."""
+    import shutil
+
+    d = tmp_path / "out"
+    shutil.copytree(trained_dir, d)  # checkpoint-000002, metrics.jsonl, samples-00000{1,2}.png, tiny/
+    tiny_models = _tree_digest(d / "tiny")
+    args = ["--tiny"] if mode == "--tiny" else [*_sdxl_args(tiny), "--overwrite"]
+    p = run(*args, "--max_steps=1", "--sample_interval=1", f"--out_dir={d}")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert (f"starting over in {d}: removed checkpoint-000002, metrics.jsonl, samples-000001.png, "
+            "samples-000002.png of an earlier run (--resume continues a run)") in p.stdout
+    assert [c.name for c in sorted(d.glob("checkpoint-*"))] == ["checkpoint-000001"]
+    rows = (d / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in rows] == [1]
+    assert [f.name for f in sorted(d.glob("samples-*.png"))] == ["samples-000001.png"]
+    assert _tree_digest(d / "tiny") == tiny_models
+
+
+# -----------------------------------------------------------------------------
+# loading models: generator loading from files, folders and the hub; a failed load, an
+# unreachable hub included, is one line naming its flag
+
+
+@pytest.fixture(scope="module")
+def state_dicts(tiny, tmp_path_factory):
+    """The tiny UNet's weights rounded to fp16, as the releases publish them: a UNet folder (fp32
+    values, each exactly an fp16), DMD2's layout (an fp16 .bin, no config beside it) and the DI*
+    release's (unet/diffusion_pytorch_model.fp16.safetensors beside unet/config.json)."""
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import save_file
+
+    sdxl, _ = tiny
+    tmp = tmp_path_factory.mktemp("state_dicts")
+    unet = UNet2DConditionModel.from_pretrained(sdxl, subfolder="unet")
+    with torch.no_grad(), torch.random.fork_rng():  # a generator unlike the pretrained UNet
+        torch.manual_seed(6)
+        for p in unet.parameters():
+            p.copy_((p + 0.05 * torch.randn_like(p)).half().float())
+    unet.save_pretrained(tmp / "folder")
+    half = {k: v.half() for k, v in unet.state_dict().items()}
+    torch.save(half, tmp / "dmd2_sdxl_1step_unet_fp16.bin")
+    (tmp / "release" / "unet").mkdir(parents=True)
+    save_file(half, str(tmp / "release" / "unet" / "diffusion_pytorch_model.fp16.safetensors"))
+    unet.save_config(tmp / "release" / "unet")  # config.json beside the weights
+    return tmp, unet.state_dict()
+
+
+def test_load_generator_reads_state_dict_files_and_variant_folders(tiny, state_dicts):
+    sdxl, _ = tiny
+    tmp, expect = state_dicts
+    for path, variant in (("folder", None), ("dmd2_sdxl_1step_unet_fp16.bin", None),
+                          ("release/unet/diffusion_pytorch_model.fp16.safetensors", None),
+                          ("release", "fp16")):  # a release folder holding unet/: the variant
+        unet = distar.load_generator(str(tmp / path), sdxl, variant=variant)
+        got = unet.state_dict()
+        assert got.keys() == expect.keys(), path
+        assert all(torch.equal(got[k], expect[k]) for k in expect), path
+        tensors = [*got.values(), *unet.buffers()]
+        assert all(t.dtype == torch.float32 and not t.is_meta for t in tensors)
+    assert next(distar.load_generator(str(tmp / "dmd2_sdxl_1step_unet_fp16.bin"), sdxl,
+                                      dtype=torch.float16).parameters()).dtype == torch.float16
+    pretrained = distar.load_generator("", sdxl).state_dict()  # "" = the UNet of pretrained
+    assert not torch.equal(pretrained["conv_in.weight"], expect["conv_in.weight"])
+
+
+def test_load_generator_hub_path_is_owner_repo_then_path_in_repo(tiny, state_dicts, monkeypatch):
+    import huggingface_hub
+    from huggingface_hub.errors import EntryNotFoundError
+
+    sdxl, _ = tiny
+    tmp, expect = state_dicts
+    release, weights = "XDG-XHS/distar_short_1step", "unet/diffusion_pytorch_model.fp16.safetensors"
+    dmd2 = "dmd2_sdxl_1step_unet_fp16.bin"
+    calls, files = [], {(release, weights): tmp / "release" / weights,
+                        (release, "unet/config.json"): tmp / "release" / "unet" / "config.json",
+                        ("tianweiy/DMD2", dmd2): tmp / dmd2}
+
+    def download(repo, filename, **kw):
+        calls.append((repo, filename))
+        if (repo, filename) not in files:
+            raise EntryNotFoundError(f"no {filename} in {repo}")  # what the hub's 404 subclasses
+        return str(files[repo, filename])
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    for path in ("XDG-XHS/distar_short_1step/unet/diffusion_pytorch_model.fp16.safetensors",
+                 "tianweiy/DMD2/dmd2_sdxl_1step_unet_fp16.bin"):  # DMD2: no config beside it
+        got = distar.load_generator(path, sdxl).state_dict()
+        assert all(torch.equal(got[k], expect[k]) for k in expect)
+    assert calls == [*files] + [("tianweiy/DMD2", "config.json")]
+
+
+def test_load_generator_errors_are_one_line_naming_the_flag(tiny, tmp_path):
+    sdxl, _ = tiny
+    torch.save({"conv_in.weight": torch.zeros(1)}, tmp_path / "bad.bin")
+    for path, words in ((tmp_path / "missing.bin", "no such file"),
+                        (tmp_path / "bad.bin", "Error(s) in loading state_dict"),
+                        (tmp_path / "missing", "")):  # words: diffusers' own
+        with pytest.raises(distar.LoadError) as e:
+            distar.load_generator(str(path), sdxl, flag="generator")
+        assert str(e.value).startswith(f"cannot load --generator={path}: ") and words in str(e.value)
+        assert "\n" not in str(e.value)
+
+
+def test_an_unreachable_hub_is_one_line_naming_the_flag(tmp_path, capsys):
+    """HF_HUB_OFFLINE=1 (set above) stands for no network: the default --pretrained is not in
+    this machine's cache, so both scripts must stop at once with one line that says so."""
+    import time
+
+    words = ("cannot load --pretrained=stabilityai/stable-diffusion-xl-base-1.0: "
+             "no such local path, the Hugging Face hub could not be reached and the model is not "
+             "in the local cache; pass a local folder (--pretrained=/path/to/sdxl)")
+    for name, main in (("sample", sample.main), ("distar", distar.main)):
+        t0 = time.perf_counter()
+        assert main(["--prompt=a cat"] * (name == "sample") + [f"--out_dir={tmp_path / name}"]) == 2
+        assert time.perf_counter() - t0 < 20  # no download retries
+        assert capsys.readouterr().err == f"{name}: error: {words}\n"
+        assert not (tmp_path / name).exists()
 
 
 # -----------------------------------------------------------------------------
