@@ -665,21 +665,6 @@ def clip_and_step(opt, net, loss, grad_clip, world_size):
     return grad_norm, skip
 
 
-def clock(device):
-    """Seconds, after the GPU has finished what was queued (CUDA runs asynchronously)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
-
-
-def peak_memory_gb(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    import resource  # CPU: the process's peak resident set (KiB on Linux)
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
 def train(world, opt_g, opt_psi, dist_info, steps, on_step=None):
     """Algorithm 1: per step, K_TA assistant updates (DSM, eq. 2.2) with theta frozen, then one
     generator update with psi's parameters frozen. Every log_interval steps the metrics are
@@ -707,7 +692,7 @@ def train(world, opt_g, opt_psi, dist_info, steps, on_step=None):
     for step in bar:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        t0 = clock(device)
+        t0 = clock(device)  # clock, peak_memory_gb: in the extras, with the dry run
         loss_psi = torch.zeros((), device=device)
         for _ in range(cfg.assistant_steps):  # assistant phase: theta frozen inside assistant_loss
             loss_psi = assistant_loss(world, s_psi_ddp, world.sample_cond(cfg.batch_size))
@@ -900,23 +885,10 @@ def load_checkpoint(cfg, world, opt_g, opt_psi, dist_info):
             torch.cuda.set_rng_state(state["rng"][rank]["cuda"], device)
     elif rank == 0:
         print(f"resume: saved with {saved['world_size']} ranks, now {world_size}: new RNG streams")
-    metrics = os.path.join(cfg.out_dir, "metrics.jsonl")
-    if rank == 0 and os.path.isfile(metrics):  # drop lines logged after the checkpoint: they
-        with open(metrics) as f:  # come again, so that each step has one line
-            lines = [line for line in f if logged_step(line) <= step]
-        with open(metrics + ".tmp", "w") as f:
-            f.writelines(lines)
-        os.replace(metrics + ".tmp", metrics)
     if rank == 0:
+        trim_metrics(cfg.out_dir, step)
         print(f"resumed from {path} (step {step})")
     return step
-
-
-def logged_step(line):
-    try:
-        return json.loads(line)["step"]
-    except (ValueError, KeyError):  # an empty line, or one cut short by a kill
-        return math.inf
 
 
 # -----------------------------------------------------------------------------
@@ -1129,6 +1101,24 @@ def start_out_dir(cfg, dist_info):
                 print(f"starting over in {cfg.out_dir}: removed {', '.join(old)} of an earlier run"
                       " (--resume continues a run)")
     barrier(world_size)
+
+
+def trim_metrics(out_dir, step):
+    """On resume: drop the metrics lines logged after the checkpoint, as those steps run again."""
+    metrics = os.path.join(out_dir, "metrics.jsonl")
+    if os.path.isfile(metrics):
+        with open(metrics) as f:
+            lines = [line for line in f if logged_step(line) <= step]
+        with open(metrics + ".tmp", "w") as f:
+            f.writelines(lines)
+        os.replace(metrics + ".tmp", metrics)
+
+
+def logged_step(line):
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError):  # an empty line, or one cut short by a kill
+        return math.inf
 
 
 # -----------------------------------------------------------------------------
@@ -1375,6 +1365,21 @@ def dry_run_parts(device):
 # Dense bf16 tensor-core peak per GPU in TFLOPS (data sheets); the first name contained in the
 # device name wins; --peak_tflops overrides.
 PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "A100": 312.0}
+
+
+def clock(device):
+    """Seconds, after the GPU has finished what was queued (CUDA runs asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def peak_memory_gb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource  # CPU: the process's peak resident set (KiB on Linux)
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def memory_plan(world, n_gpus, zero):
