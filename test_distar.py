@@ -611,16 +611,17 @@ def _generator_weights(ckpt):
     return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
 
 
-@pytest.mark.parametrize("launcher", ["python", "torchrun --zero"])
+@pytest.mark.parametrize("launcher", ["python", "torchrun --zero --grad_checkpointing"])
 def test_sigkill_then_resume_reproduces_the_uninterrupted_run(tmp_path, launcher):
-    """Under torchrun it is also the SDXL path's two-rank test: DDP keeps the ranks identical."""
+    """Under torchrun it is also the SDXL path's two-rank test with a real run's memory settings
+    (Adam states sharded, activations recomputed): DDP keeps the ranks identical."""
     import signal
     import time
 
     args = ["--tiny", "--max_steps=6", "--ckpt_interval=2", "--sample_interval=100", "--keep_checkpoints=5"]
     cmd = [sys.executable, os.path.join(HERE, "distar.py")]
     if launcher != "python":  # two ranks, Adam states sharded: each rank resumes its own shard
-        args.append("--zero")
+        args += ["--zero", "--grad_checkpointing"]
         cmd[1:1] = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     a, b = tmp_path / "a", tmp_path / "b"
     p = subprocess.run([*cmd, *args, f"--out_dir={a}"], cwd=HERE, env=ENV, capture_output=True,
