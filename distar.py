@@ -18,7 +18,7 @@ SDXL (defaults: SDXL-base reference, DMD2 one-step init, PickScore reward, bf16,
 $ python distar.py --prompts=prompts.txt                                # one 141 GB GPU
 $ torchrun --standalone --nproc_per_node=8 distar.py --prompts=prompts.txt --zero
 $ torchrun --nnodes=8 --nproc_per_node=8 --node_rank=$NODE_RANK --master_addr=$MASTER_ADDR \
-    --master_port=29500 distar.py --prompts=prompts.txt --zero
+    --master_port=29500 distar.py --prompts=prompts.txt --zero  # --out_dir on a shared filesystem
 Continue an interrupted run: the same command with --resume.
 
 Extras: tiny random SDXL-shaped models on CPU, the real code path (--tiny); the real
@@ -957,7 +957,8 @@ def run_sdxl(cfg, dist_info):
 
 
 def main(argv):
-    rank = int(os.environ.get("RANK", 0))  # one line from torchrun's rank 0, not one per rank
+    rank = int(os.environ.get("RANK", 0))
+    first_on_node = int(os.environ.get("LOCAL_RANK", 0)) == 0  # one error line in each node's log
     try:
         cfg = parse_args(argv)
         quiet_libraries()
@@ -972,7 +973,7 @@ def main(argv):
                else run_dry_run if cfg.dry_run else run_sdxl)
         run(cfg, dist_info)
     except (LoadError, ConfigError, NonFiniteError) as e:  # one line; every rank stops here
-        if rank == 0:
+        if first_on_node:
             print(f"distar: error: {e}", file=sys.stderr)
         return 1 if isinstance(e, NonFiniteError) else 2
     except torch.cuda.OutOfMemoryError:  # from the rank that ran out; torchrun stops the others
@@ -1087,7 +1088,8 @@ def check_out_dir(cfg):
 
 def start_out_dir(cfg, dist_info):
     """Once the models have loaded: unless this run continues a checkpoint, remove what an
-    earlier run wrote (check_out_dir allowed it). Rank 0 removes, the others wait."""
+    earlier run wrote (check_out_dir allowed it). Rank 0 removes, the others wait. Then, under
+    torchrun, check that every rank sees the same out_dir (shared_out_dir)."""
     rank, world_size, _ = dist_info
     if rank == 0:
         os.makedirs(cfg.out_dir, exist_ok=True)
@@ -1101,6 +1103,29 @@ def start_out_dir(cfg, dist_info):
                 print(f"starting over in {cfg.out_dir}: removed {', '.join(old)} of an earlier run"
                       " (--resume continues a run)")
     barrier(world_size)
+    shared_out_dir(cfg.out_dir, dist_info)
+
+
+def shared_out_dir(out_dir, dist_info):
+    """Every rank reads a checkpoint on --resume (and writes its AdamW shard under --zero), so on
+    several nodes out_dir must be on a filesystem they share: found out now, not at the first
+    checkpoint hours later. Rank 0 leaves a file there that every rank must see."""
+    rank, world_size, device = dist_info
+    if world_size == 1:
+        return
+    token = [os.urandom(8).hex()]
+    dist.broadcast_object_list(token, 0)
+    probe = os.path.join(out_dir, f".probe-{token[0]}")
+    if rank == 0:
+        open(probe, "w").close()
+    barrier(world_size)
+    missing = torch.tensor(float(not os.path.isfile(probe)), device=device)
+    dist.all_reduce(missing, op=dist.ReduceOp.MAX)  # after every rank has looked
+    if rank == 0:
+        os.remove(probe)
+    if missing.item():
+        raise ConfigError(f"--out_dir={out_dir} is not the same folder on every node: put it on a "
+                          "filesystem that all of them share")
 
 
 def trim_metrics(out_dir, step):

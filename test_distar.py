@@ -496,6 +496,16 @@ def test_the_toy_runs_on_the_cpu_and_torchrun_needs_a_gpu_per_process(monkeypatc
     assert capsys.readouterr().err == ""
 
 
+def test_an_error_is_one_line_in_each_nodes_log(monkeypatch, capsys):
+    """Each node's torchrun writes its own log: its first rank reports (a folder missing on that
+    node alone included), the node's other ranks stay silent."""
+    for rank, local_rank, lines in (("9", "1", 0), ("8", "0", 1)):
+        monkeypatch.setenv("RANK", rank)
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+        assert distar.main(["--toy", "--max_steps=ten"]) == 2
+        assert capsys.readouterr().err.count("distar: error: --max_steps") == lines
+
+
 def test_torchrun_with_one_process_leaves_its_process_group(monkeypatch):
     calls = []  # NCCL warns at exit about a process group that was not destroyed
     monkeypatch.setattr(distar, "setup_distributed", lambda cuda: (0, 1, torch.device("cpu")))
@@ -844,7 +854,7 @@ def test_help_lists_every_option_with_its_default_and_meaning(script):
 
 # -----------------------------------------------------------------------------
 # the out_dir holds one run: a fresh SDXL run refuses another run's checkpoints; a demo run,
-# or --overwrite, starts the out_dir over
+# or --overwrite, starts the out_dir over; under torchrun every rank sees the same out_dir
 
 
 def _sdxl_args(tiny):
@@ -887,6 +897,31 @@ def test_a_fresh_run_starts_the_out_dir_over(tiny, trained_dir, tmp_path, mode):
     assert [json.loads(line)["step"] for line in rows] == [1]
     assert [f.name for f in sorted(d.glob("samples-*.png"))] == ["samples-000001.png"]
     assert _tree_digest(d / "tiny") == tiny_models
+
+
+def test_every_rank_must_see_the_same_out_dir(tmp_path, monkeypatch):
+    """On nodes without a shared filesystem each has its own out_dir, and --resume or --zero would
+    fail at the first checkpoint: it is one line at the start instead, on every rank."""
+    token = "0123456789abcdef"
+    monkeypatch.setattr(distar.dist, "broadcast_object_list", lambda obj, src: obj.__setitem__(0, token))
+    monkeypatch.setattr(distar.dist, "barrier", lambda: None)
+    others_missing = [0.0]  # what the all-reduce (MAX over ranks) brings from the other ranks
+    monkeypatch.setattr(distar.dist, "all_reduce", lambda t, op: t.clamp_(min=others_missing[0]))
+    shared, own = tmp_path / "shared", tmp_path / "own"
+    shared.mkdir(), own.mkdir()
+    cpu = torch.device("cpu")
+    (shared / f".probe-{token}").touch()  # as rank 0 left it on a shared filesystem
+    distar.shared_out_dir(str(shared), (1, 2, cpu))  # rank 1 sees it: no error
+    words = "is not the same folder on every node: put it on a filesystem that all of them share"
+    with pytest.raises(distar.ConfigError, match=words):
+        distar.shared_out_dir(str(own), (1, 2, cpu))  # rank 1 on a node of its own
+    (shared / f".probe-{token}").unlink()
+    distar.shared_out_dir(str(shared), (0, 2, cpu))  # rank 0: writes, finds, removes its probe
+    assert list(shared.iterdir()) == []
+    others_missing[0] = 1.0
+    with pytest.raises(distar.ConfigError, match=words):  # rank 0 learns that another rank missed
+        distar.shared_out_dir(str(shared), (0, 2, cpu))
+    assert list(shared.iterdir()) == []
 
 
 # -----------------------------------------------------------------------------
