@@ -700,6 +700,16 @@ def test_bad_sdxl_input_is_one_line_and_leaves_checkpoints_intact(trained_dir, t
     assert _tree_digest(trained_dir) == before
 
 
+def test_resume_past_max_steps_trains_nothing_and_says_so(trained_dir, capsys):
+    before = _tree_digest(trained_dir)
+    assert distar.main(["--tiny", f"--out_dir={trained_dir}", "--resume", "--max_steps=1"]) == 0
+    out = capsys.readouterr().out
+    assert out.endswith("resume: the checkpoint is at step 2, --max_steps=1: nothing to train (a "
+                        "larger --max_steps continues the run)\n"), out
+    assert "trained to step" not in out
+    assert _tree_digest(trained_dir) == before
+
+
 # -----------------------------------------------------------------------------
 # main: the real command lines end to end (the toy converges, tiny SDXL in fp32 and bf16, torchrun)
 
