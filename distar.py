@@ -992,7 +992,7 @@ def main(argv):
 
 
 ###############################################################################
-# EXTRAS. Tooling around the DI* path above: the command line, the out_dir's one-run rule,
+# EXTRAS. Tooling around the DI* path above: the command line, the out_dir's rules,
 # loading models with one-line errors, SDXL models from configs (tiny ones, and the full size with
 # random weights), the dry run and the cost table, the toy pictures, and Table 2 in the toy.
 ###############################################################################
@@ -1075,8 +1075,8 @@ def parse_args(argv):
 
 
 # -----------------------------------------------------------------------------
-# the out_dir holds one run: --resume continues it; a fresh run refuses another run's
-# checkpoints (SDXL, unless --overwrite) or starts the out_dir over (--toy, --tiny)
+# the out_dir holds one run (--resume continues it; a fresh run refuses another run's
+# checkpoints or starts it over), and all ranks see one folder
 
 RUN_OUTPUTS = (CKPT_RE, r"\.tmp-checkpoint-\d{6}(\.old)?", r"metrics\.jsonl", r"samples-\d{6}\.png",
                r"toy\.png", r"toy_samples\.safetensors")  # {out_dir}/tiny, a cache, stays
