@@ -904,8 +904,8 @@ def fit(cfg, world, dist_info, save_samples=None):
     start = load_checkpoint(cfg, world, opt_g, opt_psi, dist_info) if cfg.resume else 0
     if start and start >= cfg.max_steps:  # a checkpoint was loaded
         if rank == 0:
-            print(f"resume: the checkpoint is at step {start}, --max_steps={cfg.max_steps}: nothing "
-                  "to train (a larger --max_steps continues the run)")
+            print(f"resume: the checkpoint is at step {start}, --max_steps={cfg.max_steps}: "
+                  "nothing to train (a larger --max_steps continues the run)")
         return []
 
     def on_step(step, metrics):
