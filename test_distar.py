@@ -579,6 +579,19 @@ def test_resume_of_a_checkpoint_without_state_pt_is_one_line_and_touches_nothing
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["checkpoint-000002", "state.json"]
 
 
+def test_resume_drops_the_metrics_logged_after_its_checkpoint(tmp_path):
+    """Steps after the checkpoint run again, so their lines go: each step keeps one line. A line
+    cut short by a kill goes too."""
+    out = tmp_path / "o"
+    _toy_checkpoint(out)  # step 1
+    rows = [json.dumps(dict(step=s, loss_g=0.5)) + "\n" for s in (1, 2, 3)]
+    (out / "metrics.jsonl").write_text("".join(rows) + '{"step": 4, "lo')
+    world = _toy([f"--out_dir={out}", "--resume"])
+    assert distar.load_checkpoint(world.cfg, world, *_toy_optimizers(world.cfg, world),
+                                  (0, 1, torch.device("cpu"))) == 1
+    assert (out / "metrics.jsonl").read_text() == rows[0]
+
+
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit, imported by ZeRO
 def test_zero_resume_loads_the_ranks_shard_into_its_own_adamw(tmp_path, monkeypatch):
     """ZeroRedundancyOptimizer.load_state_dict moves AdamW's step counters to the CPU, which fused
