@@ -945,6 +945,9 @@ def test_every_rank_must_see_the_same_out_dir(tmp_path, monkeypatch):
     with pytest.raises(distar.ConfigError, match=words):  # rank 0 learns that another rank missed
         distar.shared_out_dir(str(shared), (0, 2, cpu))
     assert list(shared.iterdir()) == []
+    cfg = distar.parse_args(["--toy", f"--out_dir={own}"])
+    with pytest.raises(distar.ConfigError, match=words):  # every run checks, as it starts
+        distar.start_out_dir(cfg, (1, 2, cpu))
 
 
 # -----------------------------------------------------------------------------
