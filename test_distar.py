@@ -246,6 +246,33 @@ def _state(net):
     return {k: v.detach().clone() for k, v in net.state_dict().items()}
 
 
+def test_diffuse_draws_t_from_both_ends_of_the_range_and_noises_by_the_schedule():
+    """t ~ U{t_min..t_max} with both ends included (DMD2's [20, 980]), and x_t = a_t x_0 +
+    sigma_t eps with a_t^2 = alphabar_t of SDXL's schedule."""
+    world = _toy(["--t_min=5", "--t_max=7"])
+    x0 = torch.randn(3000, 2, dtype=f64)
+    t, x_t, eps, sigma_t = distar.diffuse(world, x0)
+    assert set(t.tolist()) == {5, 6, 7}
+    ab = world.alphas_cumprod.double()[t][:, None]  # (B, 1)
+    assert torch.allclose(sigma_t, (1 - ab).sqrt())
+    assert torch.allclose(x_t, ab.sqrt() * x0 + (1 - ab).sqrt() * eps)
+
+
+def test_assistant_loss_is_the_eps_prediction_mse():
+    """The DSM weight sigma_t^2 / D turns the score-space loss (eq. 2.2) into the eps MSE,
+    mean over batch and elements of (eps_psi(x_t, t, c) - eps)^2."""
+    world = _toy([])
+    cond = world.sample_cond(256)
+    torch.manual_seed(5)
+    loss = distar.assistant_loss(world, world.assistant, cond)
+    torch.manual_seed(5)  # the same z, t and eps
+    with torch.no_grad():
+        x0 = world.generate(world.generator, cond)
+    t, x_t, eps, _ = distar.diffuse(world, x0)
+    mse = (world.eps_fake(world.assistant, x_t, t, cond) - eps).square().mean()
+    assert loss.item() == pytest.approx(mse.item(), rel=1e-5)
+
+
 def test_assistant_loss_is_minimised_by_the_true_eps():
     """The assistant phase's DSM (eq. 2.2) on x_t = a_t x_0 + sigma_t eps: over the family
     eps_psi = k eps_true (eps_true = -sigma_t s_true, exact for Gaussian x_0), the loss is a
