@@ -460,6 +460,34 @@ def test_every_divergence_scales_like_kl_with_the_resolution(tiny):
         assert 1 / 1.5 < ratios[64][div] / ratios[128][div] < 1.5, ratios
 
 
+@pytest.mark.parametrize("divergence", ["pseudo_huber", "l2", "kl"])
+@pytest.mark.parametrize("cfg", ["in", "out"])
+def test_generator_loss_terms_are_their_eps_scale_forms(divergence, cfg):
+    """The weights in score space are the per-element eps-scale forms, with Delta = eps_psi -
+    eps_ref, eps_ref = eps_u + omega (eps_c - eps_u) under --cfg=in, D elements per sample:
+    pseudo-Huber -Delta . (eps_psi - eps) / sqrt(D (||Delta||^2 + huber_c^2 D)), l2 -2 Delta .
+    (eps_psi - eps) / D, KL -Delta . x_t / D, and choice 1's term alpha_cfg (eps_c - eps_u) . x_t / D."""
+    alpha = 2.0
+    world = _toy([f"--divergence={divergence}", f"--cfg={cfg}", f"--alpha_cfg={alpha}",
+                  "--huber_c=0.3"])
+    cond = world.sample_cond(512)
+    torch.manual_seed(9)
+    _, terms = distar.generator_loss(world, world.generator, cond)
+    torch.manual_seed(9)  # the same z, t and eps
+    with torch.no_grad():
+        x0 = world.generate(world.generator, cond)
+        t, x_t, eps, _ = distar.diffuse(world, x0)
+        eps_psi = world.eps_fake(world.assistant, x_t, t, cond)
+        eps_c, eps_u = world.eps_ref(x_t, t, cond), world.eps_ref(x_t, t, None)
+    D, dot = 2, lambda u, v: (u * v).sum(1)
+    delta = eps_psi - (eps_u + (1 + alpha) * (eps_c - eps_u) if cfg == "in" else eps_c)
+    div = {"pseudo_huber": -dot(delta, eps_psi - eps) / (D * (dot(delta, delta) + 0.09 * D)).sqrt(),
+           "l2": -2 * dot(delta, eps_psi - eps) / D, "kl": -dot(delta, x_t) / D}[divergence]
+    cfg_term = alpha * dot(eps_c - eps_u, x_t) / D if cfg == "out" else torch.zeros(1)
+    assert terms["loss_div"].item() == pytest.approx(div.mean().item(), rel=1e-4)
+    assert terms["loss_cfg"].item() == pytest.approx(cfg_term.mean().item(), rel=1e-4, abs=1e-9)
+
+
 # -----------------------------------------------------------------------------
 # DDP and checkpoints: collectives on the training device, resume exact (also after SIGKILL, also
 # sharded), and what a run may do to an out_dir holding another run
