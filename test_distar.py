@@ -197,6 +197,22 @@ def _sdxl_world(tiny, *args):
     return world
 
 
+def test_each_rank_draws_prompts_from_its_own_shard(tiny, tmp_path):
+    """Rank r of N trains on prompts r, r + N, ...; a rank past the last prompt takes them all."""
+    sdxl, reward = tiny
+    (tmp_path / "p.txt").write_text("".join(f"prompt {i}\n" for i in range(5)))
+    cfg = distar.parse_args(["--tiny", f"--pretrained={sdxl}", "--generator_init=",
+                             f"--reward_model={reward}", f"--reward_processor={reward}",
+                             f"--prompts={tmp_path / 'p.txt'}"])
+    drawn = {}
+    for rank, world_size in ((0, 2), (1, 2), (6, 8)):
+        world = distar.SDXLWorld(cfg, torch.device("cpu"), rank, world_size)
+        drawn[rank] = set(world.sample_cond(40)["prompts"])
+    assert drawn[0] == {"prompt 0", "prompt 2", "prompt 4"}
+    assert drawn[1] == {"prompt 1", "prompt 3"}
+    assert drawn[6] == {f"prompt {i}" for i in range(5)}
+
+
 def test_clip_text_features_need_no_attention_mask(tiny):
     """ClipReward reads text features without the attention mask (as SDXL's encode_prompt does;
     the meta FLOP count needs it): CLIP's text attention is causal and the features are read at
