@@ -338,7 +338,11 @@ def test_generator_backward_freezes_the_assistant_only_for_the_step():
     weights, theta gets one (with no reward and no CFG, only through the nets' inputs), and psi is
     trainable again afterwards (also after an error)."""
     world = _toy(["--alpha_rew=0", "--alpha_cfg=0"])
+    seen = []  # psi's weights frozen inside the step: no activations kept for their gradients
+    world.assistant.register_forward_pre_hook(
+        lambda m, args: seen.append(any(p.requires_grad for p in m.parameters())))
     distar.generator_backward(world, world.generator, world.sample_cond(32))
+    assert seen == [False]
     assert all(p.grad is None and p.requires_grad for p in world.assistant.parameters())
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in world.generator.parameters())
     world.reward = None  # generator_loss fails inside the step
@@ -567,6 +571,20 @@ def test_the_toy_runs_on_the_cpu_and_torchrun_needs_a_gpu_per_process(monkeypatc
     assert capsys.readouterr().err == ""
 
 
+def test_rank_r_of_n_seeds_with_seed_times_n_plus_r(monkeypatch):
+    """Each rank draws its own z, t, eps and prompts (DiT's seed * world_size + rank): with one seed
+    for all, N ranks would train on N copies of one batch."""
+    seeds = {}
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # the toy's; not for the suite
+    monkeypatch.setattr(distar, "run_toy", lambda cfg, dist_info: seeds.update(
+        {dist_info[:2]: torch.initial_seed()}))
+    for rank, world_size in ((0, 1), (0, 2), (1, 2), (5, 8)):
+        monkeypatch.setattr(distar, "setup_distributed", lambda cuda, r=rank, n=world_size: (
+            r, n, torch.device("cpu")))
+        assert distar.main(["--toy", "--seed=3"]) == 0
+    assert seeds == {(0, 1): 3, (0, 2): 6, (1, 2): 7, (5, 8): 29}
+
+
 def test_an_error_is_one_line_in_each_nodes_log(monkeypatch, capsys):
     """Each node's torchrun writes its own log: its first rank reports (a folder missing on that
     node alone included), the node's other ranks stay silent."""
@@ -696,6 +714,16 @@ def test_incomplete_checkpoints_are_ignored(tmp_path):
         (tmp_path / name / "state.json").write_text("{}")
     found = [os.path.basename(p) for p in distar.list_checkpoints(str(tmp_path))]
     assert found == ["checkpoint-000002", "checkpoint-000004"]
+
+
+def test_only_the_newest_keep_checkpoints_checkpoints_stay(tmp_path):
+    cfg = distar.parse_args(["--toy", f"--out_dir={tmp_path}", "--keep_checkpoints=2"])
+    world = distar.make_toy_world()
+    opts = [distar.make_optimizer(cfg, net.parameters(), 1e-3)
+            for net in (world.generator, world.assistant)]
+    for step in range(1, 5):
+        distar.save_checkpoint(cfg, step, world, *opts, (0, 1, torch.device("cpu")))
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-000003", "checkpoint-000004"]
 
 
 def _generator_weights(ckpt):
