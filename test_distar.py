@@ -575,7 +575,6 @@ def test_rank_r_of_n_seeds_with_seed_times_n_plus_r(monkeypatch):
     """Each rank draws its own z, t, eps and prompts (DiT's seed * world_size + rank): with one seed
     for all, N ranks would train on N copies of one batch."""
     seeds = {}
-    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # the toy's; not for the suite
     monkeypatch.setattr(distar, "run_toy", lambda cfg, dist_info: seeds.update(
         {dist_info[:2]: torch.initial_seed()}))
     for rank, world_size in ((0, 1), (0, 2), (1, 2), (5, 8)):
