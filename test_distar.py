@@ -213,6 +213,29 @@ def test_each_rank_draws_prompts_from_its_own_shard(tiny, tmp_path):
     assert drawn[6] == {f"prompt {i}" for i in range(5)}
 
 
+def test_clip_reward_preprocesses_images_as_the_reward_models_own_processor(tiny):
+    """ClipReward's differentiable resize of the short side (bicubic), centre crop and mean/std
+    give the pixels the transformers processor gives, here on a smooth 48 x 80 image (the
+    processor resizes in PIL: at most 0.015 apart here, against 1.9 with a corner crop)."""
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    _, reward = tiny
+    clip = distar.ClipReward(reward, reward)
+    h, w = torch.arange(48.0)[:, None], torch.arange(80.0)[None]
+    img = torch.stack([0.5 + 0.4 * torch.sin(h / 9 + k) * torch.cos(w / 11 - k) for k in range(3)])
+    u8 = (img * 255).round().to(torch.uint8)  # (3, 48, 80)
+    seen, real = [], clip.model.get_image_features
+    clip.model.get_image_features = lambda pixel_values: real(pixel_values=seen.append(
+        pixel_values) or pixel_values)
+    clip(u8[None].float() / 255, clip.text_features(["a cat"]))
+    processor = AutoProcessor.from_pretrained(reward).image_processor
+    expect = processor(images=Image.fromarray(u8.permute(1, 2, 0).numpy()),
+                       return_tensors="pt").pixel_values  # (1, 3, 32, 32)
+    assert seen[0].shape == expect.shape
+    assert (seen[0] - expect).abs().max() < 0.05
+
+
 def test_clip_text_features_need_no_attention_mask(tiny):
     """ClipReward reads text features without the attention mask (as SDXL's encode_prompt does;
     the meta FLOP count needs it): CLIP's text attention is causal and the features are read at
@@ -400,6 +423,21 @@ def test_a_non_finite_update_is_skipped_and_counted(tmp_path, monkeypatch):
     assert all(torch.isfinite(p).all() for p in world.generator.parameters())
 
 
+def test_skips_that_are_not_in_a_row_never_stop_the_run(tmp_path):
+    """--max_skips counts a streak: a good update in between starts it again."""
+    world = _toy(["--max_steps=6", "--assistant_steps=1", "--max_skips=2", "--log_interval=1",
+                  "--ckpt_interval=100", f"--out_dir={tmp_path}"])
+    reward, calls = world.reward, []
+
+    def reward_nan_at_odd_steps(x0, c):
+        calls.append(0)
+        return reward(x0, c) * (float("nan") if len(calls) % 2 else 1.0)
+
+    world.reward = reward_nan_at_odd_steps
+    history = distar.fit(world.cfg, world, (0, 1, torch.device("cpu")))
+    assert [r["skipped"] for r in history] == [1, 0, 1, 0, 1, 0]
+
+
 def test_non_finite_updates_in_a_row_stop_the_run_in_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(distar.ToyWorld, "reward", lambda self, x0, c: x0[:, 0] * float("nan"))
     monkeypatch.setattr(distar, "gradient_check", lambda: [])
@@ -531,6 +569,13 @@ def test_collectives_take_tensors_on_the_training_device(monkeypatch):
     with pytest.raises(StopIteration):
         distar.clip_and_step(torch.optim.SGD(net.parameters()), net, torch.ones((), device=meta), 1.0, 2)
     assert seen == [meta, meta]
+
+
+def test_logged_metrics_are_the_mean_over_ranks(monkeypatch):
+    other = torch.tensor([5.0, 7.0])  # rank 1's values, as all_reduce sums them in
+    monkeypatch.setattr(distar.dist, "all_reduce", lambda t, *a, **k: t.add_(other))
+    got = distar.all_reduce_mean(dict(a=1.0, b=torch.tensor(3.0)), 2, torch.device("cpu"))
+    assert got == dict(a=3.0, b=5.0)
 
 
 def test_process_group_waits_for_a_checkpoint_write(monkeypatch):
