@@ -215,15 +215,15 @@ def test_each_rank_draws_prompts_from_its_own_shard(tiny, tmp_path):
 
 def test_clip_reward_preprocesses_images_as_the_reward_models_own_processor(tiny):
     """ClipReward's differentiable resize of the short side (bicubic), centre crop and mean/std
-    give the pixels the transformers processor gives, here on a smooth 48 x 80 image (the
-    processor resizes in PIL: at most 0.015 apart here, against 1.9 with a corner crop)."""
+    give the pixels the transformers processor gives, on a 48 x 80 image of waves (the processor
+    resizes uint8 in PIL: 0.014 apart at most, against 0.09 with a bilinear resize)."""
     from PIL import Image
     from transformers import AutoProcessor
 
     _, reward = tiny
     clip = distar.ClipReward(reward, reward)
     h, w = torch.arange(48.0)[:, None], torch.arange(80.0)[None]
-    img = torch.stack([0.5 + 0.4 * torch.sin(h / 9 + k) * torch.cos(w / 11 - k) for k in range(3)])
+    img = torch.stack([0.5 + 0.4 * torch.sin(h / 2.5 + k) * torch.cos(w / 3 - k) for k in range(3)])
     u8 = (img * 255).round().to(torch.uint8)  # (3, 48, 80)
     seen, real = [], clip.model.get_image_features
     clip.model.get_image_features = lambda pixel_values: real(pixel_values=seen.append(
@@ -233,7 +233,7 @@ def test_clip_reward_preprocesses_images_as_the_reward_models_own_processor(tiny
     expect = processor(images=Image.fromarray(u8.permute(1, 2, 0).numpy()),
                        return_tensors="pt").pixel_values  # (1, 3, 32, 32)
     assert seen[0].shape == expect.shape
-    assert (seen[0] - expect).abs().max() < 0.05
+    assert (seen[0] - expect).abs().max() < 0.03
 
 
 def test_clip_text_features_need_no_attention_mask(tiny):
