@@ -236,6 +236,14 @@ def test_clip_reward_preprocesses_images_as_the_reward_models_own_processor(tiny
     assert (seen[0] - expect).abs().max() < 0.03
 
 
+def test_sample_grids_use_the_same_noise_at_every_step(tiny, tmp_path):
+    world = _sdxl_world(tiny)
+    for seed in (0, 1):  # whatever the training RNG's state
+        torch.manual_seed(seed)
+        world.save_samples(tmp_path / f"{seed}.png")
+    assert (tmp_path / "0.png").read_bytes() == (tmp_path / "1.png").read_bytes()
+
+
 def test_clip_text_features_need_no_attention_mask(tiny):
     """ClipReward reads text features without the attention mask (as SDXL's encode_prompt does;
     the meta FLOP count needs it): CLIP's text attention is causal and the features are read at
@@ -768,6 +776,24 @@ def test_only_the_newest_keep_checkpoints_checkpoints_stay(tmp_path):
     for step in range(1, 5):
         distar.save_checkpoint(cfg, step, world, *opts, (0, 1, torch.device("cpu")))
     assert sorted(os.listdir(tmp_path)) == ["checkpoint-000003", "checkpoint-000004"]
+
+
+def test_resume_on_another_number_of_ranks_starts_new_random_streams(tmp_path, monkeypatch,
+                                                                     capsys):
+    """A checkpoint holds one RNG state per rank: on a different number of ranks no rank takes
+    another's stream (nor fails for want of one); each keeps its own seed's."""
+    cfg = distar.parse_args(["--toy", f"--out_dir={tmp_path}"])
+    world = distar.make_toy_world()
+    opts = [distar.make_optimizer(cfg, net.parameters(), 1e-3)
+            for net in (world.generator, world.assistant)]
+    distar.save_checkpoint(cfg, 1, world, *opts, (0, 1, torch.device("cpu")))
+    monkeypatch.setattr(distar.dist, "broadcast_object_list", lambda objects, src: None)
+    for rank in (0, 1):
+        torch.manual_seed(100 + rank)
+        before = torch.get_rng_state()
+        assert distar.load_checkpoint(cfg, world, *opts, (rank, 2, torch.device("cpu"))) == 1
+        assert torch.equal(torch.get_rng_state(), before)
+    assert "saved with 1 ranks, now 2: new RNG streams" in capsys.readouterr().out
 
 
 def _generator_weights(ckpt):
@@ -1444,6 +1470,14 @@ def test_bench_refuses_torchrun_in_one_line(monkeypatch, capsys):
 
 # -----------------------------------------------------------------------------
 # the toy pictures: each sample at its pixel, in its class colour
+
+
+def test_energy_distance_is_the_unbiased_u_statistic():
+    """x = {(0,0), (3,4)}, y = {(0,0), (6,8)}: 2 mean|x - y| = 10, the within-sample means over
+    distinct pairs are 5 and 10, so -5 (a V-statistic, dividing by n^2, gives 2.5). Unbiased:
+    two samples of one distribution average 0, as the reference row of Table 2 shows."""
+    x, y = torch.tensor([[0.0, 0.0], [3.0, 4.0]]), torch.tensor([[0.0, 0.0], [6.0, 8.0]])
+    assert distar.energy_distance(x, y) == pytest.approx(-5.0)
 
 
 def test_toy_scatter_png_puts_each_class_sample_at_its_pixel_in_its_colour(tmp_path):
