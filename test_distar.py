@@ -405,6 +405,20 @@ def test_generator_backward_splits_the_x0_gradient_by_term_without_changing_it()
     assert whole.norm().item() <= sum(norms) + 1e-9
 
 
+def test_an_update_clips_the_gradient_norm_to_grad_clip():
+    """All of a net's gradients, as one vector, are scaled down to norm --grad_clip; the norm
+    before clipping is returned (and logged)."""
+    net = torch.nn.Linear(3, 2)  # 8 parameters
+    before = torch.cat([p.detach().flatten() for p in net.parameters()])
+    for p in net.parameters():
+        p.grad = torch.full_like(p, 2.0)  # norm 2 sqrt(8)
+    opt = torch.optim.SGD(net.parameters(), lr=1.0)
+    grad_norm, skip = distar.clip_and_step(opt, net, torch.ones(()), 1.0, 1)
+    after = torch.cat([p.detach().flatten() for p in net.parameters()])
+    assert not skip and grad_norm.item() == pytest.approx(2 * math.sqrt(8))
+    assert torch.allclose(before - after, torch.full((8,), 1 / math.sqrt(8)))
+
+
 def test_a_non_finite_update_is_skipped_and_counted(tmp_path, monkeypatch):
     """A NaN in the generator loss at one step: that update is skipped (theta unchanged, finite),
     the skip is counted, and training goes on."""
