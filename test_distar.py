@@ -173,6 +173,16 @@ def test_theorem_3_2_printed_sign_gives_the_opposite_gradient(grad_check):
     assert abs(grad_check["printed sign + (eqs 3.5, 3.6)"]["rel"]["all"] - 2.0) < 1e-6
 
 
+def test_a_failed_gradient_check_stops_the_toy_before_it_trains(tmp_path, monkeypatch, capsys):
+    row = dict(name="eq 3.4 l2 (Thm 3.1)", rel=dict(mu=0.5, A=0.5, all=0.5), tol=0.01,
+               should_match=True, ok=False)
+    monkeypatch.setattr(distar, "gradient_check", lambda: [row])
+    cfg = distar.parse_args(["--toy", f"--out_dir={tmp_path / 'out'}"])
+    with pytest.raises(SystemExit, match="gradient check FAILED"):
+        distar.run_toy(cfg, (0, 1, torch.device("cpu")))
+    assert "FAILED" in capsys.readouterr().out and not (tmp_path / "out").exists()
+
+
 # -----------------------------------------------------------------------------
 # the SDXL world on tiny random models, loaded by the real code: ClipReward, and generate as the
 # LCM one-step pipeline
@@ -598,6 +608,17 @@ def test_logged_metrics_are_the_mean_over_ranks(monkeypatch):
     monkeypatch.setattr(distar.dist, "all_reduce", lambda t, *a, **k: t.add_(other))
     got = distar.all_reduce_mean(dict(a=1.0, b=torch.tensor(3.0)), 2, torch.device("cpu"))
     assert got == dict(a=3.0, b=5.0)
+
+
+def test_ranks_out_of_sync_stop_the_run(monkeypatch):
+    """train ends by comparing each rank's parameter fingerprints with rank 0's."""
+    net = torch.nn.Linear(2, 2)
+    monkeypatch.setattr(distar.dist, "all_reduce", lambda t, *a, **k: None)  # this rank's diff
+    monkeypatch.setattr(distar.dist, "broadcast", lambda t, src: None)  # rank 0 holds the same
+    distar.assert_ranks_in_sync(net, 2)
+    monkeypatch.setattr(distar.dist, "broadcast", lambda t, src: t.add_(1e-6))  # rank 0's differ
+    with pytest.raises(RuntimeError, match="ranks out of sync"):
+        distar.assert_ranks_in_sync(net, 2)
 
 
 def test_process_group_waits_for_a_checkpoint_write(monkeypatch):
