@@ -445,12 +445,15 @@ def test_a_non_finite_update_is_skipped_and_counted(tmp_path, monkeypatch):
         grad_norm, skip = real(opt, net, *args)
         if net is world.generator:
             seen.append((skip, all(torch.equal(before[k], v) for k, v in _state(net).items())))
+            norms.append(grad_norm.item())
         return grad_norm, skip
 
-    world.reward, real = reward_nan_at_step_2, distar.clip_and_step
+    world.reward, real, norms = reward_nan_at_step_2, distar.clip_and_step, []
     monkeypatch.setattr(distar, "clip_and_step", spy)
     history = distar.fit(world.cfg, world, (0, 1, torch.device("cpu")))
     assert [r["skipped"] for r in history] == [0, 1, 0]
+    for r, norm in zip(history[::2], norms[::2]):  # grad_norm: theta's, before clipping
+        assert r["grad_norm"] == pytest.approx(norm, rel=1e-6) and norm > 0
     assert seen == [(False, False), (True, True), (False, False)]  # (skipped, theta unchanged)
     assert all(torch.isfinite(p).all() for p in world.generator.parameters())
 
