@@ -285,6 +285,11 @@ def test_training_x0_equals_the_lcm_one_step_pipeline(tiny):
                height=64, width=64, output_type="latent").images
     assert torch.allclose(out, x0, atol=1e-4), (out - x0).abs().max()
     assert (x0 - z).abs().mean() > 0.1  # not trivially equal
+    # and the images the reward sees are the pipeline's (the VAE's scaling factor undone)
+    img = pipe(prompts, num_inference_steps=1, timesteps=[399], guidance_scale=0, latents=z.clone(),
+               height=64, width=64, output_type="pt").images  # (2, 3, 64, 64) in [0, 1]
+    with torch.no_grad():
+        assert torch.allclose(world.decode(x0), img, atol=1e-4)
 
 
 # -----------------------------------------------------------------------------
