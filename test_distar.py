@@ -420,6 +420,14 @@ def test_generator_backward_splits_the_x0_gradient_by_term_without_changing_it()
     assert whole.norm().item() <= sum(norms) + 1e-9
 
 
+def test_the_optimizer_is_fused_adamw_with_the_command_lines_hyperparameters():
+    cfg = distar.parse_args(["--toy", "--beta1=0.8", "--beta2=0.95", "--weight_decay=0.05"])
+    opt = distar.make_optimizer(cfg, torch.nn.Linear(2, 2).parameters(), 3e-4)
+    group = opt.param_groups[0]
+    assert type(opt) is torch.optim.AdamW and group["fused"]
+    assert (group["lr"], group["betas"], group["weight_decay"]) == (3e-4, (0.8, 0.95), 0.05)
+
+
 def test_an_update_clips_the_gradient_norm_to_grad_clip():
     """All of a net's gradients, as one vector, are scaled down to norm --grad_clip; the norm
     before clipping is returned (and logged)."""
