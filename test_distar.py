@@ -426,6 +426,9 @@ def test_the_optimizer_is_fused_adamw_with_the_command_lines_hyperparameters():
     group = opt.param_groups[0]
     assert type(opt) is torch.optim.AdamW and group["fused"]
     assert (group["lr"], group["betas"], group["weight_decay"]) == (3e-4, (0.8, 0.95), 0.05)
+    # --zero shards across torchrun's ranks; one process without torchrun has nothing to shard
+    opt = distar.make_optimizer(distar.parse_args(["--toy", "--zero"]), [torch.zeros(1)], 1e-3)
+    assert type(opt) is torch.optim.AdamW
 
 
 def test_an_update_clips_the_gradient_norm_to_grad_clip():
