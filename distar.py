@@ -285,7 +285,6 @@ def make_toy_world(device="cpu"):
     return world
 
 
-
 # -----------------------------------------------------------------------------
 # the gradient check: each tractable loss against the quantity it stands for
 # An affine Gaussian generator x_0 = mu + A z has the exact diffused score
@@ -1377,6 +1376,7 @@ def tiny_config(cfg, dist_info):
     barrier(dist_info[1])
     return replace(cfg, pretrained=os.path.join(root, "sdxl"), generator_init="",
                    reward_model=reward, reward_processor=reward)
+
 
 def dry_run_parts(device):
     """SDXLWorld's components at full size with random weights: no download, no CPU init, and
