@@ -236,8 +236,12 @@ def test_clip_reward_preprocesses_images_as_the_reward_models_own_processor(tiny
     img = torch.stack([0.5 + 0.4 * torch.sin(h / 2.5 + k) * torch.cos(w / 3 - k) for k in range(3)])
     u8 = (img * 255).round().to(torch.uint8)  # (3, 48, 80)
     seen, real = [], clip.model.get_image_features
-    clip.model.get_image_features = lambda pixel_values: real(pixel_values=seen.append(
-        pixel_values) or pixel_values)
+
+    def spy(pixel_values):  # the pixels ClipReward hands to CLIP's vision tower
+        seen.append(pixel_values)
+        return real(pixel_values=pixel_values)
+
+    clip.model.get_image_features = spy
     clip(u8[None].float() / 255, clip.text_features(["a cat"]))
     processor = AutoProcessor.from_pretrained(reward).image_processor
     expect = processor(images=Image.fromarray(u8.permute(1, 2, 0).numpy()),
@@ -576,9 +580,9 @@ def test_generator_loss_terms_are_their_eps_scale_forms(divergence, cfg):
     eps_ref, eps_ref = eps_u + omega (eps_c - eps_u) under --cfg=in, D elements per sample:
     pseudo-Huber -Delta . (eps_psi - eps) / sqrt(D (||Delta||^2 + huber_c^2 D)), l2 -2 Delta .
     (eps_psi - eps) / D, KL -Delta . x_t / D, and choice 1's term alpha_cfg (eps_c - eps_u) . x_t / D."""
-    alpha = 2.0
+    alpha, huber_c = 2.0, 0.3
     world = _toy([f"--divergence={divergence}", f"--cfg={cfg}", f"--alpha_cfg={alpha}",
-                  "--huber_c=0.3"])
+                  f"--huber_c={huber_c}"])
     cond = world.sample_cond(512)
     torch.manual_seed(9)
     _, terms = distar.generator_loss(world, world.generator, cond)
@@ -590,7 +594,8 @@ def test_generator_loss_terms_are_their_eps_scale_forms(divergence, cfg):
         eps_c, eps_u = world.eps_ref(x_t, t, cond), world.eps_ref(x_t, t, None)
     D, dot = 2, lambda u, v: (u * v).sum(1)
     delta = eps_psi - (eps_u + (1 + alpha) * (eps_c - eps_u) if cfg == "in" else eps_c)
-    div = {"pseudo_huber": -dot(delta, eps_psi - eps) / (D * (dot(delta, delta) + 0.09 * D)).sqrt(),
+    huber_norm = (D * (dot(delta, delta) + huber_c**2 * D)).sqrt()
+    div = {"pseudo_huber": -dot(delta, eps_psi - eps) / huber_norm,
            "l2": -2 * dot(delta, eps_psi - eps) / D, "kl": -dot(delta, x_t) / D}[divergence]
     cfg_term = alpha * dot(eps_c - eps_u, x_t) / D if cfg == "out" else torch.zeros(1)
     assert terms["loss_div"].item() == pytest.approx(div.mean().item(), rel=1e-4)
@@ -1523,7 +1528,8 @@ def test_bench_refuses_torchrun_in_one_line(monkeypatch, capsys):
 
 
 # -----------------------------------------------------------------------------
-# the toy pictures: each sample at its pixel, in its class colour
+# the toy's evaluation and pictures: the energy distance's closed form; each sample at its pixel,
+# in its class colour
 
 
 def test_energy_distance_is_the_unbiased_u_statistic():
