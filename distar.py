@@ -98,6 +98,10 @@ class Config:
     precision: str = "bf16"  # bf16: autocast, fp32 masters, frozen UNet and CLIP in bf16 | fp32
     grad_checkpointing: bool = True  # recompute activations in backward (1024 px needs it)
     zero: bool = False  # shard the AdamW states across ranks (ZeroRedundancyOptimizer)
+    # LoRA: frozen bases, trained adapters in the generator and the assistant (0: whole UNets)
+    lora_rank: int = 0  # adapter rank; DMD2's SDXL LoRA: 64 (alpha 8, lr 5e-5)
+    lora_alpha: float = 8.0  # adapter output scale alpha / rank
+    lora_targets: str = "all"  # all: DMD2's and LCM-LoRA's 14 layer kinds | attn_ff | attn
     # output
     out_dir: str = "out"  # metrics.jsonl, samples-*.png, checkpoint-*/
     log_interval: int = 10  # steps between metrics lines
@@ -121,6 +125,7 @@ TINY_DEFAULTS = dict(resolution=64, max_steps=4, lr_g=1e-4, lr_psi=1e-4, assista
                      precision="fp32", grad_checkpointing=False, log_interval=1, ckpt_interval=2,
                      sample_interval=2, out_dir="out_tiny")
 DRY_RUN_DEFAULTS = dict(max_steps=4, log_interval=1, out_dir="out_dry_run")  # step 1: warm-up
+LORA_DEFAULTS = dict(lr_g=5e-5, lr_psi=5e-5)  # DMD2's SDXL LoRA run; a mode's defaults win
 
 
 # -----------------------------------------------------------------------------
@@ -447,9 +452,10 @@ class ClipReward(nn.Module):
 
 class SDXLWorld:
     """Algorithm 1 on SDXL. Trained, with fp32 master weights: the generator g_theta (a UNet read at
-    conditioning timestep 399) and the assistant s_psi (a UNet, initialised from the reference).
-    Frozen, in bf16 with --precision=bf16: the reference UNet s_ref and the reward CLIP. The VAE
-    (which overflows in half precision) and the text encoders (as in DMD2) stay fp32."""
+    conditioning timestep 399) and the assistant s_psi (a UNet, initialised from the reference),
+    or with --lora_rank a LoRA adapter on each, their bases frozen. Frozen, in bf16 with
+    --precision=bf16: the reference UNet s_ref and the reward CLIP. The VAE (which overflows in
+    half precision) and the text encoders (as in DMD2) stay fp32."""
 
     def __init__(self, cfg, device, rank=0, world_size=1, parts=None):
         """parts: the components in memory (dry_run_parts) instead of loading cfg's paths."""
@@ -468,8 +474,10 @@ class SDXLWorld:
         self.s_ref = parts["s_ref"].to(device, frozen).eval()
         for net in (self.pipe.text_encoder, self.pipe.text_encoder_2, self.vae, self.s_ref):
             net.requires_grad_(False)
-        self.assistant = parts["assistant"].to(device, torch.float32)
-        self.generator = parts["generator"].to(device, torch.float32)
+        # trained nets in fp32; with --lora_rank frozen bases in `frozen`, fp32 adapters (add_lora)
+        self.generator, self.assistant = (
+            add_lora(parts[k].to(device, frozen), cfg, k) if cfg.lora_rank
+            else parts[k].to(device, torch.float32) for k in ("generator", "assistant"))
         self.reward_fn = parts["reward_fn"].to(device)
         self.reward_fn.model.to(frozen)  # its mean/std buffers stay fp32
         self.set_grad_checkpointing(cfg.grad_checkpointing)
@@ -618,7 +626,9 @@ def generator_backward(world, g, cond):
     """The generator phase's loss and backward, psi's parameters frozen (not its input). Each
     term's x_0-gradient is taken on its own and their sum goes back through g_theta: the work of
     one backward, and the norms log the balance of reward, divergence and CFG."""
-    world.assistant.requires_grad_(False)
+    psi = trained(world.assistant)  # not requires_grad_(True) after: it unfreezes a LoRA's base
+    for p in psi:
+        p.requires_grad_(False)
     try:
         loss, terms = generator_loss(world, g, cond)
         x0, grad = terms.pop("x0"), {}
@@ -631,8 +641,14 @@ def generator_backward(world, g, cond):
             terms[f"x0grad_{k}"] = grad[k].norm()
         x0.backward(grad["rew"] + grad["div"] + grad["cfg"])
     finally:
-        world.assistant.requires_grad_(True)
+        for p in psi:
+            p.requires_grad_(True)
     return loss.detach(), {k: v.detach() for k, v in terms.items()}  # the graphs go here
+
+
+def trained(net):
+    """The weights an optimizer holds: all of a net's, or with --lora_rank its adapter's."""
+    return [p for p in net.parameters() if p.requires_grad]
 
 
 def make_optimizer(cfg, params, lr):
@@ -787,7 +803,9 @@ def list_checkpoints(out_dir):
 
 
 def save_net(net, path):
-    if hasattr(net, "save_pretrained"):  # diffusers UNet: config.json + safetensors shards
+    if getattr(net, "peft_config", None):  # --lora_rank: the adapter alone (save_lora)
+        save_lora(net, path)
+    elif hasattr(net, "save_pretrained"):  # diffusers UNet: config.json + safetensors shards
         net.save_pretrained(path)
     else:  # toy MLP
         from safetensors.torch import save_file
@@ -800,6 +818,8 @@ def save_net(net, path):
 def load_net(net, path):
     from safetensors.torch import load_file
 
+    if getattr(net, "peft_config", None):
+        return load_lora(net, path)
     net.load_state_dict({k: v for name in sorted(os.listdir(path)) if name.endswith(".safetensors")
                          for k, v in load_file(os.path.join(path, name)).items()})
 
@@ -898,8 +918,8 @@ def fit(cfg, world, dist_info, save_samples=None):
     """Train world from step 0 or from the newest checkpoint, writing to cfg.out_dir."""
     rank, world_size, _ = dist_info
     start_out_dir(cfg, dist_info)
-    opt_g = make_optimizer(cfg, world.generator.parameters(), cfg.lr_g)
-    opt_psi = make_optimizer(cfg, world.assistant.parameters(), cfg.lr_psi)
+    opt_g = make_optimizer(cfg, trained(world.generator), cfg.lr_g)
+    opt_psi = make_optimizer(cfg, trained(world.assistant), cfg.lr_psi)
     start = load_checkpoint(cfg, world, opt_g, opt_psi, dist_info) if cfg.resume else 0
     if start and start >= cfg.max_steps:  # a checkpoint was loaded
         if rank == 0:
@@ -1000,11 +1020,12 @@ def main(argv):
 # the command line: argparse built from Config; a bad value is one line naming its flag
 
 CHOICES = dict(cfg=("in", "out"), divergence=("pseudo_huber", "l2", "kl"),
-               precision=("bf16", "fp32"), dtype=("fp16", "bf16", "fp32"))  # dtype: sample.py
+               precision=("bf16", "fp32"), dtype=("fp16", "bf16", "fp32"),  # dtype: sample.py
+               lora_targets=("all", "attn_ff", "attn"))
 AT_LEAST = dict(batch_size=1, max_steps=0, assistant_steps=0, lr_g=0, lr_psi=0, beta1=0, beta2=0,
                 weight_decay=0, grad_clip=0, max_skips=1, log_interval=1, ckpt_interval=1,
                 sample_interval=1, keep_checkpoints=1, world_size_plan=0, peak_tflops=0,
-                bench_reps=1, bench_warmup=0, t_min=0, resolution=8)
+                bench_reps=1, bench_warmup=0, t_min=0, resolution=8, lora_rank=0)
 
 
 class ConfigError(ValueError):
@@ -1046,7 +1067,8 @@ def parse_args(argv):
     mode = make_parser(Config, "distar.py", add_help=False).parse_known_args(argv)[0]
     defaults = (TOY_DEFAULTS if mode.toy else TINY_DEFAULTS if mode.tiny
                 else DRY_RUN_DEFAULTS if mode.dry_run else {})
-    defaults = {**defaults, **(ABLATION_DEFAULTS if mode.ablation else {})}
+    defaults = {**(LORA_DEFAULTS if mode.lora_rank else {}), **defaults,
+                **(ABLATION_DEFAULTS if mode.ablation else {})}
     cfg = Config(**vars(make_parser(Config, "distar.py", defaults).parse_args(argv)))
     check_at_least(cfg, AT_LEAST)
     given = {a[2:].split("=")[0] for a in argv if a.startswith("--")}
@@ -1063,6 +1085,8 @@ def parse_args(argv):
          f" and {cfg.t_max}"),
         (not (cfg.beta1 < 1 and cfg.beta2 < 1), "--beta1 and --beta2 must be < 1"),
         (cfg.huber_c <= 0, f"--huber_c must be > 0, got {cfg.huber_c}"),
+        (cfg.lora_rank and cfg.toy, "--lora_rank adapts SDXL UNets; the toy trains whole MLPs"),
+        (cfg.lora_alpha <= 0, f"--lora_alpha must be > 0, got {cfg.lora_alpha}"),
         (cfg.resume and cfg.overwrite, "--resume continues a run, --overwrite deletes it: choose"),
         ((cfg.bench or cfg.ablation) and int(os.environ.get("WORLD_SIZE", 1)) > 1,
          "--bench and --ablation run in one process: use python, not torchrun"),
@@ -1187,13 +1211,14 @@ def load_sdxl_parts(cfg, device, frozen):
     node's CPU memory holds one UNet at a time per rank); frozen nets in dtype `frozen`."""
     from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 
+    trained = frozen if cfg.lora_rank else torch.float32  # a LoRA's base is frozen
     get = lambda cls, **kw: load("pretrained", cfg.pretrained, cls.from_pretrained, cfg.pretrained,
                                  **kw).to(device)
     return dict(pipe=get(StableDiffusionXLPipeline, unet=None, dtype=torch.float32),
                 s_ref=get(UNet2DConditionModel, subfolder="unet", dtype=frozen),
-                assistant=get(UNet2DConditionModel, subfolder="unet"),
+                assistant=get(UNet2DConditionModel, subfolder="unet", dtype=trained),
                 generator=load_generator(cfg.generator_init, cfg.pretrained,
-                                         cfg.variant or None).to(device),
+                                         cfg.variant or None, trained).to(device),
                 reward_fn=ClipReward(cfg.reward_model, cfg.reward_processor, frozen).to(device))
 
 
@@ -1274,6 +1299,81 @@ def quiet_libraries():
         lib.disable_progress_bar()  # transformers' also turns off the hub's bars
     if hub_bars:
         enable_progress_bars()
+
+
+# -----------------------------------------------------------------------------
+# LoRA (--lora_rank): diffusers' peft integration. Each trained net is its own frozen base plus an
+# adapter; the reference keeps a base of its own too, since toggling an adapter on a shared base
+# breaks activation checkpointing (backward recomputes a block with the adapter state of then).
+# A checkpoint's generator/ is what diffusers' load_lora_weights reads, plus lora_base.json.
+
+_ATTN = ("to_q", "to_k", "to_v", "to_out.0")
+_FF = ("proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")
+_CONV = ("conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv",
+         "time_emb_proj")
+LORA_TARGETS = dict(attn=_ATTN, attn_ff=_ATTN + _FF, all=_ATTN + _FF + _CONV)  # all: DMD2's list
+LORA_FILE, LORA_BASE = "pytorch_lora_weights.safetensors", "lora_base.json"
+
+
+def add_lora(unet, cfg, role):
+    """Freeze unet, add a trainable adapter (zero at first: lora_B starts at 0, so the generator
+    and assistant start as their bases), its weights fp32 masters also on a bf16 base. role
+    (generator or assistant) names the base that lora_base.json records."""
+    from diffusers.training_utils import cast_training_params
+    from peft import LoraConfig
+
+    if not getattr(unet, "peft_config", None):  # the dry run builds two worlds of the same parts
+        unet.requires_grad_(False)
+        unet.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
+                                    target_modules=list(LORA_TARGETS[cfg.lora_targets])))
+    cast_training_params(unet, torch.float32)  # add_adapter makes them in the base's dtype
+    local = lambda p: os.path.abspath(p) if p and os.path.exists(p) else p  # hub ids stay
+    gen = role == "generator"
+    unet.lora_base = dict(pretrained=local(cfg.pretrained),
+                          generator_init=local(cfg.generator_init) if gen else "",
+                          variant=cfg.variant if gen else "")
+    return unet
+
+
+def save_lora(unet, path):
+    """The adapter as diffusers saves LoRAs, with its config (without it the loader takes alpha =
+    rank). Unconverted peft keys: convert_state_dict_to_diffusers renames only the attention
+    keys, and the loader, seeing lora_A in the first key, then drops the renamed ones."""
+    from diffusers import StableDiffusionXLPipeline
+    from peft.utils import get_peft_model_state_dict
+
+    StableDiffusionXLPipeline.save_lora_weights(
+        path, unet_lora_layers=get_peft_model_state_dict(unet),
+        unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
+    with open(os.path.join(path, LORA_BASE), "w") as f:
+        json.dump(unet.lora_base, f, indent=1)
+
+
+def load_lora(unet, path):
+    """--resume: the adapter's weights from save_lora's file into unet's own (fp32) adapter."""
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    file = os.path.join(path, LORA_FILE)
+    if not os.path.isfile(file):
+        raise LoadError(f"--resume: {path} holds no {LORA_FILE} (the run was not a LoRA run)")
+    sd = {k.removeprefix("unet."): v for k, v in load_file(file).items()}
+    result = set_peft_model_state_dict(unet, sd, adapter_name="default")
+    missing = [k for k in result.missing_keys if ".lora_" in k]
+    if result.unexpected_keys or missing:
+        raise LoadError(f"--resume: {file} does not fit --lora_targets (another layer set)")
+
+
+def lora_base(path):
+    """The base a LoRA checkpoint's adapter was trained on (its lora_base.json), or None where
+    path holds no LoRA (a UNet folder, a state-dict file, a hub id)."""
+    if not os.path.isfile(os.path.join(path, LORA_FILE)):
+        return None
+    if not os.path.isfile(os.path.join(path, LORA_BASE)):
+        raise LoadError(f"{path} holds a LoRA but no {LORA_BASE}, so its base is unknown: pass "
+                        "the base as --generator and the LoRA as --lora")
+    with open(os.path.join(path, LORA_BASE)) as f:
+        return json.load(f)
 
 
 # -----------------------------------------------------------------------------
@@ -1415,22 +1515,29 @@ def peak_memory_gb(device):
 def memory_plan(world, n_gpus, zero):
     """Memory per GPU before activations, [(item, bytes)], for train on n_gpus ranks. AdamW keeps
     two fp32 states per trained weight (1/n_gpus of them with --zero); fused, it needs no scratch.
-    Gradients: one net's at a time alone (train frees them); under DDP both nets' buckets."""
-    size = lambda *nets: sum(p.numel() * p.element_size() for n in nets for p in n.parameters())
-    dt = lambda net: str(next(net.parameters()).dtype).removeprefix("torch.")
+    Gradients: one net's at a time alone (train frees them); under DDP both nets' buckets. With
+    --lora_rank the trained weights are the adapters, and the generator's and assistant's bases
+    are frozen."""
+    size = lambda params: sum(p.numel() * p.element_size() for p in params)
+    every = lambda *nets: [p for n in nets for p in n.parameters()]
+    dt = lambda params: str(params[0].dtype).removeprefix("torch.")
     g, psi = world.generator, world.assistant
     te = (world.pipe.text_encoder, world.pipe.text_encoder_2)
     shard = n_gpus if zero and n_gpus > 1 else 1
-    ddp = n_gpus > 1
-    return [(f"generator + assistant weights ({dt(g)} masters)", size(g, psi)),
+    ddp, both = n_gpus > 1, trained(g) + trained(psi)
+    lora = bool(world.cfg.lora_rank)
+    bases = [p for p in every(g, psi) if not p.requires_grad]
+    return [(f"generator + assistant {'adapters' if lora else 'weights'} ({dt(both)} masters)",
+             size(both)),
             ("AdamW states of both, 2 per weight"
-             + (f", 1/{shard} with --zero" if shard > 1 else ""), 2 * size(g, psi) // shard),
+             + (f", 1/{shard} with --zero" if shard > 1 else ""), 2 * size(both) // shard),
             ("gradients: DDP buckets of both nets" if ddp else "gradients of one net at a time",
-             size(g, psi) if ddp else max(size(g), size(psi))),
-            (f"reference UNet ({dt(world.s_ref)})", size(world.s_ref)),
-            (f"text encoders ({dt(te[0])})", size(*te)),
-            (f"reward CLIP ({dt(world.reward_fn.model)})", size(world.reward_fn.model)),
-            (f"VAE ({dt(world.vae)})", size(world.vae))]
+             size(both) if ddp else max(size(trained(g)), size(trained(psi))))] + [
+            (f"generator + assistant bases, frozen ({dt(bases)})", size(bases))] * lora + [
+            (f"reference UNet ({dt(every(world.s_ref))})", size(every(world.s_ref))),
+            (f"text encoders ({dt(every(*te))})", size(every(*te))),
+            *[(f"{name} ({dt(every(*n))})", size(every(*n))) for name, n in (
+                ("reward CLIP", [world.reward_fn.model]), ("VAE", [world.vae]))]]
 
 
 def step_flops(world, batch_size):
@@ -1462,9 +1569,11 @@ def run_dry_run(cfg, dist_info):
         n = lambda net: f"{sum(p.numel() for p in net.parameters()):,}"
         print(f"dry run: SDXL-base UNet {n(meta.s_ref)} parameters (x3: generator, assistant, "
               f"reference), VAE {n(meta.vae)}, text encoders {n(meta.pipe.text_encoder)} + "
-              f"{n(meta.pipe.text_encoder_2)}, reward CLIP-H {n(meta.reward_fn.model)}; random "
-              f"weights, nothing downloaded\nmemory per GPU before activations, {n_gpus} GPU(s), "
-              f"--precision={cfg.precision}" + (", --zero" if cfg.zero and n_gpus > 1 else "")
+              f"{n(meta.pipe.text_encoder_2)}, reward CLIP-H {n(meta.reward_fn.model)}"
+              + (f", LoRA adapters {sum(p.numel() for p in trained(meta.generator)):,} "
+                 f"parameters each (rank {cfg.lora_rank})" if cfg.lora_rank else "")
+              + f"; random weights, nothing downloaded\nmemory per GPU before activations, "
+              f"{n_gpus} GPU(s), --precision={cfg.precision}" + (", --zero" if cfg.zero and n_gpus > 1 else "")
               + " (GiB = 2^30 bytes):")
         plan = memory_plan(meta, n_gpus, cfg.zero)
         for item, b in plan + [("total", sum(b for _, b in plan))]:
@@ -1497,7 +1606,7 @@ def measure_steps(world, dist_info, flops_per_step):
     """train's own timings, nothing written: seconds per step (median; step 1 is warm-up),
     images/s per GPU, peak memory over all steps, MFU (needs a known peak). Rank 0's figures."""
     cfg, (rank, world_size, device) = world.cfg, dist_info
-    opts = [make_optimizer(cfg, n.parameters(), lr) for n, lr in ((world.generator, cfg.lr_g),
+    opts = [make_optimizer(cfg, trained(n), lr) for n, lr in ((world.generator, cfg.lr_g),
                                                                    (world.assistant, cfg.lr_psi))]
     history = train(world, *opts, dist_info, range(cfg.max_steps))
     if rank != 0:
@@ -1526,7 +1635,7 @@ def bench(world, dist_info):
     memory). Variants interleave (each repetition runs all, rotated by one), so drift hits all
     alike; lr 0 leaves the weights as they were."""
     cfg, device = world.cfg, dist_info[2]
-    opts = [make_optimizer(cfg, n.parameters(), 0.0) for n in (world.generator, world.assistant)]
+    opts = [make_optimizer(cfg, trained(n), 0.0) for n in (world.generator, world.assistant)]
     variants = [(div, ckpt) for ckpt in (False, True) for div in ("pseudo_huber", "l2", "kl")]
     # timed steps per row: the assistant update does not depend on the divergence
     runs = ({("generator", div, ckpt): [] for div, ckpt in variants}

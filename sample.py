@@ -12,6 +12,7 @@ $ python sample.py --generator=out_toy/checkpoint-001000/generator   # a toy che
 import json
 import os
 import sys
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,7 +29,8 @@ TAGS = {"": "", "a": "A ", "b": "B ", "b_minus_a": "B-A "}  # a metric's line, p
 @dataclass
 class SampleConfig:
     pretrained: str = "stabilityai/stable-diffusion-xl-base-1.0"  # VAE, text encoders, scheduler
-    generator: str = ""  # UNet/pipeline folder or state-dict file; empty: --pretrained's UNet
+    generator: str = ""  # UNet/pipeline folder, state-dict file or distar LoRA checkpoint folder
+    lora: str = ""  # a diffusers SDXL LoRA (folder or hub id) put on top of --generator
     variant: str = ""  # weight-file variant of --pretrained and generator folders, e.g. fp16
     prompt: str = ""  # one prompt
     prompts: str = ""  # text file, one prompt per line; neither: distar's built-in prompts
@@ -75,14 +77,31 @@ def sample_toy(cfg):
 
 def load_models(cfg, device, dtype):
     """The pipeline first, without a UNet (an unreachable hub fails there at once, not after the
-    UNet's download retries), then the generators (A; B with --compare), then the scorers."""
+    UNet's download retries), then the generators (A; B with --compare), then the scorers. A
+    distar LoRA checkpoint's generator is its recorded base plus the LoRA, and --lora goes on
+    A, each put on by diffusers' own load_lora_weights."""
     from diffusers import LCMScheduler, StableDiffusionXLPipeline
     from transformers import AutoProcessor, CLIPModel
     pipe = distar.load("pretrained", cfg.pretrained, StableDiffusionXLPipeline.from_pretrained,
                        cfg.pretrained, unet=None, dtype=dtype, variant=cfg.variant or None)
     gens = [("generator", cfg.generator)] + [("compare", cfg.compare)] * bool(cfg.compare)
-    unets = {sub: distar.load_generator(path, cfg.pretrained, cfg.variant or None, dtype, flag)
-             for sub, (flag, path) in zip(("a", "b") if cfg.compare else ("",), gens)}
+    unets, loras = {}, {}
+    for sub, (flag, path) in zip(("a", "b") if cfg.compare else ("",), gens):
+        base = distar.lora_base(path) if path else None  # {pretrained, generator_init, variant}
+        unets[sub] = (distar.load_generator(path, cfg.pretrained, cfg.variant or None, dtype, flag)
+                      if base is None else distar.load_generator(
+                          base["generator_init"], base["pretrained"], base["variant"] or None,
+                          dtype, flag))
+        loras[sub] = [(flag, path)] * (base is not None) + [("lora", cfg.lora)] * (
+            bool(cfg.lora) and sub != "b")
+    for sub, unet in unets.items():  # load_lora_weights puts a LoRA on pipe.unet
+        pipe.register_modules(unet=unet)
+        for i, (flag, path) in enumerate(loras[sub]):
+            with warnings.catch_warnings():  # peft's on a second adapter: wanted here
+                warnings.simplefilter("ignore", UserWarning)
+                distar.load(flag, path, pipe.load_lora_weights, path, adapter_name=f"lora{i}")
+        if len(loras[sub]) > 1:  # a LoRA loaded after another is the only one active
+            unet.set_adapters([f"lora{i}" for i in range(len(loras[sub]))])
     pipe.register_modules(unet=next(iter(unets.values())))
     pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)  # a bar for a one-step call says nothing
@@ -136,7 +155,8 @@ def sample(cfg):
     # the grids read the PNGs back, one grid at a time: thousands of images do not fit in memory
     n_grids, rows = (-(-len(prompts) // cfg.grid_rows) if cfg.compare else 0), cfg.grid_rows
     short = lambda path: "/".join(os.path.normpath(path).split(os.sep)[-2:])  # checkpoint-*/...
-    labels = ["A: " + short(cfg.generator or cfg.pretrained), "B: " + short(cfg.compare)]
+    labels = ["A: " + short(cfg.generator or cfg.pretrained) + " + LoRA" * bool(cfg.lora),
+              "B: " + short(cfg.compare)]
     for g in range(n_grids):  # a row per prompt: its images from A, a gap, its images from B
         names = [f"{n:03d}.png" for n in range(g * rows * k, min((g + 1) * rows * k, len(jobs)))]
         halves = [make_image_grid([Image.open(os.path.join(cfg.out_dir, s, n)) for n in names],
@@ -153,7 +173,8 @@ def sample(cfg):
     with open(os.path.join(cfg.out_dir, "scores.jsonl"), "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
     summary = dict(n_prompts=len(prompts), images_per_prompt=k, ci=cfg.ci, bootstrap=cfg.bootstrap,
-                   seed=cfg.seed, generator=cfg.generator or cfg.pretrained, compare=cfg.compare)
+                   seed=cfg.seed, generator=cfg.generator or cfg.pretrained, lora=cfg.lora,
+                   compare=cfg.compare)
     fmt = lambda m, lo, hi: f"{m:.4g}" + (f" [{lo:.4g}, {hi:.4g}]" if lo is not None else "")
     for metric in SCALE:  # mean [lo, hi]; with --compare: A, B and the paired difference B - A
         S = {sub: np.reshape([r[metric] for r in records if r.get("generator", "") == sub], (-1, k))
