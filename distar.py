@@ -1573,8 +1573,8 @@ def run_dry_run(cfg, dist_info):
               + (f", LoRA adapters {sum(p.numel() for p in trained(meta.generator)):,} "
                  f"parameters each (rank {cfg.lora_rank})" if cfg.lora_rank else "")
               + f"; random weights, nothing downloaded\nmemory per GPU before activations, "
-              f"{n_gpus} GPU(s), --precision={cfg.precision}" + (", --zero" if cfg.zero and n_gpus > 1 else "")
-              + " (GiB = 2^30 bytes):")
+              f"{n_gpus} GPU(s), --precision={cfg.precision}"
+              + (", --zero" if cfg.zero and n_gpus > 1 else "") + " (GiB = 2^30 bytes):")
         plan = memory_plan(meta, n_gpus, cfg.zero)
         for item, b in plan + [("total", sum(b for _, b in plan))]:
             print(f"  {item:62s} {b / 2**30:7.2f}")

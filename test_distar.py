@@ -862,17 +862,19 @@ def _generator_weights(ckpt):
     return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
 
 
-@pytest.mark.parametrize("launcher", ["python", "torchrun --zero --grad_checkpointing"])
+@pytest.mark.parametrize("launcher", ["python", "torchrun --zero --grad_checkpointing",
+                                      "torchrun --zero --grad_checkpointing --lora_rank=4"])
 def test_sigkill_then_resume_reproduces_the_uninterrupted_run(tmp_path, launcher):
     """Under torchrun it is also the SDXL path's two-rank test with a real run's memory settings
-    (Adam states sharded, activations recomputed): DDP keeps the ranks identical."""
+    (Adam states sharded, activations recomputed): DDP keeps the ranks identical; with
+    --lora_rank, the adapters' (generator/ then holds the LoRA file)."""
     import signal
     import time
 
     args = ["--tiny", "--max_steps=6", "--ckpt_interval=2", "--sample_interval=100", "--keep_checkpoints=5"]
     cmd = [sys.executable, os.path.join(HERE, "distar.py")]
     if launcher != "python":  # two ranks, Adam states sharded: each rank resumes its own shard
-        args += ["--zero", "--grad_checkpointing"]
+        args += launcher.split()[1:]
         cmd[1:1] = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     a, b = tmp_path / "a", tmp_path / "b"
     p = subprocess.run([*cmd, *args, f"--out_dir={a}"], cwd=HERE, env=ENV, capture_output=True,
@@ -899,6 +901,7 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_run(tmp_path, launcher
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     w2 = _generator_weights(a / "checkpoint-000002")
     assert any(not torch.equal(wa[k], w2[k]) for k in wa)  # training moved the weights
+    assert ("lora" in launcher) == all(".lora_" in k for k in wa)
     steps = [json.loads(line)["step"] for line in (b / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]  # the lines logged after checkpoint 2 were not kept twice
 
@@ -1721,6 +1724,153 @@ def test_ablation_command_writes_every_row_to_the_table_json_picture_and_checkpo
     for i in range(len(PAPER_ROWS)):  # each row's generator is a loadable checkpoint
         ckpt = tmp_path / "ablation" / f"row{i + 1:02d}" / "checkpoint-000003"
         assert (ckpt / "generator" / "model.safetensors").exists()
+
+
+# -----------------------------------------------------------------------------
+# LoRA (--lora_rank): frozen bases, fp32 adapters trained through the same loss and loop, saved so
+# that diffusers' load_lora_weights reproduces the generator
+
+
+LORA_ARGS = ["--lora_rank=4", "--lora_alpha=2"]  # alpha != rank: a loader that loses alpha differs
+
+
+def _adapters_and_bases(net):
+    """Copies of a net's trainable (adapter) and frozen (base) weights, by name."""
+    named = list(net.named_parameters())
+    return ({k: p.detach().clone() for k, p in named if p.requires_grad},
+            {k: p.detach().clone() for k, p in named if not p.requires_grad})
+
+
+@pytest.mark.parametrize("targets, params", [("attn", 92_897_280), ("attn_ff", 170_229_760),
+                                             ("all", 196_751_360)])
+def test_lora_rank_64_adapts_the_sdxl_layers_dmd2_and_lcm_lora_adapt(targets, params):
+    """On the full-size UNet (meta): rank 64 on the attention projections, plus the transformer
+    blocks' proj_in/out and feed-forward, plus the resnets, samplers and time embedding (DMD2's
+    and LCM-LoRA's 14-kind list), by hand: sum over adapted layers of 64 (fan_in + fan_out)."""
+    from diffusers import UNet2DConditionModel
+
+    cfg = distar.parse_args(["--dry_run", "--lora_rank=64", f"--lora_targets={targets}"])
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**distar.SDXL["unet"])
+    distar.add_lora(unet, cfg, "generator")
+    assert sum(p.numel() for p in distar.trained(unet)) == params
+    assert all(".lora_" in k for k, p in unet.named_parameters() if p.requires_grad)
+    assert sum(p.numel() for p in unet.parameters() if not p.requires_grad) == UNET
+
+
+def test_lora_memory_plan_on_one_gpu_is_the_hand_computation_within_26_gib():
+    """python distar.py --dry_run --lora_rank=64 --world_size_plan=1: fp32 adapters, their AdamW
+    states and one net's gradients; three frozen bf16 UNet bases (generator, assistant, reference);
+    the rest as in full fine-tuning."""
+    cfg = distar.parse_args(["--dry_run", "--lora_rank=64"])
+    world = distar.SDXLWorld(cfg, torch.device("meta"), parts=distar.dry_run_parts("meta"))
+    A = 196_751_360  # one net's adapter
+    expect = [2 * A * 4, 2 * (2 * A * 4), A * 4, 2 * UNET * 2, UNET * 2, (TEXT_1 + TEXT_2) * 4,
+              PICKSCORE * 2, VAE * 4]
+    plan = distar.memory_plan(world, 1, False)
+    assert [b for _, b in plan] == expect
+    assert plan[0][0] == "generator + assistant adapters (float32 masters)"
+    assert sum(expect) / GIB < 26  # 24.67
+
+
+def test_lora_nets_are_frozen_bf16_bases_with_fp32_adapters_equal_to_the_bases_at_first(tiny):
+    sdxl, reward = tiny
+    cfg = distar.parse_args(["--tiny", f"--pretrained={sdxl}", "--generator_init=",
+                             f"--reward_model={reward}", f"--reward_processor={reward}",
+                             "--precision=bf16", *LORA_ARGS])
+    world = distar.SDXLWorld(cfg, torch.device("cpu"))
+    for net in (world.generator, world.assistant):
+        adapters, bases = _adapters_and_bases(net)
+        assert adapters and all(v.dtype == torch.float32 for v in adapters.values())
+        assert all(v.dtype == torch.bfloat16 for v in bases.values())
+        assert len(bases) == len(list(world.s_ref.parameters()))  # a whole UNet each
+    cond = world.sample_cond(2)
+    x_t, t = torch.randn(2, *world.latent_shape), torch.tensor([100, 700])
+    with torch.no_grad():  # lora_B starts at zero: the assistant is the reference, exactly
+        assert torch.equal(world.eps_fake(world.assistant, x_t, t, cond), world.eps_ref(x_t, t, cond))
+
+
+def _lora_world(tiny, state_dicts, *args):
+    """A tiny world whose generator starts from a UNet unlike the reference (as DMD2's)."""
+    sdxl, reward = tiny
+    cfg = distar.parse_args(["--tiny", f"--pretrained={sdxl}",
+                             f"--generator_init={state_dicts[0] / 'folder'}",
+                             f"--reward_model={reward}", f"--reward_processor={reward}", *args])
+    return distar.SDXLWorld(cfg, torch.device("cpu"))
+
+
+def test_lora_world_computes_full_fine_tunings_losses_until_the_adapters_move(tiny, state_dicts):
+    """One generator_loss and one loop: a LoRA world whose adapters are still zero computes, from
+    the same draws, the losses and x_0-gradients of full fine-tuning, to the last bit."""
+    lora, full = _lora_world(tiny, state_dicts, *LORA_ARGS), _lora_world(tiny, state_dicts)
+    out = {}
+    for name, world in (("lora", lora), ("full", full)):
+        torch.manual_seed(0)
+        loss_psi = distar.assistant_loss(world, world.assistant, world.sample_cond(2))
+        loss_g, terms = distar.generator_backward(world, world.generator, world.sample_cond(2))
+        out[name] = (loss_psi, loss_g, terms)
+    (a_psi, a_g, a_terms), (b_psi, b_g, b_terms) = out["lora"], out["full"]
+    assert torch.equal(a_psi, b_psi) and torch.equal(a_g, b_g)
+    assert all(torch.equal(a_terms[k], b_terms[k]) for k in b_terms)
+    assert a_terms["x0grad_rew"] > 0 and a_terms["x0grad_div"] > 0
+
+
+def test_lora_training_moves_both_adapters_and_not_one_base_weight(tiny, state_dicts, tmp_path):
+    """Each adapter gets its gradient (the generator's from the reward and the divergence, the
+    assistant's from DSM); the generator phase freezes psi's adapter and nothing else comes
+    unfrozen after it (requires_grad_(True) on a peft UNet would unfreeze its base)."""
+    world = _lora_world(tiny, state_dicts, *LORA_ARGS, "--max_steps=2", "--assistant_steps=1",
+                        "--lr_g=1e-3", "--lr_psi=1e-3", f"--out_dir={tmp_path}")
+    before = {n: _adapters_and_bases(getattr(world, n)) for n in ("generator", "assistant")}
+    lora_B = lambda net: [p for k, p in net.named_parameters() if ".lora_B." in k]  # A's: 0 at first
+    distar.generator_backward(world, world.generator, world.sample_cond(2))
+    assert all(p.grad.abs().sum() > 0 for p in lora_B(world.generator))
+    assert all(p.grad is None for p in world.assistant.parameters())  # psi's weights frozen ...
+    assert {k for k, p in world.assistant.named_parameters() if p.requires_grad} == set(
+        before["assistant"][0])  # ... for the step only, and its base stays frozen
+    world.generator.zero_grad(set_to_none=True)
+    distar.assistant_loss(world, world.assistant, world.sample_cond(2)).backward()
+    assert all(p.grad.abs().sum() > 0 for p in lora_B(world.assistant))
+    world.assistant.zero_grad(set_to_none=True)
+    history = distar.fit(world.cfg, world, (0, 1, torch.device("cpu")))
+    assert history[-1]["x0grad_rew"] > 0 and history[-1]["x0grad_div"] > 0
+    for name in ("generator", "assistant"):
+        adapters, bases = _adapters_and_bases(getattr(world, name))
+        assert bases.keys() == before[name][1].keys()
+        assert all(torch.equal(bases[k], v) for k, v in before[name][1].items()), name
+        assert all(not torch.equal(adapters[k], v) for k, v in before[name][0].items()), name
+
+
+def test_a_lora_checkpoint_is_the_generator_for_diffusers_load_lora_weights(tiny, tmp_path):
+    """checkpoint-N/generator/ holds the adapter in diffusers' LoRA format with its config (alpha),
+    and the base it adapts; StableDiffusionXLPipeline.load_lora_weights on that base gives the very
+    generator distar trained. The 14 layer kinds mix attention and other keys, which diffusers'
+    attention-only key conversion would make the loader drop."""
+    from diffusers import StableDiffusionXLPipeline
+
+    sdxl, reward = tiny
+    cfg = distar.parse_args(["--tiny", f"--pretrained={sdxl}", "--generator_init=",
+                             f"--reward_model={reward}", f"--reward_processor={reward}", *LORA_ARGS,
+                             "--max_steps=1", "--assistant_steps=1", f"--out_dir={tmp_path}"])
+    world = distar.SDXLWorld(cfg, torch.device("cpu"))
+    with torch.no_grad():  # adapters far from zero, so that a lost alpha or layer shows
+        for p in distar.trained(world.generator):
+            p.normal_(0, 0.1)
+    distar.fit(cfg, world, (0, 1, torch.device("cpu")))
+    folder = tmp_path / "checkpoint-000001" / "generator"
+    assert sorted(os.listdir(folder)) == ["lora_base.json", "pytorch_lora_weights.safetensors"]
+    assert json.loads((folder / "lora_base.json").read_text()) == dict(
+        pretrained=os.path.abspath(sdxl), generator_init="", variant="")
+    pipe = StableDiffusionXLPipeline.from_pretrained(sdxl)
+    pipe.load_lora_weights(folder)
+    x, t = torch.randn(2, *world.latent_shape), torch.tensor([399, 399])
+    cond = world.sample_cond(2)
+    with torch.no_grad():
+        ours = world.unet(world.generator, x, t, cond)
+        theirs = world.unet(pipe.unet, x, t, cond)
+        plain = world.unet(world.s_ref, x, t, cond)  # the base alone
+    assert (ours - plain).abs().max() > 0.05
+    assert (theirs - ours).abs().max() < 1e-5, (theirs - ours).abs().max()
 
 
 # -----------------------------------------------------------------------------
