@@ -1889,12 +1889,15 @@ def pngs(out_dir, n):
                      for i in range(n)])
 
 
-def lcm_one_step(sdxl, batches, seed, unet=None):
-    """diffusers' own 1-step LCM sampling at t=399; batch b seeded with seed + b -> (N, 64, 64, 3)
-    in [0, 1]."""
+def lcm_one_step(sdxl, batches, seed, unet=None, loras=()):
+    """diffusers' own 1-step LCM sampling at t=399, with LoRAs by its load_lora_weights (all
+    active); batch b seeded with seed + b -> (N, 64, 64, 3) in [0, 1]."""
     from diffusers import LCMScheduler, StableDiffusionXLPipeline
 
     pipe = StableDiffusionXLPipeline.from_pretrained(sdxl, **({"unet": unet} if unet is not None else {}))
+    for i, lora in enumerate(loras):
+        pipe.load_lora_weights(lora, adapter_name=f"l{i}")
+    pipe.set_adapters([f"l{i}" for i in range(len(loras))]) if loras else None
     pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     out = [pipe(prompt=p, num_inference_steps=1, timesteps=[399], guidance_scale=0, height=64, width=64,
@@ -2161,3 +2164,60 @@ def test_bad_sample_command_line_has_no_traceback(tiny, tmp_path):
         assert r.returncode == 2 and r.stdout == "", r
         assert r.stderr.startswith("sample: error: ") and r.stderr.count("\n") == 1, r.stderr
         assert "Traceback" not in r.stderr
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory):
+    """python distar.py --tiny --lora_rank=4: a LoRA run's checkpoint, its adapter moved far
+    enough from zero (lr 0.05) to change the pictures."""
+    d = tmp_path_factory.mktemp("lora_run")
+    p = run("--tiny", *LORA_ARGS, "--max_steps=2", "--lr_g=0.05", f"--out_dir={d}")
+    assert p.returncode == 0, p.stderr[-2000:]
+    return d
+
+
+@pytest.mark.filterwarnings("ignore:Already found a `peft_config`")  # a second adapter: wanted
+def test_sample_of_a_lora_checkpoint_is_diffusers_load_lora_weights_on_its_base(lora_run, tmp_path):
+    """--generator=checkpoint-N/generator finds the LoRA and its recorded base (here --pretrained's
+    UNet); --lora puts a LoRA on --generator, also on a LoRA checkpoint (both then active)."""
+    sdxl, folder = str(lora_run / "tiny" / "sdxl"), str(lora_run / "checkpoint-000002" / "generator")
+    args = [f"--pretrained={sdxl}", "--prompt=a cat", "--images_per_prompt=2", "--seed=5",
+            "--resolution=64"]
+    runs = {}
+    for name, extra in (("base", []), ("ckpt", [f"--generator={folder}"]), ("lora", [f"--lora={folder}"]),
+                        ("twice", [f"--generator={folder}", f"--lora={folder}"])):
+        assert sample.main([*args, *extra, f"--out_dir={tmp_path / name}"]) == 0
+        runs[name] = pngs(tmp_path / name, 2) / 255
+    for name, loras in (("ckpt", [folder]), ("twice", [folder, folder])):
+        expect = lcm_one_step(sdxl, [["a cat", "a cat"]], 5, loras=loras)
+        assert np.abs(runs[name] - expect).max() <= 1 / 255 + 1e-6, name
+    assert np.array_equal(runs["lora"], runs["ckpt"])  # the recorded base is --pretrained's UNet
+    assert np.abs(runs["ckpt"] - runs["base"]).mean() > 0.01
+    assert np.abs(runs["twice"] - runs["ckpt"]).mean() > 0.01
+
+
+def test_compare_and_score_take_lora_generators(lora_run, tmp_path, capsys):
+    """A: --pretrained's UNet with --lora, B: the LoRA checkpoint: the same generator, so identical
+    halves and a paired difference of exactly 0."""
+    sdxl, reward = str(lora_run / "tiny" / "sdxl"), str(lora_run / "tiny" / "reward")
+    folder = str(lora_run / "checkpoint-000002" / "generator")
+    out = tmp_path / "cmp"
+    assert sample.main([f"--pretrained={sdxl}", f"--lora={folder}", f"--compare={folder}", "--score",
+                        f"--reward_model={reward}", f"--reward_processor={reward}",
+                        f"--clip_model={reward}", "--images_per_prompt=2", "--resolution=64",
+                        f"--out_dir={out}"]) == 0
+    assert np.array_equal(pngs(out / "a", 16), pngs(out / "b", 16))
+    summary = json.loads((out / "scores.json").read_text())
+    assert summary["lora"] == folder and summary["pickscore"]["b_minus_a"]["mean"] == 0
+
+
+def test_a_lora_without_its_base_record_is_one_line_naming_what_to_pass(lora_run, tmp_path, capsys):
+    import shutil
+
+    shutil.copytree(lora_run / "checkpoint-000002" / "generator", tmp_path / "lora")
+    os.remove(tmp_path / "lora" / "lora_base.json")
+    assert sample.main([f"--pretrained={lora_run / 'tiny' / 'sdxl'}", f"--generator={tmp_path / 'lora'}",
+                        "--resolution=64", f"--out_dir={tmp_path / 'o'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no lora_base.json" in err and "--lora" in err, err
+    assert not os.path.exists(tmp_path / "o")
