@@ -1043,6 +1043,12 @@ def test_flags_parse_to_their_types_and_each_mode_has_defaults_the_command_line_
     assert cfg.max_steps == distar.TOY_DEFAULTS["max_steps"]  # toy defaults apply
     assert distar.parse_args(["--toy", "--max_steps=5"]).max_steps == 5  # and the user wins
     assert distar.parse_args([]).alpha_cfg == 7.5 and distar.parse_args([]).cfg == "in"
+    # LoRA: DMD2's SDXL LoRA learning rates, unless a mode or the command line sets them
+    assert (distar.parse_args(["--lora_rank=64"]).lr_g, distar.parse_args(["--lora_rank=64"]).lr_psi) == (
+        5e-5, 5e-5)
+    assert distar.parse_args(["--lora_rank=64", "--lr_g=1e-4"]).lr_g == 1e-4
+    assert distar.parse_args(["--tiny", "--lora_rank=4"]).lr_g == distar.TINY_DEFAULTS["lr_g"]
+    assert distar.parse_args([]).lr_g == 5e-7
     # at 1024 px no step fits even a 141 GB GPU without activation checkpointing; tiny ones do
     assert distar.parse_args([]).grad_checkpointing and not distar.parse_args(["--tiny"]).grad_checkpointing
 
@@ -1063,6 +1069,10 @@ def test_flags_parse_to_their_types_and_each_mode_has_defaults_the_command_line_
     (["--toy", "--keep_checkpoints=0"], "--keep_checkpoints must be >= 1"),
     (["--tiny", "--resume", "--overwrite"], "--overwrite deletes it: choose"),
     (["--toy", "--ablation"], "--bench and --ablation run in one process: use python"),
+    (["--toy", "--lora_rank=4"], "--lora_rank adapts SDXL UNets; the toy trains whole MLPs"),
+    (["--tiny", "--lora_rank=-1"], "--lora_rank must be >= 0"),
+    (["--tiny", "--lora_rank=4", "--lora_alpha=0"], "--lora_alpha must be > 0"),
+    (["--tiny", "--lora_targets=mlp"], "--lora_targets: invalid choice: 'mlp'"),
 ])
 def test_a_bad_command_line_is_one_line_naming_the_flag_and_exit_2(args, words, capsys,
                                                                    monkeypatch):
