@@ -16,6 +16,7 @@ $ torchrun --standalone --nproc_per_node=2 distar.py --toy
 
 SDXL (defaults: SDXL-base reference, DMD2 one-step init, PickScore reward, bf16, 1024 px):
 $ python distar.py --prompts=prompts.txt                                # one 141 GB GPU
+$ python distar.py --prompts=prompts.txt --lora_rank=64                 # LoRA: one 48 GB GPU
 $ torchrun --standalone --nproc_per_node=8 distar.py --prompts=prompts.txt --zero
 $ torchrun --nnodes=8 --nproc_per_node=8 --node_rank=$NODE_RANK --master_addr=$MASTER_ADDR \
     --master_port=29500 distar.py --prompts=prompts.txt --zero  # --out_dir on a shared filesystem
