@@ -1520,25 +1520,24 @@ def memory_plan(world, n_gpus, zero):
     --lora_rank the trained weights are the adapters, and the generator's and assistant's bases
     are frozen."""
     size = lambda params: sum(p.numel() * p.element_size() for p in params)
-    every = lambda *nets: [p for n in nets for p in n.parameters()]
     dt = lambda params: str(params[0].dtype).removeprefix("torch.")
+    frozen = lambda *nets: [p for n in nets for p in n.parameters() if not p.requires_grad]
     g, psi = world.generator, world.assistant
-    te = (world.pipe.text_encoder, world.pipe.text_encoder_2)
+    both, bases = trained(g) + trained(psi), frozen(g, psi)  # bases: only with --lora_rank
     shard = n_gpus if zero and n_gpus > 1 else 1
-    ddp, both = n_gpus > 1, trained(g) + trained(psi)
-    lora = bool(world.cfg.lora_rank)
-    bases = [p for p in every(g, psi) if not p.requires_grad]
-    return [(f"generator + assistant {'adapters' if lora else 'weights'} ({dt(both)} masters)",
+    ddp = n_gpus > 1
+    rows = [(f"generator + assistant {'adapters' if bases else 'weights'} ({dt(both)} masters)",
              size(both)),
             ("AdamW states of both, 2 per weight"
              + (f", 1/{shard} with --zero" if shard > 1 else ""), 2 * size(both) // shard),
             ("gradients: DDP buckets of both nets" if ddp else "gradients of one net at a time",
-             size(both) if ddp else max(size(trained(g)), size(trained(psi))))] + [
-            (f"generator + assistant bases, frozen ({dt(bases)})", size(bases))] * lora + [
-            (f"reference UNet ({dt(every(world.s_ref))})", size(every(world.s_ref))),
-            (f"text encoders ({dt(every(*te))})", size(every(*te))),
-            *[(f"{name} ({dt(every(*n))})", size(every(*n))) for name, n in (
-                ("reward CLIP", [world.reward_fn.model]), ("VAE", [world.vae]))]]
+             size(both) if ddp else max(size(trained(g)), size(trained(psi))))]
+    if bases:
+        rows.append((f"generator + assistant bases, frozen ({dt(bases)})", size(bases)))
+    others = (("reference UNet", [world.s_ref]),
+              ("text encoders", [world.pipe.text_encoder, world.pipe.text_encoder_2]),
+              ("reward CLIP", [world.reward_fn.model]), ("VAE", [world.vae]))
+    return rows + [(f"{name} ({dt(frozen(*nets))})", size(frozen(*nets))) for name, nets in others]
 
 
 def step_flops(world, batch_size):
