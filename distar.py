@@ -8,7 +8,7 @@ s_psi, trained by denoising score matching on the generator's samples (eq. 2.2),
 the generator's score. Classifier-free guidance enters as an implicit reward (Theorem 3.2,
 "choice 1", --cfg=out) or through a CFG-enhanced reference ("choice 2", --cfg=in).
 Paper: Luo et al., "Diff-Instruct*: Towards Human-Preferred One-step Text-to-image Generative
-Models". Every option: python distar.py --help.
+Models". --help lists every option, and the defaults each mode replaces, after these commands.
 
 The toy 2-D Gaussian world on any laptop (the gradient check, then Algorithm 1):
 $ python distar.py --toy
@@ -17,7 +17,7 @@ $ torchrun --standalone --nproc_per_node=2 distar.py --toy
 SDXL (defaults: SDXL-base reference, DMD2 one-step init, PickScore reward, bf16, 1024 px):
 $ python distar.py --prompts=prompts.txt                                # one 141 GB GPU
 $ torchrun --standalone --nproc_per_node=8 distar.py --prompts=prompts.txt --zero
-$ torchrun --nnodes=8 --nproc_per_node=8 --node_rank=$NODE_RANK --master_addr=$MASTER_ADDR \
+$ torchrun --nnodes=8 --nproc_per_node=8 --node_rank=$NODE_RANK --master_addr=$MASTER_ADDR \\
     --master_port=29500 distar.py --prompts=prompts.txt --zero  # --out_dir on a shared filesystem
 Continue an interrupted run: the same command with --resume.
 
@@ -65,6 +65,7 @@ class Config:
     dry_run: bool = False  # the real SDXL architectures, random weights, nothing downloaded
     ablation: bool = False  # with --toy: one generator per row of the paper's Table 2
     bench: bool = False  # time a step per divergence instead of training: {out_dir}/bench.json
+    allow_cpu: bool = False  # train SDXL on a machine without a GPU (days; tens of GB downloaded)
     # models: hub ids or local folders
     pretrained: str = "stabilityai/stable-diffusion-xl-base-1.0"  # s_ref, s_psi's init, VAE, text
     generator_init: str = "tianweiy/DMD2/dmd2_sdxl_1step_unet_fp16.bin"  # UNet folder or state dict
@@ -714,6 +715,8 @@ def train(world, opt_g, opt_psi, dist_info, steps, on_step=None):
             bar.set_postfix({k: f"{v:.3g}" for k, v in metrics.items() if k != "step"},
                             refresh=False)
             history.append(metrics)
+            if on_step and rank == 0 and (bar.disable or not sys.stdout.isatty()):  # a log file:
+                print(log_line(metrics, steps.stop), flush=True)  # no bar there (fit's runs only)
         if on_step:
             on_step(step + 1, metrics)
     for net in (g, s_psi):
@@ -946,9 +949,7 @@ def run_toy(cfg, dist_info):
 
 def run_sdxl(cfg, dist_info):
     rank, world_size, device = dist_info
-    if not cfg.bench:  # --bench writes no checkpoints
-        check_out_dir(cfg)
-    read_prompts(cfg.prompts)  # both fail before anything loads
+    check_sdxl_run(cfg, device)  # a GPU, the out_dir, the prompts: before anything loads
     if cfg.tiny:
         cfg = tiny_config(cfg, dist_info)
     elif rank == 0 and not cfg.bench:
@@ -970,6 +971,7 @@ def main(argv):
         # with one intra-op thread (threads competing for cores slow it down 10x)
         dist_info = setup_distributed(cuda=not cfg.toy)
         rank, world_size, _ = dist_info
+        check_resume(cfg, rank)  # the checkpoint's mode and objective, before anything is written
         torch.manual_seed(cfg.seed * world_size + rank)
         if cfg.toy:
             torch.set_num_threads(1)
@@ -1022,11 +1024,12 @@ def to_bool(v):
     return v.lower() in ("true", "1")
 
 
-def make_parser(cls, prog, defaults=None, add_help=True):
+def make_parser(cls, prog, defaults=None, add_help=True, epilog=None):
     """argparse from a config dataclass: --key=value, a bare --flag is True, comments are help."""
     helps = dict(re.findall(r"^ +(\w+): \w+ = .*?# (.*)$", inspect.getsource(cls), re.M))
     p = Parser(prog=prog, allow_abbrev=False, description=sys.modules[cls.__module__].__doc__,
-               formatter_class=argparse.RawDescriptionHelpFormatter, add_help=add_help)
+               formatter_class=argparse.RawDescriptionHelpFormatter, add_help=add_help,
+               epilog=epilog)
     for f in fields(cls):
         default = (defaults or {}).get(f.name, f.default)
         kw = dict(nargs="?", const=True, type=to_bool) if f.type is bool else dict(type=f.type)
@@ -1042,12 +1045,25 @@ def check_at_least(cfg, bounds):
             raise ConfigError(f"--{key} must be >= {low}, got {getattr(cfg, key)}")
 
 
+def modes_help():
+    """--help's last lines: the defaults each mode replaces (the per-flag defaults are SDXL's)."""
+    import textwrap
+
+    modes = dict(toy=TOY_DEFAULTS, tiny=TINY_DEFAULTS, dry_run=DRY_RUN_DEFAULTS,
+                 ablation=ABLATION_DEFAULTS)
+    lines = [textwrap.fill(" ".join(f"--{k}={v}" for k, v in d.items()), 100,
+                           initial_indent=f"  {'--' + m:13s}", subsequent_indent=" " * 15)
+             for m, d in modes.items()]
+    return "\n".join(["each mode replaces these defaults (the command line still wins):", *lines])
+
+
 def parse_args(argv):
     mode = make_parser(Config, "distar.py", add_help=False).parse_known_args(argv)[0]
     defaults = (TOY_DEFAULTS if mode.toy else TINY_DEFAULTS if mode.tiny
                 else DRY_RUN_DEFAULTS if mode.dry_run else {})
     defaults = {**defaults, **(ABLATION_DEFAULTS if mode.ablation else {})}
-    cfg = Config(**vars(make_parser(Config, "distar.py", defaults).parse_args(argv)))
+    parser = make_parser(Config, "distar.py", defaults, epilog=modes_help())
+    cfg = Config(**vars(parser.parse_args(argv)))
     check_at_least(cfg, AT_LEAST)
     given = {a[2:].split("=")[0] for a in argv if a.startswith("--")}
     checks = [
@@ -1081,13 +1097,51 @@ RUN_OUTPUTS = (CKPT_RE, r"\.tmp-checkpoint-\d{6}(\.old)?", r"metrics\.jsonl", r"
                r"toy\.png", r"toy_samples\.safetensors")  # {out_dir}/tiny, a cache, stays
 
 
+def check_sdxl_run(cfg, device):
+    """Before anything loads (tens of GB on a first run): a GPU unless asked for the CPU, an
+    out_dir this run may write to, prompts."""
+    if device.type != "cuda" and not (cfg.tiny or cfg.allow_cpu):
+        raise ConfigError("training SDXL needs a GPU and none is visible: try --toy (2-D, seconds),"
+                          " --tiny (tiny random SDXL-shaped models) or --dry_run (the memory plan);"
+                          " --allow_cpu runs it here anyway")
+    if not cfg.bench:  # --bench writes no checkpoints
+        check_out_dir(cfg)
+    read_prompts(cfg.prompts)
+
+
 def check_out_dir(cfg):
-    """Before anything loads: a fresh SDXL run must not prune or later resume another run's
-    checkpoints, each of which stands for GPU hours."""
+    """A fresh SDXL run must not prune or later resume another run's checkpoints, each of which
+    stands for GPU hours."""
     ckpts = list_checkpoints(cfg.out_dir)
     if ckpts and not (cfg.resume or cfg.overwrite or cfg.tiny):
         raise LoadError(f"{cfg.out_dir} holds checkpoints of another run (newest {ckpts[-1]}): "
                         "pass --resume to continue it, or --overwrite to start over")
+
+
+# what a checkpoint must share with the run that resumes it (another world's weights do not fit;
+# --tiny would build its models inside another run's out_dir), and what it may change but is told
+MODE_KEYS = ("toy", "tiny")
+OBJECTIVE_KEYS = ("divergence", "cfg", "alpha_rew", "alpha_cfg", "huber_c", "t_min", "t_max",
+                  "assistant_steps", "resolution", "batch_size", "conditioning_t")
+
+
+def check_resume(cfg, rank):
+    """--resume, before anything loads or is written: the newest checkpoint's state.json must be of
+    this run's mode; a changed objective (a new --divergence, say) is allowed but said, once."""
+    ckpts = list_checkpoints(cfg.out_dir)
+    if not (cfg.resume and ckpts):
+        return
+    with open(os.path.join(ckpts[-1], "state.json")) as f:
+        saved = {**asdict(Config()), **json.load(f)["config"]}  # a key added since: its default
+    now = asdict(cfg)
+    flags = lambda c: " ".join(f"--{k}={c[k]}" for k in MODE_KEYS)
+    if any(saved[k] != now[k] for k in MODE_KEYS):
+        raise LoadError(f"--resume: {ckpts[-1]} was saved by a run with {flags(saved)}, not "
+                        f"{flags(now)}: resume it with those, or give this run another --out_dir")
+    changed = [f"--{k} {saved[k]} -> {now[k]}" for k in OBJECTIVE_KEYS if saved[k] != now[k]]
+    if changed and rank == 0:
+        print(f"resume: the objective differs from {ckpts[-1]}'s: {', '.join(changed)}",
+              flush=True)
 
 
 def start_out_dir(cfg, dist_info):
@@ -1148,6 +1202,13 @@ def logged_step(line):
         return json.loads(line)["step"]
     except (ValueError, KeyError):  # an empty line, or one cut short by a kill
         return math.inf
+
+
+def log_line(m, max_steps):
+    """metrics as one plain line, for logs where no progress bar is shown (SLURM, nohup)."""
+    keys = ("loss_g", "loss_rew", "loss_div", "loss_cfg", "loss_psi", "reward", "grad_norm")
+    return (f"step {m['step']}/{max_steps} " + " ".join(f"{k} {m[k]:.4g}" for k in keys)
+            + f" skipped {m['skipped']} sec/step {m['sec_assistant'] + m['sec_generator']:.3g}")
 
 
 # -----------------------------------------------------------------------------
