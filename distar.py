@@ -1235,7 +1235,8 @@ def load(flag, value, fn, *args, **kwargs):
         raise
     except Exception as e:  # OSError, ValueError, HFValidationError, ...: report, do not trace
         if hub_unreachable(e):
-            local = "/path/to/sdxl" if flag == "pretrained" else "/path/to/unet"
+            local = ("/path/to/sdxl" if flag == "pretrained" else "/path/to/clip"
+                     if flag.startswith(("reward", "clip")) else "/path/to/unet")
             first = ("no such local path, the Hugging Face hub could not be reached and the model "
                      f"is not in the local cache; pass a local folder (--{flag}={local})")
         else:
@@ -1258,6 +1259,9 @@ def load_sdxl_parts(cfg, device, frozen):
                 reward_fn=ClipReward(cfg.reward_model, cfg.reward_processor, frozen).to(device))
 
 
+STATE_DICTS = (".bin", ".pt", ".pth", ".safetensors")  # a UNet's weights as one file
+
+
 def load_generator(path, pretrained, variant=None, dtype=None, flag="generator_init"):
     """A one-step generator's UNet, in any form one is published in, in `dtype` (default fp32):
     "": the UNet of `pretrained`; a diffusers UNet folder, or a pipeline folder holding unet/
@@ -1269,7 +1273,7 @@ def load_generator(path, pretrained, variant=None, dtype=None, flag="generator_i
                                                                     variant=variant, dtype=dtype)
     if not path:
         return load("pretrained", pretrained, unet, pretrained, "unet")
-    if path.endswith((".bin", ".pt", ".pth", ".safetensors")):
+    if path.endswith(STATE_DICTS):
         return load(flag, path, unet_from_state_dict, path, pretrained).to(dtype)
     sub = "unet" if os.path.isdir(os.path.join(path, "unet")) else None  # a pipeline folder
     return load(flag, path, unet, path, sub)
@@ -1325,10 +1329,14 @@ def quiet_libraries():
     """The libraries' warnings and error logs off (a failed load raises, and is reported as one
     line), and their own bars ("Loading weights", "Loading pipeline components"), but not
     huggingface_hub's download bars: a first run shows its tens of GB arriving."""
+    import warnings
+
     from diffusers.utils import logging as diffusers_logging
     from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
     from transformers.utils import logging as transformers_logging
 
+    # diffusers still passes an argument huggingface_hub deprecated: a warning per hub UNet load
+    warnings.filterwarnings("ignore", message="The `local_dir_use_symlinks` argument is deprecated")
     hub_bars = not are_progress_bars_disabled()  # HF_HUB_DISABLE_PROGRESS_BARS=1 still wins
     for lib in (diffusers_logging, transformers_logging):
         lib.set_verbosity(lib.CRITICAL)

@@ -1995,7 +1995,8 @@ def test_score_writes_pickscore_clip_score_and_prompt_bootstrap_intervals(tiny, 
         mean, lo, hi = sample.cluster_bootstrap(s.reshape(3, 2), 1000, 0.95, 0)  # prompts are the rows
         assert summary[metric] == dict(mean=mean, lo=lo, hi=hi)
         assert abs(mean - s.mean()) < 1e-12 and lo < mean < hi
-        line = re.search(rf"^{metric} +(\S+) \[(\S+), (\S+)\]  95% CI, 3 prompts, 6 images", stdout, re.M)
+        line = re.search(rf"^{metric} +(\S+) \[(\S+), (\S+)\]  95% CI, 3 prompts, 6 images \(2 per prompt\)$",
+                         stdout, re.M)
         assert np.allclose([float(v) for v in line.groups()], [mean, lo, hi], rtol=1e-3, atol=1e-6)
 
 
@@ -2003,6 +2004,9 @@ def test_score_writes_pickscore_clip_score_and_prompt_bootstrap_intervals(tiny, 
 def compare_runs(tiny, tmp_path_factory):
     """3 prompts x 2 images, batches of 4 (one crosses prompts), grids of 2 rows: the tiny UNet
     against itself (a pipeline folder: its unet/), against a perturbed copy, and the copy alone."""
+    import contextlib
+    import io
+
     from diffusers import UNet2DConditionModel
 
     sdxl, reward = tiny
@@ -2020,7 +2024,9 @@ def compare_runs(tiny, tmp_path_factory):
     for name, extra in (("self", [f"--compare={sdxl}", *score]),
                         ("ab", [f"--compare={tmp / 'unet_b'}", *score]),
                         ("b", [f"--generator={tmp / 'unet_b'}"])):
-        assert sample.main([*args, *extra, f"--out_dir={tmp / name}"]) == 0
+        with contextlib.redirect_stdout(io.StringIO()) as out:
+            assert sample.main([*args, *extra, f"--out_dir={tmp / name}"]) == 0
+        (tmp / f"{name}.txt").write_text(out.getvalue())
     return tmp
 
 
@@ -2069,12 +2075,17 @@ def test_compare_two_generators_uses_the_same_prompts_and_seeds(compare_runs):
         assert summary[metric]["b_minus_a"] == dict(mean=mean, lo=lo, hi=hi)
         assert mean != 0 and abs(mean - (S["b"].mean() - S["a"].mean())) < 1e-12
     assert [r["image"] for r in rows if r["generator"] == "b"] == [f"b/{i:03d}.png" for i in range(6)]
+    printed = (compare_runs / "ab.txt").read_text()  # 6 images of each generator, not 6 in all
+    assert "wrote 6 images per generator to" in printed
+    assert re.search(r"^pickscore +A .*  95% CI, 3 prompts, 6 images per generator \(2 per prompt\)$",
+                     printed, re.M), printed
 
 
 @pytest.mark.parametrize("case", ["missing_pretrained", "missing_generator", "missing_prompts",
                                   "empty_prompts", "missing_reward", "missing_clip", "missing_compare",
                                   "unknown_flag", "bad_value", "bad_ci", "bad_type", "bad_bool", "bad_dtype",
-                                  "prompt_and_prompts"])
+                                  "prompt_and_prompts", "typo_generator", "typo_compare", "not_a_pipeline",
+                                  "hub_clip", "hub_reward", "hub_generator"])
 def test_bad_sample_input_is_one_line_exit_2_and_writes_nothing(tiny, tmp_path, capsys, case):
     sdxl, reward = tiny
     (tmp_path / "empty.txt").write_text("\n  \n")
@@ -2099,7 +2110,20 @@ def test_bad_sample_input_is_one_line_exit_2_and_writes_nothing(tiny, tmp_path, 
                   "bad_bool": (["--score=maybe"], "--score"),
                   "bad_dtype": (["--dtype=fp8"], "--dtype"),
                   "prompt_and_prompts": (["--prompt=a", f"--prompts={tmp_path / 'empty.txt'}"],
-                                         "--prompt")}[case]
+                                         "--prompt"),
+                  # a mistyped local path is named as typed, before the default --pretrained fails on the hub
+                  "typo_generator": (["--generator=/nonexistent"],
+                                     "cannot load --generator=/nonexistent: no such file or folder"),
+                  "typo_compare": (["--compare=nope/checkpoint-000002/generator"],
+                                   "cannot load --compare=nope/checkpoint-000002/generator: no such file"),
+                  "not_a_pipeline": ([f"--pretrained={sdxl}/unet"], f"cannot load --pretrained={sdxl}/unet: "
+                                     "not a diffusers pipeline folder (no model_index.json)"),
+                  # off the hub: each flag's hint is a folder of its kind
+                  "hub_clip": ([f"--pretrained={sdxl}", "--score"], "(--clip_model=/path/to/clip)"),
+                  "hub_reward": ([f"--pretrained={sdxl}", "--score", f"--clip_model={reward}"],
+                                 "(--reward_processor=/path/to/clip)"),
+                  "hub_generator": ([f"--pretrained={sdxl}", "--generator=owner/unet"],
+                                    "(--generator=/path/to/unet)")}[case]
     assert sample.main(["--resolution=64", f"--out_dir={tmp_path / 'o'}", *args]) == 2  # later flags win
     err = capsys.readouterr().err
     assert err.startswith("sample: error: ") and err.count("\n") == 1 and word in err, err
@@ -2114,7 +2138,8 @@ def test_bad_sample_command_line_has_no_traceback(tiny, tmp_path):
     os.rename(fp16 / "vae" / "diffusion_pytorch_model.safetensors",
               fp16 / "vae" / "diffusion_pytorch_model.fp16.safetensors")
     for args in (["--bogus"], [f"--pretrained={tmp_path / 'nope'}", "--prompt=a"],
-                 [f"--pretrained={fp16}", "--prompt=a", "--resolution=64"]):
+                 [f"--pretrained={fp16}", "--prompt=a", "--resolution=64"],
+                 [f"--pretrained={tiny[0]}", "--generator=owner/unet", "--prompt=a"]):  # off the hub
         r = run_sample(*args, f"--out_dir={tmp_path / 'o'}")
         assert r.returncode == 2 and r.stdout == "", r
         assert r.stderr.startswith("sample: error: ") and r.stderr.count("\n") == 1, r.stderr
