@@ -65,7 +65,7 @@ class Config:
     dry_run: bool = False  # the real SDXL architectures, random weights, nothing downloaded
     ablation: bool = False  # with --toy: one generator per row of the paper's Table 2
     bench: bool = False  # time a step per divergence instead of training: {out_dir}/bench.json
-    allow_cpu: bool = False  # train SDXL on a machine without a GPU (days; tens of GB downloaded)
+    allow_cpu: bool = False  # train SDXL without a GPU (downloads tens of GB; very slow)
     # models: hub ids or local folders
     pretrained: str = "stabilityai/stable-diffusion-xl-base-1.0"  # s_ref, s_psi's init, VAE, text
     generator_init: str = "tianweiy/DMD2/dmd2_sdxl_1step_unet_fp16.bin"  # UNet folder or state dict
@@ -1046,7 +1046,8 @@ def check_at_least(cfg, bounds):
 
 
 def modes_help():
-    """--help's last lines: the defaults each mode replaces (the per-flag defaults are SDXL's)."""
+    """--help's last lines: the defaults each mode replaces (each flag's line shows SDXL's unless
+    the command line names a mode)."""
     import textwrap
 
     modes = dict(toy=TOY_DEFAULTS, tiny=TINY_DEFAULTS, dry_run=DRY_RUN_DEFAULTS,
@@ -1090,8 +1091,9 @@ def parse_args(argv):
 
 
 # -----------------------------------------------------------------------------
-# the out_dir holds one run (--resume continues it; a fresh run refuses another run's
-# checkpoints or starts it over), and all ranks see one folder
+# before anything loads: SDXL needs a GPU, and a checkpoint resumes in its own mode. The out_dir
+# holds one run (--resume continues it; a fresh run refuses another run's checkpoints or starts it
+# over), and all ranks see one folder
 
 RUN_OUTPUTS = (CKPT_RE, r"\.tmp-checkpoint-\d{6}(\.old)?", r"metrics\.jsonl", r"samples-\d{6}\.png",
                r"toy\.png", r"toy_samples\.safetensors")  # {out_dir}/tiny, a cache, stays
