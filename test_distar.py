@@ -1145,7 +1145,8 @@ def test_help_gives_each_modes_defaults_and_the_multi_node_command_as_typed():
 
 # -----------------------------------------------------------------------------
 # the out_dir holds one run: a fresh SDXL run refuses another run's checkpoints; a demo run,
-# or --overwrite, starts the out_dir over; under torchrun every rank sees the same out_dir
+# or --overwrite, starts the out_dir over; under torchrun every rank sees the same out_dir; before
+# anything loads, SDXL needs a GPU and a checkpoint resumes only in its own mode
 
 
 def _sdxl_args(tiny):
