@@ -8,7 +8,7 @@ s_psi, trained by denoising score matching on the generator's samples (eq. 2.2),
 the generator's score. Classifier-free guidance enters as an implicit reward (Theorem 3.2,
 "choice 1", --cfg=out) or through a CFG-enhanced reference ("choice 2", --cfg=in).
 Paper: Luo et al., "Diff-Instruct*: Towards Human-Preferred One-step Text-to-image Generative
-Models". Every option: python distar.py --help.
+Models". --help lists every option, and the defaults each mode replaces, after these commands.
 
 The toy 2-D Gaussian world on any laptop (the gradient check, then Algorithm 1):
 $ python distar.py --toy
@@ -18,7 +18,7 @@ SDXL (defaults: SDXL-base reference, DMD2 one-step init, PickScore reward, bf16,
 $ python distar.py --prompts=prompts.txt                                # one 141 GB GPU
 $ python distar.py --prompts=prompts.txt --lora_rank=64                 # LoRA: one 48 GB GPU
 $ torchrun --standalone --nproc_per_node=8 distar.py --prompts=prompts.txt --zero
-$ torchrun --nnodes=8 --nproc_per_node=8 --node_rank=$NODE_RANK --master_addr=$MASTER_ADDR \
+$ torchrun --nnodes=8 --nproc_per_node=8 --node_rank=$NODE_RANK --master_addr=$MASTER_ADDR \\
     --master_port=29500 distar.py --prompts=prompts.txt --zero  # --out_dir on a shared filesystem
 Continue an interrupted run: the same command with --resume.
 
@@ -66,6 +66,7 @@ class Config:
     dry_run: bool = False  # the real SDXL architectures, random weights, nothing downloaded
     ablation: bool = False  # with --toy: one generator per row of the paper's Table 2
     bench: bool = False  # time a step per divergence instead of training: {out_dir}/bench.json
+    allow_cpu: bool = False  # train SDXL without a GPU (downloads tens of GB; very slow)
     # models: hub ids or local folders
     pretrained: str = "stabilityai/stable-diffusion-xl-base-1.0"  # s_ref, s_psi's init, VAE, text
     generator_init: str = "tianweiy/DMD2/dmd2_sdxl_1step_unet_fp16.bin"  # UNet folder or state dict
@@ -731,6 +732,8 @@ def train(world, opt_g, opt_psi, dist_info, steps, on_step=None):
             bar.set_postfix({k: f"{v:.3g}" for k, v in metrics.items() if k != "step"},
                             refresh=False)
             history.append(metrics)
+            if on_step and rank == 0 and (bar.disable or not sys.stdout.isatty()):  # a log file:
+                print(log_line(metrics, steps.stop), flush=True)  # no bar there (fit's runs only)
         if on_step:
             on_step(step + 1, metrics)
     for net in (g, s_psi):
@@ -967,9 +970,7 @@ def run_toy(cfg, dist_info):
 
 def run_sdxl(cfg, dist_info):
     rank, world_size, device = dist_info
-    if not cfg.bench:  # --bench writes no checkpoints
-        check_out_dir(cfg)
-    read_prompts(cfg.prompts)  # both fail before anything loads
+    check_sdxl_run(cfg, device)  # a GPU, the out_dir, the prompts: before anything loads
     if cfg.tiny:
         cfg = tiny_config(cfg, dist_info)
     elif rank == 0 and not cfg.bench:
@@ -991,6 +992,7 @@ def main(argv):
         # with one intra-op thread (threads competing for cores slow it down 10x)
         dist_info = setup_distributed(cuda=not cfg.toy)
         rank, world_size, _ = dist_info
+        check_resume(cfg, rank)  # the checkpoint's mode and objective, before anything is written
         torch.manual_seed(cfg.seed * world_size + rank)
         if cfg.toy:
             torch.set_num_threads(1)
@@ -1044,11 +1046,12 @@ def to_bool(v):
     return v.lower() in ("true", "1")
 
 
-def make_parser(cls, prog, defaults=None, add_help=True):
+def make_parser(cls, prog, defaults=None, add_help=True, epilog=None):
     """argparse from a config dataclass: --key=value, a bare --flag is True, comments are help."""
     helps = dict(re.findall(r"^ +(\w+): \w+ = .*?# (.*)$", inspect.getsource(cls), re.M))
     p = Parser(prog=prog, allow_abbrev=False, description=sys.modules[cls.__module__].__doc__,
-               formatter_class=argparse.RawDescriptionHelpFormatter, add_help=add_help)
+               formatter_class=argparse.RawDescriptionHelpFormatter, add_help=add_help,
+               epilog=epilog)
     for f in fields(cls):
         default = (defaults or {}).get(f.name, f.default)
         kw = dict(nargs="?", const=True, type=to_bool) if f.type is bool else dict(type=f.type)
@@ -1064,13 +1067,27 @@ def check_at_least(cfg, bounds):
             raise ConfigError(f"--{key} must be >= {low}, got {getattr(cfg, key)}")
 
 
+def modes_help():
+    """--help's last lines: the defaults each mode replaces (each flag's line shows SDXL's unless
+    the command line names a mode)."""
+    import textwrap
+
+    modes = dict(toy=TOY_DEFAULTS, tiny=TINY_DEFAULTS, dry_run=DRY_RUN_DEFAULTS,
+                 ablation=ABLATION_DEFAULTS, lora_rank=LORA_DEFAULTS)
+    lines = [textwrap.fill(" ".join(f"--{k}={v}" for k, v in d.items()), 100,
+                           initial_indent=f"  {'--' + m:13s}", subsequent_indent=" " * 15)
+             for m, d in modes.items()]
+    return "\n".join(["each mode replaces these defaults (the command line still wins):", *lines])
+
+
 def parse_args(argv):
     mode = make_parser(Config, "distar.py", add_help=False).parse_known_args(argv)[0]
     defaults = (TOY_DEFAULTS if mode.toy else TINY_DEFAULTS if mode.tiny
                 else DRY_RUN_DEFAULTS if mode.dry_run else {})
     defaults = {**(LORA_DEFAULTS if mode.lora_rank else {}), **defaults,
                 **(ABLATION_DEFAULTS if mode.ablation else {})}
-    cfg = Config(**vars(make_parser(Config, "distar.py", defaults).parse_args(argv)))
+    parser = make_parser(Config, "distar.py", defaults, epilog=modes_help())
+    cfg = Config(**vars(parser.parse_args(argv)))
     check_at_least(cfg, AT_LEAST)
     given = {a[2:].split("=")[0] for a in argv if a.startswith("--")}
     checks = [
@@ -1099,20 +1116,59 @@ def parse_args(argv):
 
 
 # -----------------------------------------------------------------------------
-# the out_dir holds one run (--resume continues it; a fresh run refuses another run's
-# checkpoints or starts it over), and all ranks see one folder
+# before anything loads: SDXL needs a GPU, and a checkpoint resumes in its own mode. The out_dir
+# holds one run (--resume continues it; a fresh run refuses another run's checkpoints or starts it
+# over), and all ranks see one folder
 
 RUN_OUTPUTS = (CKPT_RE, r"\.tmp-checkpoint-\d{6}(\.old)?", r"metrics\.jsonl", r"samples-\d{6}\.png",
                r"toy\.png", r"toy_samples\.safetensors")  # {out_dir}/tiny, a cache, stays
 
 
+def check_sdxl_run(cfg, device):
+    """Before anything loads (tens of GB on a first run): a GPU unless asked for the CPU, an
+    out_dir this run may write to, prompts."""
+    if device.type != "cuda" and not (cfg.tiny or cfg.allow_cpu):
+        raise ConfigError("training SDXL needs a GPU and none is visible: try --toy (2-D, seconds),"
+                          " --tiny (tiny random SDXL-shaped models) or --dry_run (the memory plan);"
+                          " --allow_cpu runs it here anyway")
+    if not cfg.bench:  # --bench writes no checkpoints
+        check_out_dir(cfg)
+    read_prompts(cfg.prompts)
+
+
 def check_out_dir(cfg):
-    """Before anything loads: a fresh SDXL run must not prune or later resume another run's
-    checkpoints, each of which stands for GPU hours."""
+    """A fresh SDXL run must not prune or later resume another run's checkpoints, each of which
+    stands for GPU hours."""
     ckpts = list_checkpoints(cfg.out_dir)
     if ckpts and not (cfg.resume or cfg.overwrite or cfg.tiny):
         raise LoadError(f"{cfg.out_dir} holds checkpoints of another run (newest {ckpts[-1]}): "
                         "pass --resume to continue it, or --overwrite to start over")
+
+
+# what a checkpoint must share with the run that resumes it (another world's weights do not fit;
+# --tiny would build its models inside another run's out_dir), and what it may change but is told
+MODE_KEYS = ("toy", "tiny", "lora_rank", "lora_targets")  # a LoRA of another shape does not fit
+OBJECTIVE_KEYS = ("divergence", "cfg", "alpha_rew", "alpha_cfg", "huber_c", "t_min", "t_max",
+                  "assistant_steps", "resolution", "batch_size", "conditioning_t", "lora_alpha")
+
+
+def check_resume(cfg, rank):
+    """--resume, before anything loads or is written: the newest checkpoint's state.json must be of
+    this run's mode; a changed objective (a new --divergence, say) is allowed but said, once."""
+    ckpts = list_checkpoints(cfg.out_dir)
+    if not (cfg.resume and ckpts):
+        return
+    with open(os.path.join(ckpts[-1], "state.json")) as f:
+        saved = {**asdict(Config()), **json.load(f)["config"]}  # a key added since: its default
+    now = asdict(cfg)
+    flags = lambda c: " ".join(f"--{k}={c[k]}" for k in MODE_KEYS)
+    if any(saved[k] != now[k] for k in MODE_KEYS):
+        raise LoadError(f"--resume: {ckpts[-1]} was saved by a run with {flags(saved)}, not "
+                        f"{flags(now)}: resume it with those, or give this run another --out_dir")
+    changed = [f"--{k} {saved[k]} -> {now[k]}" for k in OBJECTIVE_KEYS if saved[k] != now[k]]
+    if changed and rank == 0:
+        print(f"resume: the objective differs from {ckpts[-1]}'s: {', '.join(changed)}",
+              flush=True)
 
 
 def start_out_dir(cfg, dist_info):
@@ -1175,6 +1231,13 @@ def logged_step(line):
         return math.inf
 
 
+def log_line(m, max_steps):
+    """metrics as one plain line, for logs where no progress bar is shown (SLURM, nohup)."""
+    keys = ("loss_g", "loss_rew", "loss_div", "loss_cfg", "loss_psi", "reward", "grad_norm")
+    return (f"step {m['step']}/{max_steps} " + " ".join(f"{k} {m[k]:.4g}" for k in keys)
+            + f" skipped {m['skipped']} sec/step {m['sec_assistant'] + m['sec_generator']:.3g}")
+
+
 # -----------------------------------------------------------------------------
 # loading models and prompts: local folders, hub ids and state-dict files; a failure is one line
 # naming its flag
@@ -1199,7 +1262,8 @@ def load(flag, value, fn, *args, **kwargs):
         raise
     except Exception as e:  # OSError, ValueError, HFValidationError, ...: report, do not trace
         if hub_unreachable(e):
-            local = "/path/to/sdxl" if flag == "pretrained" else "/path/to/unet"
+            local = ("/path/to/sdxl" if flag == "pretrained" else "/path/to/clip"
+                     if flag.startswith(("reward", "clip")) else "/path/to/unet")
             first = ("no such local path, the Hugging Face hub could not be reached and the model "
                      f"is not in the local cache; pass a local folder (--{flag}={local})")
         else:
@@ -1223,6 +1287,9 @@ def load_sdxl_parts(cfg, device, frozen):
                 reward_fn=ClipReward(cfg.reward_model, cfg.reward_processor, frozen).to(device))
 
 
+STATE_DICTS = (".bin", ".pt", ".pth", ".safetensors")  # a UNet's weights as one file
+
+
 def load_generator(path, pretrained, variant=None, dtype=None, flag="generator_init"):
     """A one-step generator's UNet, in any form one is published in, in `dtype` (default fp32):
     "": the UNet of `pretrained`; a diffusers UNet folder, or a pipeline folder holding unet/
@@ -1234,7 +1301,7 @@ def load_generator(path, pretrained, variant=None, dtype=None, flag="generator_i
                                                                     variant=variant, dtype=dtype)
     if not path:
         return load("pretrained", pretrained, unet, pretrained, "unet")
-    if path.endswith((".bin", ".pt", ".pth", ".safetensors")):
+    if path.endswith(STATE_DICTS):
         return load(flag, path, unet_from_state_dict, path, pretrained).to(dtype)
     sub = "unet" if os.path.isdir(os.path.join(path, "unet")) else None  # a pipeline folder
     return load(flag, path, unet, path, sub)
@@ -1290,10 +1357,14 @@ def quiet_libraries():
     """The libraries' warnings and error logs off (a failed load raises, and is reported as one
     line), and their own bars ("Loading weights", "Loading pipeline components"), but not
     huggingface_hub's download bars: a first run shows its tens of GB arriving."""
+    import warnings
+
     from diffusers.utils import logging as diffusers_logging
     from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
     from transformers.utils import logging as transformers_logging
 
+    # diffusers still passes an argument huggingface_hub deprecated: a warning per hub UNet load
+    warnings.filterwarnings("ignore", message="The `local_dir_use_symlinks` argument is deprecated")
     hub_bars = not are_progress_bars_disabled()  # HF_HUB_DISABLE_PROGRESS_BARS=1 still wins
     for lib in (diffusers_logging, transformers_logging):
         lib.set_verbosity(lib.CRITICAL)

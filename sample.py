@@ -63,6 +63,24 @@ def parse_args(argv):
     return c
 
 
+def check_paths(cfg):
+    """Before anything loads: a local path that is not there is named as typed (else the default
+    --pretrained loads first, and fails on an unreachable hub). On the hub are owner/name folders
+    and owner/name/path/to/file.bin state dicts (--generator, --compare)."""
+    flags = ("pretrained", "generator", "compare") + ("reward_model", "reward_processor",
+                                                     "clip_model") * cfg.score
+    for flag in flags:
+        path, n = getattr(cfg, flag), getattr(cfg, flag).count("/")
+        file = flag in ("generator", "compare") and path.endswith(distar.STATE_DICTS) and n >= 2
+        hub = not path.startswith((".", "/", "~")) and (n == 1 or file)
+        if path and not hub and not os.path.exists(path):
+            raise distar.LoadError(f"cannot load --{flag}={path}: no such file or folder")
+    if os.path.isdir(cfg.pretrained) and not os.path.isfile(os.path.join(cfg.pretrained,
+                                                                         "model_index.json")):
+        raise distar.LoadError(f"cannot load --pretrained={cfg.pretrained}: not a diffusers "
+                               "pipeline folder (no model_index.json)")
+
+
 def sample_toy(cfg):
     """A toy checkpoint's generator: samples of every class over the reference, in one PNG."""
     if cfg.score or cfg.compare:
@@ -185,7 +203,7 @@ def sample(cfg):
         stats = {sub: cluster_bootstrap(s, cfg.bootstrap, cfg.ci, cfg.seed) for sub, s in S.items()}
         print(f"{metric:<10s} {'  '.join(TAGS[sub] + fmt(*v) for sub, v in stats.items())}  "
               f"{100 * cfg.ci:g}% CI, {len(prompts)} prompts, {len(jobs)} images"
-              + " each" * bool(cfg.compare))
+              + " per generator" * bool(cfg.compare) + f" ({k} per prompt)")
         stats = {sub: dict(zip(("mean", "lo", "hi"), v)) for sub, v in stats.items()}
         summary[metric] = stats if cfg.compare else stats[""]
     with open(os.path.join(cfg.out_dir, "scores.json"), "w") as f:
@@ -196,6 +214,7 @@ def sample(cfg):
 def main(argv):
     try:
         cfg = parse_args(argv)
+        check_paths(cfg)
         distar.quiet_libraries()
         toy = os.path.isfile(os.path.join(cfg.generator, "model.safetensors"))  # diffusers' differ
         sample_toy(cfg) if toy else sample(cfg)

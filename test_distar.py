@@ -10,7 +10,7 @@ import statistics
 import subprocess
 import sys
 
-from dataclasses import fields
+from dataclasses import fields, replace
 
 import numpy as np
 import pytest
@@ -771,7 +771,7 @@ def test_resume_of_a_checkpoint_without_state_pt_is_one_line_and_touches_nothing
                                                                                    monkeypatch):
     ckpt = tmp_path / "checkpoint-000002"
     ckpt.mkdir()
-    (ckpt / "state.json").write_text(json.dumps({"step": 2, "world_size": 1, "config": {}}))
+    (ckpt / "state.json").write_text(json.dumps({"step": 2, "world_size": 1, "config": {"toy": True}}))
     monkeypatch.setattr(distar, "gradient_check", lambda: [])
     assert distar.main(["--toy", "--resume", "--max_steps=3", f"--out_dir={tmp_path}"]) == 2
     err = capsys.readouterr().err
@@ -923,12 +923,14 @@ def trained_dir(tmp_path_factory):
     return d
 
 
-@pytest.mark.parametrize("args, words", [
-    (["--pretrained=/nonexistent/sdxl"], "cannot load --pretrained=/nonexistent/sdxl"),
-    (["--tiny", "--prompts=/nonexistent/prompts.txt"], "--prompts=/nonexistent/prompts.txt: no such file"),
-    (["--tiny", "--prompts={empty}"], "has no prompts"),
-    (["--tiny", "--resolution=30"], "--resolution must be a multiple of 8"),
-    (["--tiny", "--precision=fp8"], "--precision: invalid choice: 'fp8'"),
+@pytest.mark.parametrize("args, words", [  # --overwrite: the folder is cleared only once all has loaded
+    (["--allow_cpu", "--pretrained=/nonexistent/sdxl", "--overwrite"],
+     "cannot load --pretrained=/nonexistent/sdxl"),
+    (["--tiny", "--prompts=/nonexistent/prompts.txt", "--resume"],
+     "--prompts=/nonexistent/prompts.txt: no such file"),
+    (["--tiny", "--prompts={empty}", "--resume"], "has no prompts"),
+    (["--tiny", "--resolution=30", "--resume"], "--resolution must be a multiple of 8"),
+    (["--tiny", "--precision=fp8", "--resume"], "--precision: invalid choice: 'fp8'"),
 ])
 def test_bad_sdxl_input_is_one_line_and_leaves_checkpoints_intact(trained_dir, tmp_path, args, words,
                                                                   capsys):
@@ -936,7 +938,7 @@ def test_bad_sdxl_input_is_one_line_and_leaves_checkpoints_intact(trained_dir, t
     empty.write_text("\n  \n")
     before = _tree_digest(trained_dir)
     argv = [a.replace("{empty}", str(empty)) for a in args]
-    assert distar.main([*argv, f"--out_dir={trained_dir}", "--resume"]) == 2
+    assert distar.main([*argv, f"--out_dir={trained_dir}"]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err
     lines = err.strip().splitlines()
@@ -992,6 +994,28 @@ def test_toy_with_reward_moves_toward_higher_reward(tmp_path):
     assert (gain > 0.05).all(), gain
 
 
+def test_without_a_progress_bar_every_log_step_is_a_plain_line(tmp_path, monkeypatch, capsys):
+    """Under SLURM or nohup, or with stdout in a file (python distar.py --toy > log.txt), no bar
+    shows there: a 20-hour run still says where it is, a line per --log_interval."""
+    p = run("--toy", "--max_steps=20", "--log_interval=5", f"--out_dir={tmp_path / 'log'}")
+    assert p.returncode == 0, p.stderr[-2000:]  # stdout and stderr: pipes, as in a log file
+    lines = [line for line in p.stdout.splitlines() if line.startswith("step ")]
+    rows = [json.loads(r) for r in (tmp_path / "log" / "metrics.jsonl").read_text().splitlines()]
+    assert [line.split()[1] for line in lines] == ["5/20", "10/20", "15/20", "20/20"]
+    for line, row in zip(lines, rows):  # the logged metrics, rounded
+        got = dict(zip(line.split()[2::2], map(float, line.split()[3::2])))
+        for key in ("loss_g", "loss_div", "loss_psi", "reward"):
+            assert got[key] == pytest.approx(row[key], rel=1e-3, abs=1e-9), key
+        assert got["sec/step"] == pytest.approx(row["sec_assistant"] + row["sec_generator"], rel=1e-2)
+    # on a terminal the bar shows the metrics, and no line is printed under it
+    world = _toy([f"--out_dir={tmp_path / 'tty'}", "--max_steps=4", "--log_interval=2"])
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    distar.fit(world.cfg, world, (0, 1, torch.device("cpu")))
+    out, err = capsys.readouterr()
+    assert "loss_g=" in err and not re.search(r"^step \d+/", out, re.M), (out, err)
+
+
 def test_torchrun_toy_runs_two_ranks_in_sync_and_rank_0_alone_prints(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            os.path.join(HERE, "distar.py"), "--toy", "--max_steps=30", f"--out_dir={tmp_path}"]
@@ -999,6 +1023,7 @@ def test_torchrun_toy_runs_two_ranks_in_sync_and_rank_0_alone_prints(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     assert "on 2 process(es), parameters identical on all ranks" in p.stdout
     assert p.stdout.count("gradient check:") == 1  # rank 0 prints
+    assert p.stdout.count("step 30/30 ") == 1  # its log line too (no bar: stdout is a pipe)
     assert (tmp_path / "toy_samples.safetensors").exists()
 
 
@@ -1116,15 +1141,31 @@ def test_help_lists_every_option_with_its_default_and_meaning(script):
         assert squeeze(helps[f.name]) in squeeze(text), f.name
 
 
+def test_help_gives_each_modes_defaults_and_the_multi_node_command_as_typed():
+    r = subprocess.run([sys.executable, os.path.join(HERE, "distar.py"), "--help"], cwd=HERE, env=ENV,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0
+    text = r.stdout
+    # the backslash and the line break a shell needs, not one joined line
+    assert "--master_addr=$MASTER_ADDR \\\n    --master_port=29500 distar.py" in text
+    assert "python distar.py --help" not in text  # not an instruction to run what is running
+    modes = text.split("each mode replaces these defaults")[1]
+    listed = dict(re.findall(r"^  --(\w+) +(.*(?:\n {15}\S.*)*)", modes, re.M))
+    for mode, defaults in (("toy", distar.TOY_DEFAULTS), ("tiny", distar.TINY_DEFAULTS),
+                           ("dry_run", distar.DRY_RUN_DEFAULTS), ("ablation", distar.ABLATION_DEFAULTS)):
+        assert listed[mode].split() == [f"--{k}={v}" for k, v in defaults.items()], mode
+
+
 # -----------------------------------------------------------------------------
 # the out_dir holds one run: a fresh SDXL run refuses another run's checkpoints; a demo run,
-# or --overwrite, starts the out_dir over; under torchrun every rank sees the same out_dir
+# or --overwrite, starts the out_dir over; under torchrun every rank sees the same out_dir; before
+# anything loads, SDXL needs a GPU and a checkpoint resumes only in its own mode
 
 
 def _sdxl_args(tiny):
     """SDXL mode (not --tiny) on the tiny models: the real run's rules for out_dir apply."""
     sdxl, reward = tiny
-    return [f"--pretrained={sdxl}", "--generator_init=", f"--reward_model={reward}",
+    return ["--allow_cpu", f"--pretrained={sdxl}", "--generator_init=", f"--reward_model={reward}",
             f"--reward_processor={reward}", "--resolution=64", "--precision=fp32", "--assistant_steps=1",
             "--log_interval=1"]
 
@@ -1189,6 +1230,72 @@ def test_every_rank_must_see_the_same_out_dir(tmp_path, monkeypatch):
     cfg = distar.parse_args(["--toy", f"--out_dir={own}"])
     with pytest.raises(distar.ConfigError, match=words):  # every run checks, as it starts
         distar.start_out_dir(cfg, (1, 2, cpu))
+
+
+def test_sdxl_without_a_gpu_is_one_line_before_anything_loads(tmp_path):
+    """python distar.py on a laptop would download tens of GB to train SDXL on its CPU."""
+    env = {**ENV, "CUDA_VISIBLE_DEVICES": "", "HF_HOME": str(tmp_path / "hf")}
+    p = subprocess.run([sys.executable, os.path.join(HERE, "distar.py")], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert (p.returncode, p.stdout) == (2, "")
+    assert p.stderr == ("distar: error: training SDXL needs a GPU and none is visible: try --toy "
+                        "(2-D, seconds), --tiny (tiny random SDXL-shaped models) or --dry_run (the "
+                        "memory plan); --allow_cpu runs it here anyway\n")
+    assert os.listdir(tmp_path) == []  # no out/, no hub cache
+    cfg = distar.parse_args([f"--out_dir={tmp_path / 'o'}"])
+    distar.check_sdxl_run(cfg, torch.device("cuda"))  # with a GPU it goes on (--allow_cpu: the hub test)
+    with pytest.raises(distar.ConfigError, match="needs a GPU"):
+        distar.check_sdxl_run(cfg, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("saved, asked", [("--toy", ["--tiny"]), ("--tiny", ["--toy"]),
+                                          ("--tiny", ["--allow_cpu"])])
+def test_resume_in_another_mode_is_one_line_and_leaves_the_folder_as_it_was(
+        trained_dir, tmp_path, capsys, saved, asked):
+    """A toy checkpoint's 2-D MLPs do not fit SDXL's UNets, nor the other way round: say so before
+    --tiny builds its models in there, or anything loads."""
+    d = trained_dir  # --tiny, checkpoint-000002
+    if saved == "--toy":
+        _toy_checkpoint(tmp_path)
+        d = tmp_path
+    before = _tree_digest(d)
+    assert distar.main([*asked, "--resume", f"--out_dir={d}"]) == 2
+    out, err = capsys.readouterr()
+    flags = lambda toy, tiny: f"--toy={toy} --tiny={tiny}"
+    was = flags(True, False) if saved == "--toy" else flags(False, True)
+    now = flags("--toy" in asked, "--tiny" in asked)
+    newest = distar.list_checkpoints(str(d))[-1]
+    assert out == "" and err == (f"distar: error: --resume: {newest} was saved by a run with {was}, "
+                                 f"not {now}: resume it with those, or give this run another --out_dir\n")
+    assert _tree_digest(d) == before and not (tmp_path / "tiny").exists()
+
+
+def test_resume_with_another_objective_says_what_changed_and_continues(tmp_path, capsys):
+    """Learning rates and betas may change on resume; a change to what is optimised is said."""
+    _toy_checkpoint(tmp_path)  # step 1, the toy's defaults
+    ckpt = tmp_path / "checkpoint-000001"
+    assert distar.main(["--toy", "--resume", f"--out_dir={tmp_path}", "--max_steps=2", "--lr_g=1e-4",
+                        "--divergence=kl", "--alpha_rew=3"]) == 0
+    out = capsys.readouterr().out
+    assert [line for line in out.splitlines() if "objective" in line] == [
+        f"resume: the objective differs from {ckpt}'s: --divergence pseudo_huber -> kl, "
+        "--alpha_rew 100.0 -> 3.0"]
+    assert (tmp_path / "checkpoint-000002").is_dir()  # and the run went on
+    assert {"divergence", "cfg", "alpha_rew", "alpha_cfg", "huber_c", "t_min", "t_max", "assistant_steps",
+            "resolution", "batch_size", "conditioning_t"} <= set(distar.OBJECTIVE_KEYS)
+    cfg = distar.parse_args(["--toy", "--resume", f"--out_dir={tmp_path}", "--divergence=kl", "--alpha_rew=3",
+                             "--lr_psi=1", "--beta1=0.5"])
+    ckpt = tmp_path / "checkpoint-000002"
+    distar.check_resume(cfg, 0)
+    assert capsys.readouterr().out == ""  # only the optimiser changed
+    for key in distar.OBJECTIVE_KEYS:  # each is compared
+        value = getattr(cfg, key)
+        other = replace(cfg, **{key: dict(divergence="l2", cfg="out")[key] if isinstance(value, str)
+                                else value + 1})
+        distar.check_resume(other, 1)  # rank 1 is silent
+        distar.check_resume(other, 0)
+        assert capsys.readouterr().out == (f"resume: the objective differs from {ckpt}'s: --{key} "
+                                           f"{getattr(cfg, key)} -> {getattr(other, key)}\n"), key
 
 
 # -----------------------------------------------------------------------------
@@ -1286,7 +1393,8 @@ def test_an_unreachable_hub_is_one_line_naming_the_flag(tmp_path, capsys):
              "in the local cache; pass a local folder (--pretrained=/path/to/sdxl)")
     for name, main in (("sample", sample.main), ("distar", distar.main)):
         t0 = time.perf_counter()
-        assert main(["--prompt=a cat"] * (name == "sample") + [f"--out_dir={tmp_path / name}"]) == 2
+        flag = "--prompt=a cat" if name == "sample" else "--allow_cpu"  # distar: SDXL without a GPU
+        assert main([flag, f"--out_dir={tmp_path / name}"]) == 2
         assert time.perf_counter() - t0 < 20  # no download retries
         assert capsys.readouterr().err == f"{name}: error: {words}\n"
         assert not (tmp_path / name).exists()
@@ -1465,6 +1573,7 @@ def test_bench_command_prints_and_writes_the_cost_table(tiny, tmp_path):
         assert len(row["ms_reps"]) == reps and row["ms"] == pytest.approx(np.median(row["ms_reps"]))
         assert row["ratio"] == pytest.approx(row["ms"] / kl["ms"]) and row["ms"] > 0
     assert sorted(os.listdir(tmp_path)) == ["bench.json", "tiny"]  # no checkpoint, metrics or samples
+    assert not re.search(r"^step \d+/", r.stdout, re.M)  # nor a log line per timed step
 
 
 def test_bench_runs_every_variant_and_leaves_the_world_as_it_was(tiny, tmp_path, monkeypatch, capsys):
@@ -2050,7 +2159,8 @@ def test_score_writes_pickscore_clip_score_and_prompt_bootstrap_intervals(tiny, 
         mean, lo, hi = sample.cluster_bootstrap(s.reshape(3, 2), 1000, 0.95, 0)  # prompts are the rows
         assert summary[metric] == dict(mean=mean, lo=lo, hi=hi)
         assert abs(mean - s.mean()) < 1e-12 and lo < mean < hi
-        line = re.search(rf"^{metric} +(\S+) \[(\S+), (\S+)\]  95% CI, 3 prompts, 6 images", stdout, re.M)
+        line = re.search(rf"^{metric} +(\S+) \[(\S+), (\S+)\]  95% CI, 3 prompts, 6 images \(2 per prompt\)$",
+                         stdout, re.M)
         assert np.allclose([float(v) for v in line.groups()], [mean, lo, hi], rtol=1e-3, atol=1e-6)
 
 
@@ -2058,6 +2168,9 @@ def test_score_writes_pickscore_clip_score_and_prompt_bootstrap_intervals(tiny, 
 def compare_runs(tiny, tmp_path_factory):
     """3 prompts x 2 images, batches of 4 (one crosses prompts), grids of 2 rows: the tiny UNet
     against itself (a pipeline folder: its unet/), against a perturbed copy, and the copy alone."""
+    import contextlib
+    import io
+
     from diffusers import UNet2DConditionModel
 
     sdxl, reward = tiny
@@ -2075,7 +2188,9 @@ def compare_runs(tiny, tmp_path_factory):
     for name, extra in (("self", [f"--compare={sdxl}", *score]),
                         ("ab", [f"--compare={tmp / 'unet_b'}", *score]),
                         ("b", [f"--generator={tmp / 'unet_b'}"])):
-        assert sample.main([*args, *extra, f"--out_dir={tmp / name}"]) == 0
+        with contextlib.redirect_stdout(io.StringIO()) as out:
+            assert sample.main([*args, *extra, f"--out_dir={tmp / name}"]) == 0
+        (tmp / f"{name}.txt").write_text(out.getvalue())
     return tmp
 
 
@@ -2124,12 +2239,17 @@ def test_compare_two_generators_uses_the_same_prompts_and_seeds(compare_runs):
         assert summary[metric]["b_minus_a"] == dict(mean=mean, lo=lo, hi=hi)
         assert mean != 0 and abs(mean - (S["b"].mean() - S["a"].mean())) < 1e-12
     assert [r["image"] for r in rows if r["generator"] == "b"] == [f"b/{i:03d}.png" for i in range(6)]
+    printed = (compare_runs / "ab.txt").read_text()  # 6 images of each generator, not 6 in all
+    assert "wrote 6 images per generator to" in printed
+    assert re.search(r"^pickscore +A .*  95% CI, 3 prompts, 6 images per generator \(2 per prompt\)$",
+                     printed, re.M), printed
 
 
 @pytest.mark.parametrize("case", ["missing_pretrained", "missing_generator", "missing_prompts",
                                   "empty_prompts", "missing_reward", "missing_clip", "missing_compare",
                                   "unknown_flag", "bad_value", "bad_ci", "bad_type", "bad_bool", "bad_dtype",
-                                  "prompt_and_prompts"])
+                                  "prompt_and_prompts", "typo_generator", "typo_compare", "not_a_pipeline",
+                                  "hub_clip", "hub_reward", "hub_generator"])
 def test_bad_sample_input_is_one_line_exit_2_and_writes_nothing(tiny, tmp_path, capsys, case):
     sdxl, reward = tiny
     (tmp_path / "empty.txt").write_text("\n  \n")
@@ -2154,7 +2274,20 @@ def test_bad_sample_input_is_one_line_exit_2_and_writes_nothing(tiny, tmp_path, 
                   "bad_bool": (["--score=maybe"], "--score"),
                   "bad_dtype": (["--dtype=fp8"], "--dtype"),
                   "prompt_and_prompts": (["--prompt=a", f"--prompts={tmp_path / 'empty.txt'}"],
-                                         "--prompt")}[case]
+                                         "--prompt"),
+                  # a mistyped local path is named as typed, before the default --pretrained fails on the hub
+                  "typo_generator": (["--generator=/nonexistent"],
+                                     "cannot load --generator=/nonexistent: no such file or folder"),
+                  "typo_compare": (["--compare=nope/checkpoint-000002/generator"],
+                                   "cannot load --compare=nope/checkpoint-000002/generator: no such file"),
+                  "not_a_pipeline": ([f"--pretrained={sdxl}/unet"], f"cannot load --pretrained={sdxl}/unet: "
+                                     "not a diffusers pipeline folder (no model_index.json)"),
+                  # off the hub: each flag's hint is a folder of its kind
+                  "hub_clip": ([f"--pretrained={sdxl}", "--score"], "(--clip_model=/path/to/clip)"),
+                  "hub_reward": ([f"--pretrained={sdxl}", "--score", f"--clip_model={reward}"],
+                                 "(--reward_processor=/path/to/clip)"),
+                  "hub_generator": ([f"--pretrained={sdxl}", "--generator=owner/unet"],
+                                    "(--generator=/path/to/unet)")}[case]
     assert sample.main(["--resolution=64", f"--out_dir={tmp_path / 'o'}", *args]) == 2  # later flags win
     err = capsys.readouterr().err
     assert err.startswith("sample: error: ") and err.count("\n") == 1 and word in err, err
@@ -2169,7 +2302,8 @@ def test_bad_sample_command_line_has_no_traceback(tiny, tmp_path):
     os.rename(fp16 / "vae" / "diffusion_pytorch_model.safetensors",
               fp16 / "vae" / "diffusion_pytorch_model.fp16.safetensors")
     for args in (["--bogus"], [f"--pretrained={tmp_path / 'nope'}", "--prompt=a"],
-                 [f"--pretrained={fp16}", "--prompt=a", "--resolution=64"]):
+                 [f"--pretrained={fp16}", "--prompt=a", "--resolution=64"],
+                 [f"--pretrained={tiny[0]}", "--generator=owner/unet", "--prompt=a"]):  # off the hub
         r = run_sample(*args, f"--out_dir={tmp_path / 'o'}")
         assert r.returncode == 2 and r.stdout == "", r
         assert r.stderr.startswith("sample: error: ") and r.stderr.count("\n") == 1, r.stderr
