@@ -1161,8 +1161,9 @@ def check_resume(cfg, rank):
     with open(os.path.join(ckpts[-1], "state.json")) as f:
         saved = {**asdict(Config()), **json.load(f)["config"]}  # a key added since: its default
     now = asdict(cfg)
-    flags = lambda c: " ".join(f"--{k}={c[k]}" for k in MODE_KEYS)
-    if any(saved[k] != now[k] for k in MODE_KEYS):
+    differ = [k for k in MODE_KEYS if saved[k] != now[k]]
+    flags = lambda c: " ".join(f"--{k}={c[k]}" for k in differ)
+    if differ:
         raise LoadError(f"--resume: {ckpts[-1]} was saved by a run with {flags(saved)}, not "
                         f"{flags(now)}: resume it with those, or give this run another --out_dir")
     changed = [f"--{k} {saved[k]} -> {now[k]}" for k in OBJECTIVE_KEYS if saved[k] != now[k]]

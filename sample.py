@@ -6,7 +6,7 @@ $ python sample.py --pretrained=XDG-XHS/distar_long_1step --variant=fp16 --promp
 $ python sample.py --generator=tianweiy/DMD2/dmd2_sdxl_1step_unet_fp16.bin --prompt="a shiba inu"
 $ python sample.py --generator=out/checkpoint-000500/generator \\
     --compare=out/checkpoint-002000/generator --prompts=parti.txt --score --out_dir=compare
-$ python sample.py --generator=out/checkpoint-000500/generator      # a LoRA checkpoint: its base + LoRA
+$ python sample.py --generator=out/checkpoint-000500/generator   # a LoRA one: its base + the LoRA
 $ python sample.py --generator=out_toy/checkpoint-001000/generator   # a toy checkpoint: a scatter
 """
 

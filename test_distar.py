@@ -1248,22 +1248,27 @@ def test_sdxl_without_a_gpu_is_one_line_before_anything_loads(tmp_path):
         distar.check_sdxl_run(cfg, torch.device("cpu"))
 
 
-@pytest.mark.parametrize("saved, asked", [("--toy", ["--tiny"]), ("--tiny", ["--toy"]),
-                                          ("--tiny", ["--allow_cpu"])])
+@pytest.mark.parametrize("saved, asked, was, now", [
+    ("--toy", ["--tiny"], "--toy=True --tiny=False", "--toy=False --tiny=True"),
+    ("--tiny", ["--toy"], "--toy=False --tiny=True", "--toy=True --tiny=False"),
+    ("--tiny", ["--allow_cpu"], "--tiny=True", "--tiny=False"),
+    ("--tiny", ["--tiny", "--lora_rank=4"], "--lora_rank=0", "--lora_rank=4"),
+    ("--tiny --lora_rank=4", ["--tiny"], "--lora_rank=4", "--lora_rank=0"),
+    ("--tiny --lora_rank=4", ["--tiny", "--lora_rank=8"], "--lora_rank=4", "--lora_rank=8"),
+    ("--tiny --lora_rank=4", ["--tiny", "--lora_rank=4", "--lora_targets=attn"],
+     "--lora_targets=all", "--lora_targets=attn")])
 def test_resume_in_another_mode_is_one_line_and_leaves_the_folder_as_it_was(
-        trained_dir, tmp_path, capsys, saved, asked):
-    """A toy checkpoint's 2-D MLPs do not fit SDXL's UNets, nor the other way round: say so before
-    --tiny builds its models in there, or anything loads."""
-    d = trained_dir  # --tiny, checkpoint-000002
+        trained_dir, lora_run, tmp_path, capsys, saved, asked, was, now):
+    """A toy checkpoint's 2-D MLPs do not fit SDXL's UNets, nor the other way round, nor a LoRA a
+    whole UNet or a LoRA of another shape: say so before --tiny builds its models in there, or
+    anything loads."""
+    d = lora_run if "lora" in saved else trained_dir  # --tiny, checkpoint-000002
     if saved == "--toy":
         _toy_checkpoint(tmp_path)
         d = tmp_path
     before = _tree_digest(d)
     assert distar.main([*asked, "--resume", f"--out_dir={d}"]) == 2
     out, err = capsys.readouterr()
-    flags = lambda toy, tiny: f"--toy={toy} --tiny={tiny}"
-    was = flags(True, False) if saved == "--toy" else flags(False, True)
-    now = flags("--toy" in asked, "--tiny" in asked)
     newest = distar.list_checkpoints(str(d))[-1]
     assert out == "" and err == (f"distar: error: --resume: {newest} was saved by a run with {was}, "
                                  f"not {now}: resume it with those, or give this run another --out_dir\n")
@@ -1282,7 +1287,7 @@ def test_resume_with_another_objective_says_what_changed_and_continues(tmp_path,
         "--alpha_rew 100.0 -> 3.0"]
     assert (tmp_path / "checkpoint-000002").is_dir()  # and the run went on
     assert {"divergence", "cfg", "alpha_rew", "alpha_cfg", "huber_c", "t_min", "t_max", "assistant_steps",
-            "resolution", "batch_size", "conditioning_t"} <= set(distar.OBJECTIVE_KEYS)
+            "resolution", "batch_size", "conditioning_t", "lora_alpha"} <= set(distar.OBJECTIVE_KEYS)
     cfg = distar.parse_args(["--toy", "--resume", f"--out_dir={tmp_path}", "--divergence=kl", "--alpha_rew=3",
                              "--lr_psi=1", "--beta1=0.5"])
     ckpt = tmp_path / "checkpoint-000002"
