@@ -1263,8 +1263,8 @@ def load(flag, value, fn, *args, **kwargs):
         raise
     except Exception as e:  # OSError, ValueError, HFValidationError, ...: report, do not trace
         if hub_unreachable(e):
-            local = ("/path/to/sdxl" if flag == "pretrained" else "/path/to/clip"
-                     if flag.startswith(("reward", "clip")) else "/path/to/unet")
+            local = "/path/to/" + dict(pretrained="sdxl", lora="lora", reward_model="clip",
+                                       reward_processor="clip", clip_model="clip").get(flag, "unet")
             first = ("no such local path, the Hugging Face hub could not be reached and the model "
                      f"is not in the local cache; pass a local folder (--{flag}={local})")
         else:

@@ -2254,7 +2254,7 @@ def test_compare_two_generators_uses_the_same_prompts_and_seeds(compare_runs):
                                   "empty_prompts", "missing_reward", "missing_clip", "missing_compare",
                                   "unknown_flag", "bad_value", "bad_ci", "bad_type", "bad_bool", "bad_dtype",
                                   "prompt_and_prompts", "typo_generator", "typo_compare", "not_a_pipeline",
-                                  "hub_clip", "hub_reward", "hub_generator"])
+                                  "hub_clip", "hub_reward", "hub_generator", "typo_lora", "hub_lora"])
 def test_bad_sample_input_is_one_line_exit_2_and_writes_nothing(tiny, tmp_path, capsys, case):
     sdxl, reward = tiny
     (tmp_path / "empty.txt").write_text("\n  \n")
@@ -2292,7 +2292,9 @@ def test_bad_sample_input_is_one_line_exit_2_and_writes_nothing(tiny, tmp_path, 
                   "hub_reward": ([f"--pretrained={sdxl}", "--score", f"--clip_model={reward}"],
                                  "(--reward_processor=/path/to/clip)"),
                   "hub_generator": ([f"--pretrained={sdxl}", "--generator=owner/unet"],
-                                    "(--generator=/path/to/unet)")}[case]
+                                    "(--generator=/path/to/unet)"),
+                  "typo_lora": (["--lora=./lora"], "cannot load --lora=./lora: no such file or folder"),
+                  "hub_lora": ([f"--pretrained={sdxl}", "--lora=owner/lora"], "(--lora=/path/to/lora)")}[case]
     assert sample.main(["--resolution=64", f"--out_dir={tmp_path / 'o'}", *args]) == 2  # later flags win
     err = capsys.readouterr().err
     assert err.startswith("sample: error: ") and err.count("\n") == 1 and word in err, err
