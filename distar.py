@@ -742,7 +742,7 @@ def train(world, opt_g, opt_psi, dist_info, steps, on_step=None):
 
 
 # -----------------------------------------------------------------------------
-# DDP and checkpoints
+# DDP: one process per GPU, identical copies of the trained nets
 
 
 def setup_distributed(cuda=True):
@@ -791,11 +791,215 @@ def barrier(world_size):
         dist.barrier()
 
 
-# A checkpoint is {out_dir}/checkpoint-{step:06d}/: generator/ and assistant/ (diffusers UNet
-# folders; the toy's nets as model.safetensors), state.pt (optimizer and RNG states, see
-# state_file) and state.json (step, config), written last. Rank 0 writes into a hidden folder and
-# renames it into place, so a crash never leaves a checkpoint that looks complete nor harms an
-# earlier one.
+# -----------------------------------------------------------------------------
+# main: the toy and SDXL share fit (optimizers, resume, metrics, samples, checkpoints)
+
+
+def fit(cfg, world, dist_info, save_samples=None):
+    """Train world from step 0 or from the newest checkpoint, writing to cfg.out_dir."""
+    rank, world_size, _ = dist_info
+    start_out_dir(cfg, dist_info)
+    opt_g = make_optimizer(cfg, trained(world.generator), cfg.lr_g)
+    opt_psi = make_optimizer(cfg, trained(world.assistant), cfg.lr_psi)
+    start = load_checkpoint(cfg, world, opt_g, opt_psi, dist_info) if cfg.resume else 0
+    if start and start >= cfg.max_steps:  # a checkpoint was loaded
+        if rank == 0:
+            print(f"resume: the checkpoint is at step {start}, --max_steps={cfg.max_steps}: "
+                  "nothing to train (a larger --max_steps continues the run)")
+        return []
+
+    def on_step(step, metrics):
+        if metrics and rank == 0:
+            with open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+        last = step == cfg.max_steps
+        if save_samples and rank == 0 and (step % cfg.sample_interval == 0 or last):
+            save_samples(os.path.join(cfg.out_dir, f"samples-{step:06d}.png"))
+        if step % cfg.ckpt_interval == 0 or last:
+            save_checkpoint(cfg, step, world, opt_g, opt_psi, dist_info)
+
+    t0 = time.perf_counter()
+    history = train(world, opt_g, opt_psi, dist_info, range(start, cfg.max_steps), on_step)
+    if rank == 0:
+        in_sync = ", parameters identical on all ranks" if world_size > 1 else ""
+        print(f"trained to step {cfg.max_steps} in {time.perf_counter() - t0:.1f} s on "
+              f"{world_size} process(es){in_sync}; in {cfg.out_dir}")
+    return history
+
+
+def run_toy(cfg, dist_info):
+    rank, world_size, device = dist_info
+    ok = torch.ones(1, device=device)  # on the device: NCCL takes only CUDA tensors
+    if rank == 0:  # float64 Monte Carlo, ~2 s; the other ranks wait at the broadcast
+        results = gradient_check()
+        print_gradient_check(results)
+        ok[0] = all(r["ok"] for r in results)
+    if world_size > 1:
+        dist.broadcast(ok, 0)
+    if not ok.item():
+        raise SystemExit("gradient check FAILED: a tractable loss is off beyond Monte-Carlo noise")
+    world = make_toy_world(device)
+    world.cfg = cfg
+    fit(cfg, world, dist_info)
+    if rank == 0:
+        evaluate_toy(world, cfg.out_dir)
+
+
+def run_sdxl(cfg, dist_info):
+    rank, world_size, device = dist_info
+    check_sdxl_run(cfg, device)  # a GPU, the out_dir, the prompts: before anything loads
+    if cfg.tiny:
+        cfg = tiny_config(cfg, dist_info)
+    elif rank == 0 and not cfg.bench:
+        print(f"distar: SDXL on {world_size} x {device.type}: loading {cfg.pretrained}, "
+              f"{cfg.generator_init or 'its UNet'} and {cfg.reward_model}", flush=True)
+    world = SDXLWorld(cfg, device, rank, world_size)
+    if cfg.bench:  # the cost table instead of training
+        return bench(world, dist_info)
+    fit(cfg, world, dist_info, world.save_samples)
+
+
+def main(argv):
+    rank = int(os.environ.get("RANK", 0))
+    first_on_node = int(os.environ.get("LOCAL_RANK", 0)) == 0  # one error line in each node's log
+    try:
+        cfg = parse_args(argv)
+        quiet_libraries()
+        # the toy's nets are so small that a GPU only adds launch latency: it runs on the CPU,
+        # with one intra-op thread (threads competing for cores slow it down 10x)
+        dist_info = setup_distributed(cuda=not cfg.toy)
+        rank, world_size, _ = dist_info
+        check_resume(cfg, rank)  # the checkpoint's mode and objective, before anything is written
+        torch.manual_seed(cfg.seed * world_size + rank)
+        if cfg.toy:
+            torch.set_num_threads(1)
+        run = (run_ablation if cfg.ablation else run_toy if cfg.toy
+               else run_dry_run if cfg.dry_run else run_sdxl)
+        run(cfg, dist_info)
+    except (LoadError, ConfigError, NonFiniteError) as e:  # one line; every rank stops here
+        if first_on_node:
+            print(f"distar: error: {e}", file=sys.stderr)
+        return 1 if isinstance(e, NonFiniteError) else 2
+    except torch.cuda.OutOfMemoryError:  # from the rank that ran out; torchrun stops the others
+        print(f"distar: error: rank {rank} ran out of GPU memory: try a smaller --batch_size, more "
+              "GPUs with --zero, or --grad_checkpointing if it is off", file=sys.stderr)
+        return 1
+    if dist.is_initialized():  # torchrun, even with one process
+        dist.barrier()  # rank 0 has written its files; leave together
+        dist.destroy_process_group()
+    return 0
+
+
+###############################################################################
+# EXTRAS. Tooling around the DI* path above: the command line, checkpoints, the checks before
+# anything loads and the out_dir's rules, loading models with one-line errors, LoRA adapters, SDXL
+# models from configs (tiny ones, and the full size with random weights), the dry run and the cost
+# table, the toy pictures, and Table 2 in the toy.
+###############################################################################
+
+# -----------------------------------------------------------------------------
+# the command line: argparse built from Config; a bad value is one line naming its flag
+
+CHOICES = dict(cfg=("in", "out"), divergence=("pseudo_huber", "l2", "kl"),
+               precision=("bf16", "fp32"), dtype=("fp16", "bf16", "fp32"),  # dtype: sample.py
+               lora_targets=("all", "attn_ff", "attn"))
+AT_LEAST = dict(batch_size=1, max_steps=0, assistant_steps=0, lr_g=0, lr_psi=0, beta1=0, beta2=0,
+                weight_decay=0, grad_clip=0, max_skips=1, log_interval=1, ckpt_interval=1,
+                sample_interval=1, keep_checkpoints=1, world_size_plan=0, peak_tflops=0,
+                bench_reps=1, bench_warmup=0, t_min=0, resolution=8, lora_rank=0)
+
+
+class ConfigError(ValueError):
+    """A bad command line: main prints it as one line and exits 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line naming the flag: no usage dump, no traceback
+        raise ConfigError(message.replace("argument ", ""))
+
+
+def to_bool(v):
+    if v.lower() not in ("true", "false", "1", "0"):
+        raise argparse.ArgumentTypeError(f"takes true or false, not {v!r}")
+    return v.lower() in ("true", "1")
+
+
+def make_parser(cls, prog, defaults=None, add_help=True, epilog=None):
+    """argparse from a config dataclass: --key=value, a bare --flag is True, comments are help."""
+    helps = dict(re.findall(r"^ +(\w+): \w+ = .*?# (.*)$", inspect.getsource(cls), re.M))
+    p = Parser(prog=prog, allow_abbrev=False, description=sys.modules[cls.__module__].__doc__,
+               formatter_class=argparse.RawDescriptionHelpFormatter, add_help=add_help,
+               epilog=epilog)
+    for f in fields(cls):
+        default = (defaults or {}).get(f.name, f.default)
+        kw = dict(nargs="?", const=True, type=to_bool) if f.type is bool else dict(type=f.type)
+        p.add_argument(f"--{f.name}", default=default, choices=CHOICES.get(f.name),
+                       metavar="true|false" if f.type is bool else f.type.__name__.upper(),
+                       help=f"{helps.get(f.name, '')} (default: {default!r})", **kw)
+    return p
+
+
+def check_at_least(cfg, bounds):
+    for key, low in bounds.items():
+        if getattr(cfg, key) < low:
+            raise ConfigError(f"--{key} must be >= {low}, got {getattr(cfg, key)}")
+
+
+def modes_help():
+    """--help's last lines: the defaults each mode replaces (each flag's line shows SDXL's unless
+    the command line names a mode)."""
+    import textwrap
+
+    modes = dict(toy=TOY_DEFAULTS, tiny=TINY_DEFAULTS, dry_run=DRY_RUN_DEFAULTS,
+                 ablation=ABLATION_DEFAULTS, lora_rank=LORA_DEFAULTS)
+    lines = [textwrap.fill(" ".join(f"--{k}={v}" for k, v in d.items()), 100,
+                           initial_indent=f"  {'--' + m:13s}", subsequent_indent=" " * 15)
+             for m, d in modes.items()]
+    return "\n".join(["each mode replaces these defaults (the command line still wins):", *lines])
+
+
+def parse_args(argv):
+    mode = make_parser(Config, "distar.py", add_help=False).parse_known_args(argv)[0]
+    defaults = (TOY_DEFAULTS if mode.toy else TINY_DEFAULTS if mode.tiny
+                else DRY_RUN_DEFAULTS if mode.dry_run else {})
+    defaults = {**(LORA_DEFAULTS if mode.lora_rank else {}), **defaults,
+                **(ABLATION_DEFAULTS if mode.ablation else {})}
+    parser = make_parser(Config, "distar.py", defaults, epilog=modes_help())
+    cfg = Config(**vars(parser.parse_args(argv)))
+    check_at_least(cfg, AT_LEAST)
+    given = {a[2:].split("=")[0] for a in argv if a.startswith("--")}
+    checks = [
+        (cfg.toy + cfg.tiny + cfg.dry_run > 1, "--toy, --tiny and --dry_run are different worlds"),
+        (cfg.ablation and not cfg.toy, "--ablation is a toy experiment: use --toy --ablation"),
+        (cfg.ablation and bool(given & {*ROW_FLAGS, "resume"}),
+         f"--ablation sets --{', --'.join(ROW_FLAGS)} per row and always starts afresh"),
+        (cfg.bench and cfg.toy, "--bench times the SDXL world, not --toy"),
+        (cfg.dry_run and cfg.resume, "--dry_run writes no checkpoints: nothing to --resume"),
+        (cfg.dry_run and cfg.max_steps < 2, "--dry_run needs --max_steps >= 2 (1 is warm-up)"),
+        (cfg.resolution % 8 != 0, f"--resolution must be a multiple of 8, got {cfg.resolution}"),
+        (not cfg.t_min <= cfg.t_max <= 999, f"need --t_min <= --t_max <= 999, got {cfg.t_min}"
+         f" and {cfg.t_max}"),
+        (not (cfg.beta1 < 1 and cfg.beta2 < 1), "--beta1 and --beta2 must be < 1"),
+        (cfg.huber_c <= 0, f"--huber_c must be > 0, got {cfg.huber_c}"),
+        (cfg.lora_rank and cfg.toy, "--lora_rank adapts SDXL UNets; the toy trains whole MLPs"),
+        (cfg.lora_alpha <= 0, f"--lora_alpha must be > 0, got {cfg.lora_alpha}"),
+        (cfg.resume and cfg.overwrite, "--resume continues a run, --overwrite deletes it: choose"),
+        ((cfg.bench or cfg.ablation) and int(os.environ.get("WORLD_SIZE", 1)) > 1,
+         "--bench and --ablation run in one process: use python, not torchrun"),
+    ]
+    for bad, message in checks:
+        if bad:
+            raise ConfigError(message)
+    return cfg
+
+
+# -----------------------------------------------------------------------------
+# checkpoints, written whole or not at all. {out_dir}/checkpoint-{step:06d}/ holds generator/ and
+# assistant/ (diffusers UNet folders; with --lora_rank the adapters, see save_lora; the toy's nets
+# as model.safetensors), state.pt (optimizer and RNG states, see state_file) and state.json (step,
+# config), written last. Rank 0 writes into a hidden folder and renames it into place, so a crash
+# never leaves a checkpoint that looks complete nor harms an earlier one.
+
 CKPT_RE = r"checkpoint-\d{6}"
 
 
@@ -912,207 +1116,6 @@ def load_checkpoint(cfg, world, opt_g, opt_psi, dist_info):
         trim_metrics(cfg.out_dir, step)
         print(f"resumed from {path} (step {step})")
     return step
-
-
-# -----------------------------------------------------------------------------
-# main: the toy and SDXL share fit (optimizers, resume, metrics, samples, checkpoints)
-
-
-def fit(cfg, world, dist_info, save_samples=None):
-    """Train world from step 0 or from the newest checkpoint, writing to cfg.out_dir."""
-    rank, world_size, _ = dist_info
-    start_out_dir(cfg, dist_info)
-    opt_g = make_optimizer(cfg, trained(world.generator), cfg.lr_g)
-    opt_psi = make_optimizer(cfg, trained(world.assistant), cfg.lr_psi)
-    start = load_checkpoint(cfg, world, opt_g, opt_psi, dist_info) if cfg.resume else 0
-    if start and start >= cfg.max_steps:  # a checkpoint was loaded
-        if rank == 0:
-            print(f"resume: the checkpoint is at step {start}, --max_steps={cfg.max_steps}: "
-                  "nothing to train (a larger --max_steps continues the run)")
-        return []
-
-    def on_step(step, metrics):
-        if metrics and rank == 0:
-            with open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps(metrics) + "\n")
-        last = step == cfg.max_steps
-        if save_samples and rank == 0 and (step % cfg.sample_interval == 0 or last):
-            save_samples(os.path.join(cfg.out_dir, f"samples-{step:06d}.png"))
-        if step % cfg.ckpt_interval == 0 or last:
-            save_checkpoint(cfg, step, world, opt_g, opt_psi, dist_info)
-
-    t0 = time.perf_counter()
-    history = train(world, opt_g, opt_psi, dist_info, range(start, cfg.max_steps), on_step)
-    if rank == 0:
-        in_sync = ", parameters identical on all ranks" if world_size > 1 else ""
-        print(f"trained to step {cfg.max_steps} in {time.perf_counter() - t0:.1f} s on "
-              f"{world_size} process(es){in_sync}; in {cfg.out_dir}")
-    return history
-
-
-def run_toy(cfg, dist_info):
-    rank, world_size, device = dist_info
-    ok = torch.ones(1, device=device)  # on the device: NCCL takes only CUDA tensors
-    if rank == 0:  # float64 Monte Carlo, ~2 s; the other ranks wait at the broadcast
-        results = gradient_check()
-        print_gradient_check(results)
-        ok[0] = all(r["ok"] for r in results)
-    if world_size > 1:
-        dist.broadcast(ok, 0)
-    if not ok.item():
-        raise SystemExit("gradient check FAILED: a tractable loss is off beyond Monte-Carlo noise")
-    world = make_toy_world(device)
-    world.cfg = cfg
-    fit(cfg, world, dist_info)
-    if rank == 0:
-        evaluate_toy(world, cfg.out_dir)
-
-
-def run_sdxl(cfg, dist_info):
-    rank, world_size, device = dist_info
-    check_sdxl_run(cfg, device)  # a GPU, the out_dir, the prompts: before anything loads
-    if cfg.tiny:
-        cfg = tiny_config(cfg, dist_info)
-    elif rank == 0 and not cfg.bench:
-        print(f"distar: SDXL on {world_size} x {device.type}: loading {cfg.pretrained}, "
-              f"{cfg.generator_init or 'its UNet'} and {cfg.reward_model}", flush=True)
-    world = SDXLWorld(cfg, device, rank, world_size)
-    if cfg.bench:  # the cost table instead of training
-        return bench(world, dist_info)
-    fit(cfg, world, dist_info, world.save_samples)
-
-
-def main(argv):
-    rank = int(os.environ.get("RANK", 0))
-    first_on_node = int(os.environ.get("LOCAL_RANK", 0)) == 0  # one error line in each node's log
-    try:
-        cfg = parse_args(argv)
-        quiet_libraries()
-        # the toy's nets are so small that a GPU only adds launch latency: it runs on the CPU,
-        # with one intra-op thread (threads competing for cores slow it down 10x)
-        dist_info = setup_distributed(cuda=not cfg.toy)
-        rank, world_size, _ = dist_info
-        check_resume(cfg, rank)  # the checkpoint's mode and objective, before anything is written
-        torch.manual_seed(cfg.seed * world_size + rank)
-        if cfg.toy:
-            torch.set_num_threads(1)
-        run = (run_ablation if cfg.ablation else run_toy if cfg.toy
-               else run_dry_run if cfg.dry_run else run_sdxl)
-        run(cfg, dist_info)
-    except (LoadError, ConfigError, NonFiniteError) as e:  # one line; every rank stops here
-        if first_on_node:
-            print(f"distar: error: {e}", file=sys.stderr)
-        return 1 if isinstance(e, NonFiniteError) else 2
-    except torch.cuda.OutOfMemoryError:  # from the rank that ran out; torchrun stops the others
-        print(f"distar: error: rank {rank} ran out of GPU memory: try a smaller --batch_size, more "
-              "GPUs with --zero, or --grad_checkpointing if it is off", file=sys.stderr)
-        return 1
-    if dist.is_initialized():  # torchrun, even with one process
-        dist.barrier()  # rank 0 has written its files; leave together
-        dist.destroy_process_group()
-    return 0
-
-
-###############################################################################
-# EXTRAS. Tooling around the DI* path above: the command line, the out_dir's rules,
-# loading models with one-line errors, SDXL models from configs (tiny ones, and the full size with
-# random weights), the dry run and the cost table, the toy pictures, and Table 2 in the toy.
-###############################################################################
-
-# -----------------------------------------------------------------------------
-# the command line: argparse built from Config; a bad value is one line naming its flag
-
-CHOICES = dict(cfg=("in", "out"), divergence=("pseudo_huber", "l2", "kl"),
-               precision=("bf16", "fp32"), dtype=("fp16", "bf16", "fp32"),  # dtype: sample.py
-               lora_targets=("all", "attn_ff", "attn"))
-AT_LEAST = dict(batch_size=1, max_steps=0, assistant_steps=0, lr_g=0, lr_psi=0, beta1=0, beta2=0,
-                weight_decay=0, grad_clip=0, max_skips=1, log_interval=1, ckpt_interval=1,
-                sample_interval=1, keep_checkpoints=1, world_size_plan=0, peak_tflops=0,
-                bench_reps=1, bench_warmup=0, t_min=0, resolution=8, lora_rank=0)
-
-
-class ConfigError(ValueError):
-    """A bad command line: main prints it as one line and exits 2."""
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line naming the flag: no usage dump, no traceback
-        raise ConfigError(message.replace("argument ", ""))
-
-
-def to_bool(v):
-    if v.lower() not in ("true", "false", "1", "0"):
-        raise argparse.ArgumentTypeError(f"takes true or false, not {v!r}")
-    return v.lower() in ("true", "1")
-
-
-def make_parser(cls, prog, defaults=None, add_help=True, epilog=None):
-    """argparse from a config dataclass: --key=value, a bare --flag is True, comments are help."""
-    helps = dict(re.findall(r"^ +(\w+): \w+ = .*?# (.*)$", inspect.getsource(cls), re.M))
-    p = Parser(prog=prog, allow_abbrev=False, description=sys.modules[cls.__module__].__doc__,
-               formatter_class=argparse.RawDescriptionHelpFormatter, add_help=add_help,
-               epilog=epilog)
-    for f in fields(cls):
-        default = (defaults or {}).get(f.name, f.default)
-        kw = dict(nargs="?", const=True, type=to_bool) if f.type is bool else dict(type=f.type)
-        p.add_argument(f"--{f.name}", default=default, choices=CHOICES.get(f.name),
-                       metavar="true|false" if f.type is bool else f.type.__name__.upper(),
-                       help=f"{helps.get(f.name, '')} (default: {default!r})", **kw)
-    return p
-
-
-def check_at_least(cfg, bounds):
-    for key, low in bounds.items():
-        if getattr(cfg, key) < low:
-            raise ConfigError(f"--{key} must be >= {low}, got {getattr(cfg, key)}")
-
-
-def modes_help():
-    """--help's last lines: the defaults each mode replaces (each flag's line shows SDXL's unless
-    the command line names a mode)."""
-    import textwrap
-
-    modes = dict(toy=TOY_DEFAULTS, tiny=TINY_DEFAULTS, dry_run=DRY_RUN_DEFAULTS,
-                 ablation=ABLATION_DEFAULTS, lora_rank=LORA_DEFAULTS)
-    lines = [textwrap.fill(" ".join(f"--{k}={v}" for k, v in d.items()), 100,
-                           initial_indent=f"  {'--' + m:13s}", subsequent_indent=" " * 15)
-             for m, d in modes.items()]
-    return "\n".join(["each mode replaces these defaults (the command line still wins):", *lines])
-
-
-def parse_args(argv):
-    mode = make_parser(Config, "distar.py", add_help=False).parse_known_args(argv)[0]
-    defaults = (TOY_DEFAULTS if mode.toy else TINY_DEFAULTS if mode.tiny
-                else DRY_RUN_DEFAULTS if mode.dry_run else {})
-    defaults = {**(LORA_DEFAULTS if mode.lora_rank else {}), **defaults,
-                **(ABLATION_DEFAULTS if mode.ablation else {})}
-    parser = make_parser(Config, "distar.py", defaults, epilog=modes_help())
-    cfg = Config(**vars(parser.parse_args(argv)))
-    check_at_least(cfg, AT_LEAST)
-    given = {a[2:].split("=")[0] for a in argv if a.startswith("--")}
-    checks = [
-        (cfg.toy + cfg.tiny + cfg.dry_run > 1, "--toy, --tiny and --dry_run are different worlds"),
-        (cfg.ablation and not cfg.toy, "--ablation is a toy experiment: use --toy --ablation"),
-        (cfg.ablation and bool(given & {*ROW_FLAGS, "resume"}),
-         f"--ablation sets --{', --'.join(ROW_FLAGS)} per row and always starts afresh"),
-        (cfg.bench and cfg.toy, "--bench times the SDXL world, not --toy"),
-        (cfg.dry_run and cfg.resume, "--dry_run writes no checkpoints: nothing to --resume"),
-        (cfg.dry_run and cfg.max_steps < 2, "--dry_run needs --max_steps >= 2 (1 is warm-up)"),
-        (cfg.resolution % 8 != 0, f"--resolution must be a multiple of 8, got {cfg.resolution}"),
-        (not cfg.t_min <= cfg.t_max <= 999, f"need --t_min <= --t_max <= 999, got {cfg.t_min}"
-         f" and {cfg.t_max}"),
-        (not (cfg.beta1 < 1 and cfg.beta2 < 1), "--beta1 and --beta2 must be < 1"),
-        (cfg.huber_c <= 0, f"--huber_c must be > 0, got {cfg.huber_c}"),
-        (cfg.lora_rank and cfg.toy, "--lora_rank adapts SDXL UNets; the toy trains whole MLPs"),
-        (cfg.lora_alpha <= 0, f"--lora_alpha must be > 0, got {cfg.lora_alpha}"),
-        (cfg.resume and cfg.overwrite, "--resume continues a run, --overwrite deletes it: choose"),
-        ((cfg.bench or cfg.ablation) and int(os.environ.get("WORLD_SIZE", 1)) > 1,
-         "--bench and --ablation run in one process: use python, not torchrun"),
-    ]
-    for bad, message in checks:
-        if bad:
-            raise ConfigError(message)
-    return cfg
 
 
 # -----------------------------------------------------------------------------

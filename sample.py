@@ -67,8 +67,8 @@ def check_paths(cfg):
     """Before anything loads: a local path that is not there is named as typed (else the default
     --pretrained loads first, and fails on an unreachable hub). On the hub are owner/name folders
     and owner/name/path/to/file.bin state dicts (--generator, --compare)."""
-    flags = ("pretrained", "generator", "compare", "lora") + ("reward_model", "reward_processor",
-                                                     "clip_model") * cfg.score
+    flags = ("pretrained", "generator", "compare", "lora") + (
+        "reward_model", "reward_processor", "clip_model") * cfg.score
     for flag in flags:
         path, n = getattr(cfg, flag), getattr(cfg, flag).count("/")
         file = flag in ("generator", "compare") and path.endswith(distar.STATE_DICTS) and n >= 2
