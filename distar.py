@@ -271,6 +271,9 @@ class ToyWorld:
         a, s = self.alphas_cumprod[t].sqrt(), (1 - self.alphas_cumprod[t]).sqrt()
         return -s[:, None] * self.score(x_t, a, s, cond)
 
+    def eps_ref_both(self, x_t, t, cond):  # (c, empty); SDXLWorld batches them into one call
+        return self.eps_ref(x_t, t, cond), self.eps_ref(x_t, t, None)
+
     def reward(self, x0, cond):
         return self.reward_scale * x0[:, 0]  # r(x_0, c), (B,)
 
@@ -392,15 +395,6 @@ def print_gradient_check(results):
 # the SDXL world: the toy's interface with SDXL's UNets, VAE and CLIP text encoders and a CLIP
 # reward. Nets predict eps; scores are s = -eps_hat / sigma_t (the loop converts).
 
-BUILTIN_PROMPTS = ["a photo of a cat sitting on a windowsill", "the skyline of New York at dusk",
-                   "a shiba inu wearing a red scarf", "a volcano exploding next to a marina",
-                   "a bowl of ramen, studio lighting", "an astronaut riding a horse on the moon",
-                   "a watercolor painting of a lighthouse", "a cozy cabin in a snowy forest"]
-
-
-class LoadError(RuntimeError):
-    pass
-
 
 class ClipReward(nn.Module):
     """r(x, c) = cos(CLIP_image(x), CLIP_text(c)): PickScore with PickScore_v1, CLIP score with
@@ -449,7 +443,7 @@ class SDXLWorld:
     """Algorithm 1 on SDXL. Trained, with fp32 master weights: the generator g_theta (a UNet read at
     conditioning timestep 399) and the assistant s_psi (a UNet, initialised from the reference).
     Frozen, in bf16 with --precision=bf16: the reference UNet s_ref and the reward CLIP. The VAE
-    (which overflows in half precision) and the text encoders (as in DMD2) stay fp32."""
+    (fp32 weights, bf16 autocast: fp16 overflows in it) and the text encoders (as DMD2) are fp32."""
 
     def __init__(self, cfg, device, rank=0, world_size=1, parts=None):
         """parts: the components in memory (dry_run_parts) instead of loading cfg's paths."""
@@ -523,9 +517,16 @@ class SDXLWorld:
     def eps_ref(self, x_t, t, cond):
         return self.unet(self.s_ref, x_t, t, cond)
 
+    def eps_ref_both(self, x_t, t, cond):
+        """(eps_c, eps_u) in one call on [x_t; x_t], [c; empty]: one pass of 2B, not two of B."""
+        both = {k: torch.cat([cond[k], torch.zeros_like(cond[k])]) for k in ("embeds", "pooled")}
+        t = torch.as_tensor(t, device=x_t.device).expand(len(x_t))
+        return self.unet(self.s_ref, torch.cat([x_t, x_t]), torch.cat([t, t]), both).chunk(2)
+
     def decode(self, x0):
-        img = self.vae.decode(x0 / self.vae.config.scaling_factor).sample  # the VAE in fp32
-        return (img / 2 + 0.5).clamp(0, 1)  # (B, 3, R, R) in [0, 1]
+        with torch.autocast(**self.autocast):  # weights fp32; bf16 has fp32's range, fp16 not
+            img = self.vae.decode(x0 / self.vae.config.scaling_factor).sample
+        return (img.float() / 2 + 0.5).clamp(0, 1)  # (B, 3, R, R) in [0, 1]
 
     def reward(self, x0, cond):
         # the reward's text pass runs here, so only the generator phase pays for it
@@ -545,9 +546,9 @@ class SDXLWorld:
 
 # -----------------------------------------------------------------------------
 # Algorithm 1: the alternating loop, written once and given a world
-# A world holds .generator and .assistant (the trained nets), .alphas_cumprod, and
-# sample_cond(n), generate(g, cond), eps_fake(s_psi, x_t, t, cond), eps_ref(x_t, t, cond or
-# None), reward(x_0, cond). Nets predict eps; scores are s = -eps / sigma_t.
+# A world holds .generator and .assistant (the trained nets), .alphas_cumprod, and sample_cond(n),
+# generate(g, cond), eps_fake(s_psi, x_t, t, cond), eps_ref(x_t, t, cond or None), eps_ref_both
+# (the two at once), reward(x_0, cond). Nets predict eps; scores are s = -eps / sigma_t.
 #
 # w(t) and c, which the paper leaves open. The distance is on the eps scale, d_t(y) = d(sigma_t y),
 # a distance at every t (so Theorem 3.1 holds), and per element: with Delta = eps_psi - eps_ref and
@@ -589,11 +590,15 @@ def generator_loss(world, g, cond):
     D, sig = x0[0].numel(), sigma_t.flatten()
     score = lambda eps_hat: -eps_hat / sigma_t
     s_fake = lambda x: score(world.eps_fake(world.assistant, x, t, cond))  # s_psi, unwrapped
-    s_c = lambda x: score(world.eps_ref(x, t, cond))  # s_ref(x_t | t, c)
+    kept = {}  # s_ref(x_t | t, c) as the divergence computed it: choice 1's CFG term reuses it
+
+    def s_c(x):  # s_ref(x_t | t, c)
+        kept["c"] = score(world.eps_ref(x, t, cond))
+        return kept["c"]
     s_u = lambda x: score(world.eps_ref(x, t, None))  # s_ref(x_t | t, empty)
     s_ref = s_c
-    if cfg.cfg == "in" and cfg.alpha_cfg != 0:  # choice 2: CFG-enhanced reference
-        s_ref = lambda x: cfg_score(s_c(x), s_u(x), 1 + cfg.alpha_cfg)
+    if cfg.cfg == "in" and cfg.alpha_cfg != 0:  # choice 2: CFG-enhanced reference, one call
+        s_ref = lambda x: cfg_score(*map(score, world.eps_ref_both(x, t, cond)), 1 + cfg.alpha_cfg)
     cond_score = score(eps)  # grad log p_t(x_t | x_0)
     if cfg.divergence == "kl":
         loss_div = kl_loss(x_t, s_fake, s_ref, weight=sig / D)
@@ -605,7 +610,7 @@ def generator_loss(world, g, cond):
         loss_div = score_divergence_loss(x_t, cond_score, s_fake, s_ref, "l2", weight=sig**2 / D)
     loss_cfg = torch.zeros_like(loss_div)
     if cfg.cfg == "out" and cfg.alpha_cfg != 0:  # choice 1: implicit CFG reward (Thm 3.2)
-        loss_cfg = cfg.alpha_cfg * cfg_reward_loss(x_t, s_c, s_u, weight=sig / D)
+        loss_cfg = cfg.alpha_cfg * cfg_reward_loss(x_t, lambda x: kept["c"], s_u, weight=sig / D)
     with torch.set_grad_enabled(cfg.alpha_rew != 0):  # no reward backward when it has no weight
         reward = world.reward(x0, cond)  # r(x_0, c), (B,)
     loss_rew = -cfg.alpha_rew * reward
@@ -643,10 +648,6 @@ def make_optimizer(cfg, params, lr):
 
         return ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.AdamW, **adamw)
     return torch.optim.AdamW(params, **adamw)
-
-
-class NonFiniteError(RuntimeError):
-    pass
 
 
 def clip_and_step(opt, net, loss, grad_clip, world_size):
@@ -750,20 +751,6 @@ def all_reduce_mean(metrics, world_size, device):
         dist.all_reduce(vals)
         vals /= world_size
     return dict(zip(metrics, vals.tolist()))
-
-
-def assert_ranks_in_sync(net, world_size):
-    """DDP must keep every rank's copy identical: compare per-tensor fingerprints with rank 0's."""
-    if world_size == 1:
-        return
-    fp = torch.stack([torch.stack([p.detach().double().sum(), p.detach().double().square().sum()])
-                      for p in net.parameters()])  # (n_tensors, 2); equal copies, equal sums
-    ref = fp.clone()
-    dist.broadcast(ref, 0)
-    diff = (fp - ref).abs().max()
-    dist.all_reduce(diff, op=dist.ReduceOp.MAX)
-    if diff > 0:
-        raise RuntimeError(f"ranks out of sync: parameter fingerprints differ by {diff.item():.3g}")
 
 
 def barrier(world_size):
@@ -1011,6 +998,14 @@ class ConfigError(ValueError):
     """A bad command line: main prints it as one line and exits 2."""
 
 
+class LoadError(RuntimeError):
+    """A model, prompt file or checkpoint that cannot be read: one line, exit 2."""
+
+
+class NonFiniteError(RuntimeError):
+    """max_skips non-finite updates of a net in a row (train): one line, exit 1."""
+
+
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line naming the flag: no usage dump, no traceback
         raise ConfigError(message.replace("argument ", ""))
@@ -1075,7 +1070,7 @@ def parse_args(argv):
 
 # -----------------------------------------------------------------------------
 # the out_dir holds one run (--resume continues it; a fresh run refuses another run's
-# checkpoints or starts it over), and all ranks see one folder
+# checkpoints or starts it over), all ranks see one folder, and after train hold the same weights
 
 RUN_OUTPUTS = (CKPT_RE, r"\.tmp-checkpoint-\d{6}(\.old)?", r"metrics\.jsonl", r"samples-\d{6}\.png",
                r"toy\.png", r"toy_samples\.safetensors")  # {out_dir}/tiny, a cache, stays
@@ -1130,6 +1125,20 @@ def shared_out_dir(out_dir, dist_info):
     if missing.item():
         raise ConfigError(f"--out_dir={out_dir} is not the same folder on every node: put it on a "
                           "filesystem that all of them share")
+
+
+def assert_ranks_in_sync(net, world_size):
+    """DDP must keep every rank's copy identical: compare per-tensor fingerprints with rank 0's."""
+    if world_size == 1:
+        return
+    fp = torch.stack([torch.stack([p.detach().double().sum(), p.detach().double().square().sum()])
+                      for p in net.parameters()])  # (n_tensors, 2); equal copies, equal sums
+    ref = fp.clone()
+    dist.broadcast(ref, 0)
+    diff = (fp - ref).abs().max()
+    dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+    if diff > 0:
+        raise RuntimeError(f"ranks out of sync: parameter fingerprints differ by {diff.item():.3g}")
 
 
 def trim_metrics(out_dir, step):
@@ -1246,6 +1255,12 @@ def unet_from_state_dict(path, pretrained):
         unet = UNet2DConditionModel.from_config(config)
     unet.load_state_dict(sd, strict=True, assign=True)  # the file's tensors become parameters
     return unet
+
+
+BUILTIN_PROMPTS = ["a photo of a cat sitting on a windowsill", "the skyline of New York at dusk",
+                   "a shiba inu wearing a red scarf", "a volcano exploding next to a marina",
+                   "a bowl of ramen, studio lighting", "an astronaut riding a horse on the moon",
+                   "a watercolor painting of a lighthouse", "a cozy cabin in a snowy forest"]
 
 
 def read_prompts(path):
