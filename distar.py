@@ -98,6 +98,8 @@ class Config:
     precision: str = "bf16"  # bf16: autocast, fp32 masters, frozen UNet and CLIP in bf16 | fp32
     grad_checkpointing: bool = True  # recompute activations in backward (1024 px needs it)
     zero: bool = False  # shard the AdamW states across ranks (ZeroRedundancyOptimizer)
+    compile: bool = False  # torch.compile the UNets' transformer blocks; opt-in: not yet timed
+    fast_backends: bool = False  # TF32 matmuls, cudnn.benchmark, cuDNN attention; not yet timed
     # output
     out_dir: str = "out"  # metrics.jsonl, samples-*.png, checkpoint-*/
     log_interval: int = 10  # steps between metrics lines
@@ -941,7 +943,7 @@ def run_sdxl(cfg, dist_info):
     elif rank == 0 and not cfg.bench:
         print(f"distar: SDXL on {world_size} x {device.type}: loading {cfg.pretrained}, "
               f"{cfg.generator_init or 'its UNet'} and {cfg.reward_model}", flush=True)
-    world = SDXLWorld(cfg, device, rank, world_size)
+    world = maybe_compile(SDXLWorld(cfg, device, rank, world_size))  # --compile
     if cfg.bench:  # the cost table instead of training
         return bench(world, dist_info)
     fit(cfg, world, dist_info, world.save_samples)
@@ -962,7 +964,8 @@ def main(argv):
             torch.set_num_threads(1)
         run = (run_ablation if cfg.ablation else run_toy if cfg.toy
                else run_dry_run if cfg.dry_run else run_sdxl)
-        run(cfg, dist_info)
+        with fast_backends(cfg.fast_backends):  # off: changes nothing
+            run(cfg, dist_info)
     except (LoadError, ConfigError, NonFiniteError) as e:  # one line; every rank stops here
         if first_on_node:
             print(f"distar: error: {e}", file=sys.stderr)
@@ -980,7 +983,8 @@ def main(argv):
 ###############################################################################
 # EXTRAS. Tooling around the DI* path above: the command line, the out_dir's rules,
 # loading models with one-line errors, SDXL models from configs (tiny ones, and the full size with
-# random weights), the dry run and the cost table, the toy pictures, and Table 2 in the toy.
+# random weights), speed options, the dry run and the cost table, the toy pictures, and Table 2
+# in the toy.
 ###############################################################################
 
 # -----------------------------------------------------------------------------
@@ -1051,6 +1055,7 @@ def parse_args(argv):
         (cfg.ablation and bool(given & {*ROW_FLAGS, "resume"}),
          f"--ablation sets --{', --'.join(ROW_FLAGS)} per row and always starts afresh"),
         (cfg.bench and cfg.toy, "--bench times the SDXL world, not --toy"),
+        (cfg.compile and cfg.toy, "--compile is for the SDXL world: the toy's nets are tiny MLPs"),
         (cfg.dry_run and cfg.resume, "--dry_run writes no checkpoints: nothing to --resume"),
         (cfg.dry_run and cfg.max_steps < 2, "--dry_run needs --max_steps >= 2 (1 is warm-up)"),
         (cfg.resolution % 8 != 0, f"--resolution must be a multiple of 8, got {cfg.resolution}"),
@@ -1404,6 +1409,45 @@ def dry_run_parts(device):
 
 
 # -----------------------------------------------------------------------------
+# speed options, opt-in until timed on a GPU: --compile and --fast_backends
+
+
+def maybe_compile(world, **kw):
+    """--compile: torch.compile each UNet's transformer blocks in place (diffusers' regional
+    compilation: an SDXL UNet's 70 blocks share a few graphs, so compiling takes seconds, not the
+    minutes of a whole UNet). In place, so state dicts keep their keys; activation checkpointing
+    wraps the compiled blocks and DDP the whole net, both as before. kw: torch.compile's (the
+    tests pass backend="aot_eager": inductor's C++ builds take minutes on a CPU)."""
+    if world.cfg.compile:
+        # all blocks of a class share one cache of graphs: 2 widths at full size, times batch B or
+        # 2B, grad on or off, weights trained or frozen; past dynamo's 8, blocks would run eager
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        for net in (world.generator, world.assistant, world.s_ref):
+            net.compile_repeated_blocks(**kw)
+    return world
+
+
+def fast_backends(on):
+    """--fast_backends: TF32 for fp32 matmuls (10 mantissa bits, not 23: the text encoders, the
+    loss math, --precision=fp32; fp32 convolutions use TF32 already, PyTorch's default),
+    cudnn.benchmark (every step has the same shapes), and cuDNN attention first in SDPA (NVIDIA's
+    fastest on Hopper). A context manager: on exit, all as before; off, it changes nothing."""
+    from contextlib import ExitStack
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    stack, matmul, cudnn = ExitStack(), torch.backends.cuda.matmul, torch.backends.cudnn
+    if on:
+        saved = matmul.fp32_precision, cudnn.benchmark
+        stack.callback(lambda: (setattr(matmul, "fp32_precision", saved[0]),
+                                setattr(cudnn, "benchmark", saved[1])))
+        matmul.fp32_precision, cudnn.benchmark = "tf32", True
+        stack.enter_context(sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
+                                         SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
+                                        set_priority=True))
+    return stack
+
+
+# -----------------------------------------------------------------------------
 # the dry run and the cost table. Without a GPU, the world is built on the meta device (shapes
 # and dtypes, no memory) to plan memory per GPU and count FLOPs; on GPUs, train's own per-step
 # timings and peak memory give seconds per step, images/s and MFU, and --bench the cost table.
@@ -1495,6 +1539,7 @@ def run_dry_run(cfg, dist_info):
               f"{per_step / 1e12:.1f} TFLOP")
     if device.type == "cuda":
         world = SDXLWorld(cfg, device, rank, world_size, parts=dry_run_parts(device))
+        world = maybe_compile(world)  # --compile
         bench(world, dist_info) if cfg.bench else measure_steps(world, dist_info, per_step)
     elif rank == 0:
         print("no GPU here, so no seconds per step, images per second, peak memory, MFU or cost "

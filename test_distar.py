@@ -1494,6 +1494,7 @@ def test_dry_run_measurement_gives_throughput_and_mfu_and_writes_nothing(tiny, t
     (["--dry_run", "--tiny"], "different worlds"), (["--dry_run", "--resume"], "nothing to --resume"),
     (["--dry_run", "--max_steps=1"], "warm-up"), (["--dry_run", "--world_size_plan=-8"], ">= 0"),
     (["--toy", "--bench"], "--bench"), (["--tiny", "--bench", "--bench_reps=0"], "--bench"),
+    (["--toy", "--compile"], "--compile is for the SDXL world"),
     (["--bench", "--bench_warmup=-1"], "--bench")])
 def test_bad_dry_run_or_bench_config_is_one_line(args, words, capsys):
     assert distar.main(args) == 2
@@ -1607,6 +1608,105 @@ def test_bench_refuses_torchrun_in_one_line(monkeypatch, capsys):
     assert distar.main(["--tiny", "--bench", "--out_dir=/nonexistent/never"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("distar: error: --bench") and err.count("\n") == 1
+
+
+# -----------------------------------------------------------------------------
+# speed options, opt-in: --compile (regional, in place; with checkpointing and DDP, eager's
+# numbers) and --fast_backends (on only when asked, restored after)
+
+
+def _compile_counter():
+    """aot_eager (dynamo and AOTAutograd, the parts that meet checkpointing and DDP; no inductor
+    C++ build, which takes ~30 s per graph on 2 CPU cores), counting the graphs it compiles."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    return CompileCounterWithBackend("aot_eager")
+
+
+def test_compile_compiles_each_unets_transformer_blocks_in_place_and_only_when_asked(tiny):
+    for on in (False, True):
+        world = _sdxl_world(tiny, *(["--compile"] if on else []))
+        keys = {n: list(net.state_dict()) for n, net in (("g", world.generator), ("psi", world.assistant))}
+        assert distar.maybe_compile(world) is world
+        nets = dict(g=world.generator, psi=world.assistant, ref=world.s_ref, vae=world.vae,
+                    reward=world.reward_fn.model)
+        compiled = {n: sorted({type(m).__name__ for m in net.modules() if m._compiled_call_impl})
+                    for n, net in nets.items()}
+        blocks = ["BasicTransformerBlock"] if on else []
+        assert compiled == dict(g=blocks, psi=blocks, ref=blocks, vae=[], reward=[]), compiled
+        assert keys == {n: list(net.state_dict()) for n, net in (("g", world.generator), ("psi", world.assistant))}
+    assert not distar.parse_args([]).compile and not distar.parse_args(["--dry_run"]).compile
+
+
+def test_compiled_training_matches_eager_over_two_steps_with_checkpointing(tiny):
+    """Two steps of train (--cfg=in, pseudo-Huber, checkpointing on), compiled and eager, from the
+    same weights and seeds: the same losses and weights."""
+    results = {}
+    for on in (False, True):
+        torch.manual_seed(0)  # the same perturbed generator in both runs
+        world = _sdxl_world(tiny, "--grad_checkpointing", "--assistant_steps=1", "--log_interval=1",
+                            *(["--compile"] if on else []))
+        start = _state(world.generator)
+        counter = _compile_counter()
+        distar.maybe_compile(world, backend=counter)
+        opts = [distar.make_optimizer(world.cfg, n.parameters(), 1e-3) for n in (world.generator, world.assistant)]
+        torch.manual_seed(1)
+        history = distar.train(world, *opts, (0, 1, torch.device("cpu")), range(2))
+        results[on] = ([(m["loss_g"], m["loss_psi"], m["loss_div"]) for m in history],
+                       _state(world.generator), counter.frame_count)
+        assert any(not torch.equal(v, start[k]) for k, v in results[on][1].items())  # trained
+    torch._dynamo.reset()
+    (eager, w_eager, n_eager), (comp, w_comp, n_comp) = results[False], results[True]
+    assert n_eager == 0 and n_comp > 0  # the compiled blocks ran
+    assert np.allclose(eager, comp, rtol=1e-4, atol=1e-6), (eager, comp)
+    assert all(torch.allclose(w_eager[k], w_comp[k], rtol=1e-4, atol=1e-6) for k in w_eager)
+
+
+def test_ddp_over_compiled_checkpointed_blocks_gives_eagers_gradient(tiny, tmp_path):
+    """train's order: blocks compiled in place, then DDP around the UNet (one gloo rank here),
+    activation checkpointing on: the generator's gradient is eager's."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    world = _sdxl_world(tiny, "--grad_checkpointing", "--compile")
+    cond, z = world.sample_cond(2), torch.randn(2, *world.latent_shape)
+
+    def grad(net):
+        world.generate(net, cond, z).square().mean().backward()
+        out = torch.cat([p.grad.flatten() for p in world.generator.parameters()])
+        world.generator.zero_grad(set_to_none=True)
+        return out
+
+    eager = grad(world.generator)
+    counter = _compile_counter()
+    distar.maybe_compile(world, backend=counter)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        compiled = grad(DDP(world.generator, gradient_as_bucket_view=True))
+    finally:
+        dist.destroy_process_group()
+        torch._dynamo.reset()
+    assert counter.frame_count > 0
+    assert (compiled - eager).norm() <= 1e-5 * eager.norm() and eager.norm() > 0
+
+
+def test_fast_backends_is_opt_in_and_restores_every_setting(monkeypatch):
+    """TF32 matmuls, cudnn.benchmark and cuDNN attention first while a run is inside it (main
+    runs under it); nothing changes without the flag, and all is as before afterwards."""
+    from torch.nn.attention import SDPBackend
+
+    def state():
+        return (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.benchmark,
+                SDPBackend(torch._C._get_sdp_priority_order()[0]))
+
+    before = state()
+    assert before[:2] == ("none", False) and before[2] != SDPBackend.CUDNN_ATTENTION  # torch's defaults
+    seen = []
+    monkeypatch.setattr(distar, "run_toy", lambda cfg, dist_info: seen.append(state()))
+    assert distar.main(["--toy"]) == 0 and distar.main(["--toy", "--fast_backends"]) == 0
+    assert seen == [before, ("tf32", True, SDPBackend.CUDNN_ATTENTION)]
+    assert state() == before and not distar.parse_args([]).fast_backends
 
 
 # -----------------------------------------------------------------------------
