@@ -1579,62 +1579,192 @@ def measure_steps(world, dist_info, flops_per_step):
     return fig
 
 
+class PartTimer:
+    """Splits train's update times into parts, for --bench. Wrapped world methods (install) switch
+    the current part on entry and back on exit; hooks on their outputs' and inputs' gradients
+    switch it where their backward starts and ends (the generator's backward, and psi's in the DSM
+    update, end at clip_and_step). Each switch reads the clock (the device synchronised), and the
+    time since the last switch goes to the part current until then. train's clock() calls
+    (patched) start a phase: its assistant update, then its generator update."""
+
+    def __init__(self, device):
+        self.device, self.clock = device, clock  # the unpatched clock
+        self.reset()
+
+    def reset(self):
+        self.phases, self.stack, self.t = [], ["other"], None  # phases: [{part: seconds}]
+
+    def _switch(self, stack):
+        now = self.clock(self.device)
+        if self.phases:
+            part = self.stack[-1]
+            self.phases[-1][part] = self.phases[-1].get(part, 0.0) + now - self.t
+        self.stack, self.t = stack, now
+        return now
+
+    def phase(self, device):  # train's clock: a phase starts, the last one ends
+        now = self._switch(self.stack)
+        self.phases.append({})
+        return now
+
+    def enter(self, part):  # a backward part at the bottom of the stack ends at the next entry
+        self._switch((["other"] if len(self.stack) == 1 else self.stack) + [part])
+
+    def wrap(self, fn, part, backward_part=None):
+        def on_grad(part):
+            def hook(grad):  # a backward starts (part) or ends ("other")
+                self._switch(self.stack[:-1] + [part])
+            return hook
+
+        def timed(*args, **kwargs):
+            if torch.is_grad_enabled():  # a view per call: its gradient is this call's own
+                args = [a.view_as(a) if torch.is_tensor(a) and a.requires_grad else a for a in args]
+                for a in args:
+                    if torch.is_tensor(a) and a.requires_grad:
+                        a.register_hook(on_grad("other"))  # this call's backward has ended
+            self.enter(part)
+            try:
+                out = fn(*args, **kwargs)
+            finally:
+                self._switch(self.stack[:-1])
+            outs = out if isinstance(out, tuple) else (out,)
+            for o in outs:  # on the output itself: a gradient taken at the returned view (the
+                if torch.is_tensor(o) and o.requires_grad:  # per-term x0grad) does not fire it
+                    o.register_hook(on_grad(backward_part or part))
+            views = tuple(o.view_as(o) if torch.is_tensor(o) else o for o in outs)
+            return views if isinstance(out, tuple) else views[0]
+        return timed
+
+    def install(self, world):
+        """The world's methods and train's clip_and_step and clock, wrapped until exit."""
+        from contextlib import ExitStack
+
+        stack, module = ExitStack(), sys.modules[__name__]
+        for name, part, backward_part in BENCH_PARTS:
+            if name in ("clip_and_step", "clock"):
+                new = self.phase if name == "clock" else self.wrap(clip_and_step, part)
+                stack.enter_context(mock.patch.object(module, name, new))
+            else:
+                fn = self.wrap(getattr(world, name), part, backward_part)
+                stack.enter_context(mock.patch.object(world, name, fn))
+        return stack
+
+
+# (what is wrapped, its part, the part of its backward if another)
+BENCH_PARTS = [("sample_cond", "text", None), ("generate", "g fwd", "g bwd"),
+               ("eps_fake", "psi", None), ("eps_ref", "ref", None), ("eps_ref_both", "ref", None),
+               ("reward", "reward", None), ("decode", "vae", None),
+               ("clip_and_step", "optim", None), ("clock", None, None)]
+PART_NAMES = ["text", "g fwd", "g bwd", "psi", "ref", "vae", "reward", "optim", "other"]
+
+
+def unet_baseline_update(world, opt, batch_size):
+    """The cost table's yardstick: a plain SDXL UNet training update on the assistant's UNet, at
+    DI*'s batch, resolution, precision and checkpointing: prompts, the eps-MSE on latents (random
+    here, a data set's in fine-tuning), backward, clipping and AdamW."""
+    cond = world.sample_cond(batch_size)
+    t, x_t, eps, _ = diffuse(world, torch.randn(batch_size, *world.latent_shape,
+                                                device=world.device))
+    loss = F.mse_loss(world.eps_fake(world.assistant, x_t, t, cond), eps)
+    loss.backward()
+    return clip_and_step(opt, world.assistant, loss, world.cfg.grad_clip, 1)
+
+
 def bench(world, dist_info):
     """The cost table, printed and in {out_dir}/bench.json: train's own timings of one step (an
-    assistant and a generator update, prompts, clipping and AdamW included) per divergence,
-    checkpointing off and on, as ratios to the KL generator update, and peak memory (or out of
-    memory). Variants interleave (each repetition runs all, rotated by one), so drift hits all
-    alike; lr 0 leaves the weights as they were."""
+    assistant and a generator update, prompts, clipping and AdamW included) per divergence, and of
+    unet_baseline_update, checkpointing off and on, as ratios to the KL generator update and to
+    the baseline with the same checkpointing; each update split into parts (PartTimer: their
+    device syncs are in the times); and peak memory (or out of memory). Variants interleave (each
+    repetition runs all, rotated by one), so drift hits all alike; lr 0 leaves the weights as
+    they were."""
     cfg, device = world.cfg, dist_info[2]
     opts = [make_optimizer(cfg, n.parameters(), 0.0) for n in (world.generator, world.assistant)]
-    variants = [(div, ckpt) for ckpt in (False, True) for div in ("pseudo_huber", "l2", "kl")]
+    variants = [(div, ckpt) for ckpt in (False, True)
+                for div in ("pseudo_huber", "l2", "kl", "unet_baseline")]
     # timed steps per row: the assistant update does not depend on the divergence
-    runs = ({("generator", div, ckpt): [] for div, ckpt in variants}
-            | {("assistant", None, ckpt): [] for ckpt in (False, True)})
-    oom = set()
-    with mock.patch.dict(os.environ, TQDM_DISABLE="1"):  # no progress bar per timed step
+    runs = ({("generator", div, ckpt): [] for div, ckpt in variants if div != "unet_baseline"}
+            | {("assistant", None, ckpt): [] for ckpt in (False, True)}
+            | {("unet_baseline", None, ckpt): [] for ckpt in (False, True)})
+    oom, timer = set(), PartTimer(device)
+    with mock.patch.dict(os.environ, TQDM_DISABLE="1"), timer.install(world):
         for rep in range(cfg.bench_warmup + cfg.bench_reps):
-            for div, ckpt in [v for v in variants[rep % 6:] + variants[:rep % 6] if v not in oom]:
-                world.cfg = replace(cfg, divergence=div, assistant_steps=1)
+            n = rep % len(variants)
+            for div, ckpt in [v for v in variants[n:] + variants[:n] if v not in oom]:
+                world.cfg = replace(cfg, assistant_steps=1,
+                                    divergence=cfg.divergence if div == "unet_baseline" else div)
                 world.set_grad_checkpointing(ckpt)
+                timer.reset()
                 try:
-                    (m,) = train(world, *opts, dist_info, range(1))
+                    if div == "unet_baseline":
+                        if device.type == "cuda":
+                            torch.cuda.reset_peak_memory_stats(device)
+                        t0 = clock(device)  # PartTimer.phase
+                        unet_baseline_update(world, opts[1], cfg.batch_size)
+                        m = dict(sec_unet_baseline=clock(device) - t0,
+                                 mem_unet_baseline_gb=peak_memory_gb(device))
+                    else:
+                        (m,) = train(world, *opts, dist_info, range(1))
                 except torch.cuda.OutOfMemoryError:
                     oom.add((div, ckpt))
                     for o in opts:
                         o.zero_grad(set_to_none=True)
                     continue
                 if rep >= cfg.bench_warmup:
-                    runs["generator", div, ckpt].append(m)
-                    runs["assistant", None, ckpt].append(m)
+                    steps = ["unet_baseline"] if div == "unet_baseline" else ["assistant",
+                                                                             "generator"]
+                    for step, parts in zip(steps, timer.phases):
+                        key = (step, div if step == "generator" else None, ckpt)
+                        runs[key].append(dict(m, parts=parts))
     world.cfg = cfg
     world.set_grad_checkpointing(cfg.grad_checkpointing)
     rows = []
     for (step, div, ckpt), timed in runs.items():
         ms = [m[f"sec_{step}"] * 1000 for m in timed]
+        parts = [{p: m["parts"].get(p, 0.0) * 1000 for p in PART_NAMES} for m in timed]
         rows.append(dict(step=step, divergence=div, grad_checkpointing=ckpt, ms_reps=ms,
-                         ms=statistics.median(ms) if ms else None,
+                         ms=statistics.median(ms) if ms else None, parts_ms_reps=parts,
+                         parts_ms={p: statistics.median(r[p] for r in parts) for p in PART_NAMES}
+                         if parts else None,
                          peak_gb=max((m[f"mem_{step}_gb"] for m in timed), default=None)))
-    # the unit: the KL generator update, checkpointing off (on where off ran out of memory)
+    # the units: the KL generator update, checkpointing off (on where off ran out of memory); the
+    # baseline with the row's checkpointing
     kl = {r["grad_checkpointing"]: r for r in rows if r["divergence"] == "kl"}
     base = kl[False] if kl[False]["ms"] or not kl[True]["ms"] else kl[True]
     unit = f"the KL generator update with checkpointing {'on' if base is kl[True] else 'off'}"
+    unet = {r["grad_checkpointing"]: r["ms"] for r in rows if r["step"] == "unet_baseline"}
     name = device_name(device)
     print(f"cost of one update on {name}, {cfg.precision}, {cfg.resolution}x{cfg.resolution}, "
           f"batch {cfg.batch_size}, --cfg={cfg.cfg}: median of {cfg.bench_reps} after "
-          f"{cfg.bench_warmup} warm-up, interleaved; / KL gen: over {unit}\n"
-          f"{'step':10s} {'divergence':12s} "
-          f"{'checkpointing':>13s} {'ms':>9s} {'/ KL gen':>9s} {'peak GiB':>8s}")
+          f"{cfg.bench_warmup} warm-up, interleaved; / KL gen: over {unit}; / UNet: over "
+          f"unet_baseline (a plain SDXL UNet training update) with the same checkpointing\n"
+          f"{'step':13s} {'divergence':12s} {'checkpointing':>13s} {'ms':>9s} {'/ KL gen':>9s} "
+          f"{'/ UNet':>7s} {'peak GiB':>8s}")
     for r in rows:
         r["ratio"] = r["ms"] / base["ms"] if r["ms"] and base["ms"] else None
+        u = unet[r["grad_checkpointing"]]
+        r["ratio_unet_baseline"] = r["ms"] / u if r["ms"] and u else None
         ms = f"{r['ms']:.1f}" if r["ms"] else "out of memory"
-        ratio = f"{r['ratio']:.2f}x" if r["ratio"] else "-"
+        ratio, ratio_u = (f"{x:.2f}x" if x else "-" for x in (r["ratio"], r["ratio_unet_baseline"]))
         ckpt = "on" if r["grad_checkpointing"] else "off"
-        print(f"{r['step']:10s} {r['divergence'] or '-':12s} {ckpt:>13s} {ms:>9s} {ratio:>9s} "
-              f"{r['peak_gb'] or 0:8.2f}")
+        print(f"{r['step']:13s} {r['divergence'] or '-':12s} {ckpt:>13s} {ms:>9s} {ratio:>9s} "
+              f"{ratio_u:>7s} {r['peak_gb'] or 0:8.2f}")
+    print("its parts, ms (median of each): text: prompts; g: the generator; psi: the assistant (in "
+          "unet_baseline: the UNet trained); ref: the reference; vae: VAE decode; reward: the "
+          "reward less its decode; optim: clipping and AdamW; other: the loss math, noise, "
+          "Python; the device syncs at each switch of part are in the times\n"
+          f"{'step':13s} {'divergence':12s} {'ckpt':>4s} "
+          + " ".join(f"{p:>7s}" for p in PART_NAMES))
+    for r in rows:
+        parts = (" ".join(f"{r['parts_ms'][p]:7.1f}" for p in PART_NAMES) if r["parts_ms"]
+                 else "out of memory")
+        print(f"{r['step']:13s} {r['divergence'] or '-':12s} "
+              f"{'on' if r['grad_checkpointing'] else 'off':>4s} {parts}")
     os.makedirs(cfg.out_dir, exist_ok=True)
     with open(os.path.join(cfg.out_dir, "bench.json"), "w") as f:
-        json.dump(dict(device=name, config=asdict(cfg), ratios_over=unit, rows=rows), f, indent=1)
+        json.dump(dict(device=name, config=asdict(cfg), ratios_over=unit,
+                       ratios_unet_baseline_over="unet_baseline with the same checkpointing",
+                       parts=PART_NAMES, rows=rows), f, indent=1)
     print(f"wrote {cfg.out_dir}/bench.json")
     return rows
 

@@ -1517,24 +1517,119 @@ def test_dry_run_command_line_without_a_gpu_prints_the_plan(tmp_path):
 BENCH_VARIANTS = {(div, ckpt) for div in ("pseudo_huber", "l2", "kl", None) for ckpt in (False, True)}
 
 
+BENCH_ROWS = ({("generator", div, ckpt) for div, ckpt in BENCH_VARIANTS if div}
+              | {(step, None, ckpt) for step in ("assistant", "unet_baseline") for ckpt in (False, True)})
+
+
 def test_bench_command_prints_and_writes_the_cost_table(tiny, tmp_path):
+    """Every update per divergence and checkpointing, and the plain UNet update (unet_baseline),
+    as ms and ratios to the KL generator update and to the baseline with the same checkpointing,
+    each split into parts that add up to its time."""
     os.symlink(os.path.dirname(tiny[0]), tmp_path / "tiny")  # --tiny finds its models there, builds none
     r = run("--tiny", "--bench", "--bench_reps=2", "--bench_warmup=0", f"--out_dir={tmp_path}")
     assert r.returncode == 0, r.stderr
-    lines = re.findall(r"^(generator|assistant) +(\S+) +(on|off) +([\d.]+) +([\d.]+)x +[\d.]+$", r.stdout,
-                       re.M)
-    printed = {(div if div != "-" else None, ck == "on") for _, div, ck, _, _ in lines}
-    assert printed == BENCH_VARIANTS, r.stdout
-    rows = json.load(open(tmp_path / "bench.json"))["rows"]
-    assert sorted(r["step"] for r in rows) == ["assistant"] * 2 + ["generator"] * 6
-    assert {(r["divergence"], r["grad_checkpointing"]) for r in rows} == BENCH_VARIANTS
+    lines = re.findall(r"^(generator|assistant|unet_baseline) +(\S+) +(on|off) +([\d.]+) +([\d.]+)x "
+                       r"+([\d.]+)x +[\d.]+$", r.stdout, re.M)
+    assert {(step, div if div != "-" else None, ck == "on") for step, div, ck, *_ in lines} == BENCH_ROWS
+    parts = re.findall(r"^(generator|assistant|unet_baseline) +(\S+) +(on|off)((?: +[\d.]+){9})$",
+                       r.stdout, re.M)
+    assert {(step, div if div != "-" else None, ck == "on") for step, div, ck, _ in parts} == BENCH_ROWS
+    bench = json.load(open(tmp_path / "bench.json"))
+    rows, names = bench["rows"], bench["parts"]
+    assert sorted(r["step"] for r in rows) == ["assistant"] * 2 + ["generator"] * 6 + ["unet_baseline"] * 2
+    assert {(r["step"], r["divergence"], r["grad_checkpointing"]) for r in rows} == BENCH_ROWS
     kl = next(r for r in rows if r["divergence"] == "kl" and not r["grad_checkpointing"])
     assert kl["ratio"] == 1.0 and "over the KL generator update with checkpointing off" in r.stdout
-    for row in rows:  # medians of the timed repetitions, as ratios to the KL step
-        reps = 2 if row["step"] == "generator" else 2 * 3  # the assistant's: from every divergence
+    unet = {r["grad_checkpointing"]: r["ms"] for r in rows if r["step"] == "unet_baseline"}
+    ran = {"generator": set(names), "assistant": {"text", "g fwd", "psi", "optim", "other"},
+           "unet_baseline": {"text", "psi", "optim", "other"}}  # psi: the baseline's UNet is psi's
+    for row in rows:  # medians of the timed repetitions, as ratios to the KL step and the baseline
+        reps = 2 * 3 if row["step"] == "assistant" else 2  # the assistant's: from every divergence
         assert len(row["ms_reps"]) == reps and row["ms"] == pytest.approx(np.median(row["ms_reps"]))
         assert row["ratio"] == pytest.approx(row["ms"] / kl["ms"]) and row["ms"] > 0
+        assert row["ratio_unet_baseline"] == pytest.approx(row["ms"] / unet[row["grad_checkpointing"]])
+        for ms, split in zip(row["ms_reps"], row["parts_ms_reps"], strict=True):
+            assert list(split) == names and sum(split.values()) == pytest.approx(ms)
+            assert {p for p, v in split.items() if v > 0} == ran[row["step"]], (row, split)
+        assert row["parts_ms"] == {p: pytest.approx(np.median([s[p] for s in row["parts_ms_reps"]]))
+                                   for p in names}
+    assert all(r["ratio_unet_baseline"] == 1.0 for r in rows if r["step"] == "unet_baseline")
     assert sorted(os.listdir(tmp_path)) == ["bench.json", "tiny"]  # no checkpoint, metrics or samples
+
+
+def test_unet_baseline_is_one_plain_eps_mse_update_of_a_unet(tiny):
+    """The yardstick: prompts, one UNet call with grad on a B-batch of latents at the resolution,
+    the eps-MSE, its backward into the UNet's weights only, clipping and an AdamW step."""
+    world = _sdxl_world(tiny, "--resolution=128")
+    opt = distar.make_optimizer(world.cfg, world.assistant.parameters(), 1e-3)
+    calls, before = [], _state(world.assistant)
+    for name, net in (("g", world.generator), ("psi", world.assistant), ("ref", world.s_ref)):
+        net.register_forward_pre_hook(lambda m, args, name=name: calls.append(
+            (name, tuple(args[0].shape), torch.is_grad_enabled())))
+    world.vae.register_forward_pre_hook(lambda *_: calls.append("vae"))
+    grad_norm, skipped = distar.unet_baseline_update(world, opt, 3)
+    assert calls == [("psi", (3, 4, 16, 16), True)] and not skipped and grad_norm > 0
+    assert all(p.grad is None for p in world.generator.parameters())
+    after = _state(world.assistant)
+    assert all(not torch.equal(after[k], before[k]) for k in ("conv_in.weight", "conv_out.weight"))
+
+
+def test_bench_parts_put_each_forward_and_backward_where_it_runs(tiny, monkeypatch):
+    """A nap in one net's forward or backward lands in that net's part, in the update where it
+    runs (the generator's backward only in the generator update, the reference's and the
+    reward's only there), and the parts add up to train's own time of each update."""
+    import time
+
+    nap = 0.2
+    world = _sdxl_world(tiny, "--assistant_steps=1")  # --cfg=in, pseudo-Huber
+
+    class NapBackward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.view_as(x)
+
+        @staticmethod
+        def backward(ctx, grad):
+            time.sleep(nap)
+            return grad
+
+    def napping(fn, forward, backward):
+        def f(*args, **kwargs):
+            time.sleep(nap if forward else 0)
+            out = fn(*args, **kwargs)
+            if backward and torch.is_grad_enabled():
+                return (NapBackward.apply(out[0]), *out[1:]) if isinstance(out, tuple) else NapBackward.apply(out)
+            return out
+        return f
+
+    for name, forward, backward in [("sample_cond", True, False), ("generate", True, True),
+                                    ("eps_fake", False, True), ("eps_ref_both", False, True),
+                                    ("decode", False, True), ("reward", True, False)]:
+        monkeypatch.setattr(world, name, napping(getattr(world, name), forward, backward))
+    monkeypatch.setattr(distar, "clip_and_step", napping(distar.clip_and_step, True, False))
+    # and three in "other": diffuse's forward, x_t's backward (after the nets' backward), and the
+    # divergence's (before the nets' backward, after the reward term's)
+    diffuse_napping = napping(distar.diffuse, True, False)
+
+    def diffuse(world, x0):
+        t, x_t, *rest = diffuse_napping(world, x0)
+        return t, NapBackward.apply(x_t) if x_t.requires_grad else x_t, *rest
+
+    monkeypatch.setattr(distar, "diffuse", diffuse)
+    monkeypatch.setattr(distar, "score_divergence_loss", napping(distar.score_divergence_loss, False, True))
+    opts = [distar.make_optimizer(world.cfg, n.parameters(), 0.0) for n in (world.generator, world.assistant)]
+    timer = distar.PartTimer(torch.device("cpu"))
+    with timer.install(world):
+        (m,) = distar.train(world, *opts, (0, 1, torch.device("cpu")), range(1))
+    naps = {"assistant": {"text": 1, "g fwd": 1, "psi": 1, "optim": 1, "other": 1},  # g: no backward
+            "generator": {"text": 1, "g fwd": 1, "g bwd": 1, "psi": 1, "ref": 1, "vae": 1, "reward": 1,
+                          "optim": 1, "other": 3}}
+    for (step, expect), parts in zip(naps.items(), timer.phases):
+        assert sum(parts.values()) == pytest.approx(m[f"sec_{step}"])
+        for part in distar.PART_NAMES:
+            assert expect.get(part, 0) * nap <= parts.get(part, 0.0) < (expect.get(part, 0) + 0.5) * nap, (
+                step, part, parts)
+    assert distar.clip_and_step.__name__ == "f" and "eps_ref" not in vars(world)  # unwrapped again
 
 
 def test_bench_runs_every_variant_and_leaves_the_world_as_it_was(tiny, tmp_path, monkeypatch, capsys):
@@ -1557,16 +1652,30 @@ def test_bench_runs_every_variant_and_leaves_the_world_as_it_was(tiny, tmp_path,
 
     monkeypatch.setattr(distar, "generator_loss", spy(distar.generator_loss, lambda w: w.cfg.divergence))
     monkeypatch.setattr(distar, "assistant_loss", spy(distar.assistant_loss, lambda w: None))
+    baseline = []  # checkpointing on each net as the baseline sees it; out of memory without it
+
+    def baseline_spy(world, *args):
+        baseline.append(tuple(m.is_gradient_checkpointing for m in nets))
+        if baseline[-1] == (False,) * 4:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return unet_baseline_update(world, *args)
+
+    unet_baseline_update = distar.unet_baseline_update
+    monkeypatch.setattr(distar, "unet_baseline_update", baseline_spy)
     rows = distar.bench(world, (0, 1, torch.device("cpu")))
-    assert len(seen) == 2 * 6 + 2 * 4 and len(rows) == 8  # out of memory once, then left out
+    assert len(seen) == 2 * 6 + 2 * 4 and len(rows) == 10  # out of memory once, then left out
     assert {(div, ckpt[0]) for div, ckpt in seen} == BENCH_VARIANTS
     assert all(len(set(ckpt)) == 1 for _, ckpt in seen)  # all four nets toggled together
+    assert baseline == [(False,) * 4, (True,) * 4, (True,) * 4]
     out = capsys.readouterr().out
-    assert re.search(r"^generator +l2 +off +out of memory +- +0.00$", out, re.M), out
-    assert re.search(r"^generator +pseudo_huber +off +[\d.]+ +[\d.]+x +[\d.]+$", out, re.M), out
+    assert re.search(r"^generator +l2 +off +out of memory +- +- +0.00$", out, re.M), out
+    assert re.search(r"^generator +pseudo_huber +off +[\d.]+ +[\d.]+x +- +[\d.]+$", out, re.M), out
+    assert re.search(r"^generator +pseudo_huber +on +[\d.]+ +[\d.]+x +[\d.]+x +[\d.]+$", out, re.M), out
+    assert re.search(r"^unet_baseline +- +off +out of memory$", out, re.M), out
     assert "/ KL gen: over the KL generator update with checkpointing on" in out
-    oom = [(r["divergence"], r["grad_checkpointing"]) for r in rows if r["ms"] is None]
-    assert oom == [("l2", False), ("kl", False)]
+    oom = [(r["step"], r["divergence"], r["grad_checkpointing"]) for r in rows if r["ms"] is None]
+    assert oom == [("generator", "l2", False), ("generator", "kl", False), ("unet_baseline", None, False)]
+    assert all(r["ratio_unet_baseline"] is None for r in rows if not r["grad_checkpointing"])
     kl_on = next(r for r in rows if r["divergence"] == "kl" and r["grad_checkpointing"])
     assert all(r["ratio"] is None if r["ms"] is None else r["ratio"] == pytest.approx(r["ms"] / kl_on["ms"])
                for r in rows) and kl_on["ratio"] == 1.0
