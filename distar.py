@@ -520,7 +520,7 @@ class SDXLWorld:
         return self.unet(self.s_ref, x_t, t, cond)
 
     def eps_ref_both(self, x_t, t, cond):
-        """(eps_c, eps_u) in one call on [x_t; x_t], [c; empty]: one pass of 2B, not two of B."""
+        """(eps_c, eps_u), one call on [x_t; x_t], [c; empty]: larger matmuls, half the launches."""
         both = {k: torch.cat([cond[k], torch.zeros_like(cond[k])]) for k in ("embeds", "pooled")}
         t = torch.as_tensor(t, device=x_t.device).expand(len(x_t))
         return self.unet(self.s_ref, torch.cat([x_t, x_t]), torch.cat([t, t]), both).chunk(2)

@@ -582,18 +582,22 @@ def test_guidance_needs_one_reference_call_fewer_for_the_same_loss_and_gradient(
             p.add_(0.01 * torch.randn_like(p))
     world.assistant.requires_grad_(False)
     calls = []  # (batch, grad enabled) of each reference call
-    world.s_ref.register_forward_pre_hook(lambda m, args: calls.append((len(args[0]), torch.is_grad_enabled())))
+    world.s_ref.register_forward_pre_hook(
+        lambda m, args: calls.append((len(args[0]), torch.is_grad_enabled())))
     cond = world.sample_cond(2)
     results = {}
-    for version, loss_fn in (("one", distar.generator_loss), ("two", lambda w, g, c: _two_call_generator_loss(w, c))):
+    for version, loss_fn in (("one", lambda: distar.generator_loss(world, world.generator, cond)),
+                             ("two", lambda: _two_call_generator_loss(world, cond))):
         calls.clear()
         torch.manual_seed(3)  # the same z, t and eps
-        loss, terms = loss_fn(world, world.generator, cond)
-        results[version] = (loss, terms, torch.autograd.grad(loss, list(world.generator.parameters())), list(calls))
+        loss, terms = loss_fn()
+        grads = torch.autograd.grad(loss, list(world.generator.parameters()))
+        results[version] = (loss, terms, grads, list(calls))
     (loss, terms, grads, calls_one), (loss2, terms2, grads2, calls_two) = results["one"], results["two"]
     for k in ("loss_rew", "loss_div", "loss_cfg"):
         assert terms[k].item() == pytest.approx(terms2[k].item(), rel=1e-4, abs=1e-7), k
-    assert loss.item() == pytest.approx(loss2.item(), rel=1e-5) and (terms["loss_cfg"] != 0) == (mode == "out")
+    assert loss.item() == pytest.approx(loss2.item(), rel=1e-5)
+    assert (terms["loss_cfg"] != 0) == (mode == "out")
     flat = lambda gs: torch.cat([g.flatten() for g in gs])
     assert (flat(grads) - flat(grads2)).norm() <= 1e-4 * flat(grads2).norm()
     if mode == "in":  # one call of 2B for both, on the gradient path, instead of two of B
@@ -1598,7 +1602,9 @@ def test_bench_parts_put_each_forward_and_backward_where_it_runs(tiny, monkeypat
             time.sleep(nap if forward else 0)
             out = fn(*args, **kwargs)
             if backward and torch.is_grad_enabled():
-                return (NapBackward.apply(out[0]), *out[1:]) if isinstance(out, tuple) else NapBackward.apply(out)
+                if isinstance(out, tuple):  # one nap for the call
+                    return NapBackward.apply(out[0]), *out[1:]
+                return NapBackward.apply(out)
             return out
         return f
 
@@ -1617,7 +1623,8 @@ def test_bench_parts_put_each_forward_and_backward_where_it_runs(tiny, monkeypat
 
     monkeypatch.setattr(distar, "diffuse", diffuse)
     monkeypatch.setattr(distar, "score_divergence_loss", napping(distar.score_divergence_loss, False, True))
-    opts = [distar.make_optimizer(world.cfg, n.parameters(), 0.0) for n in (world.generator, world.assistant)]
+    opts = [distar.make_optimizer(world.cfg, n.parameters(), 0.0)
+            for n in (world.generator, world.assistant)]
     timer = distar.PartTimer(torch.device("cpu"))
     with timer.install(world):
         (m,) = distar.train(world, *opts, (0, 1, torch.device("cpu")), range(1))
@@ -1736,7 +1743,8 @@ def _compile_counter():
 def test_compile_compiles_each_unets_transformer_blocks_in_place_and_only_when_asked(tiny):
     for on in (False, True):
         world = _sdxl_world(tiny, *(["--compile"] if on else []))
-        keys = {n: list(net.state_dict()) for n, net in (("g", world.generator), ("psi", world.assistant))}
+        keys = lambda: [list(net.state_dict()) for net in (world.generator, world.assistant, world.s_ref)]
+        before = keys()
         assert distar.maybe_compile(world) is world
         nets = dict(g=world.generator, psi=world.assistant, ref=world.s_ref, vae=world.vae,
                     reward=world.reward_fn.model)
@@ -1744,7 +1752,7 @@ def test_compile_compiles_each_unets_transformer_blocks_in_place_and_only_when_a
                     for n, net in nets.items()}
         blocks = ["BasicTransformerBlock"] if on else []
         assert compiled == dict(g=blocks, psi=blocks, ref=blocks, vae=[], reward=[]), compiled
-        assert keys == {n: list(net.state_dict()) for n, net in (("g", world.generator), ("psi", world.assistant))}
+        assert keys() == before
     assert not distar.parse_args([]).compile and not distar.parse_args(["--dry_run"]).compile
 
 
@@ -1759,7 +1767,8 @@ def test_compiled_training_matches_eager_over_two_steps_with_checkpointing(tiny)
         start = _state(world.generator)
         counter = _compile_counter()
         distar.maybe_compile(world, backend=counter)
-        opts = [distar.make_optimizer(world.cfg, n.parameters(), 1e-3) for n in (world.generator, world.assistant)]
+        opts = [distar.make_optimizer(world.cfg, n.parameters(), 1e-3)
+                for n in (world.generator, world.assistant)]
         torch.manual_seed(1)
         history = distar.train(world, *opts, (0, 1, torch.device("cpu")), range(2))
         results[on] = ([(m["loss_g"], m["loss_psi"], m["loss_div"]) for m in history],
