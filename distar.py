@@ -104,6 +104,8 @@ class Config:
     lora_rank: int = 0  # adapter rank; DMD2's SDXL LoRA: 64 (alpha 8, lr 5e-5)
     lora_alpha: float = 8.0  # adapter output scale alpha / rank
     lora_targets: str = "all"  # all: DMD2's and LCM-LoRA's 14 layer kinds | attn_ff | attn
+    compile: bool = False  # torch.compile the UNets' transformer blocks; opt-in: not yet timed
+    fast_backends: bool = False  # TF32 matmuls, cudnn.benchmark, cuDNN attention; not yet timed
     # output
     out_dir: str = "out"  # metrics.jsonl, samples-*.png, checkpoint-*/
     log_interval: int = 10  # steps between metrics lines
@@ -278,6 +280,9 @@ class ToyWorld:
         a, s = self.alphas_cumprod[t].sqrt(), (1 - self.alphas_cumprod[t]).sqrt()
         return -s[:, None] * self.score(x_t, a, s, cond)
 
+    def eps_ref_both(self, x_t, t, cond):  # (c, empty); SDXLWorld batches them into one call
+        return self.eps_ref(x_t, t, cond), self.eps_ref(x_t, t, None)
+
     def reward(self, x0, cond):
         return self.reward_scale * x0[:, 0]  # r(x_0, c), (B,)
 
@@ -399,6 +404,7 @@ def print_gradient_check(results):
 # the SDXL world: the toy's interface with SDXL's UNets, VAE and CLIP text encoders and a CLIP
 # reward. Nets predict eps; scores are s = -eps_hat / sigma_t (the loop converts).
 
+
 BUILTIN_PROMPTS = ["a photo of a cat sitting on a windowsill", "the skyline of New York at dusk",
                    "a shiba inu wearing a red scarf", "a volcano exploding next to a marina",
                    "a bowl of ramen, studio lighting", "an astronaut riding a horse on the moon",
@@ -456,8 +462,8 @@ class SDXLWorld:
     """Algorithm 1 on SDXL. Trained, with fp32 master weights: the generator g_theta (a UNet read at
     conditioning timestep 399) and the assistant s_psi (a UNet, initialised from the reference),
     or with --lora_rank a LoRA adapter on each, their bases frozen. Frozen, in bf16 with
-    --precision=bf16: the reference UNet s_ref and the reward CLIP. The VAE (which overflows in
-    half precision) and the text encoders (as in DMD2) stay fp32."""
+    --precision=bf16: the reference UNet s_ref and the reward CLIP. The VAE (fp32 weights, bf16
+    autocast: fp16 overflows in it) and the text encoders (as in DMD2) are fp32."""
 
     def __init__(self, cfg, device, rank=0, world_size=1, parts=None):
         """parts: the components in memory (dry_run_parts) instead of loading cfg's paths."""
@@ -533,9 +539,16 @@ class SDXLWorld:
     def eps_ref(self, x_t, t, cond):
         return self.unet(self.s_ref, x_t, t, cond)
 
+    def eps_ref_both(self, x_t, t, cond):
+        """(eps_c, eps_u), one call on [x_t; x_t], [c; empty]: larger matmuls, half the launches."""
+        both = {k: torch.cat([cond[k], torch.zeros_like(cond[k])]) for k in ("embeds", "pooled")}
+        t = torch.as_tensor(t, device=x_t.device).expand(len(x_t))
+        return self.unet(self.s_ref, torch.cat([x_t, x_t]), torch.cat([t, t]), both).chunk(2)
+
     def decode(self, x0):
-        img = self.vae.decode(x0 / self.vae.config.scaling_factor).sample  # the VAE in fp32
-        return (img / 2 + 0.5).clamp(0, 1)  # (B, 3, R, R) in [0, 1]
+        with torch.autocast(**self.autocast):  # weights fp32; bf16 has fp32's range, fp16 not
+            img = self.vae.decode(x0 / self.vae.config.scaling_factor).sample
+        return (img.float() / 2 + 0.5).clamp(0, 1)  # (B, 3, R, R) in [0, 1]
 
     def reward(self, x0, cond):
         # the reward's text pass runs here, so only the generator phase pays for it
@@ -555,9 +568,9 @@ class SDXLWorld:
 
 # -----------------------------------------------------------------------------
 # Algorithm 1: the alternating loop, written once and given a world
-# A world holds .generator and .assistant (the trained nets), .alphas_cumprod, and
-# sample_cond(n), generate(g, cond), eps_fake(s_psi, x_t, t, cond), eps_ref(x_t, t, cond or
-# None), reward(x_0, cond). Nets predict eps; scores are s = -eps / sigma_t.
+# A world holds .generator and .assistant (the trained nets), .alphas_cumprod, and sample_cond(n),
+# generate(g, cond), eps_fake(s_psi, x_t, t, cond), eps_ref(x_t, t, cond or None), eps_ref_both
+# (the two at once), reward(x_0, cond). Nets predict eps; scores are s = -eps / sigma_t.
 #
 # w(t) and c, which the paper leaves open. The distance is on the eps scale, d_t(y) = d(sigma_t y),
 # a distance at every t (so Theorem 3.1 holds), and per element: with Delta = eps_psi - eps_ref and
@@ -599,11 +612,15 @@ def generator_loss(world, g, cond):
     D, sig = x0[0].numel(), sigma_t.flatten()
     score = lambda eps_hat: -eps_hat / sigma_t
     s_fake = lambda x: score(world.eps_fake(world.assistant, x, t, cond))  # s_psi, unwrapped
-    s_c = lambda x: score(world.eps_ref(x, t, cond))  # s_ref(x_t | t, c)
+    kept = {}  # s_ref(x_t | t, c) as the divergence computed it: choice 1's CFG term reuses it
+
+    def s_c(x):  # s_ref(x_t | t, c)
+        kept["c"] = score(world.eps_ref(x, t, cond))
+        return kept["c"]
     s_u = lambda x: score(world.eps_ref(x, t, None))  # s_ref(x_t | t, empty)
     s_ref = s_c
-    if cfg.cfg == "in" and cfg.alpha_cfg != 0:  # choice 2: CFG-enhanced reference
-        s_ref = lambda x: cfg_score(s_c(x), s_u(x), 1 + cfg.alpha_cfg)
+    if cfg.cfg == "in" and cfg.alpha_cfg != 0:  # choice 2: CFG-enhanced reference, one call
+        s_ref = lambda x: cfg_score(*map(score, world.eps_ref_both(x, t, cond)), 1 + cfg.alpha_cfg)
     cond_score = score(eps)  # grad log p_t(x_t | x_0)
     if cfg.divergence == "kl":
         loss_div = kl_loss(x_t, s_fake, s_ref, weight=sig / D)
@@ -615,7 +632,7 @@ def generator_loss(world, g, cond):
         loss_div = score_divergence_loss(x_t, cond_score, s_fake, s_ref, "l2", weight=sig**2 / D)
     loss_cfg = torch.zeros_like(loss_div)
     if cfg.cfg == "out" and cfg.alpha_cfg != 0:  # choice 1: implicit CFG reward (Thm 3.2)
-        loss_cfg = cfg.alpha_cfg * cfg_reward_loss(x_t, s_c, s_u, weight=sig / D)
+        loss_cfg = cfg.alpha_cfg * cfg_reward_loss(x_t, lambda x: kept["c"], s_u, weight=sig / D)
     with torch.set_grad_enabled(cfg.alpha_rew != 0):  # no reward backward when it has no weight
         reward = world.reward(x0, cond)  # r(x_0, c), (B,)
     loss_rew = -cfg.alpha_rew * reward
@@ -853,7 +870,7 @@ def run_sdxl(cfg, dist_info):
     elif rank == 0 and not cfg.bench:
         print(f"distar: SDXL on {world_size} x {device.type}: loading {cfg.pretrained}, "
               f"{cfg.generator_init or 'its UNet'} and {cfg.reward_model}", flush=True)
-    world = SDXLWorld(cfg, device, rank, world_size)
+    world = maybe_compile(SDXLWorld(cfg, device, rank, world_size))  # --compile
     if cfg.bench:  # the cost table instead of training
         return bench(world, dist_info)
     fit(cfg, world, dist_info, world.save_samples)
@@ -875,7 +892,8 @@ def main(argv):
             torch.set_num_threads(1)
         run = (run_ablation if cfg.ablation else run_toy if cfg.toy
                else run_dry_run if cfg.dry_run else run_sdxl)
-        run(cfg, dist_info)
+        with fast_backends(cfg.fast_backends):  # off: changes nothing
+            run(cfg, dist_info)
     except (LoadError, ConfigError, NonFiniteError) as e:  # one line; every rank stops here
         if first_on_node:
             print(f"distar: error: {e}", file=sys.stderr)
@@ -893,8 +911,8 @@ def main(argv):
 ###############################################################################
 # EXTRAS. Tooling around the DI* path above: the command line, checkpoints, the checks before
 # anything loads and the out_dir's rules, loading models with one-line errors, LoRA adapters, SDXL
-# models from configs (tiny ones, and the full size with random weights), the dry run and the cost
-# table, the toy pictures, and Table 2 in the toy.
+# models from configs (tiny ones, and the full size with random weights), speed options, the dry
+# run and the cost table, the toy pictures, and Table 2 in the toy.
 ###############################################################################
 
 # -----------------------------------------------------------------------------
@@ -974,6 +992,7 @@ def parse_args(argv):
         (cfg.ablation and bool(given & {*ROW_FLAGS, "resume"}),
          f"--ablation sets --{', --'.join(ROW_FLAGS)} per row and always starts afresh"),
         (cfg.bench and cfg.toy, "--bench times the SDXL world, not --toy"),
+        (cfg.compile and cfg.toy, "--compile is for the SDXL world: the toy's nets are tiny MLPs"),
         (cfg.dry_run and cfg.resume, "--dry_run writes no checkpoints: nothing to --resume"),
         (cfg.dry_run and cfg.max_steps < 2, "--dry_run needs --max_steps >= 2 (1 is warm-up)"),
         (cfg.resolution % 8 != 0, f"--resolution must be a multiple of 8, got {cfg.resolution}"),
@@ -1565,6 +1584,45 @@ def dry_run_parts(device):
 
 
 # -----------------------------------------------------------------------------
+# speed options, opt-in until timed on a GPU: --compile and --fast_backends
+
+
+def maybe_compile(world, **kw):
+    """--compile: torch.compile each UNet's transformer blocks in place (diffusers' regional
+    compilation: an SDXL UNet's 70 blocks share a few graphs, so compiling takes seconds, not the
+    minutes of a whole UNet). In place, so state dicts keep their keys; activation checkpointing
+    wraps the compiled blocks and DDP the whole net, both as before. kw: torch.compile's (the
+    tests pass backend="aot_eager": inductor's C++ builds take minutes on a CPU)."""
+    if world.cfg.compile:
+        # all blocks of a class share one cache of graphs: 2 widths at full size, times batch B or
+        # 2B, grad on or off, weights trained or frozen; past dynamo's 8, blocks would run eager
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        for net in (world.generator, world.assistant, world.s_ref):
+            net.compile_repeated_blocks(**kw)
+    return world
+
+
+def fast_backends(on):
+    """--fast_backends: TF32 for fp32 matmuls (10 mantissa bits, not 23: the text encoders, the
+    loss math, --precision=fp32; fp32 convolutions use TF32 already, PyTorch's default),
+    cudnn.benchmark (every step has the same shapes), and cuDNN attention first in SDPA (NVIDIA's
+    fastest on Hopper). A context manager: on exit, all as before; off, it changes nothing."""
+    from contextlib import ExitStack
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    stack, matmul, cudnn = ExitStack(), torch.backends.cuda.matmul, torch.backends.cudnn
+    if on:
+        saved = matmul.fp32_precision, cudnn.benchmark
+        stack.callback(lambda: (setattr(matmul, "fp32_precision", saved[0]),
+                                setattr(cudnn, "benchmark", saved[1])))
+        matmul.fp32_precision, cudnn.benchmark = "tf32", True
+        stack.enter_context(sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
+                                         SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
+                                        set_priority=True))
+    return stack
+
+
+# -----------------------------------------------------------------------------
 # the dry run and the cost table. Without a GPU, the world is built on the meta device (shapes
 # and dtypes, no memory) to plan memory per GPU and count FLOPs; on GPUs, train's own per-step
 # timings and peak memory give seconds per step, images/s and MFU, and --bench the cost table.
@@ -1664,6 +1722,7 @@ def run_dry_run(cfg, dist_info):
               f"{per_step / 1e12:.1f} TFLOP")
     if device.type == "cuda":
         world = SDXLWorld(cfg, device, rank, world_size, parts=dry_run_parts(device))
+        world = maybe_compile(world)  # --compile
         bench(world, dist_info) if cfg.bench else measure_steps(world, dist_info, per_step)
     elif rank == 0:
         print("no GPU here, so no seconds per step, images per second, peak memory, MFU or cost "
@@ -1703,62 +1762,192 @@ def measure_steps(world, dist_info, flops_per_step):
     return fig
 
 
+class PartTimer:
+    """Splits train's update times into parts, for --bench. Wrapped world methods (install) switch
+    the current part on entry and back on exit; hooks on their outputs' and inputs' gradients
+    switch it where their backward starts and ends (the generator's backward, and psi's in the DSM
+    update, end at clip_and_step). Each switch reads the clock (the device synchronised), and the
+    time since the last switch goes to the part current until then. train's clock() calls
+    (patched) start a phase: its assistant update, then its generator update."""
+
+    def __init__(self, device):
+        self.device, self.clock = device, clock  # the unpatched clock
+        self.reset()
+
+    def reset(self):
+        self.phases, self.stack, self.t = [], ["other"], None  # phases: [{part: seconds}]
+
+    def _switch(self, stack):
+        now = self.clock(self.device)
+        if self.phases:
+            part = self.stack[-1]
+            self.phases[-1][part] = self.phases[-1].get(part, 0.0) + now - self.t
+        self.stack, self.t = stack, now
+        return now
+
+    def phase(self, device):  # train's clock: a phase starts, the last one ends
+        now = self._switch(self.stack)
+        self.phases.append({})
+        return now
+
+    def enter(self, part):  # a backward part at the bottom of the stack ends at the next entry
+        self._switch((["other"] if len(self.stack) == 1 else self.stack) + [part])
+
+    def wrap(self, fn, part, backward_part=None):
+        def on_grad(part):
+            def hook(grad):  # a backward starts (part) or ends ("other")
+                self._switch(self.stack[:-1] + [part])
+            return hook
+
+        def timed(*args, **kwargs):
+            if torch.is_grad_enabled():  # a view per call: its gradient is this call's own
+                args = [a.view_as(a) if torch.is_tensor(a) and a.requires_grad else a for a in args]
+                for a in args:
+                    if torch.is_tensor(a) and a.requires_grad:
+                        a.register_hook(on_grad("other"))  # this call's backward has ended
+            self.enter(part)
+            try:
+                out = fn(*args, **kwargs)
+            finally:
+                self._switch(self.stack[:-1])
+            outs = out if isinstance(out, tuple) else (out,)
+            for o in outs:  # on the output itself: a gradient taken at the returned view (the
+                if torch.is_tensor(o) and o.requires_grad:  # per-term x0grad) does not fire it
+                    o.register_hook(on_grad(backward_part or part))
+            views = tuple(o.view_as(o) if torch.is_tensor(o) else o for o in outs)
+            return views if isinstance(out, tuple) else views[0]
+        return timed
+
+    def install(self, world):
+        """The world's methods and train's clip_and_step and clock, wrapped until exit."""
+        from contextlib import ExitStack
+
+        stack, module = ExitStack(), sys.modules[__name__]
+        for name, part, backward_part in BENCH_PARTS:
+            if name in ("clip_and_step", "clock"):
+                new = self.phase if name == "clock" else self.wrap(clip_and_step, part)
+                stack.enter_context(mock.patch.object(module, name, new))
+            else:
+                fn = self.wrap(getattr(world, name), part, backward_part)
+                stack.enter_context(mock.patch.object(world, name, fn))
+        return stack
+
+
+# (what is wrapped, its part, the part of its backward if another)
+BENCH_PARTS = [("sample_cond", "text", None), ("generate", "g fwd", "g bwd"),
+               ("eps_fake", "psi", None), ("eps_ref", "ref", None), ("eps_ref_both", "ref", None),
+               ("reward", "reward", None), ("decode", "vae", None),
+               ("clip_and_step", "optim", None), ("clock", None, None)]
+PART_NAMES = ["text", "g fwd", "g bwd", "psi", "ref", "vae", "reward", "optim", "other"]
+
+
+def unet_baseline_update(world, opt, batch_size):
+    """The cost table's yardstick: a plain SDXL UNet training update on the assistant's UNet, at
+    DI*'s batch, resolution, precision and checkpointing: prompts, the eps-MSE on latents (random
+    here, a data set's in fine-tuning), backward, clipping and AdamW."""
+    cond = world.sample_cond(batch_size)
+    t, x_t, eps, _ = diffuse(world, torch.randn(batch_size, *world.latent_shape,
+                                                device=world.device))
+    loss = F.mse_loss(world.eps_fake(world.assistant, x_t, t, cond), eps)
+    loss.backward()
+    return clip_and_step(opt, world.assistant, loss, world.cfg.grad_clip, 1)
+
+
 def bench(world, dist_info):
     """The cost table, printed and in {out_dir}/bench.json: train's own timings of one step (an
-    assistant and a generator update, prompts, clipping and AdamW included) per divergence,
-    checkpointing off and on, as ratios to the KL generator update, and peak memory (or out of
-    memory). Variants interleave (each repetition runs all, rotated by one), so drift hits all
-    alike; lr 0 leaves the weights as they were."""
+    assistant and a generator update, prompts, clipping and AdamW included) per divergence, and of
+    unet_baseline_update, checkpointing off and on, as ratios to the KL generator update and to
+    the baseline with the same checkpointing; each update split into parts (PartTimer: their
+    device syncs are in the times); and peak memory (or out of memory). Variants interleave (each
+    repetition runs all, rotated by one), so drift hits all alike; lr 0 leaves the weights as
+    they were."""
     cfg, device = world.cfg, dist_info[2]
     opts = [make_optimizer(cfg, trained(n), 0.0) for n in (world.generator, world.assistant)]
-    variants = [(div, ckpt) for ckpt in (False, True) for div in ("pseudo_huber", "l2", "kl")]
+    variants = [(div, ckpt) for ckpt in (False, True)
+                for div in ("pseudo_huber", "l2", "kl", "unet_baseline")]
     # timed steps per row: the assistant update does not depend on the divergence
-    runs = ({("generator", div, ckpt): [] for div, ckpt in variants}
-            | {("assistant", None, ckpt): [] for ckpt in (False, True)})
-    oom = set()
-    with mock.patch.dict(os.environ, TQDM_DISABLE="1"):  # no progress bar per timed step
+    runs = ({("generator", div, ckpt): [] for div, ckpt in variants if div != "unet_baseline"}
+            | {("assistant", None, ckpt): [] for ckpt in (False, True)}
+            | {("unet_baseline", None, ckpt): [] for ckpt in (False, True)})
+    oom, timer = set(), PartTimer(device)
+    with mock.patch.dict(os.environ, TQDM_DISABLE="1"), timer.install(world):
         for rep in range(cfg.bench_warmup + cfg.bench_reps):
-            for div, ckpt in [v for v in variants[rep % 6:] + variants[:rep % 6] if v not in oom]:
-                world.cfg = replace(cfg, divergence=div, assistant_steps=1)
+            n = rep % len(variants)
+            for div, ckpt in [v for v in variants[n:] + variants[:n] if v not in oom]:
+                world.cfg = replace(cfg, assistant_steps=1,
+                                    divergence=cfg.divergence if div == "unet_baseline" else div)
                 world.set_grad_checkpointing(ckpt)
+                timer.reset()
                 try:
-                    (m,) = train(world, *opts, dist_info, range(1))
+                    if div == "unet_baseline":
+                        if device.type == "cuda":
+                            torch.cuda.reset_peak_memory_stats(device)
+                        t0 = clock(device)  # PartTimer.phase
+                        unet_baseline_update(world, opts[1], cfg.batch_size)
+                        m = dict(sec_unet_baseline=clock(device) - t0,
+                                 mem_unet_baseline_gb=peak_memory_gb(device))
+                    else:
+                        (m,) = train(world, *opts, dist_info, range(1))
                 except torch.cuda.OutOfMemoryError:
                     oom.add((div, ckpt))
                     for o in opts:
                         o.zero_grad(set_to_none=True)
                     continue
                 if rep >= cfg.bench_warmup:
-                    runs["generator", div, ckpt].append(m)
-                    runs["assistant", None, ckpt].append(m)
+                    steps = ["unet_baseline"] if div == "unet_baseline" else ["assistant",
+                                                                             "generator"]
+                    for step, parts in zip(steps, timer.phases):
+                        key = (step, div if step == "generator" else None, ckpt)
+                        runs[key].append(dict(m, parts=parts))
     world.cfg = cfg
     world.set_grad_checkpointing(cfg.grad_checkpointing)
     rows = []
     for (step, div, ckpt), timed in runs.items():
         ms = [m[f"sec_{step}"] * 1000 for m in timed]
+        parts = [{p: m["parts"].get(p, 0.0) * 1000 for p in PART_NAMES} for m in timed]
         rows.append(dict(step=step, divergence=div, grad_checkpointing=ckpt, ms_reps=ms,
-                         ms=statistics.median(ms) if ms else None,
+                         ms=statistics.median(ms) if ms else None, parts_ms_reps=parts,
+                         parts_ms={p: statistics.median(r[p] for r in parts) for p in PART_NAMES}
+                         if parts else None,
                          peak_gb=max((m[f"mem_{step}_gb"] for m in timed), default=None)))
-    # the unit: the KL generator update, checkpointing off (on where off ran out of memory)
+    # the units: the KL generator update, checkpointing off (on where off ran out of memory); the
+    # baseline with the row's checkpointing
     kl = {r["grad_checkpointing"]: r for r in rows if r["divergence"] == "kl"}
     base = kl[False] if kl[False]["ms"] or not kl[True]["ms"] else kl[True]
     unit = f"the KL generator update with checkpointing {'on' if base is kl[True] else 'off'}"
+    unet = {r["grad_checkpointing"]: r["ms"] for r in rows if r["step"] == "unet_baseline"}
     name = device_name(device)
     print(f"cost of one update on {name}, {cfg.precision}, {cfg.resolution}x{cfg.resolution}, "
           f"batch {cfg.batch_size}, --cfg={cfg.cfg}: median of {cfg.bench_reps} after "
-          f"{cfg.bench_warmup} warm-up, interleaved; / KL gen: over {unit}\n"
-          f"{'step':10s} {'divergence':12s} "
-          f"{'checkpointing':>13s} {'ms':>9s} {'/ KL gen':>9s} {'peak GiB':>8s}")
+          f"{cfg.bench_warmup} warm-up, interleaved; / KL gen: over {unit}; / UNet: over "
+          f"unet_baseline (a plain SDXL UNet training update) with the same checkpointing\n"
+          f"{'step':13s} {'divergence':12s} {'checkpointing':>13s} {'ms':>9s} {'/ KL gen':>9s} "
+          f"{'/ UNet':>7s} {'peak GiB':>8s}")
     for r in rows:
         r["ratio"] = r["ms"] / base["ms"] if r["ms"] and base["ms"] else None
+        u = unet[r["grad_checkpointing"]]
+        r["ratio_unet_baseline"] = r["ms"] / u if r["ms"] and u else None
         ms = f"{r['ms']:.1f}" if r["ms"] else "out of memory"
-        ratio = f"{r['ratio']:.2f}x" if r["ratio"] else "-"
+        ratio, ratio_u = (f"{x:.2f}x" if x else "-" for x in (r["ratio"], r["ratio_unet_baseline"]))
         ckpt = "on" if r["grad_checkpointing"] else "off"
-        print(f"{r['step']:10s} {r['divergence'] or '-':12s} {ckpt:>13s} {ms:>9s} {ratio:>9s} "
-              f"{r['peak_gb'] or 0:8.2f}")
+        print(f"{r['step']:13s} {r['divergence'] or '-':12s} {ckpt:>13s} {ms:>9s} {ratio:>9s} "
+              f"{ratio_u:>7s} {r['peak_gb'] or 0:8.2f}")
+    print("its parts, ms (median of each): text: prompts; g: the generator; psi: the assistant (in "
+          "unet_baseline: the UNet trained); ref: the reference; vae: VAE decode; reward: the "
+          "reward less its decode; optim: clipping and AdamW; other: the loss math, noise, "
+          "Python; the device syncs at each switch of part are in the times\n"
+          f"{'step':13s} {'divergence':12s} {'ckpt':>4s} "
+          + " ".join(f"{p:>7s}" for p in PART_NAMES))
+    for r in rows:
+        parts = (" ".join(f"{r['parts_ms'][p]:7.1f}" for p in PART_NAMES) if r["parts_ms"]
+                 else "out of memory")
+        print(f"{r['step']:13s} {r['divergence'] or '-':12s} "
+              f"{'on' if r['grad_checkpointing'] else 'off':>4s} {parts}")
     os.makedirs(cfg.out_dir, exist_ok=True)
     with open(os.path.join(cfg.out_dir, "bench.json"), "w") as f:
-        json.dump(dict(device=name, config=asdict(cfg), ratios_over=unit, rows=rows), f, indent=1)
+        json.dump(dict(device=name, config=asdict(cfg), ratios_over=unit,
+                       ratios_unet_baseline_over="unet_baseline with the same checkpointing",
+                       parts=PART_NAMES, rows=rows), f, indent=1)
     print(f"wrote {cfg.out_dir}/bench.json")
     return rows
 

@@ -541,13 +541,99 @@ def test_generator_gradient_flows_through_reward_and_frozen_unet_inputs(tiny, mo
     loss.backward()
     for h in hooks:
         h.remove()
-    # choice 2: s_ref runs twice (c and empty) inside d', both on the gradient path;
-    # choice 1: s_ref (c) inside d' carries gradient, the CFG term's two calls are at sg[x_t]
-    assert len(grads["s_ref"]) == (2 if mode == "in" else 1) and all(v > 0 for v in grads["s_ref"])
+    # choice 2: s_ref runs once, on the batch [c; empty], inside d' on the gradient path;
+    # choice 1: s_ref (c) inside d' carries gradient, the CFG term's empty-prompt call is at sg[x_t]
+    assert len(grads["s_ref"]) == 1 and grads["s_ref"][0] > 0
     assert len(grads["s_psi"]) == 1 and grads["s_psi"][0] > 0
     assert len(grads["reward"]) == 1 and grads["reward"][0] > 0
     assert all(p.grad is None for p in world.assistant.parameters())
     assert all(p.grad is None for p in world.s_ref.parameters())
+
+
+def _two_call_generator_loss(world, cond):
+    """generator_loss (pseudo-Huber) with a reference call per score: choice 2's s_c and s_u each
+    their own call, and choice 1's CFG term computing s_c again at sg[x_t]."""
+    cfg = world.cfg
+    x0 = world.generate(world.generator, cond)
+    t, x_t, eps, sigma_t = distar.diffuse(world, x0)
+    D, sig, score = x0[0].numel(), sigma_t.flatten(), lambda e: -e / sigma_t
+    s_fake = lambda x: score(world.eps_fake(world.assistant, x, t, cond))
+    s_c = lambda x: score(world.eps_ref(x, t, cond))
+    s_u = lambda x: score(world.eps_ref(x, t, None))
+    s_ref = s_c if cfg.cfg == "out" else lambda x: distar.cfg_score(s_c(x), s_u(x), 1 + cfg.alpha_cfg)
+    loss_div = distar.score_divergence_loss(x_t, score(eps), s_fake, s_ref, "pseudo_huber",
+                                            c=cfg.huber_c * math.sqrt(D) / sig, weight=sig / math.sqrt(D))
+    loss_cfg = (cfg.alpha_cfg * distar.cfg_reward_loss(x_t, s_c, s_u, weight=sig / D)
+                if cfg.cfg == "out" else torch.zeros_like(loss_div))
+    loss_rew = -cfg.alpha_rew * world.reward(x0, cond)
+    return (loss_rew + loss_div + loss_cfg).mean(), dict(loss_rew=loss_rew.mean(),
+                                                         loss_div=loss_div.mean(), loss_cfg=loss_cfg.mean())
+
+
+@pytest.mark.parametrize("mode", ["in", "out"])
+def test_guidance_needs_one_reference_call_fewer_for_the_same_loss_and_gradient(tiny, mode):
+    """Choice 2 gets s_ref(x_t | c) and s_ref(x_t | empty) from one reference call on the batch
+    [x_t; x_t] with [c; empty]; choice 1's CFG term reuses the s_ref(x_t | c) the divergence
+    computed (its value only: the term is at sg[x_t]). The terms and theta's gradient are those of
+    a call per score, with one call fewer."""
+    world = _sdxl_world(tiny, f"--cfg={mode}", "--alpha_cfg=2", "--alpha_rew=10")
+    with torch.no_grad():  # an assistant off the reference, so that the divergence is not 0
+        for p in world.assistant.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    world.assistant.requires_grad_(False)
+    calls = []  # (batch, grad enabled) of each reference call
+    world.s_ref.register_forward_pre_hook(
+        lambda m, args: calls.append((len(args[0]), torch.is_grad_enabled())))
+    cond = world.sample_cond(2)
+    results = {}
+    for version, loss_fn in (("one", lambda: distar.generator_loss(world, world.generator, cond)),
+                             ("two", lambda: _two_call_generator_loss(world, cond))):
+        calls.clear()
+        torch.manual_seed(3)  # the same z, t and eps
+        loss, terms = loss_fn()
+        grads = torch.autograd.grad(loss, list(world.generator.parameters()))
+        results[version] = (loss, terms, grads, list(calls))
+    (loss, terms, grads, calls_one), (loss2, terms2, grads2, calls_two) = results["one"], results["two"]
+    for k in ("loss_rew", "loss_div", "loss_cfg"):
+        assert terms[k].item() == pytest.approx(terms2[k].item(), rel=1e-4, abs=1e-7), k
+    assert loss.item() == pytest.approx(loss2.item(), rel=1e-5)
+    assert (terms["loss_cfg"] != 0) == (mode == "out")
+    flat = lambda gs: torch.cat([g.flatten() for g in gs])
+    assert (flat(grads) - flat(grads2)).norm() <= 1e-4 * flat(grads2).norm()
+    if mode == "in":  # one call of 2B for both, on the gradient path, instead of two of B
+        assert (calls_one, calls_two) == ([(4, True)], [(2, True)] * 2)
+    else:  # the divergence's with grad, the empty prompt's without; no second pass for c
+        assert (calls_one, calls_two) == ([(2, True), (2, False)], [(2, True), (2, False), (2, False)])
+
+
+def test_vae_decodes_under_bf16_autocast_within_bf16_rounding_and_the_reward_gradient_reaches_g(tiny):
+    """--precision=bf16: the VAE's weights stay fp32 and its decode runs under bf16 autocast. Its
+    output is within bf16 rounding of fp32's: bf16 rounds to 2^-8 relative; the decoder rounds the
+    inputs, weights and outputs of each of its n convolutions and linears, and independent
+    roundings add in quadrature, so relative L2 error <= sqrt(3 n) 2^-8 (0.038 here; measured
+    0.016). The reward's gradient keeps its direction and reaches theta."""
+    world = _sdxl_world(tiny, "--precision=bf16")
+    n = sum(isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))
+            for m in [world.vae.post_quant_conv, *world.vae.decoder.modules()])
+    raw = []  # the decoder's output, before the clamp to [0, 1], and its dtype
+    world.vae.decoder.register_forward_hook(lambda m, args, out: raw.append(out))
+    cond = world.sample_cond(2)
+    x0 = world.generate(world.generator, cond)
+    out = {}
+    for bf16 in (True, False):
+        world.autocast["enabled"] = bf16
+        images = world.decode(x0)
+        assert images.dtype == torch.float32  # the reward's resize and crop in fp32
+        r = world.reward_fn(images, world.reward_fn.text_features(cond["prompts"]))
+        out[bf16] = raw[-1].float(), raw[-1].dtype, torch.autograd.grad(r.sum(), x0, retain_graph=True)[0]
+    (a, dtype_a, grad_a), (b, dtype_b, grad_b) = out[True], out[False]
+    assert (dtype_a, dtype_b) == (torch.bfloat16, torch.float32)
+    assert all(p.dtype == torch.float32 for p in world.vae.parameters())
+    assert 0 < ((a - b).norm() / b.norm()).item() <= math.sqrt(3 * n) * 2**-8, n
+    assert torch.nn.functional.cosine_similarity(grad_a.flatten(), grad_b.flatten(), dim=0) > 0.99
+    world.autocast["enabled"] = True
+    grads = torch.autograd.grad(world.reward(x0, cond).sum(), list(world.generator.parameters()))
+    assert all(torch.isfinite(g).all() for g in grads) and sum(g.abs().sum() for g in grads) > 0
 
 
 def test_every_divergence_scales_like_kl_with_the_resolution(tiny):
@@ -1538,6 +1624,7 @@ def test_dry_run_measurement_gives_throughput_and_mfu_and_writes_nothing(tiny, t
     (["--dry_run", "--tiny"], "different worlds"), (["--dry_run", "--resume"], "nothing to --resume"),
     (["--dry_run", "--max_steps=1"], "warm-up"), (["--dry_run", "--world_size_plan=-8"], ">= 0"),
     (["--toy", "--bench"], "--bench"), (["--tiny", "--bench", "--bench_reps=0"], "--bench"),
+    (["--toy", "--compile"], "--compile is for the SDXL world"),
     (["--bench", "--bench_warmup=-1"], "--bench")])
 def test_bad_dry_run_or_bench_config_is_one_line(args, words, capsys):
     assert distar.main(args) == 2
@@ -1560,25 +1647,123 @@ def test_dry_run_command_line_without_a_gpu_prints_the_plan(tmp_path):
 BENCH_VARIANTS = {(div, ckpt) for div in ("pseudo_huber", "l2", "kl", None) for ckpt in (False, True)}
 
 
+BENCH_ROWS = ({("generator", div, ckpt) for div, ckpt in BENCH_VARIANTS if div}
+              | {(step, None, ckpt) for step in ("assistant", "unet_baseline") for ckpt in (False, True)})
+
+
 def test_bench_command_prints_and_writes_the_cost_table(tiny, tmp_path):
+    """Every update per divergence and checkpointing, and the plain UNet update (unet_baseline),
+    as ms and ratios to the KL generator update and to the baseline with the same checkpointing,
+    each split into parts that add up to its time."""
     os.symlink(os.path.dirname(tiny[0]), tmp_path / "tiny")  # --tiny finds its models there, builds none
     r = run("--tiny", "--bench", "--bench_reps=2", "--bench_warmup=0", f"--out_dir={tmp_path}")
     assert r.returncode == 0, r.stderr
-    lines = re.findall(r"^(generator|assistant) +(\S+) +(on|off) +([\d.]+) +([\d.]+)x +[\d.]+$", r.stdout,
-                       re.M)
-    printed = {(div if div != "-" else None, ck == "on") for _, div, ck, _, _ in lines}
-    assert printed == BENCH_VARIANTS, r.stdout
-    rows = json.load(open(tmp_path / "bench.json"))["rows"]
-    assert sorted(r["step"] for r in rows) == ["assistant"] * 2 + ["generator"] * 6
-    assert {(r["divergence"], r["grad_checkpointing"]) for r in rows} == BENCH_VARIANTS
+    lines = re.findall(r"^(generator|assistant|unet_baseline) +(\S+) +(on|off) +([\d.]+) +([\d.]+)x "
+                       r"+([\d.]+)x +[\d.]+$", r.stdout, re.M)
+    assert {(step, div if div != "-" else None, ck == "on") for step, div, ck, *_ in lines} == BENCH_ROWS
+    parts = re.findall(r"^(generator|assistant|unet_baseline) +(\S+) +(on|off)((?: +[\d.]+){9})$",
+                       r.stdout, re.M)
+    assert {(step, div if div != "-" else None, ck == "on") for step, div, ck, _ in parts} == BENCH_ROWS
+    bench = json.load(open(tmp_path / "bench.json"))
+    rows, names = bench["rows"], bench["parts"]
+    assert sorted(r["step"] for r in rows) == ["assistant"] * 2 + ["generator"] * 6 + ["unet_baseline"] * 2
+    assert {(r["step"], r["divergence"], r["grad_checkpointing"]) for r in rows} == BENCH_ROWS
     kl = next(r for r in rows if r["divergence"] == "kl" and not r["grad_checkpointing"])
     assert kl["ratio"] == 1.0 and "over the KL generator update with checkpointing off" in r.stdout
-    for row in rows:  # medians of the timed repetitions, as ratios to the KL step
-        reps = 2 if row["step"] == "generator" else 2 * 3  # the assistant's: from every divergence
+    unet = {r["grad_checkpointing"]: r["ms"] for r in rows if r["step"] == "unet_baseline"}
+    ran = {"generator": set(names), "assistant": {"text", "g fwd", "psi", "optim", "other"},
+           "unet_baseline": {"text", "psi", "optim", "other"}}  # psi: the baseline's UNet is psi's
+    for row in rows:  # medians of the timed repetitions, as ratios to the KL step and the baseline
+        reps = 2 * 3 if row["step"] == "assistant" else 2  # the assistant's: from every divergence
         assert len(row["ms_reps"]) == reps and row["ms"] == pytest.approx(np.median(row["ms_reps"]))
         assert row["ratio"] == pytest.approx(row["ms"] / kl["ms"]) and row["ms"] > 0
+        assert row["ratio_unet_baseline"] == pytest.approx(row["ms"] / unet[row["grad_checkpointing"]])
+        for ms, split in zip(row["ms_reps"], row["parts_ms_reps"], strict=True):
+            assert list(split) == names and sum(split.values()) == pytest.approx(ms)
+            assert {p for p, v in split.items() if v > 0} == ran[row["step"]], (row, split)
+        assert row["parts_ms"] == {p: pytest.approx(np.median([s[p] for s in row["parts_ms_reps"]]))
+                                   for p in names}
+    assert all(r["ratio_unet_baseline"] == 1.0 for r in rows if r["step"] == "unet_baseline")
     assert sorted(os.listdir(tmp_path)) == ["bench.json", "tiny"]  # no checkpoint, metrics or samples
     assert not re.search(r"^step \d+/", r.stdout, re.M)  # nor a log line per timed step
+
+
+def test_unet_baseline_is_one_plain_eps_mse_update_of_a_unet(tiny):
+    """The yardstick: prompts, one UNet call with grad on a B-batch of latents at the resolution,
+    the eps-MSE, its backward into the UNet's weights only, clipping and an AdamW step."""
+    world = _sdxl_world(tiny, "--resolution=128")
+    opt = distar.make_optimizer(world.cfg, world.assistant.parameters(), 1e-3)
+    calls, before = [], _state(world.assistant)
+    for name, net in (("g", world.generator), ("psi", world.assistant), ("ref", world.s_ref)):
+        net.register_forward_pre_hook(lambda m, args, name=name: calls.append(
+            (name, tuple(args[0].shape), torch.is_grad_enabled())))
+    world.vae.register_forward_pre_hook(lambda *_: calls.append("vae"))
+    grad_norm, skipped = distar.unet_baseline_update(world, opt, 3)
+    assert calls == [("psi", (3, 4, 16, 16), True)] and not skipped and grad_norm > 0
+    assert all(p.grad is None for p in world.generator.parameters())
+    after = _state(world.assistant)
+    assert all(not torch.equal(after[k], before[k]) for k in ("conv_in.weight", "conv_out.weight"))
+
+
+def test_bench_parts_put_each_forward_and_backward_where_it_runs(tiny, monkeypatch):
+    """A nap in one net's forward or backward lands in that net's part, in the update where it
+    runs (the generator's backward only in the generator update, the reference's and the
+    reward's only there), and the parts add up to train's own time of each update."""
+    import time
+
+    nap = 0.2
+    world = _sdxl_world(tiny, "--assistant_steps=1")  # --cfg=in, pseudo-Huber
+
+    class NapBackward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.view_as(x)
+
+        @staticmethod
+        def backward(ctx, grad):
+            time.sleep(nap)
+            return grad
+
+    def napping(fn, forward, backward):
+        def f(*args, **kwargs):
+            time.sleep(nap if forward else 0)
+            out = fn(*args, **kwargs)
+            if backward and torch.is_grad_enabled():
+                if isinstance(out, tuple):  # one nap for the call
+                    return NapBackward.apply(out[0]), *out[1:]
+                return NapBackward.apply(out)
+            return out
+        return f
+
+    for name, forward, backward in [("sample_cond", True, False), ("generate", True, True),
+                                    ("eps_fake", False, True), ("eps_ref_both", False, True),
+                                    ("decode", False, True), ("reward", True, False)]:
+        monkeypatch.setattr(world, name, napping(getattr(world, name), forward, backward))
+    monkeypatch.setattr(distar, "clip_and_step", napping(distar.clip_and_step, True, False))
+    # and three in "other": diffuse's forward, x_t's backward (after the nets' backward), and the
+    # divergence's (before the nets' backward, after the reward term's)
+    diffuse_napping = napping(distar.diffuse, True, False)
+
+    def diffuse(world, x0):
+        t, x_t, *rest = diffuse_napping(world, x0)
+        return t, NapBackward.apply(x_t) if x_t.requires_grad else x_t, *rest
+
+    monkeypatch.setattr(distar, "diffuse", diffuse)
+    monkeypatch.setattr(distar, "score_divergence_loss", napping(distar.score_divergence_loss, False, True))
+    opts = [distar.make_optimizer(world.cfg, n.parameters(), 0.0)
+            for n in (world.generator, world.assistant)]
+    timer = distar.PartTimer(torch.device("cpu"))
+    with timer.install(world):
+        (m,) = distar.train(world, *opts, (0, 1, torch.device("cpu")), range(1))
+    naps = {"assistant": {"text": 1, "g fwd": 1, "psi": 1, "optim": 1, "other": 1},  # g: no backward
+            "generator": {"text": 1, "g fwd": 1, "g bwd": 1, "psi": 1, "ref": 1, "vae": 1, "reward": 1,
+                          "optim": 1, "other": 3}}
+    for (step, expect), parts in zip(naps.items(), timer.phases):
+        assert sum(parts.values()) == pytest.approx(m[f"sec_{step}"])
+        for part in distar.PART_NAMES:
+            assert expect.get(part, 0) * nap <= parts.get(part, 0.0) < (expect.get(part, 0) + 0.5) * nap, (
+                step, part, parts)
+    assert distar.clip_and_step.__name__ == "f" and "eps_ref" not in vars(world)  # unwrapped again
 
 
 def test_bench_runs_every_variant_and_leaves_the_world_as_it_was(tiny, tmp_path, monkeypatch, capsys):
@@ -1601,16 +1786,30 @@ def test_bench_runs_every_variant_and_leaves_the_world_as_it_was(tiny, tmp_path,
 
     monkeypatch.setattr(distar, "generator_loss", spy(distar.generator_loss, lambda w: w.cfg.divergence))
     monkeypatch.setattr(distar, "assistant_loss", spy(distar.assistant_loss, lambda w: None))
+    baseline = []  # checkpointing on each net as the baseline sees it; out of memory without it
+
+    def baseline_spy(world, *args):
+        baseline.append(tuple(m.is_gradient_checkpointing for m in nets))
+        if baseline[-1] == (False,) * 4:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return unet_baseline_update(world, *args)
+
+    unet_baseline_update = distar.unet_baseline_update
+    monkeypatch.setattr(distar, "unet_baseline_update", baseline_spy)
     rows = distar.bench(world, (0, 1, torch.device("cpu")))
-    assert len(seen) == 2 * 6 + 2 * 4 and len(rows) == 8  # out of memory once, then left out
+    assert len(seen) == 2 * 6 + 2 * 4 and len(rows) == 10  # out of memory once, then left out
     assert {(div, ckpt[0]) for div, ckpt in seen} == BENCH_VARIANTS
     assert all(len(set(ckpt)) == 1 for _, ckpt in seen)  # all four nets toggled together
+    assert baseline == [(False,) * 4, (True,) * 4, (True,) * 4]
     out = capsys.readouterr().out
-    assert re.search(r"^generator +l2 +off +out of memory +- +0.00$", out, re.M), out
-    assert re.search(r"^generator +pseudo_huber +off +[\d.]+ +[\d.]+x +[\d.]+$", out, re.M), out
+    assert re.search(r"^generator +l2 +off +out of memory +- +- +0.00$", out, re.M), out
+    assert re.search(r"^generator +pseudo_huber +off +[\d.]+ +[\d.]+x +- +[\d.]+$", out, re.M), out
+    assert re.search(r"^generator +pseudo_huber +on +[\d.]+ +[\d.]+x +[\d.]+x +[\d.]+$", out, re.M), out
+    assert re.search(r"^unet_baseline +- +off +out of memory$", out, re.M), out
     assert "/ KL gen: over the KL generator update with checkpointing on" in out
-    oom = [(r["divergence"], r["grad_checkpointing"]) for r in rows if r["ms"] is None]
-    assert oom == [("l2", False), ("kl", False)]
+    oom = [(r["step"], r["divergence"], r["grad_checkpointing"]) for r in rows if r["ms"] is None]
+    assert oom == [("generator", "l2", False), ("generator", "kl", False), ("unet_baseline", None, False)]
+    assert all(r["ratio_unet_baseline"] is None for r in rows if not r["grad_checkpointing"])
     kl_on = next(r for r in rows if r["divergence"] == "kl" and r["grad_checkpointing"])
     assert all(r["ratio"] is None if r["ms"] is None else r["ratio"] == pytest.approx(r["ms"] / kl_on["ms"])
                for r in rows) and kl_on["ratio"] == 1.0
@@ -1623,7 +1822,7 @@ def test_bench_runs_every_variant_and_leaves_the_world_as_it_was(tiny, tmp_path,
 def test_grad_checkpointing_toggle_recomputes_in_backward(tiny):
     """With checkpointing on, every net on the gradient path runs its blocks again in backward;
     nets run under no_grad (the generator in the assistant step) do not."""
-    world = _sdxl_world(tiny)  # --cfg=in: two reference passes
+    world = _sdxl_world(tiny)  # --cfg=in: one reference pass, of [c; empty]
     blocks = dict(g=world.generator.down_blocks[0].resnets[0], psi=world.assistant.down_blocks[0].resnets[0],
                   ref=world.s_ref.down_blocks[0].resnets[0], vae=world.vae.decoder.up_blocks[0].resnets[0])
     calls = dict.fromkeys(blocks, 0)
@@ -1643,7 +1842,7 @@ def test_grad_checkpointing_toggle_recomputes_in_backward(tiny):
 
     for on, k in ((False, 1), (True, 2), (False, 1)):
         world.set_grad_checkpointing(on)
-        assert count("generator") == dict(g=k, psi=k, ref=2 * k, vae=k)
+        assert count("generator") == dict(g=k, psi=k, ref=k, vae=k)
         assert count("assistant") == dict(g=1, psi=k, ref=0, vae=0)
 
 
@@ -1652,6 +1851,107 @@ def test_bench_refuses_torchrun_in_one_line(monkeypatch, capsys):
     assert distar.main(["--tiny", "--bench", "--out_dir=/nonexistent/never"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("distar: error: --bench") and err.count("\n") == 1
+
+
+# -----------------------------------------------------------------------------
+# speed options, opt-in: --compile (regional, in place; with checkpointing and DDP, eager's
+# numbers) and --fast_backends (on only when asked, restored after)
+
+
+def _compile_counter():
+    """aot_eager (dynamo and AOTAutograd, the parts that meet checkpointing and DDP; no inductor
+    C++ build, which takes ~30 s per graph on 2 CPU cores), counting the graphs it compiles."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    return CompileCounterWithBackend("aot_eager")
+
+
+def test_compile_compiles_each_unets_transformer_blocks_in_place_and_only_when_asked(tiny):
+    for on in (False, True):
+        world = _sdxl_world(tiny, *(["--compile"] if on else []))
+        keys = lambda: [list(net.state_dict()) for net in (world.generator, world.assistant, world.s_ref)]
+        before = keys()
+        assert distar.maybe_compile(world) is world
+        nets = dict(g=world.generator, psi=world.assistant, ref=world.s_ref, vae=world.vae,
+                    reward=world.reward_fn.model)
+        compiled = {n: sorted({type(m).__name__ for m in net.modules() if m._compiled_call_impl})
+                    for n, net in nets.items()}
+        blocks = ["BasicTransformerBlock"] if on else []
+        assert compiled == dict(g=blocks, psi=blocks, ref=blocks, vae=[], reward=[]), compiled
+        assert keys() == before
+    assert not distar.parse_args([]).compile and not distar.parse_args(["--dry_run"]).compile
+
+
+def test_compiled_training_matches_eager_over_two_steps_with_checkpointing(tiny):
+    """Two steps of train (--cfg=in, pseudo-Huber, checkpointing on), compiled and eager, from the
+    same weights and seeds: the same losses and weights."""
+    results = {}
+    for on in (False, True):
+        torch.manual_seed(0)  # the same perturbed generator in both runs
+        world = _sdxl_world(tiny, "--grad_checkpointing", "--assistant_steps=1", "--log_interval=1",
+                            *(["--compile"] if on else []))
+        start = _state(world.generator)
+        counter = _compile_counter()
+        distar.maybe_compile(world, backend=counter)
+        opts = [distar.make_optimizer(world.cfg, n.parameters(), 1e-3)
+                for n in (world.generator, world.assistant)]
+        torch.manual_seed(1)
+        history = distar.train(world, *opts, (0, 1, torch.device("cpu")), range(2))
+        results[on] = ([(m["loss_g"], m["loss_psi"], m["loss_div"]) for m in history],
+                       _state(world.generator), counter.frame_count)
+        assert any(not torch.equal(v, start[k]) for k, v in results[on][1].items())  # trained
+    torch._dynamo.reset()
+    (eager, w_eager, n_eager), (comp, w_comp, n_comp) = results[False], results[True]
+    assert n_eager == 0 and n_comp > 0  # the compiled blocks ran
+    assert np.allclose(eager, comp, rtol=1e-4, atol=1e-6), (eager, comp)
+    assert all(torch.allclose(w_eager[k], w_comp[k], rtol=1e-4, atol=1e-6) for k in w_eager)
+
+
+def test_ddp_over_compiled_checkpointed_blocks_gives_eagers_gradient(tiny, tmp_path):
+    """train's order: blocks compiled in place, then DDP around the UNet (one gloo rank here),
+    activation checkpointing on: the generator's gradient is eager's."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    world = _sdxl_world(tiny, "--grad_checkpointing", "--compile")
+    cond, z = world.sample_cond(2), torch.randn(2, *world.latent_shape)
+
+    def grad(net):
+        world.generate(net, cond, z).square().mean().backward()
+        out = torch.cat([p.grad.flatten() for p in world.generator.parameters()])
+        world.generator.zero_grad(set_to_none=True)
+        return out
+
+    eager = grad(world.generator)
+    counter = _compile_counter()
+    distar.maybe_compile(world, backend=counter)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        compiled = grad(DDP(world.generator, gradient_as_bucket_view=True))
+    finally:
+        dist.destroy_process_group()
+        torch._dynamo.reset()
+    assert counter.frame_count > 0
+    assert (compiled - eager).norm() <= 1e-5 * eager.norm() and eager.norm() > 0
+
+
+def test_fast_backends_is_opt_in_and_restores_every_setting(monkeypatch):
+    """TF32 matmuls, cudnn.benchmark and cuDNN attention first while a run is inside it (main
+    runs under it); nothing changes without the flag, and all is as before afterwards."""
+    from torch.nn.attention import SDPBackend
+
+    def state():
+        return (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.benchmark,
+                SDPBackend(torch._C._get_sdp_priority_order()[0]))
+
+    before = state()
+    assert before[:2] == ("none", False) and before[2] != SDPBackend.CUDNN_ATTENTION  # torch's defaults
+    seen = []
+    monkeypatch.setattr(distar, "run_toy", lambda cfg, dist_info: seen.append(state()))
+    assert distar.main(["--toy"]) == 0 and distar.main(["--toy", "--fast_backends"]) == 0
+    assert seen == [before, ("tf32", True, SDPBackend.CUDNN_ATTENTION)]
+    assert state() == before and not distar.parse_args([]).fast_backends
 
 
 # -----------------------------------------------------------------------------
