@@ -1867,6 +1867,7 @@ def _compile_counter():
     return CompileCounterWithBackend("aot_eager")
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit, imported by dynamo
 def test_compile_compiles_each_unets_transformer_blocks_in_place_and_only_when_asked(tiny):
     for on in (False, True):
         world = _sdxl_world(tiny, *(["--compile"] if on else []))
