@@ -30,6 +30,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ENV = {**os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
        "OMP_NUM_THREADS": "1"}
 f64 = torch.float64
+LORA_ARGS = ["--lora_rank=4", "--lora_alpha=2"]  # alpha != rank: a loader that loses alpha differs
 
 
 def run(*args, timeout=300):
@@ -1884,18 +1885,19 @@ def test_compile_compiles_each_unets_transformer_blocks_in_place_and_only_when_a
     assert not distar.parse_args([]).compile and not distar.parse_args(["--dry_run"]).compile
 
 
-def test_compiled_training_matches_eager_over_two_steps_with_checkpointing(tiny):
+@pytest.mark.parametrize("lora", [[], LORA_ARGS], ids=["full", "lora"])
+def test_compiled_training_matches_eager_over_two_steps_with_checkpointing(tiny, lora):
     """Two steps of train (--cfg=in, pseudo-Huber, checkpointing on), compiled and eager, from the
-    same weights and seeds: the same losses and weights."""
+    same weights and seeds: the same losses and weights (also with LoRA adapters in the blocks)."""
     results = {}
     for on in (False, True):
         torch.manual_seed(0)  # the same perturbed generator in both runs
         world = _sdxl_world(tiny, "--grad_checkpointing", "--assistant_steps=1", "--log_interval=1",
-                            *(["--compile"] if on else []))
+                            *lora, *(["--compile"] if on else []))
         start = _state(world.generator)
         counter = _compile_counter()
         distar.maybe_compile(world, backend=counter)
-        opts = [distar.make_optimizer(world.cfg, n.parameters(), 1e-3)
+        opts = [distar.make_optimizer(world.cfg, distar.trained(n), 1e-3)
                 for n in (world.generator, world.assistant)]
         torch.manual_seed(1)
         history = distar.train(world, *opts, (0, 1, torch.device("cpu")), range(2))
@@ -2154,9 +2156,6 @@ def test_ablation_command_writes_every_row_to_the_table_json_picture_and_checkpo
 # -----------------------------------------------------------------------------
 # LoRA (--lora_rank): frozen bases, fp32 adapters trained through the same loss and loop, saved so
 # that diffusers' load_lora_weights reproduces the generator
-
-
-LORA_ARGS = ["--lora_rank=4", "--lora_alpha=2"]  # alpha != rank: a loader that loses alpha differs
 
 
 def _adapters_and_bases(net):
