@@ -2214,7 +2214,7 @@ def test_lora_nets_are_frozen_bf16_bases_with_fp32_adapters_equal_to_the_bases_a
         assert torch.equal(world.eps_fake(world.assistant, x_t, t, cond), world.eps_ref(x_t, t, cond))
 
 
-def _lora_world(tiny, state_dicts, *args):
+def _dmd2_like_world(tiny, state_dicts, *args):
     """A tiny world whose generator starts from a UNet unlike the reference (as DMD2's)."""
     sdxl, reward = tiny
     cfg = distar.parse_args(["--tiny", f"--pretrained={sdxl}",
@@ -2226,7 +2226,7 @@ def _lora_world(tiny, state_dicts, *args):
 def test_lora_world_computes_full_fine_tunings_losses_until_the_adapters_move(tiny, state_dicts):
     """One generator_loss and one loop: a LoRA world whose adapters are still zero computes, from
     the same draws, the losses and x_0-gradients of full fine-tuning, to the last bit."""
-    lora, full = _lora_world(tiny, state_dicts, *LORA_ARGS), _lora_world(tiny, state_dicts)
+    lora, full = _dmd2_like_world(tiny, state_dicts, *LORA_ARGS), _dmd2_like_world(tiny, state_dicts)
     out = {}
     for name, world in (("lora", lora), ("full", full)):
         torch.manual_seed(0)
@@ -2243,7 +2243,7 @@ def test_lora_training_moves_both_adapters_and_not_one_base_weight(tiny, state_d
     """Each adapter gets its gradient (the generator's from the reward and the divergence, the
     assistant's from DSM); the generator phase freezes psi's adapter and nothing else comes
     unfrozen after it (requires_grad_(True) on a peft UNet would unfreeze its base)."""
-    world = _lora_world(tiny, state_dicts, *LORA_ARGS, "--max_steps=2", "--assistant_steps=1",
+    world = _dmd2_like_world(tiny, state_dicts, *LORA_ARGS, "--max_steps=2", "--assistant_steps=1",
                         "--lr_g=1e-3", "--lr_psi=1e-3", f"--out_dir={tmp_path}")
     before = {n: _adapters_and_bases(getattr(world, n)) for n in ("generator", "assistant")}
     lora_B = lambda net: [p for k, p in net.named_parameters() if ".lora_B." in k]  # A's: 0 at first
@@ -2321,7 +2321,8 @@ def lcm_one_step(sdxl, batches, seed, unet=None, loras=()):
     pipe = StableDiffusionXLPipeline.from_pretrained(sdxl, **({"unet": unet} if unet is not None else {}))
     for i, lora in enumerate(loras):
         pipe.load_lora_weights(lora, adapter_name=f"l{i}")
-    pipe.set_adapters([f"l{i}" for i in range(len(loras))]) if loras else None
+    if loras:  # a LoRA loaded after another is the only one active
+        pipe.set_adapters([f"l{i}" for i in range(len(loras))])
     pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     out = [pipe(prompt=p, num_inference_steps=1, timesteps=[399], guidance_scale=0, height=64, width=64,
