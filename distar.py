@@ -17,9 +17,9 @@ $ torchrun --standalone --nproc_per_node=2 distar.py --toy
 SDXL (defaults: SDXL-base reference, DMD2 one-step init, PickScore reward, bf16, 1024 px):
 $ python distar.py --prompts=prompts.txt                                # one 141 GB GPU
 $ python distar.py --prompts=prompts.txt --lora_rank=64                 # LoRA: one 48 GB GPU
-$ torchrun --standalone --nproc_per_node=8 distar.py --prompts=prompts.txt --zero
+$ torchrun --standalone --nproc_per_node=8 distar.py --prompts=prompts.txt --fsdp
 $ torchrun --nnodes=8 --nproc_per_node=8 --node_rank=$NODE_RANK --master_addr=$MASTER_ADDR \\
-    --master_port=29500 distar.py --prompts=prompts.txt --zero  # --out_dir on a shared filesystem
+    --master_port=29500 distar.py --prompts=prompts.txt --fsdp  # --out_dir on a shared filesystem
 Continue an interrupted run: the same command with --resume.
 
 Extras: tiny random SDXL-shaped models on CPU, the real code path (--tiny); the real
@@ -27,8 +27,8 @@ architectures with random weights, nothing downloaded: the memory plan and FLOPs
 on GPUs seconds/step, images/s, peak memory and MFU (--dry_run); the cost of a step per
 divergence (--bench); the paper's Table 2 in the toy (--toy --ablation):
 $ torchrun --standalone --nproc_per_node=2 distar.py --tiny --max_steps=4
-$ python distar.py --dry_run --world_size_plan=8 --zero
-$ torchrun --standalone --nproc_per_node=8 distar.py --dry_run --zero
+$ python distar.py --dry_run --world_size_plan=8 --fsdp
+$ torchrun --standalone --nproc_per_node=8 distar.py --dry_run --fsdp
 $ python distar.py --tiny --bench        (full size on one GPU: --dry_run --bench)
 $ python distar.py --toy --ablation
 """
@@ -99,7 +99,7 @@ class Config:
     # precision and memory
     precision: str = "bf16"  # bf16: autocast, fp32 masters, frozen UNet and CLIP in bf16 | fp32
     grad_checkpointing: bool = True  # recompute activations in backward (1024 px needs it)
-    zero: bool = False  # shard the AdamW states across ranks (ZeroRedundancyOptimizer)
+    fsdp: bool = False  # torchrun: shard the UNets' weights, gradients, AdamW states (FSDP2)
     # LoRA: frozen bases, trained adapters in the generator and the assistant (0: whole UNets)
     lora_rank: int = 0  # adapter rank; DMD2's SDXL LoRA: 64 (alpha 8, lr 5e-5)
     lora_alpha: float = 8.0  # adapter output scale alpha / rank
@@ -556,14 +556,16 @@ class SDXLWorld:
 
     @torch.no_grad()
     def save_samples(self, path, n=4):
-        """Fixed prompts and noise, so that grids from different steps compare."""
+        """Fixed prompts and noise, so that grids from different steps compare. path None: the
+        forward only (a rank whose generator shards rank 0 needs, --fsdp)."""
         from diffusers.utils import make_image_grid, numpy_to_pil
 
         z = torch.randn(n, *self.latent_shape, generator=torch.Generator().manual_seed(1234))
         cond = self.encode([BUILTIN_PROMPTS[i % len(BUILTIN_PROMPTS)] for i in range(n)])
         img = self.decode(self.generate(self.generator, cond, z.to(self.device)))  # (n, 3, R, R)
-        images = numpy_to_pil(img.permute(0, 2, 3, 1).cpu().numpy())
-        make_image_grid(images, rows=1, cols=n).save(path)
+        if path:
+            images = numpy_to_pil(img.permute(0, 2, 3, 1).cpu().numpy())
+            make_image_grid(images, rows=1, cols=n).save(path)
 
 
 # -----------------------------------------------------------------------------
@@ -671,13 +673,10 @@ def trained(net):
 
 
 def make_optimizer(cfg, params, lr):
-    # fused: one kernel per step, no whole-net scratch such as foreach's sqrt(v)
-    adamw = dict(lr=lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay, fused=True)
-    if cfg.zero and dist.is_initialized():  # each rank keeps 1/world_size of the Adam states
-        from torch.distributed.optim import ZeroRedundancyOptimizer
-
-        return ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.AdamW, **adamw)
-    return torch.optim.AdamW(params, **adamw)
+    """Fused AdamW: one kernel per step, no whole-net scratch such as foreach's sqrt(v). Under
+    --fsdp the parameters are this rank's shards (DTensors), and so are the Adam states."""
+    return torch.optim.AdamW(params, lr=lr, betas=(cfg.beta1, cfg.beta2),
+                             weight_decay=cfg.weight_decay, fused=True)
 
 
 class NonFiniteError(RuntimeError):
@@ -689,6 +688,8 @@ def clip_and_step(opt, net, loss, grad_clip, world_size):
     overflow, a bad batch): then skip the update on every rank, so the ranks stay identical and
     the weights finite. Returns (grad norm, skipped)."""
     grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
+    if hasattr(grad_norm, "full_tensor"):  # --fsdp: a DTensor, a partial norm on each rank
+        grad_norm = grad_norm.full_tensor()  # the whole net's, the same on every rank
     bad = (~torch.isfinite(loss.detach()) | ~torch.isfinite(grad_norm)).float()  # on the device
     if world_size > 1:
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
@@ -706,9 +707,7 @@ def train(world, opt_g, opt_psi, dist_info, steps, on_step=None):
     cfg = world.cfg
     rank, world_size, device = dist_info
     g, s_psi = world.generator, world.assistant  # fp32 master weights
-    # DDP only on the two trained nets; gradients as views into its buckets (no second copy)
-    g_ddp, s_psi_ddp = (DDP(m, gradient_as_bucket_view=True) if world_size > 1 else m
-                        for m in (g, s_psi))
+    g_ddp, s_psi_ddp = (data_parallel(m, world_size) for m in (g, s_psi))  # DDP or FSDP's own
     bar = tqdm(steps, initial=steps.start, total=steps.stop, disable=None if rank == 0 else True,
                dynamic_ncols=True)
     history, skipped, in_a_row = [], 0, dict(g=0, psi=0)  # skips since the last log; streaks
@@ -779,6 +778,15 @@ def setup_distributed(cuda=True):
     return dist.get_rank(), dist.get_world_size(), device
 
 
+def data_parallel(net, world_size):
+    """DDP on a trained net, gradients as views into its buckets (no second copy); frozen nets are
+    never wrapped. A net that --fsdp sharded (shard_nets, in the extras) is its own data-parallel
+    wrapper: its gradients are reduce-scattered in backward."""
+    if world_size == 1 or is_sharded(net):
+        return net
+    return DDP(net, gradient_as_bucket_view=True)
+
+
 def all_reduce_mean(metrics, world_size, device):
     """Scalars averaged over ranks, on the device: NCCL takes only CUDA tensors."""
     vals = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=device)
@@ -790,8 +798,9 @@ def all_reduce_mean(metrics, world_size, device):
 
 
 def assert_ranks_in_sync(net, world_size):
-    """DDP must keep every rank's copy identical: compare per-tensor fingerprints with rank 0's."""
-    if world_size == 1:
+    """DDP must keep every rank's copy identical: compare per-tensor fingerprints with rank 0's.
+    A sharded net (--fsdp) has one copy of each weight, split over the ranks: nothing to drift."""
+    if world_size == 1 or is_sharded(net):
         return
     fp = torch.stack([torch.stack([p.detach().double().sum(), p.detach().double().square().sum()])
                       for p in net.parameters()])  # (n_tensors, 2); equal copies, equal sums
@@ -830,15 +839,17 @@ def fit(cfg, world, dist_info, save_samples=None):
             with open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(metrics) + "\n")
         last = step == cfg.max_steps
-        if save_samples and rank == 0 and (step % cfg.sample_interval == 0 or last):
-            save_samples(os.path.join(cfg.out_dir, f"samples-{step:06d}.png"))
+        # under --fsdp every rank's shards take part in the generator's forward; rank 0 writes
+        if save_samples and (rank == 0 or cfg.fsdp) and (step % cfg.sample_interval == 0 or last):
+            save_samples(os.path.join(cfg.out_dir, f"samples-{step:06d}.png") if rank == 0 else None)
         if step % cfg.ckpt_interval == 0 or last:
             save_checkpoint(cfg, step, world, opt_g, opt_psi, dist_info)
 
     t0 = time.perf_counter()
     history = train(world, opt_g, opt_psi, dist_info, range(start, cfg.max_steps), on_step)
     if rank == 0:
-        in_sync = ", parameters identical on all ranks" if world_size > 1 else ""
+        in_sync = ("" if world_size == 1 else ", weights sharded over the ranks" if cfg.fsdp
+                   else ", parameters identical on all ranks")
         print(f"trained to step {cfg.max_steps} in {time.perf_counter() - t0:.1f} s on "
               f"{world_size} process(es){in_sync}; in {cfg.out_dir}")
     return history
@@ -870,7 +881,7 @@ def run_sdxl(cfg, dist_info):
     elif rank == 0 and not cfg.bench:
         print(f"distar: SDXL on {world_size} x {device.type}: loading {cfg.pretrained}, "
               f"{cfg.generator_init or 'its UNet'} and {cfg.reward_model}", flush=True)
-    world = maybe_compile(SDXLWorld(cfg, device, rank, world_size))  # --compile
+    world = shard_nets(maybe_compile(SDXLWorld(cfg, device, rank, world_size)), dist_info)
     if cfg.bench:  # the cost table instead of training
         return bench(world, dist_info)
     fit(cfg, world, dist_info, world.save_samples)
@@ -900,7 +911,7 @@ def main(argv):
         return 1 if isinstance(e, NonFiniteError) else 2
     except torch.cuda.OutOfMemoryError:  # from the rank that ran out; torchrun stops the others
         print(f"distar: error: rank {rank} ran out of GPU memory: try a smaller --batch_size, more "
-              "GPUs with --zero, or --grad_checkpointing if it is off", file=sys.stderr)
+              "GPUs with --fsdp, or --grad_checkpointing if it is off", file=sys.stderr)
         return 1
     if dist.is_initialized():  # torchrun, even with one process
         dist.barrier()  # rank 0 has written its files; leave together
@@ -1001,6 +1012,10 @@ def parse_args(argv):
         (not (cfg.beta1 < 1 and cfg.beta2 < 1), "--beta1 and --beta2 must be < 1"),
         (cfg.huber_c <= 0, f"--huber_c must be > 0, got {cfg.huber_c}"),
         (cfg.lora_rank and cfg.toy, "--lora_rank adapts SDXL UNets; the toy trains whole MLPs"),
+        (cfg.fsdp and cfg.toy, "--fsdp shards SDXL's UNets; the toy's MLPs run under DDP"),
+        (cfg.fsdp and "RANK" not in os.environ and not cfg.dry_run,  # a plan needs no ranks
+         "--fsdp shards the UNets over torchrun's processes: launch it with torchrun "
+         "(--nproc_per_node=1 works too)"),
         (cfg.lora_alpha <= 0, f"--lora_alpha must be > 0, got {cfg.lora_alpha}"),
         (cfg.resume and cfg.overwrite, "--resume continues a run, --overwrite deletes it: choose"),
         ((cfg.bench or cfg.ablation) and int(os.environ.get("WORLD_SIZE", 1)) > 1,
@@ -1015,7 +1030,8 @@ def parse_args(argv):
 # -----------------------------------------------------------------------------
 # checkpoints, written whole or not at all. {out_dir}/checkpoint-{step:06d}/ holds generator/ and
 # assistant/ (diffusers UNet folders; with --lora_rank the adapters, see save_lora; the toy's nets
-# as model.safetensors), state.pt (optimizer and RNG states, see state_file) and state.json (step,
+# as model.safetensors), state.pt (optimizer and RNG states; under --fsdp RNG states only, the
+# AdamW states in optimizer/, each rank's shards, save_sharded_optimizers) and state.json (step,
 # config), written last. Rank 0 writes into a hidden folder and renames it into place, so a crash
 # never leaves a checkpoint that looks complete nor harms an earlier one.
 
@@ -1029,11 +1045,12 @@ def list_checkpoints(out_dir):
     return [os.path.join(out_dir, d) for d in names]
 
 
-def save_net(net, path):
+def save_net(net, path, sd=None):
+    """sd: a sharded net's weights, gathered (gather_state_dict): rank 0 saves them instead."""
     if getattr(net, "peft_config", None):  # --lora_rank: the adapter alone (save_lora)
-        save_lora(net, path)
+        save_lora(net, path, sd)
     elif hasattr(net, "save_pretrained"):  # diffusers UNet: config.json + safetensors shards
-        net.save_pretrained(path)
+        (net if sd is None else unsharded(net, sd)).save_pretrained(path)
     else:  # toy MLP
         from safetensors.torch import save_file
 
@@ -1047,40 +1064,41 @@ def load_net(net, path):
 
     if getattr(net, "peft_config", None):
         return load_lora(net, path)
-    net.load_state_dict({k: v for name in sorted(os.listdir(path)) if name.endswith(".safetensors")
-                         for k, v in load_file(os.path.join(path, name)).items()})
-
-
-def state_file(rank):
-    """Rank 0's state.pt holds every rank's RNG state and its optimizers; under --zero each other
-    rank's file holds its own shard of the AdamW states (nothing is gathered through rank 0)."""
-    return "state.pt" if rank == 0 else f"state-rank{rank:03d}.pt"
+    sd = {k: v for name in sorted(os.listdir(path)) if name.endswith(".safetensors")
+          for k, v in load_file(os.path.join(path, name)).items()}
+    load_state_dict(net, sd)
 
 
 def save_checkpoint(cfg, step, world, opt_g, opt_psi, dist_info):
     rank, world_size, device = dist_info
-    zero = hasattr(opt_g, "optim")  # ZeroRedundancyOptimizer: .optim is this rank's AdamW
+    nets = dict(generator=world.generator, assistant=world.assistant)
+    opts = dict(opt_g=(world.generator, opt_g), opt_psi=(world.assistant, opt_psi))
+    sharded = is_sharded(world.generator)  # --fsdp
     rng = {"cpu": torch.get_rng_state()}
     if device.type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state(device)
     rngs = [rng] * world_size
     if world_size > 1:
         dist.all_gather_object(rngs, rng)
+    # --fsdp: every rank takes part in gathering each net's weights onto rank 0's CPU
+    gathered = {k: gather_state_dict(net) if sharded else None for k, net in nets.items()}
     tmp = os.path.join(cfg.out_dir, f".tmp-checkpoint-{step:06d}")
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
-        save_net(world.generator, os.path.join(tmp, "generator"))
-        save_net(world.assistant, os.path.join(tmp, "assistant"))
+        for k, net in nets.items():
+            save_net(net, os.path.join(tmp, k), gathered[k])
+    del gathered
     barrier(world_size)  # the folder exists
-    if rank == 0 or zero:
-        opts = {name: getattr(opt, "optim", opt).state_dict()
-                for name, opt in (("opt_g", opt_g), ("opt_psi", opt_psi))}
-        torch.save(dict(opts, rng=rngs) if rank == 0 else opts, os.path.join(tmp, state_file(rank)))
+    if sharded:  # every rank writes its own shard of the AdamW states; rank 0 the RNG states
+        save_sharded_optimizers(opts, os.path.join(tmp, "optimizer"))
+    if rank == 0:
+        state = {k: opt.state_dict() for k, (_, opt) in opts.items()} if not sharded else {}
+        torch.save(dict(state, rng=rngs), os.path.join(tmp, "state.pt"))
     barrier(world_size)  # every file is written
     if rank == 0:
         final = os.path.join(cfg.out_dir, f"checkpoint-{step:06d}")
         with open(os.path.join(tmp, "state.json"), "w") as f:
-            json.dump(dict(step=step, world_size=world_size, zero=zero, config=asdict(cfg)), f,
+            json.dump(dict(step=step, world_size=world_size, fsdp=sharded, config=asdict(cfg)), f,
                       indent=1)
             f.flush()
             os.fsync(f.fileno())
@@ -1106,23 +1124,21 @@ def load_checkpoint(cfg, world, opt_g, opt_psi, dist_info):
         return 0
     with open(os.path.join(path, "state.json")) as f:
         saved = json.load(f)
-    step, zero = saved["step"], hasattr(opt_g, "optim")
+    step, opts = saved["step"], dict(opt_g=(world.generator, opt_g), opt_psi=(world.assistant, opt_psi))
     if not os.path.isfile(os.path.join(path, "state.pt")):
         raise LoadError(f"--resume: {path} has no state.pt, so it cannot be resumed")
-    if zero != saved.get("zero", False) or (zero and saved["world_size"] != world_size):
-        how = f"--zero on {saved['world_size']} ranks" if saved.get("zero") else "no --zero"
-        raise LoadError(f"--resume: {path} was saved with {how}: resume it the same way")
     load_net(world.generator, os.path.join(path, "generator"))
     load_net(world.assistant, os.path.join(path, "assistant"))
-    # on the CPU and memory-mapped: a page is read only when its tensor is copied. Each AdamW
-    # (under --zero, the rank's own) puts every state on its parameter's device, fused AdamW's
-    # step counter included
-    read = lambda name: torch.load(os.path.join(path, name), map_location="cpu",
-                                   weights_only=True, mmap=True)
-    state = read("state.pt")
-    opts = state if rank == 0 or not zero else read(state_file(rank))
-    for name, opt, lr in (("opt_g", opt_g, cfg.lr_g), ("opt_psi", opt_psi, cfg.lr_psi)):
-        getattr(opt, "optim", opt).load_state_dict(opts[name])
+    # on the CPU and memory-mapped: a page is read only when its tensor is copied. AdamW's
+    # load_state_dict puts every state on its parameter's device, fused AdamW's step counter too
+    state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=True,
+                       mmap=True)
+    if is_sharded(world.generator):  # --fsdp: each rank reads its shards (resharded if need be)
+        load_sharded_optimizers(opts, os.path.join(path, "optimizer"))
+    for name, (_, opt) in opts.items():
+        if name in state:
+            opt.load_state_dict(state[name])
+    for opt, lr in ((opt_g, cfg.lr_g), (opt_psi, cfg.lr_psi)):
         for group in opt.param_groups:  # the command line wins over the saved hyperparameters
             group.update(lr=lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
     if saved["world_size"] == world_size:  # each rank continues its own random stream
@@ -1169,7 +1185,8 @@ def check_out_dir(cfg):
 
 # what a checkpoint must share with the run that resumes it (another world's weights do not fit;
 # --tiny would build its models inside another run's out_dir), and what it may change but is told
-MODE_KEYS = ("toy", "tiny", "lora_rank", "lora_targets")  # a LoRA of another shape does not fit
+# --fsdp: its AdamW states are DCP shards, DDP's one state.pt
+MODE_KEYS = ("toy", "tiny", "lora_rank", "lora_targets", "fsdp")  # a LoRA of another shape, too
 OBJECTIVE_KEYS = ("divergence", "cfg", "alpha_rew", "alpha_cfg", "huber_c", "t_min", "t_max",
                   "assistant_steps", "resolution", "batch_size", "conditioning_t", "lora_alpha")
 
@@ -1182,6 +1199,9 @@ def check_resume(cfg, rank):
         return
     with open(os.path.join(ckpts[-1], "state.json")) as f:
         saved = {**asdict(Config()), **json.load(f)["config"]}  # a key added since: its default
+    if saved.get("zero"):  # ZeroRedundancyOptimizer's per-rank files, which --fsdp replaced
+        raise LoadError(f"--resume: {ckpts[-1]} holds --zero AdamW shards, which distar no longer "
+                        "reads: start another --out_dir (its generator/ serves as --generator_init)")
     now = asdict(cfg)
     differ = [k for k in MODE_KEYS if saved[k] != now[k]]
     flags = lambda c: " ".join(f"--{k}={c[k]}" for k in differ)
@@ -1215,7 +1235,7 @@ def start_out_dir(cfg, dist_info):
 
 
 def shared_out_dir(out_dir, dist_info):
-    """Every rank reads a checkpoint on --resume (and writes its AdamW shard under --zero), so on
+    """Every rank reads a checkpoint on --resume (and writes its AdamW shards under --fsdp), so on
     several nodes out_dir must be on a filesystem they share: found out now, not at the first
     checkpoint hours later. Rank 0 leaves a file there that every rank must see."""
     rank, world_size, device = dist_info
@@ -1430,15 +1450,16 @@ def add_lora(unet, cfg, role):
     return unet
 
 
-def save_lora(unet, path):
+def save_lora(unet, path, sd=None):
     """The adapter as diffusers saves LoRAs, with its config (without it the loader takes alpha =
     rank). Unconverted peft keys: convert_state_dict_to_diffusers renames only the attention
-    keys, and the loader, seeing lora_A in the first key, then drops the renamed ones."""
+    keys, and the loader, seeing lora_A in the first key, then drops the renamed ones. sd: a
+    sharded unet's gathered weights (gather_state_dict)."""
     from diffusers import StableDiffusionXLPipeline
     from peft.utils import get_peft_model_state_dict
 
     StableDiffusionXLPipeline.save_lora_weights(
-        path, unet_lora_layers=get_peft_model_state_dict(unet),
+        path, unet_lora_layers=get_peft_model_state_dict(unet, state_dict=sd),
         unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
     with open(os.path.join(path, LORA_BASE), "w") as f:
         json.dump(unet.lora_base, f, indent=1)
@@ -1469,6 +1490,98 @@ def lora_base(path):
                         "the base as --generator and the LoRA as --lora")
     with open(os.path.join(path, LORA_BASE)) as f:
         return json.load(f)
+
+
+# -----------------------------------------------------------------------------
+# FSDP (--fsdp): torch's FSDP2 shards the generator, the assistant and the reference, so each of n
+# ranks holds 1/n of every weight, gradient and AdamW state. A unit's weights are all-gathered for
+# its forward and again for its backward, then freed; gradients are reduce-scattered. The text
+# encoders, the VAE and the reward stay whole: ~5 GiB that run once per update on a small batch,
+# and the plan fits without sharding them. Checkpoints stay what diffusers reads (the weights are
+# gathered onto rank 0's CPU to save them); the AdamW states are written as each rank's shards.
+
+FSDP_UNITS = ("BasicTransformerBlock", "ResnetBlock2D")  # one unit each, then the root
+
+
+def is_sharded(net):
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(net, FSDPModule)
+
+
+def shard_nets(world, dist_info):
+    """--fsdp (else the world as it was): fully_shard each UNet as torchtitan does, one unit per
+    transformer and resnet block, then the root (embeddings, conv_in/out, norms). After activation
+    checkpointing and --compile are set up, before the optimizers exist: they hold the shards."""
+    if not world.cfg.fsdp:
+        return world
+    if not dist.is_initialized():
+        raise ConfigError("--fsdp shards the UNets over torchrun's processes: launch it with "
+                          "torchrun (--nproc_per_node=1 works too)")
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(dist_info[2].type, (dist_info[1],))
+    for net in (world.generator, world.assistant, world.s_ref):
+        for block in net.modules():
+            if type(block).__name__ in FSDP_UNITS:
+                fully_shard(block, mesh=mesh)
+        fully_shard(net, mesh=mesh)
+    return world
+
+
+def gather_state_dict(net):
+    """A sharded net's trained weights (the whole UNet, or with --lora_rank its adapter) on rank
+    0's CPU; the other ranks get {}. A collective: every rank calls it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(net, options=StateDictOptions(
+        full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
+
+
+def unsharded(net, sd):
+    """A plain copy of a sharded diffusers net with the weights sd, for save_pretrained, which
+    cannot save a sharded one. Built on meta: sd's tensors become its parameters."""
+    from accelerate import init_empty_weights
+    from torch.distributed.fsdp import FSDPModule
+
+    cls = next(c for c in type(net).__mro__ if not issubclass(c, FSDPModule))  # the net's own
+    with init_empty_weights():
+        copy = cls.from_config(net.config)
+    copy.load_state_dict(sd, assign=True)
+    return copy
+
+
+def load_state_dict(net, sd, strict=True):
+    """A whole state dict into net; a sharded net's ranks each keep their own shards of it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    if not is_sharded(net):
+        return net.load_state_dict(sd, strict=strict)
+    return set_model_state_dict(net, sd, options=StateDictOptions(full_state_dict=True,
+                                                                  strict=strict))
+
+
+def save_sharded_optimizers(opts, path):
+    """--fsdp: the AdamW states, each rank writing its own shards (torch.distributed.checkpoint);
+    nothing is gathered: one SDXL UNet's whole AdamW state is ~19 GiB. opts: {name: (net, opt)}."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    dcp.save({k: get_optimizer_state_dict(net, opt) for k, (net, opt) in opts.items()},
+             checkpoint_id=path)
+
+
+def load_sharded_optimizers(opts, path):
+    """save_sharded_optimizers' inverse; DCP reshards, so another number of ranks resumes too."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (get_optimizer_state_dict,
+                                                         set_optimizer_state_dict)
+
+    state = {k: get_optimizer_state_dict(net, opt) for k, (net, opt) in opts.items()}
+    dcp.load(state, checkpoint_id=path)  # in place, into this rank's shards
+    for k, (net, opt) in opts.items():
+        set_optimizer_state_dict(net, opt, state[k])
 
 
 # -----------------------------------------------------------------------------
@@ -1646,31 +1759,56 @@ def peak_memory_gb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def memory_plan(world, n_gpus, zero):
+# What the plan's tensors leave out: the CUDA context, outside PyTorch's allocator (~0.5 GiB per
+# process), and NCCL's buffers, 544-688 MB per communicator measured on 4
+# A100s (NVIDIA/nccl#964), more with NVLS on NVSwitch machines. Allocator fragmentation is not
+# estimated: a GPU dry run prints memory_reserved beside max_memory_allocated.
+CUDA_CONTEXT_GIB, NCCL_GIB = 0.5, 0.7
+
+
+def memory_plan(world, n_gpus, fsdp):
     """Memory per GPU before activations, [(item, bytes)], for train on n_gpus ranks. AdamW keeps
-    two fp32 states per trained weight (1/n_gpus of them with --zero); fused, it needs no scratch.
-    Gradients: one net's at a time alone (train frees them); under DDP both nets' buckets. With
-    --lora_rank the trained weights are the adapters, and the generator's and assistant's bases
-    are frozen."""
+    two fp32 states per trained weight; fused, it needs no scratch. Gradients: one net's at a time
+    alone (train frees them); under DDP both nets' buckets. With --lora_rank the trained weights
+    are the adapters, and the generator's and assistant's bases are frozen. --fsdp divides the
+    three UNets' weights, gradients and AdamW states by n_gpus and adds the units it gathers: the
+    root's own weights (its forward spans the net's) and two blocks (the running one and the one
+    prefetched), plus their gradients before the reduce-scatter, in the largest net. The last row,
+    the CUDA context and NCCL's buffers, is an estimate (above)."""
     size = lambda params: sum(p.numel() * p.element_size() for p in params)
     dt = lambda params: str(params[0].dtype).removeprefix("torch.")
     frozen = lambda *nets: [p for n in nets for p in n.parameters() if not p.requires_grad]
     g, psi = world.generator, world.assistant
     both, bases = trained(g) + trained(psi), frozen(g, psi)  # bases: only with --lora_rank
-    shard = n_gpus if zero and n_gpus > 1 else 1
-    ddp = n_gpus > 1
-    rows = [(f"generator + assistant {'adapters' if bases else 'weights'} ({dt(both)} masters)",
-             size(both)),
-            ("AdamW states of both, 2 per weight"
-             + (f", 1/{shard} with --zero" if shard > 1 else ""), 2 * size(both) // shard),
-            ("gradients: DDP buckets of both nets" if ddp else "gradients of one net at a time",
-             size(both) if ddp else max(size(trained(g)), size(trained(psi))))]
+    n = n_gpus if fsdp else 1  # each rank's share of a sharded tensor
+    ddp, each = n_gpus > 1 and not fsdp, f", 1/{n} each" if n > 1 else ""
+    rows = [(f"generator + assistant {'adapters' if bases else 'weights'} ({dt(both)} masters"
+             f"{each})", size(both) // n),
+            (f"AdamW states of both, 2 per weight{each}", 2 * size(both) // n),
+            ("gradients: DDP buckets of both nets" if ddp else f"gradients of one net at a time"
+             f"{each}", size(both) if ddp else max(size(trained(g)), size(trained(psi))) // n)]
     if bases:
-        rows.append((f"generator + assistant bases, frozen ({dt(bases)})", size(bases)))
-    others = (("reference UNet", [world.s_ref]),
-              ("text encoders", [world.pipe.text_encoder, world.pipe.text_encoder_2]),
+        rows.append((f"generator + assistant bases, frozen ({dt(bases)}{each})", size(bases) // n))
+    rows.append((f"reference UNet ({dt(frozen(world.s_ref))}{each})", size(frozen(world.s_ref)) // n))
+    others = (("text encoders", [world.pipe.text_encoder, world.pipe.text_encoder_2]),
               ("reward CLIP", [world.reward_fn.model]), ("VAE", [world.vae]))
-    return rows + [(f"{name} ({dt(frozen(*nets))})", size(frozen(*nets))) for name, nets in others]
+    rows += [(f"{name} ({dt(frozen(*nets))})", size(frozen(*nets))) for name, nets in others]
+    if n > 1:
+        def in_flight(net):  # root's own weights and two blocks; and their trained gradients
+            blocks = [m for m in net.modules() if type(m).__name__ in FSDP_UNITS]
+            inside = {id(p) for b in blocks for p in b.parameters()}
+            root = [p for p in net.parameters() if id(p) not in inside]
+            block = max((list(b.parameters()) for b in blocks), key=size)
+            grads = size([p for p in root + block if p.requires_grad])
+            return size(root) + 2 * size(block) + grads
+        rows.append(("FSDP's gathered units in flight (root, 2 blocks, gradients)",
+                     max(in_flight(net) for net in (g, psi, world.s_ref))))
+    return rows
+
+
+def gpu_overhead(n_gpus):
+    """The plan's last row, in bytes: the CUDA context, and with several GPUs NCCL's buffers."""
+    return int((CUDA_CONTEXT_GIB + (NCCL_GIB if n_gpus > 1 else 0)) * 2**30)
 
 
 def step_flops(world, batch_size):
@@ -1707,10 +1845,12 @@ def run_dry_run(cfg, dist_info):
                  f"parameters each (rank {cfg.lora_rank})" if cfg.lora_rank else "")
               + f"; random weights, nothing downloaded\nmemory per GPU before activations, "
               f"{n_gpus} GPU(s), --precision={cfg.precision}"
-              + (", --zero" if cfg.zero and n_gpus > 1 else "") + " (GiB = 2^30 bytes):")
-        plan = memory_plan(meta, n_gpus, cfg.zero)
-        for item, b in plan + [("total", sum(b for _, b in plan))]:
-            print(f"  {item:62s} {b / 2**30:7.2f}")
+              + (", --fsdp" if cfg.fsdp else "") + " (GiB = 2^30 bytes):")
+        plan = memory_plan(meta, n_gpus, cfg.fsdp)
+        total, extra = sum(b for _, b in plan), gpu_overhead(n_gpus)
+        for item, b in plan + [("total", total), ("CUDA context" + (", NCCL buffers" if n_gpus > 1
+                               else "") + " (estimate)", extra), ("total on the card", total + extra)]:
+            print(f"  {item:64s} {b / 2**30:7.2f}")
         # FLOPs in fp32: meta has no autocast, and precision does not change them
         meta = SDXLWorld(replace(cfg, grad_checkpointing=False, precision="fp32"),
                          torch.device("meta"), parts=parts)
@@ -1722,12 +1862,12 @@ def run_dry_run(cfg, dist_info):
               f"{per_step / 1e12:.1f} TFLOP")
     if device.type == "cuda":
         world = SDXLWorld(cfg, device, rank, world_size, parts=dry_run_parts(device))
-        world = maybe_compile(world)  # --compile
+        world = shard_nets(maybe_compile(world), dist_info)  # --compile, --fsdp
         bench(world, dist_info) if cfg.bench else measure_steps(world, dist_info, per_step)
     elif rank == 0:
         print("no GPU here, so no seconds per step, images per second, peak memory, MFU or cost "
               "table; on GPUs, e.g.:\n  torchrun --standalone --nproc_per_node=8 distar.py "
-              "--dry_run --zero")
+              "--dry_run --fsdp")
 
 
 def device_name(device):
@@ -1755,7 +1895,7 @@ def measure_steps(world, dist_info, flops_per_step):
     mfu = f"{fig['mfu']:.1%}" if peak else "unknown peak: pass --peak_tflops"
     print(f"measured on {world_size} x {name}, --precision={cfg.precision}"
           + (", --grad_checkpointing" if cfg.grad_checkpointing else "")
-          + (", --zero" if cfg.zero else "") + f", batch {cfg.batch_size} per GPU, median of "
+          + (", --fsdp" if cfg.fsdp else "") + f", batch {cfg.batch_size} per GPU, median of "
           f"steps 2-{cfg.max_steps}:\n  seconds per step {fig['sec_per_step']:.3g}, images per "
           f"second per GPU {fig['images_per_s']:.3g}, peak memory {fig['peak_mem_gib']:.1f} GiB, "
           f"{fig['tflops_per_s']:.3g} TFLOPS, MFU {mfu}")

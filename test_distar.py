@@ -431,9 +431,6 @@ def test_the_optimizer_is_fused_adamw_with_the_command_lines_hyperparameters():
     group = opt.param_groups[0]
     assert type(opt) is torch.optim.AdamW and group["fused"]
     assert (group["lr"], group["betas"], group["weight_decay"]) == (3e-4, (0.8, 0.95), 0.05)
-    # --zero shards across torchrun's ranks; one process without torchrun has nothing to shard
-    opt = distar.make_optimizer(distar.parse_args(["--toy", "--zero"]), [torch.zeros(1)], 1e-3)
-    assert type(opt) is torch.optim.AdamW
 
 
 def test_an_update_clips_the_gradient_norm_to_grad_clip():
@@ -823,8 +820,8 @@ def _toy_checkpoint(out_dir, *args):
 def test_resume_reads_adam_states_on_the_cpu_and_hyperparameters_from_the_command_line(
         tmp_path, monkeypatch):
     """Every rank reads its state file onto the CPU (memory-mapped), and the optimizer copies what
-    it keeps to its device (under --zero only the rank's own shard reaches the GPU); the saved Adam
-    moments come back, the learning rates, betas and weight decay are the command line's."""
+    it keeps to its device; the saved Adam moments come back, the learning rates, betas and weight
+    decay are the command line's."""
     saved_g, _ = _toy_checkpoint(tmp_path)
     loads, handed = [], []
     real_load, real_load_sd = torch.load, torch.optim.AdamW.load_state_dict
@@ -879,32 +876,6 @@ def test_resume_drops_the_metrics_logged_after_its_checkpoint(tmp_path):
     assert (out / "metrics.jsonl").read_text() == rows[0]
 
 
-@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit, imported by ZeRO
-def test_zero_resume_loads_the_ranks_shard_into_its_own_adamw(tmp_path, monkeypatch):
-    """ZeroRedundancyOptimizer.load_state_dict moves AdamW's step counters to the CPU, which fused
-    AdamW on a GPU refuses (pytorch#124133): each rank saves its shard and loads it into ZeRO's own
-    AdamW, whose load puts every state on its parameter's device. One rank, in-process."""
-    from torch.distributed.optim import ZeroRedundancyOptimizer
-    distar.dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0,
-                                   world_size=1)
-    try:
-        opts = _toy_checkpoint(tmp_path / "o", "--zero")
-        assert all(isinstance(o, ZeroRedundancyOptimizer) for o in opts)
-        saved = [o.optim.state_dict()["state"] for o in opts]
-        monkeypatch.setattr(ZeroRedundancyOptimizer, "load_state_dict", None)  # never through it
-        world = _toy([f"--out_dir={tmp_path / 'o'}", "--zero", "--resume"])
-        opts = _toy_optimizers(world.cfg, world)
-        assert distar.load_checkpoint(world.cfg, world, *opts, (0, 1, torch.device("cpu"))) == 1
-        for state, opt in zip(saved, opts):
-            params = [p for g in opt.optim.param_groups for p in g["params"]]
-            for i, p in enumerate(params):
-                got = opt.optim.state[p]
-                assert torch.equal(got["exp_avg"], state[i]["exp_avg"])
-                assert got["step"].device == p.device  # fused AdamW's rule, not ZeRO's
-    finally:
-        distar.dist.destroy_process_group()
-
-
 def test_incomplete_checkpoints_are_ignored(tmp_path):
     for name in ("checkpoint-000002", "checkpoint-000004", ".tmp-checkpoint-000006", "checkpoint-000008"):
         (tmp_path / name).mkdir()
@@ -942,55 +913,53 @@ def test_resume_on_another_number_of_ranks_starts_new_random_streams(tmp_path, m
     assert "saved with 1 ranks, now 2: new RNG streams" in capsys.readouterr().out
 
 
-def _generator_weights(ckpt):
+def _generator_weights(ckpt, net="generator"):
     from safetensors.torch import load_file
 
-    folder = ckpt / "generator"
+    folder = ckpt / net
     return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
 
 
-@pytest.mark.parametrize("launcher", ["python", "torchrun --zero --grad_checkpointing",
-                                      "torchrun --zero --grad_checkpointing --lora_rank=4"])
-def test_sigkill_then_resume_reproduces_the_uninterrupted_run(tmp_path, launcher):
-    """Under torchrun it is also the SDXL path's two-rank test with a real run's memory settings
-    (Adam states sharded, activations recomputed): DDP keeps the ranks identical; with
-    --lora_rank, the adapters' (generator/ then holds the LoRA file)."""
+def _sigkill_and_resume(cmd, args, out):
+    """Run cmd until checkpoint 2 is complete, SIGKILL it (the launcher and every rank), then run it
+    again with --resume to the end."""
     import signal
     import time
 
-    args = ["--tiny", "--max_steps=6", "--ckpt_interval=2", "--sample_interval=100", "--keep_checkpoints=5"]
-    cmd = [sys.executable, os.path.join(HERE, "distar.py")]
-    if launcher != "python":  # two ranks, Adam states sharded: each rank resumes its own shard
-        args += launcher.split()[1:]
-        cmd[1:1] = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    a, b = tmp_path / "a", tmp_path / "b"
-    p = subprocess.run([*cmd, *args, f"--out_dir={a}"], cwd=HERE, env=ENV, capture_output=True,
-                       text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-2000:]
-    if launcher != "python":
-        assert "on 2 process(es), parameters identical on all ranks" in p.stdout
-    proc = subprocess.Popen([*cmd, *args, f"--out_dir={b}"], cwd=HERE, env=ENV,
+    proc = subprocess.Popen([*cmd, *args, f"--out_dir={out}"], cwd=HERE, env=ENV,
                             start_new_session=True,  # its own process group, to kill every rank
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while not (b / "checkpoint-000002" / "state.json").exists() and proc.poll() is None:
+    while not (out / "checkpoint-000002" / "state.json").exists() and proc.poll() is None:
         time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and every rank
+    os.killpg(proc.pid, signal.SIGKILL)
     assert proc.wait() == -9, "the run finished before it could be killed"
-    assert not (b / "checkpoint-000006").exists()
-    if launcher != "python":  # each rank's own AdamW shard, nothing gathered through rank 0
-        assert sorted(f.name for f in (b / "checkpoint-000002").glob("state*.pt")) == [
-            "state-rank001.pt", "state.pt"]
-    p = subprocess.run([*cmd, *args, f"--out_dir={b}", "--resume"], cwd=HERE, env=ENV,
+    assert not (out / "checkpoint-000006").exists()
+    killed = sorted(p.name for p in (out / "checkpoint-000002").rglob("*"))
+    p = subprocess.run([*cmd, *args, f"--out_dir={out}", "--resume"], cwd=HERE, env=ENV,
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "resumed from" in p.stdout
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]  # the lines logged after checkpoint 2 were not kept twice
+    return killed
+
+
+SIGKILL_ARGS = ["--tiny", "--max_steps=6", "--ckpt_interval=2", "--sample_interval=100",
+                "--keep_checkpoints=5"]
+
+
+def test_sigkill_then_resume_reproduces_the_uninterrupted_run(tmp_path):
+    """One process: optimizer and RNG states in state.pt (the 2-rank --fsdp case: fsdp_lora_runs)."""
+    cmd = [sys.executable, os.path.join(HERE, "distar.py")]
+    a, b = tmp_path / "a", tmp_path / "b"
+    p = subprocess.run([*cmd, *SIGKILL_ARGS, f"--out_dir={a}"], cwd=HERE, env=ENV,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    _sigkill_and_resume(cmd, SIGKILL_ARGS, b)
     wa, wb = _generator_weights(a / "checkpoint-000006"), _generator_weights(b / "checkpoint-000006")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     w2 = _generator_weights(a / "checkpoint-000002")
     assert any(not torch.equal(wa[k], w2[k]) for k in wa)  # training moved the weights
-    assert ("lora" in launcher) == all(".lora_" in k for k in wa)
-    steps = [json.loads(line)["step"] for line in (b / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3, 4, 5, 6]  # the lines logged after checkpoint 2 were not kept twice
 
 
 def _tree_digest(folder):
@@ -1041,6 +1010,137 @@ def test_resume_past_max_steps_trains_nothing_and_says_so(trained_dir, capsys):
                         "larger --max_steps continues the run)\n"), out
     assert "trained to step" not in out
     assert _tree_digest(trained_dir) == before
+
+
+# -----------------------------------------------------------------------------
+# --fsdp on 2 CPU ranks (gloo): DDP's result, checkpoints that diffusers reads, a SIGKILL/resume
+# that is bit-identical, LoRA adapters sharded with their bases
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+            os.path.join(HERE, "distar.py")]
+
+
+def _unet_weights(folder):
+    from diffusers import UNet2DConditionModel
+
+    return {k: v.detach() for k, v in UNet2DConditionModel.from_pretrained(folder).state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def ddp_and_fsdp(tmp_path_factory):
+    """The same 2-rank tiny run (3 steps, a sample grid and a checkpoint at step 3), under DDP and
+    under --fsdp."""
+    d = tmp_path_factory.mktemp("ddp_fsdp")
+    args = ["--tiny", "--max_steps=3", "--ckpt_interval=3", "--sample_interval=3"]
+    for name, extra in (("ddp", []), ("fsdp", ["--fsdp"])):
+        p = subprocess.run([*TORCHRUN, *args, *extra, f"--out_dir={d / name}"], cwd=HERE, env=ENV,
+                           capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr[-2000:]
+        assert ("weights sharded over the ranks" in p.stdout) == bool(extra), p.stdout
+    return d
+
+
+def test_fsdp_trains_the_nets_ddp_trains(ddp_and_fsdp):
+    """--fsdp changes where the weights live, not what is computed: after 3 steps (clipping active,
+    grad norms ~50 > 10) each net's update equals DDP's to 1e-3 of its size. Not bit for bit:
+    DDP all-reduces whole buckets, FSDP reduce-scatters per unit, so float32 sums round otherwise,
+    and AdamW's first steps (~lr sign(g)) turn rounding on near-zero gradients into lr-sized
+    differences (measured: 9e-5 of a tensor's update at most). A rank's shard lost on save, or a
+    norm clipped on one shard, differs by O(1)."""
+    d = ddp_and_fsdp
+    init = _unet_weights(str(d / "ddp" / "tiny" / "sdxl" / "unet"))
+    for net in ("generator", "assistant"):
+        ddp, fsdp = (_unet_weights(str(d / run / "checkpoint-000003" / net)) for run in ("ddp", "fsdp"))
+        assert ddp.keys() == fsdp.keys() == init.keys()
+        update = torch.cat([(ddp[k] - init[k]).flatten() for k in ddp])
+        diff = torch.cat([(fsdp[k] - ddp[k]).flatten() for k in ddp])
+        assert update.norm() > 0 and diff.norm() <= 1e-3 * update.norm(), (net, diff.norm() / update.norm())
+    logs = {run: [json.loads(line) for line in (d / run / "metrics.jsonl").read_text().splitlines()]
+            for run in ("ddp", "fsdp")}
+    for a, b in zip(logs["ddp"], logs["fsdp"]):  # the whole net's grad norm, not one shard's
+        for k in ("grad_norm", "loss_g", "loss_psi", "loss_div", "x0grad_div"):
+            assert math.isclose(a[k], b[k], rel_tol=1e-4), (k, a[k], b[k])
+    assert min(m["grad_norm"] for m in logs["ddp"]) > 10  # so --grad_clip=10 clipped every update
+    ddp, fsdp = (np.asarray(Image.open(d / run / "samples-000003.png"), dtype=int) for run in ("ddp", "fsdp"))
+    assert np.abs(ddp - fsdp).max() <= 1 and ddp.std() > 10  # rank 0's grid from the sharded generator
+
+
+def test_an_fsdp_checkpoint_is_what_diffusers_and_sample_py_read(ddp_and_fsdp, tmp_path):
+    """generator/ and assistant/ are UNet folders (gathered on rank 0, saved by save_pretrained);
+    the AdamW states are each rank's DCP shards in optimizer/, state.pt holds only the RNG states;
+    sample.py on generator/ gives diffusers' LCM one-step image."""
+    ckpt = ddp_and_fsdp / "fsdp" / "checkpoint-000003"
+    assert sorted(os.listdir(ckpt)) == ["assistant", "generator", "optimizer", "state.json", "state.pt"]
+    assert sorted(os.listdir(ckpt / "optimizer")) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    state = torch.load(ckpt / "state.pt", weights_only=True)
+    assert list(state) == ["rng"] and len(state["rng"]) == 2
+    assert json.loads((ckpt / "state.json").read_text())["fsdp"] is True
+    sdxl = str(ddp_and_fsdp / "fsdp" / "tiny" / "sdxl")
+    assert sample.main([f"--pretrained={sdxl}", f"--generator={ckpt / 'generator'}", "--prompt=a cat",
+                        "--seed=2", "--resolution=64", f"--out_dir={tmp_path}"]) == 0
+    from diffusers import UNet2DConditionModel
+    expect = lcm_one_step(sdxl, [["a cat"]], 2, unet=UNet2DConditionModel.from_pretrained(ckpt / "generator"))
+    got = pngs(tmp_path, 1) / 255
+    assert np.abs(got - expect).max() <= 1 / 255 + 1e-6
+    plain = lcm_one_step(sdxl, [["a cat"]], 2)  # the base: training moved the generator
+    assert np.abs(got - plain).mean() > 1e-3
+
+
+@pytest.fixture(scope="module")
+def fsdp_lora_runs(tmp_path_factory):
+    """torchrun --fsdp --grad_checkpointing --lora_rank=4 on 2 ranks, 6 steps with a checkpoint
+    every 2: once uninterrupted (a), once SIGKILLed after checkpoint 2 and resumed (b)."""
+    d = tmp_path_factory.mktemp("fsdp_lora")
+    args = [*SIGKILL_ARGS, "--fsdp", "--grad_checkpointing", *LORA_ARGS]
+    p = subprocess.run([*TORCHRUN, *args, f"--out_dir={d / 'a'}"], cwd=HERE, env=ENV,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    killed = _sigkill_and_resume(TORCHRUN, args, d / "b")
+    return d / "a", d / "b", killed
+
+
+def test_fsdp_sigkill_then_resume_reproduces_the_uninterrupted_run(fsdp_lora_runs):
+    """Each rank writes and reads its own AdamW shards (DCP), nothing gathered through rank 0; the
+    adapters are gathered for generator/: the resumed run ends bit-identical, so no shard of either
+    was lost (a lost shard resumes other weights or moments, and the runs part)."""
+    a, b, killed = fsdp_lora_runs
+    assert [n for n in killed if n.endswith((".distcp", ".pt"))] == [
+        "__0_0.distcp", "__1_0.distcp", "state.pt"]  # one file per rank, none gathered
+    for net in ("generator", "assistant"):
+        wa, wb = (_generator_weights(run / "checkpoint-000006", net) for run in (a, b))
+        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), net
+        w2 = _generator_weights(a / "checkpoint-000002", net)
+        assert any(not torch.equal(wa[k], w2[k]) for k in wa)  # training moved them
+
+
+def test_fsdp_lora_trains_only_the_adapters_and_diffusers_loads_the_generator(fsdp_lora_runs, tmp_path):
+    """--fsdp --lora_rank: the bases are sharded and frozen, the adapters trained. generator/ holds
+    the adapter alone, which on the recorded base gives rank 0's last sample grid, drawn by the
+    sharded generator itself (so no base weight moved); diffusers' load_lora_weights gives the
+    same generator."""
+    from diffusers import StableDiffusionXLPipeline
+
+    a = fsdp_lora_runs[0]
+    folder = a / "checkpoint-000006" / "generator"
+    weights = _generator_weights(a / "checkpoint-000006")
+    assert weights and all(".lora_A." in k or ".lora_B." in k for k in weights)
+    sdxl, reward = json.loads((folder / "lora_base.json").read_text())["pretrained"], a / "tiny" / "reward"
+    cfg = distar.parse_args(["--tiny", f"--pretrained={sdxl}", "--generator_init=", f"--reward_model={reward}",
+                             f"--reward_processor={reward}", *LORA_ARGS])
+    world = distar.SDXLWorld(cfg, torch.device("cpu"))
+    assert len(distar.trained(world.generator)) == len(weights)  # every adapted layer's A and B
+    distar.load_net(world.generator, str(folder))
+    world.save_samples(tmp_path / "grid.png")
+    ours, theirs = (np.asarray(Image.open(f), dtype=int) for f in (tmp_path / "grid.png", a / "samples-000006.png"))
+    assert np.abs(ours - theirs).max() <= 1
+    pipe = StableDiffusionXLPipeline.from_pretrained(sdxl)
+    pipe.load_lora_weights(folder)
+    x, t, cond = torch.randn(2, *world.latent_shape), torch.tensor([399, 399]), world.sample_cond(2)
+    with torch.no_grad():
+        ours, theirs = world.unet(world.generator, x, t, cond), world.unet(pipe.unet, x, t, cond)
+        plain = world.unet(world.s_ref, x, t, cond)
+    assert (ours - plain).abs().max() > 1e-4  # the adapter moved
+    assert (theirs - ours).abs().max() < 1e-5
 
 
 # -----------------------------------------------------------------------------
@@ -1185,6 +1285,9 @@ def test_flags_parse_to_their_types_and_each_mode_has_defaults_the_command_line_
     (["--tiny", "--lora_rank=-1"], "--lora_rank must be >= 0"),
     (["--tiny", "--lora_rank=4", "--lora_alpha=0"], "--lora_alpha must be > 0"),
     (["--tiny", "--lora_targets=mlp"], "--lora_targets: invalid choice: 'mlp'"),
+    (["--tiny", "--fsdp"], "--fsdp shards the UNets over torchrun's processes: launch it with torchrun"),
+    (["--tiny", "--bench", "--fsdp"], "--fsdp shards the UNets over torchrun's processes"),
+    (["--toy", "--fsdp"], "--fsdp shards SDXL's UNets; the toy's MLPs run under DDP"),
 ])
 def test_a_bad_command_line_is_one_line_naming_the_flag_and_exit_2(args, words, capsys,
                                                                    monkeypatch):
@@ -1210,7 +1313,7 @@ def test_running_out_of_gpu_memory_is_one_line_from_the_rank_that_did(monkeypatc
     assert distar.main(["--toy"]) == 1  # rank 3 of 8: it may be the only one that ran out
     out, err = capsys.readouterr()
     assert out == "" and err == ("distar: error: rank 3 ran out of GPU memory: try a smaller "
-                                 "--batch_size, more GPUs with --zero, or --grad_checkpointing if it is off\n")
+                                 "--batch_size, more GPUs with --fsdp, or --grad_checkpointing if it is off\n")
 
 
 @pytest.mark.parametrize("script", ["distar.py", "sample.py"])
@@ -1360,6 +1463,21 @@ def test_resume_in_another_mode_is_one_line_and_leaves_the_folder_as_it_was(
     assert out == "" and err == (f"distar: error: --resume: {newest} was saved by a run with {was}, "
                                  f"not {now}: resume it with those, or give this run another --out_dir\n")
     assert _tree_digest(d) == before and not (tmp_path / "tiny").exists()
+
+
+@pytest.mark.parametrize("run_fsdp", [False, True])
+def test_resume_between_ddp_and_fsdp_is_one_line_before_anything_loads(trained_dir, ddp_and_fsdp,
+                                                                      monkeypatch, run_fsdp):
+    """The weights are the same diffusers folders, but DDP's AdamW states are one state.pt and
+    --fsdp's DCP shards: resuming one as the other is refused by check_resume, folder untouched."""
+    d = ddp_and_fsdp / "fsdp" if run_fsdp else trained_dir
+    monkeypatch.setenv("RANK", "0")  # as under torchrun, which --fsdp needs
+    cfg = distar.parse_args(["--tiny", "--resume", f"--out_dir={d}", *([] if run_fsdp else ["--fsdp"])])
+    before = _tree_digest(d)
+    with pytest.raises(distar.LoadError, match=f"saved by a run with --fsdp={run_fsdp}, not "
+                                               f"--fsdp={not run_fsdp}: resume it with those"):
+        distar.check_resume(cfg, 0)
+    assert _tree_digest(d) == before
 
 
 def test_resume_with_another_objective_says_what_changed_and_continues(tmp_path, capsys):
@@ -1538,19 +1656,36 @@ def test_dry_run_builds_the_published_architectures_on_meta(dry_parts):
 # tensors, the figures, and the cost table's variants
 
 
-@pytest.mark.parametrize("precision, n_gpus, zero", [("bf16", 1, False), ("bf16", 8, True),
-                                                     ("fp32", 8, False), ("fp32", 64, True),
+ROOT, BLOCK = 54_163_204, 49_164_800  # an SDXL UNet's weights outside its 87 FSDP units; the largest
+
+
+@pytest.mark.parametrize("precision, n_gpus, fsdp", [("bf16", 1, False), ("bf16", 8, False),
+                                                     ("fp32", 8, True), ("bf16", 64, True),
                                                      ("bf16", 1, True)])
-def test_memory_plan_is_the_hand_computation_from_parameter_counts(dry_parts, precision, n_gpus, zero):
+def test_memory_plan_is_the_hand_computation_from_parameter_counts(dry_parts, precision, n_gpus, fsdp):
     cfg = distar.parse_args(["--dry_run", f"--precision={precision}"])
     world = distar.SDXLWorld(cfg, torch.device("meta"), parts=dry_parts)
     frozen = 2 if precision == "bf16" else 4  # bytes per frozen weight; trained nets and VAE fp32
-    shard = n_gpus if zero and n_gpus > 1 else 1  # --zero on one GPU shards nothing
-    expect = [2 * UNET * 4,  # generator + assistant fp32 masters
-              2 * (2 * UNET * 4) // shard,  # AdamW m and v of both
-              (2 * UNET * 4) if n_gpus > 1 else UNET * 4,  # DDP buckets of both, or one net's grads
-              UNET * frozen, (TEXT_1 + TEXT_2) * 4, PICKSCORE * frozen, VAE * 4]  # text encoders fp32
-    assert [b for _, b in distar.memory_plan(world, n_gpus, zero)] == expect
+    n = n_gpus if fsdp else 1  # --fsdp shards the three UNets n ways
+    expect = [2 * UNET * 4 // n,  # generator + assistant fp32 masters
+              2 * (2 * UNET * 4) // n,  # AdamW m and v of both
+              (2 * UNET * 4) if n_gpus > 1 and not fsdp else UNET * 4 // n,  # DDP's buckets, or one net's
+              UNET * frozen // n, (TEXT_1 + TEXT_2) * 4, PICKSCORE * frozen, VAE * 4]  # text encoders fp32
+    if n > 1:  # FSDP's gathered units: the root's own fp32 weights and two blocks, root and one block's grads
+        expect.append(4 * (ROOT + 2 * BLOCK) + 4 * (ROOT + BLOCK))
+    assert [b for _, b in distar.memory_plan(world, n_gpus, fsdp)] == expect
+    assert distar.gpu_overhead(n_gpus) == (0.5 + 0.7 * (n_gpus > 1)) * GIB  # CUDA context, NCCL
+
+
+def test_the_fsdp_plan_fits_16_gib_per_gpu_on_8_gpus_before_activations(dry_parts):
+    """The 8-GPU goal: full fine-tuning and LoRA under --fsdp, bf16, before activations and the
+    CUDA context; DDP on 8 GPUs, for comparison, needs more than an 80 GB card."""
+    total = lambda args, n, fsdp: sum(b for _, b in distar.memory_plan(distar.SDXLWorld(
+        distar.parse_args(["--dry_run", *args]), torch.device("meta"), parts=distar.dry_run_parts("meta")
+        if args else dry_parts), n, fsdp)) / GIB
+    assert total([], 8, True) <= 16 < 80 < total([], 8, False)
+    lora = total(["--lora_rank=64"], 8, True)
+    assert lora < total([], 8, True) and lora < total(["--lora_rank=64"], 1, False)
 
 
 def test_memory_plan_rows_are_what_train_allocates(tiny, tmp_path):
@@ -1634,12 +1769,13 @@ def test_bad_dry_run_or_bench_config_is_one_line(args, words, capsys):
 
 
 def test_dry_run_command_line_without_a_gpu_prints_the_plan(tmp_path):
-    p = run("--dry_run", "--world_size_plan=8", "--zero", f"--out_dir={tmp_path / 'o'}", timeout=300)
+    p = run("--dry_run", "--world_size_plan=8", "--fsdp", f"--out_dir={tmp_path / 'o'}", timeout=300)
     assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr[-2000:]
     assert f"SDXL-base UNet {UNET:,} parameters" in p.stdout and f"reward CLIP-H {PICKSCORE:,}" in p.stdout
-    total = (2 * UNET * 4 + 2 * UNET * 8 // 8 + 2 * UNET * 4 + (UNET + PICKSCORE) * 2
-             + (TEXT_1 + TEXT_2 + VAE) * 4) / GIB
+    total = (2 * UNET * 4 // 8 + 2 * UNET * 8 // 8 + UNET * 4 // 8 + UNET * 2 // 8 + PICKSCORE * 2
+             + (TEXT_1 + TEXT_2 + VAE) * 4 + 4 * (2 * ROOT + 3 * BLOCK)) / GIB
     assert re.search(rf"^  total +{total:.2f}$", p.stdout, re.M), p.stdout
+    assert re.search(rf"^  total on the card +{total + 1.2:.2f}$", p.stdout, re.M), p.stdout
     flops = re.search(r"step \(5 \+ 1 updates\) ([\d.]+) TFLOP", p.stdout)
     assert flops and float(flops.group(1)) > 100, p.stdout  # at 1024x1024, batch 2: hundreds of TFLOP
     assert "no GPU here" in p.stdout and not os.path.exists(tmp_path / "o")
@@ -1911,9 +2047,10 @@ def test_compiled_training_matches_eager_over_two_steps_with_checkpointing(tiny,
     assert all(torch.allclose(w_eager[k], w_comp[k], rtol=1e-4, atol=1e-6) for k in w_eager)
 
 
-def test_ddp_over_compiled_checkpointed_blocks_gives_eagers_gradient(tiny, tmp_path):
-    """train's order: blocks compiled in place, then DDP around the UNet (one gloo rank here),
-    activation checkpointing on: the generator's gradient is eager's."""
+@pytest.mark.parametrize("wrapper", ["ddp", "fsdp"])
+def test_ddp_or_fsdp_over_compiled_checkpointed_blocks_gives_eagers_gradient(tiny, tmp_path, wrapper):
+    """train's order: blocks compiled in place, then DDP around the UNet or fully_shard per block
+    and root (one gloo rank here), activation checkpointing on: the generator's gradient is eager's."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -1922,7 +2059,8 @@ def test_ddp_over_compiled_checkpointed_blocks_gives_eagers_gradient(tiny, tmp_p
 
     def grad(net):
         world.generate(net, cond, z).square().mean().backward()
-        out = torch.cat([p.grad.flatten() for p in world.generator.parameters()])
+        full = lambda g: g.full_tensor() if hasattr(g, "full_tensor") else g  # FSDP: DTensors
+        out = torch.cat([full(p.grad).flatten() for p in world.generator.parameters()])
         world.generator.zero_grad(set_to_none=True)
         return out
 
@@ -1931,7 +2069,14 @@ def test_ddp_over_compiled_checkpointed_blocks_gives_eagers_gradient(tiny, tmp_p
     distar.maybe_compile(world, backend=counter)
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
     try:
-        compiled = grad(DDP(world.generator, gradient_as_bucket_view=True))
+        if wrapper == "ddp":
+            compiled = grad(DDP(world.generator, gradient_as_bucket_view=True))
+        else:
+            world.cfg = replace(world.cfg, fsdp=True)
+            distar.shard_nets(world, (0, 1, torch.device("cpu")))
+            assert all(distar.is_sharded(n) for n in (world.generator, world.assistant, world.s_ref))
+            assert distar.data_parallel(world.generator, 2) is world.generator  # no DDP around it
+            compiled = grad(world.generator)
     finally:
         dist.destroy_process_group()
         torch._dynamo.reset()
