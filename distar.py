@@ -1612,10 +1612,12 @@ def fast_backends(on):
 
     stack, matmul, cudnn = ExitStack(), torch.backends.cuda.matmul, torch.backends.cudnn
     if on:
-        saved = matmul.fp32_precision, cudnn.benchmark
-        stack.callback(lambda: (setattr(matmul, "fp32_precision", saved[0]),
+        # through allow_tf32: set through fp32_precision alone, TF32 makes the legacy readers
+        # (allow_tf32, get_float32_matmul_precision; inductor's autotuning reads them) raise
+        saved = matmul.allow_tf32, cudnn.benchmark
+        stack.callback(lambda: (setattr(matmul, "allow_tf32", saved[0]),
                                 setattr(cudnn, "benchmark", saved[1])))
-        matmul.fp32_precision, cudnn.benchmark = "tf32", True
+        matmul.allow_tf32, cudnn.benchmark = True, True
         stack.enter_context(sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
                                          SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
                                         set_priority=True))

@@ -1944,16 +1944,18 @@ def test_fast_backends_is_opt_in_and_restores_every_setting(monkeypatch):
     runs under it); nothing changes without the flag, and all is as before afterwards."""
     from torch.nn.attention import SDPBackend
 
-    def state():
-        return (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.benchmark,
-                SDPBackend(torch._C._get_sdp_priority_order()[0]))
+    def state():  # TF32 as the legacy API reads it (inductor's autotuning, flex attention do)
+        return (torch.backends.cuda.matmul.allow_tf32, torch.get_float32_matmul_precision(),
+                torch.backends.cudnn.benchmark, SDPBackend(torch._C._get_sdp_priority_order()[0]))
 
     before = state()
-    assert before[:2] == ("none", False) and before[2] != SDPBackend.CUDNN_ATTENTION  # torch's defaults
+    assert before[:3] == (False, "highest", False)  # torch's defaults
+    assert before[3] != SDPBackend.CUDNN_ATTENTION
     seen = []
-    monkeypatch.setattr(distar, "run_toy", lambda cfg, dist_info: seen.append(state()))
+    monkeypatch.setattr(distar, "run_toy", lambda cfg, dist_info: seen.append(
+        (*state(), torch.backends.cuda.matmul.fp32_precision)))  # and as the new API reads it
     assert distar.main(["--toy"]) == 0 and distar.main(["--toy", "--fast_backends"]) == 0
-    assert seen == [before, ("tf32", True, SDPBackend.CUDNN_ATTENTION)]
+    assert seen == [(*before, "none"), (True, "high", True, SDPBackend.CUDNN_ATTENTION, "tf32")]
     assert state() == before and not distar.parse_args([]).fast_backends
 
 
