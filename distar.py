@@ -1640,9 +1640,12 @@ def clock(device):
     return time.perf_counter()
 
 
-def peak_memory_gb(device):
+def peak_memory_gb(device, reserved=False):
+    """Since the last reset: what tensors held, or with reserved what the caching allocator held
+    (what nvidia-smi shows and what runs out; never less)."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
+        peak = torch.cuda.max_memory_reserved if reserved else torch.cuda.max_memory_allocated
+        return peak(device) / 2**30
     import resource  # CPU: the process's peak resident set (KiB on Linux)
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
@@ -1744,7 +1747,14 @@ def measure_steps(world, dist_info, flops_per_step):
     cfg, (rank, world_size, device) = world.cfg, dist_info
     opts = [make_optimizer(cfg, trained(n), lr) for n, lr in ((world.generator, cfg.lr_g),
                                                                    (world.assistant, cfg.lr_psi))]
-    history = train(world, *opts, dist_info, range(cfg.max_steps))
+    world.cfg = replace(cfg, log_interval=1)  # train's timings for every step, whatever is logged
+    try:
+        history = train(world, *opts, dist_info, range(cfg.max_steps))
+    finally:
+        world.cfg = cfg
+    # train resets the peaks at each update; the allocator keeps what it reserved (nothing here
+    # empties its cache), so the last update's reserved peak is the run's
+    reserved = peak_memory_gb(device, reserved=True)
     if rank != 0:
         return None
     name = device_name(device)
@@ -1752,6 +1762,7 @@ def measure_steps(world, dist_info, flops_per_step):
     sec = statistics.median(r["sec_assistant"] + r["sec_generator"] for r in history[1:])
     fig = dict(sec_per_step=sec, images_per_s=cfg.batch_size / sec,
                peak_mem_gib=max(max(r["mem_assistant_gb"], r["mem_generator_gb"]) for r in history),
+               peak_reserved_gib=reserved,
                tflops_per_s=flops_per_step / sec / 1e12,
                mfu=flops_per_step / sec / (peak * 1e12) if peak else None)
     mfu = f"{fig['mfu']:.1%}" if peak else "unknown peak: pass --peak_tflops"
@@ -1759,7 +1770,8 @@ def measure_steps(world, dist_info, flops_per_step):
           + (", --grad_checkpointing" if cfg.grad_checkpointing else "")
           + (", --zero" if cfg.zero else "") + f", batch {cfg.batch_size} per GPU, median of "
           f"steps 2-{cfg.max_steps}:\n  seconds per step {fig['sec_per_step']:.3g}, images per "
-          f"second per GPU {fig['images_per_s']:.3g}, peak memory {fig['peak_mem_gib']:.1f} GiB, "
+          f"second per GPU {fig['images_per_s']:.3g}, peak memory {fig['peak_mem_gib']:.1f} GiB "
+          f"allocated, {fig['peak_reserved_gib']:.1f} GiB reserved, "
           f"{fig['tflops_per_s']:.3g} TFLOPS, MFU {mfu}")
     return fig
 

@@ -1599,14 +1599,19 @@ def test_step_flops_on_meta_equal_the_flops_of_real_tensors(tiny):
 def test_dry_run_measurement_gives_throughput_and_mfu_and_writes_nothing(tiny, tmp_path, capsys,
                                                                           monkeypatch):
     """The dry run's GPU measurement on tiny models on CPU (the GPU itself cannot be tested here),
-    then its figures from a given history of train's timings: step 1 is warm-up."""
+    then its figures from a given history of train's timings: step 1 is warm-up. Every step is
+    timed, whatever --log_interval logs."""
     from dataclasses import replace
     world = _sdxl_world(tiny, "--max_steps=3", "--assistant_steps=1", f"--out_dir={tmp_path}")
-    world.cfg = replace(world.cfg, tiny=False, dry_run=True, log_interval=1, peak_tflops=1000.0)
+    world.cfg = replace(world.cfg, tiny=False, dry_run=True, log_interval=10, peak_tflops=1000.0)
     cpu = (0, 1, torch.device("cpu"))
+    histories, train = [], distar.train
+    monkeypatch.setattr(distar, "train", lambda *a, **k: histories.append(train(*a, **k)) or histories[-1])
     assert distar.measure_steps(world, cpu, flops_per_step=1e9)["sec_per_step"] > 0
+    assert [r["step"] for r in histories[0]] == [1, 2, 3] and world.cfg.log_interval == 10
     assert "measured on 1 x cpu" in capsys.readouterr().out
     assert os.listdir(tmp_path) == []  # no metrics file, samples or checkpoints
+    monkeypatch.setattr(distar, "peak_memory_gb", lambda device, reserved=False: 60.0)
     rows = [dict(sec_assistant=a, sec_generator=g, mem_assistant_gb=m, mem_generator_gb=m + 1)
             for a, g, m in ((9.0, 1.0, 50.0), (0.5, 0.5, 40.0), (1.0, 1.0, 41.0), (2.0, 1.0, 40.0))]
     monkeypatch.setattr(distar, "train", lambda *args: rows)
@@ -1614,11 +1619,20 @@ def test_dry_run_measurement_gives_throughput_and_mfu_and_writes_nothing(tiny, t
     assert fig["sec_per_step"] == 2.0  # median of 1, 2 and 3 s; the 10 s warm-up left out
     assert fig["images_per_s"] == 1.0 and fig["tflops_per_s"] == 200.0 and fig["mfu"] == 0.2
     assert fig["peak_mem_gib"] == 51.0  # the peak of every step, warm-up included
+    assert fig["peak_reserved_gib"] == 60.0  # what the caching allocator held
     world.cfg = replace(world.cfg, peak_tflops=0.0)  # and no known peak for "cpu"
     assert distar.measure_steps(world, cpu, 400e12)["mfu"] is None
     out = capsys.readouterr().out
-    assert "seconds per step 2, images per second per GPU 1, peak memory 51.0 GiB, 200 TFLOPS" in out
+    assert ("seconds per step 2, images per second per GPU 1, peak memory 51.0 GiB allocated, "
+            "60.0 GiB reserved, 200 TFLOPS") in out
     assert "MFU 20.0%" in out and "MFU unknown peak: pass --peak_tflops" in out
+
+
+def test_peak_memory_on_a_gpu_is_the_allocators_peak_allocated_or_reserved(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: 40 * 2**30)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device: 48 * 2**30)
+    gpu = torch.device("cuda", 0)
+    assert (distar.peak_memory_gb(gpu), distar.peak_memory_gb(gpu, reserved=True)) == (40.0, 48.0)
 
 
 @pytest.mark.parametrize("args, words", [
