@@ -732,20 +732,33 @@ def test_ranks_out_of_sync_stop_the_run(monkeypatch):
         distar.assert_ranks_in_sync(net, 2)
 
 
-def test_process_group_waits_for_a_checkpoint_write(monkeypatch):
-    """Rank 0 writes a ~60 GB checkpoint while the others wait: the timeout must outlast NCCL's
-    10-minute default."""
+def test_collectives_time_out_in_minutes_and_the_waits_for_rank_0s_writes_in_an_hour(
+        tmp_path, monkeypatch):
+    """A rank that stopped is found out within training's 10-minute timeout; the waits while rank 0
+    writes a ~60 GB checkpoint (and loading) go through a gloo group of their own with an hour:
+    barrier, and all_ok, which each checkpoint waits in."""
     import datetime
-    got = {}
+    got, groups, waits = {}, [], []
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("LOCAL_RANK", "0")
     monkeypatch.setattr(distar.dist, "init_process_group",
                         lambda backend, **kw: got.update(kw, backend=backend))
+    monkeypatch.setattr(distar.dist, "new_group", lambda **kw: groups.append(kw) or "slow")
+    monkeypatch.setattr(distar, "SLOW_GROUP", None)  # as it was, after the test
     monkeypatch.setattr(distar.dist, "get_rank", lambda: 0)
     monkeypatch.setattr(distar.dist, "get_world_size", lambda: 1)
     distar.setup_distributed()
     assert got["backend"] == ("nccl" if torch.cuda.is_available() else "gloo")
-    assert got["timeout"] >= datetime.timedelta(minutes=30)
+    assert got["timeout"] <= datetime.timedelta(minutes=10)
+    assert groups == [dict(backend="gloo", timeout=datetime.timedelta(hours=1))]
+    monkeypatch.setattr(distar.dist, "barrier", lambda group=None: waits.append(group))
+    monkeypatch.setattr(distar.dist, "all_reduce", lambda t, op=None, group=None: waits.append(group))
+    monkeypatch.setattr(distar.dist, "all_gather_object", lambda out, obj: None)
+    distar.barrier(2)
+    world = _toy([f"--out_dir={tmp_path}"])
+    distar.save_checkpoint(world.cfg, 1, world, *_toy_optimizers(world.cfg, world),
+                           (0, 2, torch.device("cpu")))  # rank 0 of 2
+    assert waits == ["slow"] * 4 and (tmp_path / "checkpoint-000001" / "state.pt").is_file()
 
 
 def test_the_toy_runs_on_the_cpu_and_torchrun_needs_a_gpu_per_process(monkeypatch, capsys):
@@ -762,6 +775,8 @@ def test_the_toy_runs_on_the_cpu_and_torchrun_needs_a_gpu_per_process(monkeypatc
     got = {}
     monkeypatch.setattr(distar.dist, "init_process_group", lambda backend, **kw: got.update(
         backend=backend, **kw))
+    monkeypatch.setattr(distar.dist, "new_group", lambda **kw: None)
+    monkeypatch.setattr(distar, "SLOW_GROUP", None)
     monkeypatch.setattr(distar.dist, "get_rank", lambda: 1)
     monkeypatch.setattr(distar.dist, "get_world_size", lambda: 2)
     monkeypatch.setattr(distar.dist, "is_initialized", lambda: False)
@@ -791,6 +806,57 @@ def test_an_error_is_one_line_in_each_nodes_log(monkeypatch, capsys):
         monkeypatch.setenv("LOCAL_RANK", local_rank)
         assert distar.main(["--toy", "--max_steps=ten"]) == 2
         assert capsys.readouterr().err.count("distar: error: --max_steps") == lines
+
+
+def test_an_error_on_some_ranks_stops_every_rank_in_one_line_per_node(monkeypatch, capsys):
+    """all_ok: where rank 3 of 8 alone fails (2 per node), it raises its own error, which it
+    prints; every other rank raises RankFailed naming it, which the first rank of each other node
+    prints, and each returns from main at once."""
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setattr(distar.dist, "all_reduce", lambda t, op, group: t.clamp_(max=3))
+
+    def run_toy(cfg, dist_info):
+        with distar.all_ok(dist_info):
+            if dist_info[0] == 3:
+                raise distar.LoadError("--prompts=p.txt: cannot read it: Permission denied")
+
+    monkeypatch.setattr(distar, "run_toy", run_toy)
+    lines = []
+    for rank in range(8):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("LOCAL_RANK", str(rank % 2))
+        monkeypatch.setattr(distar, "setup_distributed", lambda cuda, r=rank: (r, 8, torch.device("cpu")))
+        assert distar.main(["--toy"]) == (2 if rank == 3 else 1)
+        lines.append(capsys.readouterr().err)
+    failed = "distar: error: rank 3 failed: its error is in its node's log\n"
+    assert lines == [failed, "", "", "distar: error: --prompts=p.txt: cannot read it: Permission "
+                     "denied\n", failed, "", failed, ""]
+
+
+def test_torchrun_rank_1_that_cannot_read_the_prompts_stops_both_ranks_in_one_line(tmp_path):
+    """A real cause on one rank only (its node cannot read the prompts file: a shim denies rank 1
+    the open): both ranks stop at once, rank 1 prints its error and rank 0 nothing more."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\n")
+    (tmp_path / "sitecustomize.py").write_text(
+        "import builtins, os\n"
+        "if os.environ.get('RANK') == '1':\n"
+        "    real = builtins.open\n"
+        "    def open(file, *a, **k):\n"
+        f"        if str(file) == {str(prompts)!r}:\n"
+        "            raise PermissionError(13, 'Permission denied', str(file))\n"
+        "        return real(file, *a, **k)\n"
+        "    builtins.open = open\n")
+    env = {**ENV, "PYTHONPATH": os.pathsep.join([str(tmp_path), ENV.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(HERE, "distar.py"), "--tiny", f"--prompts={prompts}",
+           f"--out_dir={tmp_path / 'o'}"]
+    p = subprocess.run(cmd, cwd=HERE, env=env, capture_output=True, text=True, timeout=120)
+    errors = [line for line in p.stderr.splitlines() if "distar: error:" in line]
+    assert p.returncode != 0 and errors == [
+        f"distar: error: --prompts={prompts}: cannot read it: [Errno 13] Permission denied: "
+        f"'{prompts}'"], p.stderr[-3000:]
+    assert not (tmp_path / "o" / "tiny").exists()  # rank 0 stopped before it built anything
 
 
 def test_torchrun_with_one_process_leaves_its_process_group(monkeypatch):
@@ -879,6 +945,80 @@ def test_resume_drops_the_metrics_logged_after_its_checkpoint(tmp_path):
     assert (out / "metrics.jsonl").read_text() == rows[0]
 
 
+def _toy_checkpoints(out_dir, steps, truncate=True):
+    """Toy checkpoints at steps 1..steps (weights differing), with truncate the newest's generator
+    weights cut in half as by a crash; returns the generator's weights at each step."""
+    world = _toy([f"--out_dir={out_dir}"])
+    opts, weights = _toy_optimizers(world.cfg, world), []
+    for step in range(1, steps + 1):
+        with torch.no_grad():
+            for p in world.generator.parameters():
+                p.add_(1.0)
+        weights.append(_state(world.generator))
+        distar.save_checkpoint(world.cfg, step, world, *opts, (0, 1, torch.device("cpu")))
+    f = out_dir / f"checkpoint-{steps:06d}" / "generator" / "model.safetensors"
+    if truncate:
+        f.write_bytes(f.read_bytes()[:f.stat().st_size // 2])
+    return weights
+
+
+def test_resume_skips_a_checkpoint_that_does_not_load_and_says_so(tmp_path, capsys):
+    weights = _toy_checkpoints(tmp_path, 2)
+    world = _toy([f"--out_dir={tmp_path}", "--resume"])
+    assert distar.load_checkpoint(world.cfg, world, *_toy_optimizers(world.cfg, world),
+                                  (0, 1, torch.device("cpu"))) == 1
+    out = capsys.readouterr().out
+    assert re.search(r"^resume: checkpoint-000002 does not load \(.+\); using checkpoint-000001\n"
+                     r"resumed from .*checkpoint-000001 \(step 1\)\n$", out), out
+    got = _state(world.generator)
+    assert all(torch.equal(got[k], weights[0][k]) for k in got)  # all of step 1's, none of 2's
+
+
+def test_resume_of_a_single_checkpoint_that_does_not_load_is_one_line_and_touches_nothing(
+        tmp_path, capsys, monkeypatch):
+    _toy_checkpoints(tmp_path, 1)
+    before = _tree_digest(tmp_path)
+    monkeypatch.setattr(distar, "gradient_check", lambda: [])
+    assert distar.main(["--toy", "--resume", "--max_steps=3", f"--out_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and re.match(
+        r"distar: error: --resume: .*checkpoint-000001 does not load \(.+\)$", err), err
+    assert _tree_digest(tmp_path) == before
+
+
+def test_every_rank_goes_back_one_checkpoint_when_another_rank_cannot_load_it(tmp_path,
+                                                                             monkeypatch, capsys):
+    """Rank 0 of 2 loads checkpoint 2, rank 1 cannot (the all-reduce brings its failure): both
+    continue checkpoint 1, read over what rank 0 had loaded. Rank 1, which knows why, says so."""
+    weights = _toy_checkpoints(tmp_path, 2, truncate=False)
+    others = [1, 2]  # the lowest failing rank, as the all-reduce brings it: 1, then none (2)
+    monkeypatch.setattr(distar.dist, "broadcast_object_list", lambda objects, src: None)
+    monkeypatch.setattr(distar.dist, "all_reduce", lambda t, op, group: t.clamp_(max=others.pop(0)))
+    world = _toy([f"--out_dir={tmp_path}", "--resume"])
+    assert distar.load_checkpoint(world.cfg, world, *_toy_optimizers(world.cfg, world),
+                                  (0, 2, torch.device("cpu"))) == 1
+    got = _state(world.generator)
+    assert all(torch.equal(got[k], weights[0][k]) for k in got) and others == []
+    assert "does not load" not in capsys.readouterr().out
+
+
+def test_a_checkpoint_is_on_disk_before_its_rename_and_the_rename_after(tmp_path, monkeypatch):
+    """Atomic is not durable: after a power cut a renamed folder may hold truncated files, unless
+    every file and folder was fsynced before the rename, and the out_dir after it."""
+    events, fsync, rename = [], os.fsync, os.rename
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(
+        ("fsync", os.readlink(f"/proc/self/fd/{fd}"))) or fsync(fd))
+    monkeypatch.setattr(os, "rename", lambda a, b: events.append(("rename", str(a), str(b)))
+                        or rename(a, b))
+    _toy_checkpoint(tmp_path)
+    ckpt, tmp = tmp_path / "checkpoint-000001", str(tmp_path / ".tmp-checkpoint-000001")
+    i = events.index(("rename", tmp, str(ckpt)))
+    synced = {e[1] for e in events[:i] if e[0] == "fsync"}
+    written = {str(p).replace(str(ckpt), tmp) for p in [ckpt, *ckpt.rglob("*")]}
+    assert written <= synced and len(written) > 5, (written - synced)
+    assert ("fsync", str(tmp_path)) in events[i + 1:]
+
+
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit, imported by ZeRO
 def test_zero_resume_loads_the_ranks_shard_into_its_own_adamw(tmp_path, monkeypatch):
     """ZeroRedundancyOptimizer.load_state_dict moves AdamW's step counters to the CPU, which fused
@@ -934,6 +1074,7 @@ def test_resume_on_another_number_of_ranks_starts_new_random_streams(tmp_path, m
             for net in (world.generator, world.assistant)]
     distar.save_checkpoint(cfg, 1, world, *opts, (0, 1, torch.device("cpu")))
     monkeypatch.setattr(distar.dist, "broadcast_object_list", lambda objects, src: None)
+    monkeypatch.setattr(distar.dist, "all_reduce", lambda t, op, group: None)  # every rank loaded
     for rank in (0, 1):
         torch.manual_seed(100 + rank)
         before = torch.get_rng_state()
@@ -1296,7 +1437,7 @@ def test_every_rank_must_see_the_same_out_dir(tmp_path, monkeypatch):
     fail at the first checkpoint: it is one line at the start instead, on every rank."""
     token = "0123456789abcdef"
     monkeypatch.setattr(distar.dist, "broadcast_object_list", lambda obj, src: obj.__setitem__(0, token))
-    monkeypatch.setattr(distar.dist, "barrier", lambda: None)
+    monkeypatch.setattr(distar.dist, "barrier", lambda group=None: None)
     others_missing = [0.0]  # what the all-reduce (MAX over ranks) brings from the other ranks
     monkeypatch.setattr(distar.dist, "all_reduce", lambda t, op: t.clamp_(min=others_missing[0]))
     shared, own = tmp_path / "shared", tmp_path / "own"
