@@ -34,6 +34,7 @@ $ python distar.py --toy --ablation
 """
 
 import argparse
+import contextlib
 import datetime
 import inspect
 import json
@@ -772,9 +773,11 @@ def setup_distributed(cuda=True):
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
     if cuda:
         torch.cuda.set_device(device)
-    # an hour: the others wait while rank 0 writes a ~60 GB checkpoint
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=1),
+    # ten minutes for training's collectives: a rank that stopped is found out in minutes. The
+    # waits for loading and for rank 0's writes (~60 GB checkpoints) take a group of their own
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=10),
                             device_id=device if cuda else None)
+    start_slow_group()
     return dist.get_rank(), dist.get_world_size(), device
 
 
@@ -813,8 +816,8 @@ def assert_ranks_in_sync(net, world_size):
 
 
 def barrier(world_size):
-    if world_size > 1:
-        dist.barrier()
+    if world_size > 1:  # in the slow group: rank 0 may be writing a checkpoint (start_slow_group)
+        dist.barrier(group=SLOW_GROUP)
 
 
 # -----------------------------------------------------------------------------
@@ -839,9 +842,11 @@ def fit(cfg, world, dist_info, save_samples=None):
             with open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(metrics) + "\n")
         last = step == cfg.max_steps
-        # under --fsdp every rank's shards take part in the generator's forward; rank 0 writes
-        if save_samples and (rank == 0 or cfg.fsdp) and (step % cfg.sample_interval == 0 or last):
-            save_samples(os.path.join(cfg.out_dir, f"samples-{step:06d}.png") if rank == 0 else None)
+        if save_samples and (step % cfg.sample_interval == 0 or last):
+            with all_ok(dist_info):  # rank 0's error (memory, disk) stops every rank (all_ok)
+                if rank == 0 or cfg.fsdp:  # --fsdp: every rank's shards run the generator
+                    save_samples(os.path.join(cfg.out_dir, f"samples-{step:06d}.png")
+                                 if rank == 0 else None)
         if step % cfg.ckpt_interval == 0 or last:
             save_checkpoint(cfg, step, world, opt_g, opt_psi, dist_info)
 
@@ -875,13 +880,16 @@ def run_toy(cfg, dist_info):
 
 def run_sdxl(cfg, dist_info):
     rank, world_size, device = dist_info
-    check_sdxl_run(cfg, device)  # a GPU, the out_dir, the prompts: before anything loads
+    with all_ok(dist_info):  # one rank's error (a file, a hub, memory) stops every rank (all_ok)
+        check_sdxl_run(cfg, device)  # a GPU, the out_dir, the prompts: before anything loads
     if cfg.tiny:
         cfg = tiny_config(cfg, dist_info)
     elif rank == 0 and not cfg.bench:
         print(f"distar: SDXL on {world_size} x {device.type}: loading {cfg.pretrained}, "
               f"{cfg.generator_init or 'its UNet'} and {cfg.reward_model}", flush=True)
-    world = shard_nets(maybe_compile(SDXLWorld(cfg, device, rank, world_size)), dist_info)
+    with all_ok(dist_info):
+        world = maybe_compile(SDXLWorld(cfg, device, rank, world_size))  # --compile
+    world = shard_nets(world, dist_info)  # --fsdp
     if cfg.bench:  # the cost table instead of training
         return bench(world, dist_info)
     fit(cfg, world, dist_info, world.save_samples)
@@ -905,10 +913,12 @@ def main(argv):
                else run_dry_run if cfg.dry_run else run_sdxl)
         with fast_backends(cfg.fast_backends):  # off: changes nothing
             run(cfg, dist_info)
-    except (LoadError, ConfigError, NonFiniteError) as e:  # one line; every rank stops here
-        if first_on_node:
+    except (LoadError, ConfigError, NonFiniteError, RankFailed) as e:  # every rank stops here
+        if reports(e, rank, first_on_node):  # one line in each node's log
             print(f"distar: error: {e}", file=sys.stderr)
-        return 1 if isinstance(e, NonFiniteError) else 2
+        if dist.is_initialized():  # every rank leaves (all_ok): nothing is left to wait for
+            dist.destroy_process_group()
+        return 2 if isinstance(e, (LoadError, ConfigError)) else 1
     except torch.cuda.OutOfMemoryError:  # from the rank that ran out; torchrun stops the others
         print(f"distar: error: rank {rank} ran out of GPU memory: try a smaller --batch_size, more "
               "GPUs with --fsdp, or --grad_checkpointing if it is off", file=sys.stderr)
@@ -1080,59 +1090,84 @@ def save_checkpoint(cfg, step, world, opt_g, opt_psi, dist_info):
     rngs = [rng] * world_size
     if world_size > 1:
         dist.all_gather_object(rngs, rng)
-    # --fsdp: every rank takes part in gathering each net's weights onto rank 0's CPU
-    gathered = {k: gather_state_dict(net) if sharded else None for k, net in nets.items()}
     tmp = os.path.join(cfg.out_dir, f".tmp-checkpoint-{step:06d}")
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        for k, net in nets.items():
-            save_net(net, os.path.join(tmp, k), gathered[k])
-    del gathered
-    barrier(world_size)  # the folder exists
-    if sharded:  # every rank writes its own shard of the AdamW states; rank 0 the RNG states
+    # all_ok in place of barriers: a write that fails (a full disk) stops every rank at once
+    with all_ok(dist_info):  # an empty folder
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+    # --fsdp: every rank writes its own AdamW shards (DCP: a collective, so outside all_ok; it
+    # reports one rank's failure on every rank), and takes part in gathering the weights
+    if sharded:
         save_sharded_optimizers(opts, os.path.join(tmp, "optimizer"))
-    if rank == 0:
-        state = {k: opt.state_dict() for k, (_, opt) in opts.items()} if not sharded else {}
-        torch.save(dict(state, rng=rngs), os.path.join(tmp, "state.pt"))
-    barrier(world_size)  # every file is written
-    if rank == 0:
-        final = os.path.join(cfg.out_dir, f"checkpoint-{step:06d}")
-        with open(os.path.join(tmp, "state.json"), "w") as f:
-            json.dump(dict(step=step, world_size=world_size, fsdp=sharded, config=asdict(cfg)), f,
-                      indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        if os.path.exists(final):  # the same step saved again: swap, then drop the old copy
-            os.rename(final, tmp + ".old")
-        os.rename(tmp, final)  # atomic: the checkpoint appears complete or not at all
-        shutil.rmtree(tmp + ".old", ignore_errors=True)
-        for old in list_checkpoints(cfg.out_dir)[:-cfg.keep_checkpoints]:
-            shutil.rmtree(old)
-    barrier(world_size)  # rank 0 saves, then everyone goes on
+    gathered = {k: gather_state_dict(net) if sharded else None for k, net in nets.items()}
+    with all_ok(dist_info):  # every file is written
+        if rank == 0:
+            for k, net in nets.items():
+                save_net(net, os.path.join(tmp, k), gathered[k])
+            state = {} if sharded else {k: opt.state_dict() for k, (_, opt) in opts.items()}
+            torch.save(dict(state, rng=rngs), os.path.join(tmp, "state.pt"))
+    del gathered
+    with all_ok(dist_info):  # rank 0 saves, then everyone goes on
+        if rank == 0:
+            final = os.path.join(cfg.out_dir, f"checkpoint-{step:06d}")
+            with open(os.path.join(tmp, "state.json"), "w") as f:
+                json.dump(dict(step=step, world_size=world_size, fsdp=sharded, config=asdict(cfg)),
+                          f, indent=1)
+            fsync_tree(tmp)  # on disk before it looks complete: durable after a power cut too
+            if os.path.exists(final):  # the same step saved again: swap, then drop the old copy
+                os.rename(final, tmp + ".old")
+            os.rename(tmp, final)  # atomic: the checkpoint appears complete or not at all
+            fsync(cfg.out_dir)  # the rename itself
+            shutil.rmtree(tmp + ".old", ignore_errors=True)
+            for old in list_checkpoints(cfg.out_dir)[:-cfg.keep_checkpoints]:
+                shutil.rmtree(old)
 
 
 def load_checkpoint(cfg, world, opt_g, opt_psi, dist_info):
-    """Restore the newest complete checkpoint in out_dir; returns the step to continue from."""
+    """Restore the newest complete checkpoint in out_dir that loads (one whose weights do not,
+    truncated by a crash, is said and the one before it tried); returns the step to continue
+    from."""
     rank, world_size, device = dist_info
-    chosen = [(list_checkpoints(cfg.out_dir) or [None])[-1]]
-    if world_size > 1:  # rank 0's choice, so that every rank continues the same checkpoint
+    chosen = [list_checkpoints(cfg.out_dir)]
+    if world_size > 1:  # rank 0's list, so that every rank continues the same checkpoint
         dist.broadcast_object_list(chosen, 0)
-    path = chosen[0]
-    if path is None:
+    paths = chosen[0]
+    if not paths:
         if rank == 0:
             print(f"resume: no complete checkpoint in {cfg.out_dir}; starting at step 0")
         return 0
+    for i in reversed(range(len(paths))):
+        try:
+            with all_ok(dist_info):  # all ranks go on from one checkpoint, or all go back one
+                return restore_checkpoint(cfg, world, opt_g, opt_psi, dist_info, paths[i])
+        except Exception as e:  # here, or on another rank (RankFailed): the same on every rank
+            if i > 0:
+                if getattr(e, "first_to_fail", False):  # the rank that knows why says it
+                    print(f"resume: {os.path.basename(paths[i])} does not load ({first_line(e)});"
+                          f" using {os.path.basename(paths[i - 1])}", flush=True)
+                continue
+            if isinstance(e, (LoadError, RankFailed)):  # one line already
+                raise
+            err = LoadError(f"--resume: {paths[0]} does not load ({first_line(e)})")
+            err.first_to_fail = e.first_to_fail
+            raise err from None
+
+
+def restore_checkpoint(cfg, world, opt_g, opt_psi, dist_info, path):
+    rank, world_size, device = dist_info
     with open(os.path.join(path, "state.json")) as f:
         saved = json.load(f)
     step, opts = saved["step"], dict(opt_g=(world.generator, opt_g), opt_psi=(world.assistant, opt_psi))
     if not os.path.isfile(os.path.join(path, "state.pt")):
         raise LoadError(f"--resume: {path} has no state.pt, so it cannot be resumed")
-    load_net(world.generator, os.path.join(path, "generator"))
-    load_net(world.assistant, os.path.join(path, "assistant"))
-    # on the CPU and memory-mapped: a page is read only when its tensor is copied. AdamW's
-    # load_state_dict puts every state on its parameter's device, fused AdamW's step counter too
-    state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=True,
-                       mmap=True)
+    with all_ok(dist_info):  # each rank's own reads: the collectives below only if all succeeded
+        load_net(world.generator, os.path.join(path, "generator"))
+        load_net(world.assistant, os.path.join(path, "assistant"))
+        # on the CPU and memory-mapped: a page is read only when its tensor is copied. AdamW's
+        # load_state_dict puts every state on its parameter's device, fused AdamW's step too
+        state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=True,
+                           mmap=True)
     if is_sharded(world.generator):  # --fsdp: each rank reads its shards (resharded if need be)
         load_sharded_optimizers(opts, os.path.join(path, "optimizer"))
     for name, (_, opt) in opts.items():
@@ -1282,6 +1317,85 @@ def log_line(m, max_steps):
 
 
 # -----------------------------------------------------------------------------
+# several ranks: an error on some ranks only (a file missing on one node, a hub or disk error,
+# memory on rank 0 while it saves) stops every rank at once, as one line, instead of leaving the
+# others waiting in their next collective; the waits for loading and for rank 0's writes have a
+# long timeout of their own, training's collectives a short one. And checkpoints on disk.
+
+SLOW_GROUP = None  # setup_distributed's group for long waits: barrier, all_ok
+SLOW_TIMEOUT = datetime.timedelta(hours=1)  # rank 0 writes a ~60 GB checkpoint; first downloads
+
+
+def start_slow_group():
+    """gloo, on the CPU: a barrier there waits for rank 0's writes without a GPU in it (as
+    torch.distributed.checkpoint's own planning group does)."""
+    global SLOW_GROUP
+    SLOW_GROUP = dist.new_group(backend="gloo", timeout=SLOW_TIMEOUT)
+
+
+class RankFailed(RuntimeError):
+    def __init__(self, rank):
+        super().__init__(f"rank {rank} failed: its error is in its node's log")
+        self.rank = rank
+
+
+@contextlib.contextmanager
+def all_ok(dist_info):
+    """Run the block on every rank, then agree (one all-reduce, in the slow group): a rank whose
+    block raised raises its own error again, marked first_to_fail on the lowest such rank (which
+    main reports), and every other rank raises RankFailed naming that rank. Nothing else: the
+    block itself must not wait for the other ranks."""
+    rank, world_size, _ = dist_info
+    error = None
+    try:
+        yield
+    except Exception as e:
+        error = e
+    # a nested all_ok's RankFailed is that rank's failure, not this one's
+    lowest = torch.tensor([error.rank if isinstance(error, RankFailed) else rank if error
+                           else world_size])
+    if world_size > 1:
+        dist.all_reduce(lowest, op=dist.ReduceOp.MIN, group=SLOW_GROUP)
+    if error is not None:
+        error.first_to_fail = lowest.item() == rank
+        raise error
+    if lowest.item() < world_size:
+        raise RankFailed(lowest.item())
+
+
+def reports(e, rank, first_on_node):
+    """Whether main prints e: the first rank on each node does, and the lowest rank that failed
+    where only some did (all_ok), so each node's log holds one line. RankFailed is left out on
+    the failed rank's own node (torchrun's ranks are numbered node by node)."""
+    if isinstance(e, RankFailed):
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        return first_on_node and e.rank // per_node != rank // per_node
+    return first_on_node or getattr(e, "first_to_fail", False)
+
+
+def first_line(e):
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def fsync(path):
+    """A file's contents, or a folder's entries, on disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(path):
+    """Every file and folder under path, path too: a rename is atomic, but after a power cut the
+    renamed folder may hold truncated files without this."""
+    for root, _, names in os.walk(path, topdown=False):
+        for name in names:
+            fsync(os.path.join(root, name))
+        fsync(root)
+
+
+# -----------------------------------------------------------------------------
 # loading models and prompts: local folders, hub ids and state-dict files; a failure is one line
 # naming its flag
 
@@ -1389,8 +1503,11 @@ def read_prompts(path):
         return BUILTIN_PROMPTS
     if not os.path.isfile(path):
         raise LoadError(f"--prompts={path}: no such file")
-    with open(path, encoding="utf-8") as f:
-        prompts = [line.strip() for line in f if line.strip()]
+    try:
+        with open(path, encoding="utf-8") as f:
+            prompts = [line.strip() for line in f if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:  # unreadable here (permissions), or not text
+        raise LoadError(f"--prompts={path}: cannot read it: {first_line(e)}") from None
     if not prompts:
         raise LoadError(f"--prompts={path}: the file has no prompts (one per line)")
     return prompts
@@ -1568,6 +1685,8 @@ def save_sharded_optimizers(opts, path):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
+    for net, _ in opts.values():  # a forward without backward (the sample grid, the generator in
+        net.reshard()  # the assistant phase) leaves the root's weights gathered, not the shards
     dcp.save({k: get_optimizer_state_dict(net, opt) for k, (net, opt) in opts.items()},
              checkpoint_id=path)
 
@@ -1725,10 +1844,12 @@ def fast_backends(on):
 
     stack, matmul, cudnn = ExitStack(), torch.backends.cuda.matmul, torch.backends.cudnn
     if on:
-        saved = matmul.fp32_precision, cudnn.benchmark
-        stack.callback(lambda: (setattr(matmul, "fp32_precision", saved[0]),
+        # through allow_tf32: set through fp32_precision alone, TF32 makes the legacy readers
+        # (allow_tf32, get_float32_matmul_precision; inductor's autotuning reads them) raise
+        saved = matmul.allow_tf32, cudnn.benchmark
+        stack.callback(lambda: (setattr(matmul, "allow_tf32", saved[0]),
                                 setattr(cudnn, "benchmark", saved[1])))
-        matmul.fp32_precision, cudnn.benchmark = "tf32", True
+        matmul.allow_tf32, cudnn.benchmark = True, True
         stack.enter_context(sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
                                          SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
                                         set_priority=True))
@@ -1751,9 +1872,12 @@ def clock(device):
     return time.perf_counter()
 
 
-def peak_memory_gb(device):
+def peak_memory_gb(device, reserved=False):
+    """Since the last reset: what tensors held, or with reserved what the caching allocator held
+    (what nvidia-smi shows and what runs out; never less)."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
+        peak = torch.cuda.max_memory_reserved if reserved else torch.cuda.max_memory_allocated
+        return peak(device) / 2**30
     import resource  # CPU: the process's peak resident set (KiB on Linux)
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
@@ -1882,7 +2006,14 @@ def measure_steps(world, dist_info, flops_per_step):
     cfg, (rank, world_size, device) = world.cfg, dist_info
     opts = [make_optimizer(cfg, trained(n), lr) for n, lr in ((world.generator, cfg.lr_g),
                                                                    (world.assistant, cfg.lr_psi))]
-    history = train(world, *opts, dist_info, range(cfg.max_steps))
+    world.cfg = replace(cfg, log_interval=1)  # train's timings for every step, whatever is logged
+    try:
+        history = train(world, *opts, dist_info, range(cfg.max_steps))
+    finally:
+        world.cfg = cfg
+    # train resets the peaks at each update; the allocator keeps what it reserved (nothing here
+    # empties its cache), so the last update's reserved peak is the run's
+    reserved = peak_memory_gb(device, reserved=True)
     if rank != 0:
         return None
     name = device_name(device)
@@ -1890,6 +2021,7 @@ def measure_steps(world, dist_info, flops_per_step):
     sec = statistics.median(r["sec_assistant"] + r["sec_generator"] for r in history[1:])
     fig = dict(sec_per_step=sec, images_per_s=cfg.batch_size / sec,
                peak_mem_gib=max(max(r["mem_assistant_gb"], r["mem_generator_gb"]) for r in history),
+               peak_reserved_gib=reserved,
                tflops_per_s=flops_per_step / sec / 1e12,
                mfu=flops_per_step / sec / (peak * 1e12) if peak else None)
     mfu = f"{fig['mfu']:.1%}" if peak else "unknown peak: pass --peak_tflops"
@@ -1897,7 +2029,8 @@ def measure_steps(world, dist_info, flops_per_step):
           + (", --grad_checkpointing" if cfg.grad_checkpointing else "")
           + (", --fsdp" if cfg.fsdp else "") + f", batch {cfg.batch_size} per GPU, median of "
           f"steps 2-{cfg.max_steps}:\n  seconds per step {fig['sec_per_step']:.3g}, images per "
-          f"second per GPU {fig['images_per_s']:.3g}, peak memory {fig['peak_mem_gib']:.1f} GiB, "
+          f"second per GPU {fig['images_per_s']:.3g}, peak memory {fig['peak_mem_gib']:.1f} GiB "
+          f"allocated, {fig['peak_reserved_gib']:.1f} GiB reserved, "
           f"{fig['tflops_per_s']:.3g} TFLOPS, MFU {mfu}")
     return fig
 

@@ -729,20 +729,33 @@ def test_ranks_out_of_sync_stop_the_run(monkeypatch):
         distar.assert_ranks_in_sync(net, 2)
 
 
-def test_process_group_waits_for_a_checkpoint_write(monkeypatch):
-    """Rank 0 writes a ~60 GB checkpoint while the others wait: the timeout must outlast NCCL's
-    10-minute default."""
+def test_collectives_time_out_in_minutes_and_the_waits_for_rank_0s_writes_in_an_hour(
+        tmp_path, monkeypatch):
+    """A rank that stopped is found out within training's 10-minute timeout; the waits while rank 0
+    writes a ~60 GB checkpoint (and loading) go through a gloo group of their own with an hour:
+    barrier, and all_ok, which each checkpoint waits in."""
     import datetime
-    got = {}
+    got, groups, waits = {}, [], []
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("LOCAL_RANK", "0")
     monkeypatch.setattr(distar.dist, "init_process_group",
                         lambda backend, **kw: got.update(kw, backend=backend))
+    monkeypatch.setattr(distar.dist, "new_group", lambda **kw: groups.append(kw) or "slow")
+    monkeypatch.setattr(distar, "SLOW_GROUP", None)  # as it was, after the test
     monkeypatch.setattr(distar.dist, "get_rank", lambda: 0)
     monkeypatch.setattr(distar.dist, "get_world_size", lambda: 1)
     distar.setup_distributed()
     assert got["backend"] == ("nccl" if torch.cuda.is_available() else "gloo")
-    assert got["timeout"] >= datetime.timedelta(minutes=30)
+    assert got["timeout"] <= datetime.timedelta(minutes=10)
+    assert groups == [dict(backend="gloo", timeout=datetime.timedelta(hours=1))]
+    monkeypatch.setattr(distar.dist, "barrier", lambda group=None: waits.append(group))
+    monkeypatch.setattr(distar.dist, "all_reduce", lambda t, op=None, group=None: waits.append(group))
+    monkeypatch.setattr(distar.dist, "all_gather_object", lambda out, obj: None)
+    distar.barrier(2)
+    world = _toy([f"--out_dir={tmp_path}"])
+    distar.save_checkpoint(world.cfg, 1, world, *_toy_optimizers(world.cfg, world),
+                           (0, 2, torch.device("cpu")))  # rank 0 of 2
+    assert waits == ["slow"] * 4 and (tmp_path / "checkpoint-000001" / "state.pt").is_file()
 
 
 def test_the_toy_runs_on_the_cpu_and_torchrun_needs_a_gpu_per_process(monkeypatch, capsys):
@@ -759,6 +772,8 @@ def test_the_toy_runs_on_the_cpu_and_torchrun_needs_a_gpu_per_process(monkeypatc
     got = {}
     monkeypatch.setattr(distar.dist, "init_process_group", lambda backend, **kw: got.update(
         backend=backend, **kw))
+    monkeypatch.setattr(distar.dist, "new_group", lambda **kw: None)
+    monkeypatch.setattr(distar, "SLOW_GROUP", None)
     monkeypatch.setattr(distar.dist, "get_rank", lambda: 1)
     monkeypatch.setattr(distar.dist, "get_world_size", lambda: 2)
     monkeypatch.setattr(distar.dist, "is_initialized", lambda: False)
@@ -788,6 +803,57 @@ def test_an_error_is_one_line_in_each_nodes_log(monkeypatch, capsys):
         monkeypatch.setenv("LOCAL_RANK", local_rank)
         assert distar.main(["--toy", "--max_steps=ten"]) == 2
         assert capsys.readouterr().err.count("distar: error: --max_steps") == lines
+
+
+def test_an_error_on_some_ranks_stops_every_rank_in_one_line_per_node(monkeypatch, capsys):
+    """all_ok: where rank 3 of 8 alone fails (2 per node), it raises its own error, which it
+    prints; every other rank raises RankFailed naming it, which the first rank of each other node
+    prints, and each returns from main at once."""
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setattr(distar.dist, "all_reduce", lambda t, op, group: t.clamp_(max=3))
+
+    def run_toy(cfg, dist_info):
+        with distar.all_ok(dist_info):
+            if dist_info[0] == 3:
+                raise distar.LoadError("--prompts=p.txt: cannot read it: Permission denied")
+
+    monkeypatch.setattr(distar, "run_toy", run_toy)
+    lines = []
+    for rank in range(8):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("LOCAL_RANK", str(rank % 2))
+        monkeypatch.setattr(distar, "setup_distributed", lambda cuda, r=rank: (r, 8, torch.device("cpu")))
+        assert distar.main(["--toy"]) == (2 if rank == 3 else 1)
+        lines.append(capsys.readouterr().err)
+    failed = "distar: error: rank 3 failed: its error is in its node's log\n"
+    assert lines == [failed, "", "", "distar: error: --prompts=p.txt: cannot read it: Permission "
+                     "denied\n", failed, "", failed, ""]
+
+
+def test_torchrun_rank_1_that_cannot_read_the_prompts_stops_both_ranks_in_one_line(tmp_path):
+    """A real cause on one rank only (its node cannot read the prompts file: a shim denies rank 1
+    the open): both ranks stop at once, rank 1 prints its error and rank 0 nothing more."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\n")
+    (tmp_path / "sitecustomize.py").write_text(
+        "import builtins, os\n"
+        "if os.environ.get('RANK') == '1':\n"
+        "    real = builtins.open\n"
+        "    def open(file, *a, **k):\n"
+        f"        if str(file) == {str(prompts)!r}:\n"
+        "            raise PermissionError(13, 'Permission denied', str(file))\n"
+        "        return real(file, *a, **k)\n"
+        "    builtins.open = open\n")
+    env = {**ENV, "PYTHONPATH": os.pathsep.join([str(tmp_path), ENV.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(HERE, "distar.py"), "--tiny", f"--prompts={prompts}",
+           f"--out_dir={tmp_path / 'o'}"]
+    p = subprocess.run(cmd, cwd=HERE, env=env, capture_output=True, text=True, timeout=120)
+    errors = [line for line in p.stderr.splitlines() if "distar: error:" in line]
+    assert p.returncode != 0 and errors == [
+        f"distar: error: --prompts={prompts}: cannot read it: [Errno 13] Permission denied: "
+        f"'{prompts}'"], p.stderr[-3000:]
+    assert not (tmp_path / "o" / "tiny").exists()  # rank 0 stopped before it built anything
 
 
 def test_torchrun_with_one_process_leaves_its_process_group(monkeypatch):
@@ -876,6 +942,82 @@ def test_resume_drops_the_metrics_logged_after_its_checkpoint(tmp_path):
     assert (out / "metrics.jsonl").read_text() == rows[0]
 
 
+def _toy_checkpoints(out_dir, steps, truncate=True):
+    """Toy checkpoints at steps 1..steps (weights differing), with truncate the newest's generator
+    weights cut in half as by a crash; returns the generator's weights at each step."""
+    world = _toy([f"--out_dir={out_dir}"])
+    opts, weights = _toy_optimizers(world.cfg, world), []
+    for step in range(1, steps + 1):
+        with torch.no_grad():
+            for p in world.generator.parameters():
+                p.add_(1.0)
+        weights.append(_state(world.generator))
+        distar.save_checkpoint(world.cfg, step, world, *opts, (0, 1, torch.device("cpu")))
+    f = out_dir / f"checkpoint-{steps:06d}" / "generator" / "model.safetensors"
+    if truncate:
+        f.write_bytes(f.read_bytes()[:f.stat().st_size // 2])
+    return weights
+
+
+def test_resume_skips_a_checkpoint_that_does_not_load_and_says_so(tmp_path, capsys):
+    weights = _toy_checkpoints(tmp_path, 2)
+    world = _toy([f"--out_dir={tmp_path}", "--resume"])
+    assert distar.load_checkpoint(world.cfg, world, *_toy_optimizers(world.cfg, world),
+                                  (0, 1, torch.device("cpu"))) == 1
+    out = capsys.readouterr().out
+    assert re.search(r"^resume: checkpoint-000002 does not load \(.+\); using checkpoint-000001\n"
+                     r"resumed from .*checkpoint-000001 \(step 1\)\n$", out), out
+    got = _state(world.generator)
+    assert all(torch.equal(got[k], weights[0][k]) for k in got)  # all of step 1's, none of 2's
+
+
+def test_resume_of_a_single_checkpoint_that_does_not_load_is_one_line_and_touches_nothing(
+        tmp_path, capsys, monkeypatch):
+    _toy_checkpoints(tmp_path, 1)
+    before = _tree_digest(tmp_path)
+    monkeypatch.setattr(distar, "gradient_check", lambda: [])
+    assert distar.main(["--toy", "--resume", "--max_steps=3", f"--out_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and re.match(
+        r"distar: error: --resume: .*checkpoint-000001 does not load \(.+\)$", err), err
+    assert _tree_digest(tmp_path) == before
+
+
+def test_every_rank_goes_back_one_checkpoint_when_another_rank_cannot_load_it(tmp_path,
+                                                                             monkeypatch, capsys):
+    """Rank 0 of 2 loads checkpoint 2, rank 1 cannot (the all-reduce brings its failure): both
+    continue checkpoint 1, read over what rank 0 had loaded. Rank 1, which knows why, says so."""
+    weights = _toy_checkpoints(tmp_path, 2, truncate=False)
+    # the lowest failing rank as the all-reduces bring it: checkpoint 2's reads (rank 1), then the
+    # whole restore (rank 1); checkpoint 1's reads and restore: none (2)
+    others = [1, 1, 2, 2]
+    monkeypatch.setattr(distar.dist, "broadcast_object_list", lambda objects, src: None)
+    monkeypatch.setattr(distar.dist, "all_reduce", lambda t, op, group: t.clamp_(max=others.pop(0)))
+    world = _toy([f"--out_dir={tmp_path}", "--resume"])
+    assert distar.load_checkpoint(world.cfg, world, *_toy_optimizers(world.cfg, world),
+                                  (0, 2, torch.device("cpu"))) == 1
+    got = _state(world.generator)
+    assert all(torch.equal(got[k], weights[0][k]) for k in got) and others == []
+    assert "does not load" not in capsys.readouterr().out
+
+
+def test_a_checkpoint_is_on_disk_before_its_rename_and_the_rename_after(tmp_path, monkeypatch):
+    """Atomic is not durable: after a power cut a renamed folder may hold truncated files, unless
+    every file and folder was fsynced before the rename, and the out_dir after it."""
+    events, fsync, rename = [], os.fsync, os.rename
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(
+        ("fsync", os.readlink(f"/proc/self/fd/{fd}"))) or fsync(fd))
+    monkeypatch.setattr(os, "rename", lambda a, b: events.append(("rename", str(a), str(b)))
+                        or rename(a, b))
+    _toy_checkpoint(tmp_path)
+    ckpt, tmp = tmp_path / "checkpoint-000001", str(tmp_path / ".tmp-checkpoint-000001")
+    i = events.index(("rename", tmp, str(ckpt)))
+    synced = {e[1] for e in events[:i] if e[0] == "fsync"}
+    written = {str(p).replace(str(ckpt), tmp) for p in [ckpt, *ckpt.rglob("*")]}
+    assert written <= synced and len(written) > 5, (written - synced)
+    assert ("fsync", str(tmp_path)) in events[i + 1:]
+
+
 def test_incomplete_checkpoints_are_ignored(tmp_path):
     for name in ("checkpoint-000002", "checkpoint-000004", ".tmp-checkpoint-000006", "checkpoint-000008"):
         (tmp_path / name).mkdir()
@@ -905,6 +1047,7 @@ def test_resume_on_another_number_of_ranks_starts_new_random_streams(tmp_path, m
             for net in (world.generator, world.assistant)]
     distar.save_checkpoint(cfg, 1, world, *opts, (0, 1, torch.device("cpu")))
     monkeypatch.setattr(distar.dist, "broadcast_object_list", lambda objects, src: None)
+    monkeypatch.setattr(distar.dist, "all_reduce", lambda t, op, group: None)  # every rank loaded
     for rank in (0, 1):
         torch.manual_seed(100 + rank)
         before = torch.get_rng_state()
@@ -1399,7 +1542,7 @@ def test_every_rank_must_see_the_same_out_dir(tmp_path, monkeypatch):
     fail at the first checkpoint: it is one line at the start instead, on every rank."""
     token = "0123456789abcdef"
     monkeypatch.setattr(distar.dist, "broadcast_object_list", lambda obj, src: obj.__setitem__(0, token))
-    monkeypatch.setattr(distar.dist, "barrier", lambda: None)
+    monkeypatch.setattr(distar.dist, "barrier", lambda group=None: None)
     others_missing = [0.0]  # what the all-reduce (MAX over ranks) brings from the other ranks
     monkeypatch.setattr(distar.dist, "all_reduce", lambda t, op: t.clamp_(min=others_missing[0]))
     shared, own = tmp_path / "shared", tmp_path / "own"
@@ -1734,14 +1877,19 @@ def test_step_flops_on_meta_equal_the_flops_of_real_tensors(tiny):
 def test_dry_run_measurement_gives_throughput_and_mfu_and_writes_nothing(tiny, tmp_path, capsys,
                                                                           monkeypatch):
     """The dry run's GPU measurement on tiny models on CPU (the GPU itself cannot be tested here),
-    then its figures from a given history of train's timings: step 1 is warm-up."""
+    then its figures from a given history of train's timings: step 1 is warm-up. Every step is
+    timed, whatever --log_interval logs."""
     from dataclasses import replace
     world = _sdxl_world(tiny, "--max_steps=3", "--assistant_steps=1", f"--out_dir={tmp_path}")
-    world.cfg = replace(world.cfg, tiny=False, dry_run=True, log_interval=1, peak_tflops=1000.0)
+    world.cfg = replace(world.cfg, tiny=False, dry_run=True, log_interval=10, peak_tflops=1000.0)
     cpu = (0, 1, torch.device("cpu"))
+    histories, train = [], distar.train
+    monkeypatch.setattr(distar, "train", lambda *a, **k: histories.append(train(*a, **k)) or histories[-1])
     assert distar.measure_steps(world, cpu, flops_per_step=1e9)["sec_per_step"] > 0
+    assert [r["step"] for r in histories[0]] == [1, 2, 3] and world.cfg.log_interval == 10
     assert "measured on 1 x cpu" in capsys.readouterr().out
     assert os.listdir(tmp_path) == []  # no metrics file, samples or checkpoints
+    monkeypatch.setattr(distar, "peak_memory_gb", lambda device, reserved=False: 60.0)
     rows = [dict(sec_assistant=a, sec_generator=g, mem_assistant_gb=m, mem_generator_gb=m + 1)
             for a, g, m in ((9.0, 1.0, 50.0), (0.5, 0.5, 40.0), (1.0, 1.0, 41.0), (2.0, 1.0, 40.0))]
     monkeypatch.setattr(distar, "train", lambda *args: rows)
@@ -1749,11 +1897,20 @@ def test_dry_run_measurement_gives_throughput_and_mfu_and_writes_nothing(tiny, t
     assert fig["sec_per_step"] == 2.0  # median of 1, 2 and 3 s; the 10 s warm-up left out
     assert fig["images_per_s"] == 1.0 and fig["tflops_per_s"] == 200.0 and fig["mfu"] == 0.2
     assert fig["peak_mem_gib"] == 51.0  # the peak of every step, warm-up included
+    assert fig["peak_reserved_gib"] == 60.0  # what the caching allocator held
     world.cfg = replace(world.cfg, peak_tflops=0.0)  # and no known peak for "cpu"
     assert distar.measure_steps(world, cpu, 400e12)["mfu"] is None
     out = capsys.readouterr().out
-    assert "seconds per step 2, images per second per GPU 1, peak memory 51.0 GiB, 200 TFLOPS" in out
+    assert ("seconds per step 2, images per second per GPU 1, peak memory 51.0 GiB allocated, "
+            "60.0 GiB reserved, 200 TFLOPS") in out
     assert "MFU 20.0%" in out and "MFU unknown peak: pass --peak_tflops" in out
+
+
+def test_peak_memory_on_a_gpu_is_the_allocators_peak_allocated_or_reserved(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: 40 * 2**30)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device: 48 * 2**30)
+    gpu = torch.device("cuda", 0)
+    assert (distar.peak_memory_gb(gpu), distar.peak_memory_gb(gpu, reserved=True)) == (40.0, 48.0)
 
 
 @pytest.mark.parametrize("args, words", [
@@ -2089,16 +2246,18 @@ def test_fast_backends_is_opt_in_and_restores_every_setting(monkeypatch):
     runs under it); nothing changes without the flag, and all is as before afterwards."""
     from torch.nn.attention import SDPBackend
 
-    def state():
-        return (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.benchmark,
-                SDPBackend(torch._C._get_sdp_priority_order()[0]))
+    def state():  # TF32 as the legacy API reads it (inductor's autotuning, flex attention do)
+        return (torch.backends.cuda.matmul.allow_tf32, torch.get_float32_matmul_precision(),
+                torch.backends.cudnn.benchmark, SDPBackend(torch._C._get_sdp_priority_order()[0]))
 
     before = state()
-    assert before[:2] == ("none", False) and before[2] != SDPBackend.CUDNN_ATTENTION  # torch's defaults
+    assert before[:3] == (False, "highest", False)  # torch's defaults
+    assert before[3] != SDPBackend.CUDNN_ATTENTION
     seen = []
-    monkeypatch.setattr(distar, "run_toy", lambda cfg, dist_info: seen.append(state()))
+    monkeypatch.setattr(distar, "run_toy", lambda cfg, dist_info: seen.append(
+        (*state(), torch.backends.cuda.matmul.fp32_precision)))  # and as the new API reads it
     assert distar.main(["--toy"]) == 0 and distar.main(["--toy", "--fast_backends"]) == 0
-    assert seen == [before, ("tf32", True, SDPBackend.CUDNN_ATTENTION)]
+    assert seen == [(*before, "none"), (True, "high", True, SDPBackend.CUDNN_ATTENTION, "tf32")]
     assert state() == before and not distar.parse_args([]).fast_backends
 
 
