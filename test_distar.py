@@ -1817,7 +1817,7 @@ def test_memory_plan_is_the_hand_computation_from_parameter_counts(dry_parts, pr
     if n > 1:  # FSDP's gathered units: the root's own fp32 weights and two blocks, root and one block's grads
         expect.append(4 * (ROOT + 2 * BLOCK) + 4 * (ROOT + BLOCK))
     assert [b for _, b in distar.memory_plan(world, n_gpus, fsdp)] == expect
-    assert distar.gpu_overhead(n_gpus) == (0.5 + 0.7 * (n_gpus > 1)) * GIB  # CUDA context, NCCL
+    assert distar.gpu_overhead(n_gpus) == int((0.5 + 0.7 * (n_gpus > 1)) * GIB)  # CUDA context, NCCL
 
 
 def test_the_fsdp_plan_fits_16_gib_per_gpu_on_8_gpus_before_activations(dry_parts):
