@@ -933,7 +933,19 @@ class ConfigError(ValueError):
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line naming the flag: no usage dump, no traceback
-        raise ConfigError(message.replace("argument ", ""))
+        raise ConfigError(message.replace("argument ", "") + self.did_you_mean(message))
+
+    def did_you_mean(self, message):
+        """For a misspelled flag (--max_step=4), the closest real ones, by difflib on the names."""
+        import difflib
+
+        if not message.startswith("unrecognized arguments: "):
+            return ""
+        names = [o[2:] for o in self._option_string_actions if o.startswith("--")]
+        typed = [a[2:].split("=")[0].replace("-", "_") for a in message.split(": ", 1)[1].split()
+                 if a.startswith("--")]
+        close = [f"--{m}" for t in typed for m in difflib.get_close_matches(t, names, n=1)]
+        return f"; did you mean {', '.join(dict.fromkeys(close))}?" if close else ""
 
 
 def to_bool(v):

@@ -1166,7 +1166,8 @@ def test_flags_parse_to_their_types_and_each_mode_has_defaults_the_command_line_
 
 
 @pytest.mark.parametrize("args, words", [
-    (["--toy", "--nope=1"], "unrecognized arguments: --nope=1"),
+    (["--toy", "--nope=1"], "unrecognized arguments: --nope=1\n"),  # nothing close: no guess
+    (["--toy", "--max_step=4"], "unrecognized arguments: --max_step=4; did you mean --max_steps?"),
     (["--toy", "--max_steps=ten"], "--max_steps: invalid int value: 'ten'"),
     (["--toy", "--alpha_rew"], "--alpha_rew: expected one argument"),
     (["--toy", "--cfg=sideways"], "--cfg: invalid choice: 'sideways'"),
