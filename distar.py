@@ -1181,9 +1181,10 @@ def check_out_dir(cfg):
 
 # what a checkpoint must share with the run that resumes it (another world's weights do not fit;
 # --tiny would build its models inside another run's out_dir), and what it may change but is told
-MODE_KEYS = ("toy", "tiny", "lora_rank", "lora_targets")  # a LoRA of another shape does not fit
+MODE_KEYS = ("toy", "tiny", "lora_rank", "lora_targets",  # a LoRA of another shape does not fit
+             "lora_alpha")  # alpha scales the saved adapter: another one is another generator
 OBJECTIVE_KEYS = ("divergence", "cfg", "alpha_rew", "alpha_cfg", "huber_c", "t_min", "t_max",
-                  "assistant_steps", "resolution", "batch_size", "conditioning_t", "lora_alpha")
+                  "assistant_steps", "resolution", "batch_size", "conditioning_t")
 
 
 def check_resume(cfg, rank):
@@ -1195,7 +1196,9 @@ def check_resume(cfg, rank):
     with open(os.path.join(ckpts[-1], "state.json")) as f:
         saved = {**asdict(Config()), **json.load(f)["config"]}  # a key added since: its default
     now = asdict(cfg)
-    differ = [k for k in MODE_KEYS if saved[k] != now[k]]
+    lora = saved["lora_rank"] and now["lora_rank"]  # an adapter's shape, if both have one
+    differ = [k for k in MODE_KEYS
+              if saved[k] != now[k] and (lora or k not in ("lora_targets", "lora_alpha"))]
     flags = lambda c: " ".join(f"--{k}={c[k]}" for k in differ)
     if differ:
         raise LoadError(f"--resume: {ckpts[-1]} was saved by a run with {flags(saved)}, not "

@@ -1342,14 +1342,15 @@ def test_sdxl_without_a_gpu_is_one_line_before_anything_loads(tmp_path):
     ("--tiny", ["--allow_cpu"], "--tiny=True", "--tiny=False"),
     ("--tiny", ["--tiny", "--lora_rank=4"], "--lora_rank=0", "--lora_rank=4"),
     ("--tiny --lora_rank=4", ["--tiny"], "--lora_rank=4", "--lora_rank=0"),
-    ("--tiny --lora_rank=4", ["--tiny", "--lora_rank=8"], "--lora_rank=4", "--lora_rank=8"),
-    ("--tiny --lora_rank=4", ["--tiny", "--lora_rank=4", "--lora_targets=attn"],
-     "--lora_targets=all", "--lora_targets=attn")])
+    ("--tiny --lora_rank=4", ["--tiny", "--lora_rank=8", "--lora_alpha=2"], "--lora_rank=4", "--lora_rank=8"),
+    ("--tiny --lora_rank=4", ["--tiny", "--lora_rank=4", "--lora_alpha=2", "--lora_targets=attn"],
+     "--lora_targets=all", "--lora_targets=attn"),
+    ("--tiny --lora_rank=4", ["--tiny", "--lora_rank=4"], "--lora_alpha=2.0", "--lora_alpha=8.0")])
 def test_resume_in_another_mode_is_one_line_and_leaves_the_folder_as_it_was(
         trained_dir, lora_run, tmp_path, capsys, saved, asked, was, now):
     """A toy checkpoint's 2-D MLPs do not fit SDXL's UNets, nor the other way round, nor a LoRA a
-    whole UNet or a LoRA of another shape: say so before --tiny builds its models in there, or
-    anything loads."""
+    whole UNet or a LoRA of another shape; another --lora_alpha rescales the saved adapter, so it
+    is another generator: say so before --tiny builds its models in there, or anything loads."""
     d = lora_run if "lora" in saved else trained_dir  # --tiny, checkpoint-000002
     if saved == "--toy":
         _toy_checkpoint(tmp_path)
@@ -1375,11 +1376,13 @@ def test_resume_with_another_objective_says_what_changed_and_continues(tmp_path,
         "--alpha_rew 100.0 -> 3.0"]
     assert (tmp_path / "checkpoint-000002").is_dir()  # and the run went on
     assert {"divergence", "cfg", "alpha_rew", "alpha_cfg", "huber_c", "t_min", "t_max", "assistant_steps",
-            "resolution", "batch_size", "conditioning_t", "lora_alpha"} <= set(distar.OBJECTIVE_KEYS)
+            "resolution", "batch_size", "conditioning_t"} <= set(distar.OBJECTIVE_KEYS)
+    assert "lora_alpha" in distar.MODE_KEYS  # a LoRA's alpha: refused (the test above)
     cfg = distar.parse_args(["--toy", "--resume", f"--out_dir={tmp_path}", "--divergence=kl", "--alpha_rew=3",
                              "--lr_psi=1", "--beta1=0.5"])
     ckpt = tmp_path / "checkpoint-000002"
     distar.check_resume(cfg, 0)
+    distar.check_resume(replace(cfg, lora_alpha=3.0, lora_targets="attn"), 0)  # no LoRA: no matter
     assert capsys.readouterr().out == ""  # only the optimiser changed
     for key in distar.OBJECTIVE_KEYS:  # each is compared
         value = getattr(cfg, key)
