@@ -20,7 +20,7 @@ $ python distar.py --prompts=prompts.txt --lora_rank=64                 # LoRA: 
 $ torchrun --standalone --nproc_per_node=8 distar.py --prompts=prompts.txt --zero
 $ torchrun --nnodes=8 --nproc_per_node=8 --node_rank=$NODE_RANK --master_addr=$MASTER_ADDR \\
     --master_port=29500 distar.py --prompts=prompts.txt --zero  # --out_dir on a shared filesystem
-Continue an interrupted run: the same command with --resume.
+Continue a stopped run: the same command with --resume (a scheduler's requeue: --resume_if_any).
 
 Extras: tiny random SDXL-shaped models on CPU, the real code path (--tiny); the real
 architectures with random weights, nothing downloaded: the memory plan and FLOPs per step, and
@@ -112,7 +112,8 @@ class Config:
     ckpt_interval: int = 500  # steps between checkpoints (and one at the end)
     sample_interval: int = 500  # steps between sample grids (SDXL)
     keep_checkpoints: int = 2  # newest checkpoints kept (an SDXL one is ~60 GB)
-    resume: bool = False  # continue from the newest complete checkpoint in out_dir
+    resume: bool = False  # continue from the newest complete checkpoint in out_dir (none: an error)
+    resume_if_any: bool = False  # --resume where out_dir holds a checkpoint, else start at step 0
     overwrite: bool = False  # start over in an out_dir that holds another run (deletes it)
     # extras
     world_size_plan: int = 0  # --dry_run: GPUs to plan memory for; 0: this run's world size
@@ -886,6 +887,7 @@ def main(argv):
         # with one intra-op thread (threads competing for cores slow it down 10x)
         dist_info = setup_distributed(cuda=not cfg.toy)
         rank, world_size, _ = dist_info
+        cfg = resolve_resume(cfg, rank)  # --resume with no checkpoint stops; --resume_if_any
         check_resume(cfg, rank)  # the checkpoint's mode and objective, before anything is written
         torch.manual_seed(cfg.seed * world_size + rank)
         if cfg.toy:
@@ -1001,11 +1003,12 @@ def parse_args(argv):
     checks = [
         (cfg.toy + cfg.tiny + cfg.dry_run > 1, "--toy, --tiny and --dry_run are different worlds"),
         (cfg.ablation and not cfg.toy, "--ablation is a toy experiment: use --toy --ablation"),
-        (cfg.ablation and bool(given & {*ROW_FLAGS, "resume"}),
+        (cfg.ablation and bool(given & {*ROW_FLAGS, "resume", "resume_if_any"}),
          f"--ablation sets --{', --'.join(ROW_FLAGS)} per row and always starts afresh"),
         (cfg.bench and cfg.toy, "--bench times the SDXL world, not --toy"),
         (cfg.compile and cfg.toy, "--compile is for the SDXL world: the toy's nets are tiny MLPs"),
-        (cfg.dry_run and cfg.resume, "--dry_run writes no checkpoints: nothing to --resume"),
+        (cfg.dry_run and (cfg.resume or cfg.resume_if_any),
+         "--dry_run writes no checkpoints: nothing to --resume"),
         (cfg.dry_run and cfg.max_steps < 2, "--dry_run needs --max_steps >= 2 (1 is warm-up)"),
         (cfg.resolution % 8 != 0, f"--resolution must be a multiple of 8, got {cfg.resolution}"),
         (not cfg.t_min <= cfg.t_max <= 999, f"need --t_min <= --t_max <= 999, got {cfg.t_min}"
@@ -1014,7 +1017,8 @@ def parse_args(argv):
         (cfg.huber_c <= 0, f"--huber_c must be > 0, got {cfg.huber_c}"),
         (cfg.lora_rank and cfg.toy, "--lora_rank adapts SDXL UNets; the toy trains whole MLPs"),
         (cfg.lora_alpha <= 0, f"--lora_alpha must be > 0, got {cfg.lora_alpha}"),
-        (cfg.resume and cfg.overwrite, "--resume continues a run, --overwrite deletes it: choose"),
+        ((cfg.resume or cfg.resume_if_any) and cfg.overwrite,
+         "--resume continues a run, --overwrite deletes it: choose"),
         ((cfg.bench or cfg.ablation) and int(os.environ.get("WORLD_SIZE", 1)) > 1,
          "--bench and --ablation run in one process: use python, not torchrun"),
     ]
@@ -1207,6 +1211,24 @@ def check_resume(cfg, rank):
     if changed and rank == 0:
         print(f"resume: the objective differs from {ckpts[-1]}'s: {', '.join(changed)}",
               flush=True)
+
+
+def resolve_resume(cfg, rank):
+    """--resume needs a checkpoint to continue: without one, a typo in --out_dir would start a
+    fresh run, hours of GPU time before anyone notices. --resume_if_any (a scheduler's requeue:
+    the same command every time) resumes where there is a checkpoint and starts where there is
+    none. Returns cfg with resume set to what this run does."""
+    ckpts = list_checkpoints(cfg.out_dir)
+    if cfg.resume_if_any:
+        if not ckpts and rank == 0:
+            print(f"resume: no complete checkpoint in {cfg.out_dir}; starting at step 0",
+                  flush=True)
+        return replace(cfg, resume=bool(ckpts))
+    if cfg.resume and not ckpts:
+        what = "holds no complete checkpoint" if os.path.isdir(cfg.out_dir) else "does not exist"
+        raise ConfigError(f"--resume: --out_dir={cfg.out_dir} {what}: check the folder, or pass "
+                          "--resume_if_any to start at step 0 where there is no checkpoint")
+    return cfg
 
 
 def start_out_dir(cfg, dist_info):

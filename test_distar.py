@@ -1394,6 +1394,34 @@ def test_resume_with_another_objective_says_what_changed_and_continues(tmp_path,
                                            f"{getattr(cfg, key)} -> {getattr(other, key)}\n"), key
 
 
+def test_resume_without_a_checkpoint_stops_and_resume_if_any_starts_at_step_0(tmp_path, capsys,
+                                                                               monkeypatch):
+    """--resume into a mistyped out_dir, or one with no complete checkpoint, would start a fresh
+    run (hours on a GPU): one line, nothing written. --resume_if_any, a scheduler's requeue, starts
+    where there is none and continues where there is one."""
+    monkeypatch.setattr(distar, "gradient_check", lambda: [])  # the toy's 2 s check: not tested here
+    typo, empty = tmp_path / "typo", tmp_path / "empty"
+    empty.mkdir()
+    (empty / ".tmp-checkpoint-000002").mkdir()  # killed while saving its first checkpoint
+    for d, what in ((typo, "does not exist"), (empty, "holds no complete checkpoint")):
+        assert distar.main(["--toy", "--resume", "--max_steps=2", f"--out_dir={d}"]) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and err == (f"distar: error: --resume: --out_dir={d} {what}: check the folder, "
+                                     "or pass --resume_if_any to start at step 0 where there is no "
+                                     "checkpoint\n")
+    assert not typo.exists() and [p.name for p in empty.iterdir()] == [".tmp-checkpoint-000002"]
+    assert distar.main(["--toy", "--resume_if_any", "--max_steps=1", f"--out_dir={typo}"]) == 0
+    assert f"resume: no complete checkpoint in {typo}; starting at step 0\n" in capsys.readouterr().out
+    assert distar.main(["--toy", "--resume_if_any", "--max_steps=2", f"--out_dir={typo}"]) == 0
+    assert f"resumed from {typo / 'checkpoint-000001'} (step 1)" in capsys.readouterr().out
+    assert [json.loads(line)["step"] for line in (typo / "metrics.jsonl").read_text().splitlines()] == [
+        1, 2]
+    for args, words in ((["--toy", "--overwrite"], "--overwrite deletes it: choose"),
+                        (["--dry_run"], "--dry_run writes no checkpoints: nothing to --resume")):
+        assert distar.main([*args, "--resume_if_any"]) == 2
+        assert words in capsys.readouterr().err
+
+
 # -----------------------------------------------------------------------------
 # loading models: generator loading from files, folders and the hub; a failed load, an
 # unreachable hub included, is one line naming its flag
