@@ -41,6 +41,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import statistics
 import sys
 import time
@@ -826,7 +827,10 @@ def fit(cfg, world, dist_info, save_samples=None):
                   "nothing to train (a larger --max_steps continues the run)")
         return []
 
+    reached = [start]  # the last step done, for main's line on Ctrl-C
+
     def on_step(step, metrics):
+        reached[0] = step
         if metrics and rank == 0:
             with open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(metrics) + "\n")
@@ -837,7 +841,11 @@ def fit(cfg, world, dist_info, save_samples=None):
             save_checkpoint(cfg, step, world, opt_g, opt_psi, dist_info)
 
     t0 = time.perf_counter()
-    history = train(world, opt_g, opt_psi, dist_info, range(start, cfg.max_steps), on_step)
+    try:
+        history = train(world, opt_g, opt_psi, dist_info, range(start, cfg.max_steps), on_step)
+    except KeyboardInterrupt as e:
+        e.step = reached[0]
+        raise
     if rank == 0:
         in_sync = ", parameters identical on all ranks" if world_size > 1 else ""
         print(f"trained to step {cfg.max_steps} in {time.perf_counter() - t0:.1f} s on "
@@ -880,6 +888,7 @@ def run_sdxl(cfg, dist_info):
 def main(argv):
     rank = int(os.environ.get("RANK", 0))
     first_on_node = int(os.environ.get("LOCAL_RANK", 0)) == 0  # one error line in each node's log
+    cfg = None
     try:
         cfg = parse_args(argv)
         quiet_libraries()
@@ -904,6 +913,12 @@ def main(argv):
         print(f"distar: error: rank {rank} ran out of GPU memory: try a smaller --batch_size, more "
               "GPUs with --zero, or --grad_checkpointing if it is off", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as e:  # Ctrl-C: stopped on purpose. torchrun forwards it to every rank
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second one (forwarded) must not cut exit
+        if rank == 0:  # one line per run
+            print(f"distar: {interrupted(cfg, getattr(e, 'step', None))}", file=sys.stderr,
+                  flush=True)
+        return 130  # 128 + SIGINT, as a shell reports it
     if dist.is_initialized():  # torchrun, even with one process
         dist.barrier()  # rank 0 has written its files; leave together
         dist.destroy_process_group()
@@ -1271,6 +1286,19 @@ def shared_out_dir(out_dir, dist_info):
     if missing.item():
         raise ConfigError(f"--out_dir={out_dir} is not the same folder on every node: put it on a "
                           "filesystem that all of them share")
+
+
+def interrupted(cfg, step):
+    """main's line on Ctrl-C: how far the run got, and how to continue it."""
+    if cfg is None or cfg.dry_run or cfg.bench or cfg.ablation:  # nothing to resume
+        return "stopped (Ctrl-C)"
+    done = f"stopped after step {step} of {cfg.max_steps}" if step is not None else "stopped"
+    ckpts = list_checkpoints(cfg.out_dir)
+    if not ckpts:
+        return (f"{done} (Ctrl-C); no complete checkpoint in {cfg.out_dir} yet, so nothing to "
+                "resume: run the command again to start over")
+    return (f"{done} (Ctrl-C); newest complete checkpoint {ckpts[-1]}: the same command with "
+            "--resume continues from it")
 
 
 def trim_metrics(out_dir, step):

@@ -949,12 +949,15 @@ def _generator_weights(ckpt):
     return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
 
 
-@pytest.mark.parametrize("launcher", ["python", "torchrun --zero --grad_checkpointing",
-                                      "torchrun --zero --grad_checkpointing --lora_rank=4"])
-def test_sigkill_then_resume_reproduces_the_uninterrupted_run(tmp_path, launcher):
-    """Under torchrun it is also the SDXL path's two-rank test with a real run's memory settings
-    (Adam states sharded, activations recomputed): DDP keeps the ranks identical; with
-    --lora_rank, the adapters' (generator/ then holds the LoRA file)."""
+@pytest.mark.parametrize("launcher, sig", [("python", "SIGINT"),
+                                           ("torchrun --zero --grad_checkpointing", "SIGINT"),
+                                           ("torchrun --zero --grad_checkpointing --lora_rank=4", "SIGKILL")])
+def test_sigint_or_sigkill_then_resume_reproduces_the_uninterrupted_run(tmp_path, launcher, sig):
+    """Ctrl-C (SIGINT; torchrun's launcher forwards it to every rank) is one line for the run, not
+    a traceback per rank: the step reached, the newest complete checkpoint and --resume. A kill
+    (SIGKILL) leaves the checkpoints whole. Under torchrun it is also the SDXL path's two-rank test
+    with a real run's memory settings (Adam states sharded, activations recomputed): DDP keeps the
+    ranks identical; with --lora_rank, the adapters' (generator/ then holds the LoRA file)."""
     import signal
     import time
 
@@ -970,12 +973,26 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_run(tmp_path, launcher
     if launcher != "python":
         assert "on 2 process(es), parameters identical on all ranks" in p.stdout
     proc = subprocess.Popen([*cmd, *args, f"--out_dir={b}"], cwd=HERE, env=ENV,
-                            start_new_session=True,  # its own process group, to kill every rank
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            start_new_session=True,  # a Ctrl-C at the terminal stays with pytest
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     while not (b / "checkpoint-000002" / "state.json").exists() and proc.poll() is None:
         time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and every rank
-    assert proc.wait() == -9, "the run finished before it could be killed"
+    if sig == "SIGKILL":  # the launcher and every rank, each in a session of its own (torchrun's)
+        ranks = open(f"/proc/{proc.pid}/task/{proc.pid}/children").read().split()
+        for pid in [proc.pid, *map(int, ranks)]:
+            os.kill(pid, signal.SIGKILL)
+        proc.communicate(timeout=120)  # the pipes close when the ranks have gone too
+        assert proc.returncode == -9, "the run finished before it could be killed"
+    else:  # to python, or to torchrun's launcher, which forwards it to the ranks
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == (130 if launcher == "python" else 1), err  # torchrun: 1, its own
+        lines = [line for line in err.splitlines() if line.startswith("distar")]
+        newest = distar.list_checkpoints(str(b))[-1]
+        assert len(lines) == 1 and re.fullmatch(
+            rf"distar: stopped after step [2-5] of 6 \(Ctrl-C\); newest complete checkpoint "
+            rf"{re.escape(newest)}: the same command with --resume continues from it", lines[0]), err
+        assert "KeyboardInterrupt" not in err and 'distar.py", line' not in err, err  # no rank's trace
     assert not (b / "checkpoint-000006").exists()
     if launcher != "python":  # each rank's own AdamW shard, nothing gathered through rank 0
         assert sorted(f.name for f in (b / "checkpoint-000002").glob("state*.pt")) == [
@@ -1420,6 +1437,25 @@ def test_resume_without_a_checkpoint_stops_and_resume_if_any_starts_at_step_0(tm
                         (["--dry_run"], "--dry_run writes no checkpoints: nothing to --resume")):
         assert distar.main([*args, "--resume_if_any"]) == 2
         assert words in capsys.readouterr().err
+
+
+def test_ctrl_c_is_one_line_from_rank_0_with_what_to_run_next(tmp_path, capsys, monkeypatch):
+    """In-process, without a checkpoint (the SIGINT test has one): rank 0 says it, the others are
+    silent, exit 130; a second Ctrl-C (torchrun forwards the terminal's) is ignored from then on."""
+    def run_toy(cfg, dist_info):
+        raise KeyboardInterrupt
+
+    handlers = []
+    monkeypatch.setattr(distar, "run_toy", run_toy)
+    monkeypatch.setattr(distar.signal, "signal", lambda *args: handlers.append(args))
+    for rank in (0, 1):
+        monkeypatch.setattr(distar, "setup_distributed", lambda cuda: (rank, 2, torch.device("cpu")))
+        assert distar.main(["--toy", f"--out_dir={tmp_path}"]) == 130
+        out, err = capsys.readouterr()
+        assert out == "" and err == ("" if rank else f"distar: stopped (Ctrl-C); no complete checkpoint "
+                                     f"in {tmp_path} yet, so nothing to resume: run the command again to "
+                                     "start over\n")
+    assert handlers == [(distar.signal.SIGINT, distar.signal.SIG_IGN)] * 2
 
 
 # -----------------------------------------------------------------------------
