@@ -877,8 +877,10 @@ def run_sdxl(cfg, dist_info):
     if cfg.tiny:
         cfg = tiny_config(cfg, dist_info)
     elif rank == 0 and not cfg.bench:
+        prompts = cfg.prompts or f"the {len(BUILTIN_PROMPTS)} built-in ones (no --prompts)"
         print(f"distar: SDXL on {world_size} x {device.type}: loading {cfg.pretrained}, "
-              f"{cfg.generator_init or 'its UNet'} and {cfg.reward_model}", flush=True)
+              f"{cfg.generator_init or 'its UNet'} and {cfg.reward_model}; prompts: {prompts}",
+              flush=True)
     world = maybe_compile(SDXLWorld(cfg, device, rank, world_size))  # --compile
     if cfg.bench:  # the cost table instead of training
         return bench(world, dist_info)

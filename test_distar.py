@@ -1458,6 +1458,20 @@ def test_ctrl_c_is_one_line_from_rank_0_with_what_to_run_next(tmp_path, capsys, 
     assert handlers == [(distar.signal.SIGINT, distar.signal.SIG_IGN)] * 2
 
 
+def test_an_sdxl_run_says_when_it_trains_on_the_built_in_prompts(tiny, tmp_path, capsys, monkeypatch):
+    def stop(*args, **kwargs):
+        raise distar.LoadError("stopped here")
+
+    monkeypatch.setattr(distar, "SDXLWorld", stop)  # the start line is printed before the models load
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\n")
+    for extra, said in (([], f"prompts: the {len(distar.BUILTIN_PROMPTS)} built-in ones (no --prompts)"),
+                        ([f"--prompts={prompts}"], f"prompts: {prompts}")):
+        assert distar.main([*_sdxl_args(tiny), *extra, f"--out_dir={tmp_path / 'o'}"]) == 2
+        out = capsys.readouterr().out
+        assert out.startswith("distar: SDXL on 1 x cpu: loading ") and out.endswith(f"; {said}\n"), out
+
+
 # -----------------------------------------------------------------------------
 # loading models: generator loading from files, folders and the hub; a failed load, an
 # unreachable hub included, is one line naming its flag
