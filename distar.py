@@ -1467,7 +1467,9 @@ def quiet_libraries():
 # LoRA (--lora_rank): diffusers' peft integration. Each trained net is its own frozen base plus an
 # adapter; the reference keeps a base of its own too, since toggling an adapter on a shared base
 # breaks activation checkpointing (backward recomputes a block with the adapter state of then).
-# A checkpoint's generator/ is what diffusers' load_lora_weights reads, plus lora_base.json.
+# A checkpoint's generator/ is what diffusers' load_lora_weights reads, plus lora_base.json: a
+# local base inside the run's folder (--tiny's models) relative to generator/, so that it moves
+# with the run; other local bases absolute, hub ids as they are.
 
 _ATTN = ("to_q", "to_k", "to_v", "to_out.0")
 _FF = ("proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")
@@ -1507,8 +1509,12 @@ def save_lora(unet, path):
     StableDiffusionXLPipeline.save_lora_weights(
         path, unet_lora_layers=get_peft_model_state_dict(unet),
         unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
+    here = os.path.abspath(path)  # {out_dir}/.tmp-checkpoint-N/generator, renamed at the same depth
+    run = os.path.dirname(os.path.dirname(here))
+    inside = lambda p: os.path.isabs(p) and os.path.commonpath([p, run]) == run
     with open(os.path.join(path, LORA_BASE), "w") as f:
-        json.dump(unet.lora_base, f, indent=1)
+        json.dump({k: os.path.relpath(v, here) if inside(v) else v
+                   for k, v in unet.lora_base.items()}, f, indent=1)
 
 
 def load_lora(unet, path):
@@ -1527,15 +1533,17 @@ def load_lora(unet, path):
 
 
 def lora_base(path):
-    """The base a LoRA checkpoint's adapter was trained on (its lora_base.json), or None where
-    path holds no LoRA (a UNet folder, a state-dict file, a hub id)."""
+    """The base a LoRA checkpoint's adapter was trained on (its lora_base.json; local paths
+    absolute), or None where path holds no LoRA (a UNet folder, a state-dict file, a hub id)."""
     if not os.path.isfile(os.path.join(path, LORA_FILE)):
         return None
     if not os.path.isfile(os.path.join(path, LORA_BASE)):
         raise LoadError(f"{path} holds a LoRA but no {LORA_BASE}, so its base is unknown: pass "
                         "the base as --generator and the LoRA as --lora")
     with open(os.path.join(path, LORA_BASE)) as f:
-        return json.load(f)
+        base = json.load(f)
+    return {k: os.path.abspath(os.path.join(path, v)) if v.startswith("..") else v
+            for k, v in base.items()}
 
 
 # -----------------------------------------------------------------------------

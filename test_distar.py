@@ -2067,6 +2067,11 @@ def test_toy_scatter_png_puts_each_class_sample_at_its_pixel_in_its_colour(tmp_p
     with Image.open(tmp_path / "o" / "toy_samples.png") as im:
         assert im.format == "PNG"
         im.verify()
+    # the run's folder or the checkpoint's: the same generator (not an SDXL pipeline from the hub)
+    for gen in (tmp_path / "out_toy", ckpt):
+        assert sample.main([f"--generator={gen}", f"--out_dir={tmp_path / 'again'}"]) == 0
+        assert ((tmp_path / "again" / "toy_samples.png").read_bytes()
+                == (tmp_path / "o" / "toy_samples.png").read_bytes())
     im = Image.open(tmp_path / "o" / "toy_samples.png").convert("RGB")
     assert im.size == (3 * 320, 320 + 32)
     colours = [(214, 39, 40), (31, 119, 180), (44, 160, 44)]
@@ -2637,7 +2642,8 @@ def test_compare_two_generators_uses_the_same_prompts_and_seeds(compare_runs):
                                   "empty_prompts", "missing_reward", "missing_clip", "missing_compare",
                                   "unknown_flag", "bad_value", "bad_ci", "bad_type", "bad_bool", "bad_dtype",
                                   "prompt_and_prompts", "typo_generator", "typo_compare", "not_a_pipeline",
-                                  "hub_clip", "hub_reward", "hub_generator", "typo_lora", "hub_lora"])
+                                  "hub_clip", "hub_reward", "hub_generator", "typo_lora", "hub_lora",
+                                  "misspelled_flag", "no_generator_in_folder"])
 def test_bad_sample_input_is_one_line_exit_2_and_writes_nothing(tiny, tmp_path, capsys, case):
     sdxl, reward = tiny
     (tmp_path / "empty.txt").write_text("\n  \n")
@@ -2677,7 +2683,12 @@ def test_bad_sample_input_is_one_line_exit_2_and_writes_nothing(tiny, tmp_path, 
                   "hub_generator": ([f"--pretrained={sdxl}", "--generator=owner/unet"],
                                     "(--generator=/path/to/unet)"),
                   "typo_lora": (["--lora=./lora"], "cannot load --lora=./lora: no such file or folder"),
-                  "hub_lora": ([f"--pretrained={sdxl}", "--lora=owner/lora"], "cannot load --lora=owner/lora")}[case]
+                  "hub_lora": ([f"--pretrained={sdxl}", "--lora=owner/lora"], "cannot load --lora=owner/lora"),
+                  "misspelled_flag": (["--pretrain=x"], "arguments: --pretrain=x; did you mean --pretrained?"),
+                  # a folder with neither a generator nor a checkpoint in it: what to pass, not diffusers' words
+                  "no_generator_in_folder": ([f"--pretrained={sdxl}", f"--generator={tmp_path}"],
+                                             "and no complete distar checkpoint: pass a checkpoint's, "
+                                             "checkpoint-NNNNNN/generator")}[case]
     assert sample.main(["--resolution=64", f"--out_dir={tmp_path / 'o'}", *args]) == 2  # later flags win
     err = capsys.readouterr().err
     assert err.startswith("sample: error: ") and err.count("\n") == 1 and word in err, err
@@ -2743,6 +2754,61 @@ def test_compare_and_score_take_lora_generators(lora_run, tmp_path, capsys):
     assert np.array_equal(pngs(out / "a", 16), pngs(out / "b", 16))
     summary = json.loads((out / "scores.json").read_text())
     assert summary["lora"] == folder and summary["pickscore"]["b_minus_a"]["mean"] == 0
+
+
+@pytest.mark.filterwarnings("ignore:Already found a `peft_config`")
+def test_a_moved_lora_run_samples_on_its_own_base_with_no_pretrained(lora_run, tmp_path, capsys):
+    """lora_base.json records --tiny's models, inside the run's folder, relative to generator/, so
+    the run can move: sampled from its new place, the old one gone, with no --pretrained (the VAE
+    and text encoders are the run's too). Where the recorded base is not there, one line names it
+    and what to pass; --pretrained then wins, as the LoRA's base too."""
+    import shutil
+
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(lora_run, moved)
+    folder = moved / "checkpoint-000002" / "generator"
+    assert json.loads((folder / "lora_base.json").read_text()) == dict(
+        pretrained=os.path.join("..", "..", "tiny", "sdxl"), generator_init="", variant="")
+    args = ["--prompt=a cat", "--images_per_prompt=2", "--seed=5", "--resolution=64"]
+    os.rename(lora_run / "tiny", lora_run / "tiny.gone")  # the run's old place
+    try:
+        assert sample.main([f"--generator={moved}", *args, f"--out_dir={tmp_path / 'a'}"]) == 0
+        assert capsys.readouterr().out.startswith(
+            f"--generator={moved}: its newest complete checkpoint's generator, {folder}\n")
+        shutil.move(moved / "tiny", tmp_path / "base")  # the base is no longer where it was recorded
+        assert sample.main([f"--generator={folder}", *args, f"--out_dir={tmp_path / 'b'}"]) == 2
+        assert capsys.readouterr().err == (
+            f"sample: error: cannot load --generator={folder}: the --pretrained its run recorded, "
+            f"{moved / 'tiny' / 'sdxl'}, is not here (moved?): name it with --pretrained=PATH, or pass "
+            f"the base as --generator=BASE and this LoRA as --lora={folder}\n")
+        assert sample.main([f"--pretrained={tmp_path / 'base' / 'sdxl'}", f"--generator={folder}", *args,
+                            f"--out_dir={tmp_path / 'c'}"]) == 0
+    finally:
+        os.rename(lora_run / "tiny.gone", lora_run / "tiny")
+    assert not (tmp_path / "b").exists()
+    expect = lcm_one_step(str(tmp_path / "base" / "sdxl"), [["a cat", "a cat"]], 5, loras=[str(folder)])
+    for name in "ac":
+        assert np.abs(pngs(tmp_path / name, 2) / 255 - expect).max() <= 1 / 255 + 1e-6, name
+
+
+def test_a_whole_unet_run_folder_samples_its_newest_checkpoint_on_the_runs_pretrained(
+        trained_dir, tmp_path, capsys):
+    """A run folder as --generator is its newest complete checkpoint's generator/ (said in a line),
+    a checkpoint folder its generator/; with no --pretrained, the run's (state.json), not SDXL-base
+    from the hub."""
+    from diffusers import UNet2DConditionModel
+
+    ckpt = trained_dir / "checkpoint-000002"
+    args = ["--prompt=a cat", "--seed=5", "--resolution=64"]
+    for name, gen in (("run", trained_dir), ("ckpt", ckpt)):
+        assert sample.main([f"--generator={gen}", *args, f"--out_dir={tmp_path / name}"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"--generator={trained_dir}: its newest complete checkpoint's generator, "
+                          f"{ckpt / 'generator'}\n") and out.count("newest") == 1, out
+    unet = UNet2DConditionModel.from_pretrained(ckpt / "generator")
+    expect = lcm_one_step(str(trained_dir / "tiny" / "sdxl"), [["a cat"]], 5, unet=unet)
+    for name in ("run", "ckpt"):
+        assert np.abs(pngs(tmp_path / name, 1) / 255 - expect).max() <= 1 / 255 + 1e-6, name
 
 
 def test_a_lora_without_its_base_record_is_one_line_naming_what_to_pass(lora_run, tmp_path, capsys):
