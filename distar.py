@@ -16,7 +16,7 @@ $ torchrun --standalone --nproc_per_node=2 distar.py --toy
 
 SDXL (defaults: SDXL-base reference, DMD2 one-step init, PickScore reward, bf16, 1024 px):
 $ python distar.py --prompts=prompts.txt                                # one 141 GB GPU
-$ python distar.py --prompts=prompts.txt --lora_rank=64                 # LoRA: one 48 GB GPU
+$ python distar.py --prompts=prompts.txt --lora_rank=64 --batch_size=1  # LoRA: 48 GB (planned)
 $ torchrun --standalone --nproc_per_node=8 distar.py --prompts=prompts.txt --zero
 $ torchrun --nnodes=8 --nproc_per_node=8 --node_rank=$NODE_RANK --master_addr=$MASTER_ADDR \\
     --master_port=29500 distar.py --prompts=prompts.txt --zero  # --out_dir on a shared filesystem
@@ -1799,6 +1799,10 @@ def run_dry_run(cfg, dist_info):
         world = SDXLWorld(cfg, device, rank, world_size, parts=dry_run_parts(device))
         world = maybe_compile(world)  # --compile
         bench(world, dist_info) if cfg.bench else measure_steps(world, dist_info, per_step)
+    elif rank == 0 and cfg.lora_rank:  # a LoRA plan is for one GPU: what to run on it next
+        print(f"no GPU here, so no seconds per step, images per second, peak memory or MFU; on "
+              f"one GPU, e.g.:\n  python distar.py --prompts=prompts.txt "
+              f"--lora_rank={cfg.lora_rank} --batch_size=1")
     elif rank == 0:
         print("no GPU here, so no seconds per step, images per second, peak memory, MFU or cost "
               "table; on GPUs, e.g.:\n  torchrun --standalone --nproc_per_node=8 distar.py "

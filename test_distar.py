@@ -1734,6 +1734,16 @@ BENCH_ROWS = ({("generator", div, ckpt) for div, ckpt in BENCH_VARIANTS if div}
               | {(step, None, ckpt) for step in ("assistant", "unet_baseline") for ckpt in (False, True)})
 
 
+def test_a_lora_dry_run_without_a_gpu_suggests_the_lora_run_on_one_gpu(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(distar, "SDXL", distar.TINY)  # the plan's arithmetic at tiny size: a second
+    args = ["--dry_run", "--world_size_plan=1", "--resolution=64", f"--out_dir={tmp_path / 'o'}"]
+    assert distar.main([*args, "--lora_rank=4"]) == 0
+    assert capsys.readouterr().out.endswith(
+        "on one GPU, e.g.:\n  python distar.py --prompts=prompts.txt --lora_rank=4 --batch_size=1\n")
+    assert distar.main(args) == 0  # full fine-tuning: on several GPUs
+    assert "--lora_rank" not in capsys.readouterr().out.splitlines()[-1]
+
+
 def test_bench_command_prints_and_writes_the_cost_table(tiny, tmp_path):
     """Every update per divergence and checkpointing, and the plain UNet update (unet_baseline),
     as ms and ratios to the KL generator update and to the baseline with the same checkpointing,
