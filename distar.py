@@ -16,11 +16,11 @@ $ torchrun --standalone --nproc_per_node=2 distar.py --toy
 
 SDXL (defaults: SDXL-base reference, DMD2 one-step init, PickScore reward, bf16, 1024 px):
 $ python distar.py --prompts=prompts.txt                                # one 141 GB GPU
-$ python distar.py --prompts=prompts.txt --lora_rank=64                 # LoRA: one 48 GB GPU
+$ python distar.py --prompts=prompts.txt --lora_rank=64 --batch_size=1  # LoRA: 48 GB (planned)
 $ torchrun --standalone --nproc_per_node=8 distar.py --prompts=prompts.txt --fsdp
 $ torchrun --nnodes=8 --nproc_per_node=8 --node_rank=$NODE_RANK --master_addr=$MASTER_ADDR \\
     --master_port=29500 distar.py --prompts=prompts.txt --fsdp  # --out_dir on a shared filesystem
-Continue an interrupted run: the same command with --resume.
+Continue a stopped run: the same command with --resume (a scheduler's requeue: --resume_if_any).
 
 Extras: tiny random SDXL-shaped models on CPU, the real code path (--tiny); the real
 architectures with random weights, nothing downloaded: the memory plan and FLOPs per step, and
@@ -42,6 +42,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import statistics
 import sys
 import time
@@ -113,7 +114,8 @@ class Config:
     ckpt_interval: int = 500  # steps between checkpoints (and one at the end)
     sample_interval: int = 500  # steps between sample grids (SDXL)
     keep_checkpoints: int = 2  # newest checkpoints kept (an SDXL one is ~60 GB)
-    resume: bool = False  # continue from the newest complete checkpoint in out_dir
+    resume: bool = False  # continue from the newest complete checkpoint in out_dir (none: an error)
+    resume_if_any: bool = False  # --resume where out_dir holds a checkpoint, else start at step 0
     overwrite: bool = False  # start over in an out_dir that holds another run (deletes it)
     # extras
     world_size_plan: int = 0  # --dry_run: GPUs to plan memory for; 0: this run's world size
@@ -837,7 +839,10 @@ def fit(cfg, world, dist_info, save_samples=None):
                   "nothing to train (a larger --max_steps continues the run)")
         return []
 
+    reached = [start]  # the last step done, for main's line on Ctrl-C
+
     def on_step(step, metrics):
+        reached[0] = step
         if metrics and rank == 0:
             with open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(metrics) + "\n")
@@ -851,7 +856,11 @@ def fit(cfg, world, dist_info, save_samples=None):
             save_checkpoint(cfg, step, world, opt_g, opt_psi, dist_info)
 
     t0 = time.perf_counter()
-    history = train(world, opt_g, opt_psi, dist_info, range(start, cfg.max_steps), on_step)
+    try:
+        history = train(world, opt_g, opt_psi, dist_info, range(start, cfg.max_steps), on_step)
+    except KeyboardInterrupt as e:
+        e.step = reached[0]
+        raise
     if rank == 0:
         in_sync = ("" if world_size == 1 else ", weights sharded over the ranks" if cfg.fsdp
                    else ", parameters identical on all ranks")
@@ -885,8 +894,10 @@ def run_sdxl(cfg, dist_info):
     if cfg.tiny:
         cfg = tiny_config(cfg, dist_info)
     elif rank == 0 and not cfg.bench:
+        prompts = cfg.prompts or f"the {len(BUILTIN_PROMPTS)} built-in ones (no --prompts)"
         print(f"distar: SDXL on {world_size} x {device.type}: loading {cfg.pretrained}, "
-              f"{cfg.generator_init or 'its UNet'} and {cfg.reward_model}", flush=True)
+              f"{cfg.generator_init or 'its UNet'} and {cfg.reward_model}; prompts: {prompts}",
+              flush=True)
     with all_ok(dist_info):
         world = maybe_compile(SDXLWorld(cfg, device, rank, world_size))  # --compile
     world = shard_nets(world, dist_info)  # --fsdp
@@ -898,6 +909,7 @@ def run_sdxl(cfg, dist_info):
 def main(argv):
     rank = int(os.environ.get("RANK", 0))
     first_on_node = int(os.environ.get("LOCAL_RANK", 0)) == 0  # one error line in each node's log
+    cfg = None
     try:
         cfg = parse_args(argv)
         quiet_libraries()
@@ -905,6 +917,7 @@ def main(argv):
         # with one intra-op thread (threads competing for cores slow it down 10x)
         dist_info = setup_distributed(cuda=not cfg.toy)
         rank, world_size, _ = dist_info
+        cfg = resolve_resume(cfg, rank)  # --resume with no checkpoint stops; --resume_if_any
         check_resume(cfg, rank)  # the checkpoint's mode and objective, before anything is written
         torch.manual_seed(cfg.seed * world_size + rank)
         if cfg.toy:
@@ -923,6 +936,12 @@ def main(argv):
         print(f"distar: error: rank {rank} ran out of GPU memory: try a smaller --batch_size, more "
               "GPUs with --fsdp, or --grad_checkpointing if it is off", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as e:  # Ctrl-C: stopped on purpose. torchrun forwards it to every rank
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second one (forwarded) must not cut exit
+        if rank == 0:  # one line per run
+            print(f"distar: {interrupted(cfg, getattr(e, 'step', None))}", file=sys.stderr,
+                  flush=True)
+        return 130  # 128 + SIGINT, as a shell reports it
     if dist.is_initialized():  # torchrun, even with one process
         dist.barrier()  # rank 0 has written its files; leave together
         dist.destroy_process_group()
@@ -954,7 +973,19 @@ class ConfigError(ValueError):
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line naming the flag: no usage dump, no traceback
-        raise ConfigError(message.replace("argument ", ""))
+        raise ConfigError(message.replace("argument ", "") + self.did_you_mean(message))
+
+    def did_you_mean(self, message):
+        """For a misspelled flag (--max_step=4), the closest real ones, by difflib on the names."""
+        import difflib
+
+        if not message.startswith("unrecognized arguments: "):
+            return ""
+        names = [o[2:] for o in self._option_string_actions if o.startswith("--")]
+        typed = [a[2:].split("=")[0].replace("-", "_") for a in message.split(": ", 1)[1].split()
+                 if a.startswith("--")]
+        close = [f"--{m}" for t in typed for m in difflib.get_close_matches(t, names, n=1)]
+        return f"; did you mean {', '.join(dict.fromkeys(close))}?" if close else ""
 
 
 def to_bool(v):
@@ -1010,11 +1041,12 @@ def parse_args(argv):
     checks = [
         (cfg.toy + cfg.tiny + cfg.dry_run > 1, "--toy, --tiny and --dry_run are different worlds"),
         (cfg.ablation and not cfg.toy, "--ablation is a toy experiment: use --toy --ablation"),
-        (cfg.ablation and bool(given & {*ROW_FLAGS, "resume"}),
+        (cfg.ablation and bool(given & {*ROW_FLAGS, "resume", "resume_if_any"}),
          f"--ablation sets --{', --'.join(ROW_FLAGS)} per row and always starts afresh"),
         (cfg.bench and cfg.toy, "--bench times the SDXL world, not --toy"),
         (cfg.compile and cfg.toy, "--compile is for the SDXL world: the toy's nets are tiny MLPs"),
-        (cfg.dry_run and cfg.resume, "--dry_run writes no checkpoints: nothing to --resume"),
+        (cfg.dry_run and (cfg.resume or cfg.resume_if_any),
+         "--dry_run writes no checkpoints: nothing to --resume"),
         (cfg.dry_run and cfg.max_steps < 2, "--dry_run needs --max_steps >= 2 (1 is warm-up)"),
         (cfg.resolution % 8 != 0, f"--resolution must be a multiple of 8, got {cfg.resolution}"),
         (not cfg.t_min <= cfg.t_max <= 999, f"need --t_min <= --t_max <= 999, got {cfg.t_min}"
@@ -1027,7 +1059,8 @@ def parse_args(argv):
          "--fsdp shards the UNets over torchrun's processes: launch it with torchrun "
          "(--nproc_per_node=1 works too)"),
         (cfg.lora_alpha <= 0, f"--lora_alpha must be > 0, got {cfg.lora_alpha}"),
-        (cfg.resume and cfg.overwrite, "--resume continues a run, --overwrite deletes it: choose"),
+        ((cfg.resume or cfg.resume_if_any) and cfg.overwrite,
+         "--resume continues a run, --overwrite deletes it: choose"),
         ((cfg.bench or cfg.ablation) and int(os.environ.get("WORLD_SIZE", 1)) > 1,
          "--bench and --ablation run in one process: use python, not torchrun"),
     ]
@@ -1220,10 +1253,11 @@ def check_out_dir(cfg):
 
 # what a checkpoint must share with the run that resumes it (another world's weights do not fit;
 # --tiny would build its models inside another run's out_dir), and what it may change but is told
-# --fsdp: its AdamW states are DCP shards, DDP's one state.pt
-MODE_KEYS = ("toy", "tiny", "lora_rank", "lora_targets", "fsdp")  # a LoRA of another shape, too
+MODE_KEYS = ("toy", "tiny", "lora_rank", "lora_targets",  # a LoRA of another shape does not fit
+             "lora_alpha",  # alpha scales the saved adapter: another one is another generator
+             "fsdp")  # --fsdp's AdamW states are DCP shards, DDP's one state.pt
 OBJECTIVE_KEYS = ("divergence", "cfg", "alpha_rew", "alpha_cfg", "huber_c", "t_min", "t_max",
-                  "assistant_steps", "resolution", "batch_size", "conditioning_t", "lora_alpha")
+                  "assistant_steps", "resolution", "batch_size", "conditioning_t")
 
 
 def check_resume(cfg, rank):
@@ -1238,7 +1272,9 @@ def check_resume(cfg, rank):
         raise LoadError(f"--resume: {ckpts[-1]} holds --zero AdamW shards, which distar no longer "
                         "reads: start another --out_dir (its generator/ serves as --generator_init)")
     now = asdict(cfg)
-    differ = [k for k in MODE_KEYS if saved[k] != now[k]]
+    lora = saved["lora_rank"] and now["lora_rank"]  # an adapter's shape, if both have one
+    differ = [k for k in MODE_KEYS
+              if saved[k] != now[k] and (lora or k not in ("lora_targets", "lora_alpha"))]
     flags = lambda c: " ".join(f"--{k}={c[k]}" for k in differ)
     if differ:
         raise LoadError(f"--resume: {ckpts[-1]} was saved by a run with {flags(saved)}, not "
@@ -1247,6 +1283,24 @@ def check_resume(cfg, rank):
     if changed and rank == 0:
         print(f"resume: the objective differs from {ckpts[-1]}'s: {', '.join(changed)}",
               flush=True)
+
+
+def resolve_resume(cfg, rank):
+    """--resume needs a checkpoint to continue: without one, a typo in --out_dir would start a
+    fresh run, hours of GPU time before anyone notices. --resume_if_any (a scheduler's requeue:
+    the same command every time) resumes where there is a checkpoint and starts where there is
+    none. Returns cfg with resume set to what this run does."""
+    ckpts = list_checkpoints(cfg.out_dir)
+    if cfg.resume_if_any:
+        if not ckpts and rank == 0:
+            print(f"resume: no complete checkpoint in {cfg.out_dir}; starting at step 0",
+                  flush=True)
+        return replace(cfg, resume=bool(ckpts))
+    if cfg.resume and not ckpts:
+        what = "holds no complete checkpoint" if os.path.isdir(cfg.out_dir) else "does not exist"
+        raise ConfigError(f"--resume: --out_dir={cfg.out_dir} {what}: check the folder, or pass "
+                          "--resume_if_any to start at step 0 where there is no checkpoint")
+    return cfg
 
 
 def start_out_dir(cfg, dist_info):
@@ -1289,6 +1343,19 @@ def shared_out_dir(out_dir, dist_info):
     if missing.item():
         raise ConfigError(f"--out_dir={out_dir} is not the same folder on every node: put it on a "
                           "filesystem that all of them share")
+
+
+def interrupted(cfg, step):
+    """main's line on Ctrl-C: how far the run got, and how to continue it."""
+    if cfg is None or cfg.dry_run or cfg.bench or cfg.ablation:  # nothing to resume
+        return "stopped (Ctrl-C)"
+    done = f"stopped after step {step} of {cfg.max_steps}" if step is not None else "stopped"
+    ckpts = list_checkpoints(cfg.out_dir)
+    if not ckpts:
+        return (f"{done} (Ctrl-C); no complete checkpoint in {cfg.out_dir} yet, so nothing to "
+                "resume: run the command again to start over")
+    return (f"{done} (Ctrl-C); newest complete checkpoint {ckpts[-1]}: the same command with "
+            "--resume continues from it")
 
 
 def trim_metrics(out_dir, step):
@@ -1537,7 +1604,9 @@ def quiet_libraries():
 # LoRA (--lora_rank): diffusers' peft integration. Each trained net is its own frozen base plus an
 # adapter; the reference keeps a base of its own too, since toggling an adapter on a shared base
 # breaks activation checkpointing (backward recomputes a block with the adapter state of then).
-# A checkpoint's generator/ is what diffusers' load_lora_weights reads, plus lora_base.json.
+# A checkpoint's generator/ is what diffusers' load_lora_weights reads, plus lora_base.json: a
+# local base inside the run's folder (--tiny's models) relative to generator/, so that it moves
+# with the run; other local bases absolute, hub ids as they are.
 
 _ATTN = ("to_q", "to_k", "to_v", "to_out.0")
 _FF = ("proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")
@@ -1578,8 +1647,12 @@ def save_lora(unet, path, sd=None):
     StableDiffusionXLPipeline.save_lora_weights(
         path, unet_lora_layers=get_peft_model_state_dict(unet, state_dict=sd),
         unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
+    here = os.path.abspath(path)  # {out_dir}/.tmp-checkpoint-N/generator, renamed at the same depth
+    run = os.path.dirname(os.path.dirname(here))
+    inside = lambda p: os.path.isabs(p) and os.path.commonpath([p, run]) == run
     with open(os.path.join(path, LORA_BASE), "w") as f:
-        json.dump(unet.lora_base, f, indent=1)
+        json.dump({k: os.path.relpath(v, here) if inside(v) else v
+                   for k, v in unet.lora_base.items()}, f, indent=1)
 
 
 def load_lora(unet, path):
@@ -1598,15 +1671,17 @@ def load_lora(unet, path):
 
 
 def lora_base(path):
-    """The base a LoRA checkpoint's adapter was trained on (its lora_base.json), or None where
-    path holds no LoRA (a UNet folder, a state-dict file, a hub id)."""
+    """The base a LoRA checkpoint's adapter was trained on (its lora_base.json; local paths
+    absolute), or None where path holds no LoRA (a UNet folder, a state-dict file, a hub id)."""
     if not os.path.isfile(os.path.join(path, LORA_FILE)):
         return None
     if not os.path.isfile(os.path.join(path, LORA_BASE)):
         raise LoadError(f"{path} holds a LoRA but no {LORA_BASE}, so its base is unknown: pass "
                         "the base as --generator and the LoRA as --lora")
     with open(os.path.join(path, LORA_BASE)) as f:
-        return json.load(f)
+        base = json.load(f)
+    return {k: os.path.abspath(os.path.join(path, v)) if v.startswith("..") else v
+            for k, v in base.items()}
 
 
 # -----------------------------------------------------------------------------
@@ -1988,6 +2063,10 @@ def run_dry_run(cfg, dist_info):
         world = SDXLWorld(cfg, device, rank, world_size, parts=dry_run_parts(device))
         world = shard_nets(maybe_compile(world), dist_info)  # --compile, --fsdp
         bench(world, dist_info) if cfg.bench else measure_steps(world, dist_info, per_step)
+    elif rank == 0 and cfg.lora_rank:  # a LoRA plan is for one GPU: what to run on it next
+        print(f"no GPU here, so no seconds per step, images per second, peak memory or MFU; on "
+              f"one GPU, e.g.:\n  python distar.py --prompts=prompts.txt "
+              f"--lora_rank={cfg.lora_rank} --batch_size=1")
     elif rank == 0:
         print("no GPU here, so no seconds per step, images per second, peak memory, MFU or cost "
               "table; on GPUs, e.g.:\n  torchrun --standalone --nproc_per_node=8 distar.py "

@@ -8,6 +8,7 @@ $ python sample.py --generator=out/checkpoint-000500/generator \\
     --compare=out/checkpoint-002000/generator --prompts=parti.txt --score --out_dir=compare
 $ python sample.py --generator=out/checkpoint-000500/generator   # a LoRA one: its base + the LoRA
 $ python sample.py --generator=out_toy/checkpoint-001000/generator   # a toy checkpoint: a scatter
+$ python sample.py --generator=out_tiny   # a run folder: its newest complete checkpoint
 """
 
 import json
@@ -21,6 +22,7 @@ import torch
 
 import distar
 
+SDXL_BASE = distar.Config.pretrained  # --pretrained when nothing else names one
 HEADER, GAP = 20, 8  # px: the A/B labels (6 px a letter) above a compare grid; between A and B
 # CLIP cosine -> PickScore as the paper prints it (~0.22), CLIP score as torchmetrics has it (~33)
 SCALE = dict(pickscore=lambda cos: cos, clip_score=lambda cos: 100 * cos.clamp(min=0))
@@ -29,8 +31,8 @@ TAGS = {"": "", "a": "A ", "b": "B ", "b_minus_a": "B-A "}  # a metric's line, p
 
 @dataclass
 class SampleConfig:
-    pretrained: str = "stabilityai/stable-diffusion-xl-base-1.0"  # VAE, text encoders, scheduler
-    generator: str = ""  # UNet/pipeline folder, state-dict file or distar LoRA checkpoint folder
+    pretrained: str = ""  # VAE, text encoders, scheduler; empty: the generator's run's, or SDXL-base
+    generator: str = ""  # UNet/pipeline folder, state-dict file, distar checkpoint or run folder
     lora: str = ""  # a diffusers SDXL LoRA (folder or hub id) put on top of --generator
     variant: str = ""  # weight-file variant of --pretrained and generator folders, e.g. fp16
     prompt: str = ""  # one prompt
@@ -63,22 +65,93 @@ def parse_args(argv):
     return c
 
 
+def on_hub(path, files=False):
+    """Whether path names the hub: owner/name folders, and with files, owner/name/path/to/file.bin
+    state dicts (--generator, --compare)."""
+    n = path.count("/")
+    file = files and path.endswith(distar.STATE_DICTS) and n >= 2
+    return not path.startswith((".", "/", "~")) and (n == 1 or file)
+
+
 def check_paths(cfg):
     """Before anything loads: a local path that is not there is named as typed (else the default
-    --pretrained loads first, and fails on an unreachable hub). On the hub are owner/name folders
-    and owner/name/path/to/file.bin state dicts (--generator, --compare)."""
+    --pretrained loads first, and fails on an unreachable hub)."""
     flags = ("pretrained", "generator", "compare", "lora") + (
         "reward_model", "reward_processor", "clip_model") * cfg.score
     for flag in flags:
-        path, n = getattr(cfg, flag), getattr(cfg, flag).count("/")
-        file = flag in ("generator", "compare") and path.endswith(distar.STATE_DICTS) and n >= 2
-        hub = not path.startswith((".", "/", "~")) and (n == 1 or file)
-        if path and not hub and not os.path.exists(path):
+        path = getattr(cfg, flag)
+        if path and not on_hub(path, flag in ("generator", "compare")) and not os.path.exists(path):
             raise distar.LoadError(f"cannot load --{flag}={path}: no such file or folder")
     if os.path.isdir(cfg.pretrained) and not os.path.isfile(os.path.join(cfg.pretrained,
                                                                          "model_index.json")):
         raise distar.LoadError(f"cannot load --pretrained={cfg.pretrained}: not a diffusers "
                                "pipeline folder (no model_index.json)")
+
+
+def checkpoint_generator(flag, path):
+    """A distar checkpoint folder as --generator or --compare: its generator/; a run folder: that
+    of its newest complete checkpoint, said in a line. Another folder with no generator in it is
+    one line naming what to pass (not diffusers' "no file named config.json")."""
+    if not os.path.isdir(path) or any(os.path.exists(os.path.join(path, name)) for name in (
+            "config.json", "model_index.json", "unet", distar.LORA_FILE, "model.safetensors")):
+        return path  # not a folder, or a generator's (diffusers', a LoRA's, the toy's)
+    is_ckpt = os.path.isfile(os.path.join(path, "state.json"))
+    ckpts = [path] if is_ckpt else distar.list_checkpoints(path)
+    if not ckpts or not os.path.isdir(os.path.join(ckpts[-1], "generator")):
+        raise distar.LoadError(f"cannot load --{flag}={path}: no generator in it, and no complete "
+                               "distar checkpoint: pass a checkpoint's, checkpoint-NNNNNN/generator")
+    generator = os.path.join(ckpts[-1], "generator")
+    if not is_ckpt:
+        print(f"--{flag}={path}: its newest complete checkpoint's generator, {generator}")
+    return generator
+
+
+def run_pretrained(path):
+    """The --pretrained of the distar run that saved the generator at path, "" for any other
+    generator: a LoRA checkpoint's from its lora_base.json, a whole UNet's from the state.json
+    beside it. One inside the run's own folder (--tiny's models) is looked for where the run is
+    now, so that a moved run still finds it."""
+    base = distar.lora_base(path)
+    if base is not None:
+        return base["pretrained"]
+    state = os.path.join(path, os.pardir, "state.json")
+    if not (os.path.isfile(os.path.join(path, "config.json")) and os.path.isfile(state)):
+        return ""
+    with open(state) as f:
+        config = json.load(f).get("config", {})
+    value, out_dir = config.get("pretrained", ""), config.get("out_dir", "")
+    inside = os.path.relpath(value, out_dir) if value and out_dir else os.pardir
+    moved = os.path.abspath(os.path.join(path, os.pardir, os.pardir, inside))
+    return moved if not inside.startswith(os.pardir) and os.path.exists(moved) else value
+
+
+def plan_models(cfg):
+    """Before anything loads: the pipeline's --pretrained, and each generator's UNet (path,
+    pretrained, variant) and LoRAs. --pretrained is the user's if given (also the base of a LoRA
+    checkpoint on its run's --pretrained), else the run's that saved --generator (or --compare),
+    else SDXL-base. A recorded base that is not here is one line naming it and what to pass."""
+    gens = [("generator", cfg.generator)] + [("compare", cfg.compare)] * bool(cfg.compare)
+    recorded = [run_pretrained(path) if path else "" for _, path in gens]
+    pretrained = cfg.pretrained or ([r for r in recorded if r] + [SDXL_BASE])[0]
+    missing = lambda v: v and not on_hub(v, files=True) and not os.path.exists(v)
+    unets, loras = {}, {}
+    for sub, (flag, path), rec in zip(("a", "b") if cfg.compare else ("",), gens, recorded):
+        base = distar.lora_base(path) if path else None  # {pretrained, generator_init, variant}
+        lora = f", or pass the base as --generator=BASE and this LoRA as --lora={path}" * bool(base)
+        if missing(rec) and not cfg.pretrained:
+            raise distar.LoadError(f"cannot load --{flag}={path}: the --pretrained its run "
+                                   f"recorded, {rec}, is not here (moved?): name it with "
+                                   f"--pretrained=PATH{lora}")
+        if base and missing(base["generator_init"]):
+            raise distar.LoadError(f"cannot load --{flag}={path}: the LoRA's base, its run's "
+                                   f"--generator_init={base['generator_init']}, is not here: pass "
+                                   f"that base as --generator=BASE and this LoRA as --lora={path}")
+        own = cfg.pretrained or rec or pretrained  # a state dict's architecture, or "": its UNet
+        unets[sub] = ((flag, path, own, cfg.variant) if base is None
+                      else (flag, base["generator_init"], own, base["variant"]))
+        loras[sub] = [(flag, path)] * (base is not None) + [("lora", cfg.lora)] * (
+            bool(cfg.lora) and sub != "b")
+    return pretrained, unets, loras
 
 
 def sample_toy(cfg):
@@ -94,25 +167,18 @@ def sample_toy(cfg):
     print(f"wrote {cfg.out_dir}/toy_samples.png: samples of each class (colour), reference (grey)")
 
 
-def load_models(cfg, device, dtype):
+def load_models(cfg, plan, device, dtype):
     """The pipeline first, without a UNet (an unreachable hub fails there at once, not after the
     UNet's download retries), then the generators (A; B with --compare), then the scorers. A
     distar LoRA checkpoint's generator is its recorded base plus the LoRA, and --lora goes on
-    A, each put on by diffusers' own load_lora_weights."""
+    A, each put on by diffusers' own load_lora_weights (plan: plan_models')."""
     from diffusers import LCMScheduler, StableDiffusionXLPipeline
     from transformers import AutoProcessor, CLIPModel
-    pipe = distar.load("pretrained", cfg.pretrained, StableDiffusionXLPipeline.from_pretrained,
-                       cfg.pretrained, unet=None, dtype=dtype, variant=cfg.variant or None)
-    gens = [("generator", cfg.generator)] + [("compare", cfg.compare)] * bool(cfg.compare)
-    unets, loras = {}, {}
-    for sub, (flag, path) in zip(("a", "b") if cfg.compare else ("",), gens):
-        base = distar.lora_base(path) if path else None  # {pretrained, generator_init, variant}
-        unets[sub] = (distar.load_generator(path, cfg.pretrained, cfg.variant or None, dtype, flag)
-                      if base is None else distar.load_generator(
-                          base["generator_init"], base["pretrained"], base["variant"] or None,
-                          dtype, flag))
-        loras[sub] = [(flag, path)] * (base is not None) + [("lora", cfg.lora)] * (
-            bool(cfg.lora) and sub != "b")
+    pretrained, plan, loras = plan
+    pipe = distar.load("pretrained", pretrained, StableDiffusionXLPipeline.from_pretrained,
+                       pretrained, unet=None, dtype=dtype, variant=cfg.variant or None)
+    unets = {sub: distar.load_generator(path, own, variant or None, dtype, flag)
+             for sub, (flag, path, own, variant) in plan.items()}
     for sub, unet in unets.items():  # load_lora_weights puts a LoRA on pipe.unet
         pipe.register_modules(unet=unet)
         for i, (flag, path) in enumerate(loras[sub]):
@@ -154,7 +220,8 @@ def sample(cfg):
     prompts = [cfg.prompt] if cfg.prompt else distar.read_prompts(cfg.prompts)
     k, records = cfg.images_per_prompt, []
     jobs = [(p, text) for p, text in enumerate(prompts) for _ in range(k)]
-    pipe, unets, scorers = load_models(cfg, device, dtype)  # all loaded before anything is written
+    plan = plan_models(cfg)  # the recorded bases are here, before anything loads
+    pipe, unets, scorers = load_models(cfg, plan, device, dtype)  # before anything is written
     for b, i in enumerate(range(0, len(jobs), cfg.batch_size)):
         batch = jobs[i:i + cfg.batch_size]
         texts = [text for _, text in batch]
@@ -174,7 +241,7 @@ def sample(cfg):
     # the grids read the PNGs back, one grid at a time: thousands of images do not fit in memory
     n_grids, rows = (-(-len(prompts) // cfg.grid_rows) if cfg.compare else 0), cfg.grid_rows
     short = lambda path: "/".join(os.path.normpath(path).split(os.sep)[-2:])  # checkpoint-*/...
-    labels = ["A: " + short(cfg.generator or cfg.pretrained) + " + LoRA" * bool(cfg.lora),
+    labels = ["A: " + short(cfg.generator or plan[0]) + " + LoRA" * bool(cfg.lora),
               "B: " + short(cfg.compare)]
     for g in range(n_grids):  # a row per prompt: its images from A, a gap, its images from B
         names = [f"{n:03d}.png" for n in range(g * rows * k, min((g + 1) * rows * k, len(jobs)))]
@@ -192,7 +259,7 @@ def sample(cfg):
     with open(os.path.join(cfg.out_dir, "scores.jsonl"), "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
     summary = dict(n_prompts=len(prompts), images_per_prompt=k, ci=cfg.ci, bootstrap=cfg.bootstrap,
-                   seed=cfg.seed, generator=cfg.generator or cfg.pretrained, lora=cfg.lora,
+                   seed=cfg.seed, generator=cfg.generator or plan[0], lora=cfg.lora,
                    compare=cfg.compare)
     fmt = lambda m, lo, hi: f"{m:.4g}" + (f" [{lo:.4g}, {hi:.4g}]" if lo is not None else "")
     for metric in SCALE:  # mean [lo, hi]; with --compare: A, B and the paired difference B - A
@@ -216,6 +283,8 @@ def main(argv):
         cfg = parse_args(argv)
         check_paths(cfg)
         distar.quiet_libraries()
+        cfg.generator = checkpoint_generator("generator", cfg.generator)  # a run's folder: its
+        cfg.compare = checkpoint_generator("compare", cfg.compare)  # newest checkpoint's
         toy = os.path.isfile(os.path.join(cfg.generator, "model.safetensors"))  # diffusers' differ
         sample_toy(cfg) if toy else sample(cfg)
     except (distar.ConfigError, distar.LoadError) as e:

@@ -1063,42 +1063,59 @@ def _generator_weights(ckpt, net="generator"):
     return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
 
 
-def _sigkill_and_resume(cmd, args, out):
-    """Run cmd until checkpoint 2 is complete, SIGKILL it (the launcher and every rank), then run it
-    again with --resume to the end."""
+def _stop_and_resume(cmd, args, out, sig):
+    """Run cmd until checkpoint 2 is complete, stop it with sig, then run it again with --resume to
+    the end. SIGKILL: the launcher and every rank (torchrun starts each in a session of its own);
+    SIGINT (Ctrl-C): one line for the run, not a traceback per rank: the step reached, the newest
+    complete checkpoint and --resume. Returns the files of checkpoint 2."""
     import signal
     import time
 
     proc = subprocess.Popen([*cmd, *args, f"--out_dir={out}"], cwd=HERE, env=ENV,
-                            start_new_session=True,  # its own process group, to kill every rank
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            start_new_session=True,  # a Ctrl-C at the terminal stays with pytest
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     while not (out / "checkpoint-000002" / "state.json").exists() and proc.poll() is None:
         time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.wait() == -9, "the run finished before it could be killed"
+    if sig == "SIGKILL":
+        ranks = open(f"/proc/{proc.pid}/task/{proc.pid}/children").read().split()
+        for pid in [proc.pid, *map(int, ranks)]:
+            os.kill(pid, signal.SIGKILL)
+        proc.communicate(timeout=120)  # the pipes close when the ranks have gone too
+        assert proc.returncode == -9, "the run finished before it could be killed"
+    else:  # to python, or to torchrun's launcher, which forwards it to the ranks
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == (130 if cmd[1] != "-m" else 1), err  # torchrun: 1, its own
+        lines = [line for line in err.splitlines() if line.startswith("distar")]
+        newest = distar.list_checkpoints(str(out))[-1]
+        assert len(lines) == 1 and re.fullmatch(
+            rf"distar: stopped after step [2-5] of 6 \(Ctrl-C\); newest complete checkpoint "
+            rf"{re.escape(newest)}: the same command with --resume continues from it", lines[0]), err
+        assert "KeyboardInterrupt" not in err and 'distar.py", line' not in err, err  # no rank's trace
     assert not (out / "checkpoint-000006").exists()
-    killed = sorted(p.name for p in (out / "checkpoint-000002").rglob("*"))
+    stopped = sorted(p.name for p in (out / "checkpoint-000002").rglob("*"))
     p = subprocess.run([*cmd, *args, f"--out_dir={out}", "--resume"], cwd=HERE, env=ENV,
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "resumed from" in p.stdout
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]  # the lines logged after checkpoint 2 were not kept twice
-    return killed
+    return stopped
 
 
 SIGKILL_ARGS = ["--tiny", "--max_steps=6", "--ckpt_interval=2", "--sample_interval=100",
                 "--keep_checkpoints=5"]
 
 
-def test_sigkill_then_resume_reproduces_the_uninterrupted_run(tmp_path):
-    """One process: optimizer and RNG states in state.pt (the 2-rank --fsdp case: fsdp_lora_runs)."""
+def test_ctrl_c_then_resume_reproduces_the_uninterrupted_run(tmp_path):
+    """One process: Ctrl-C is one line, exit 130; optimizer and RNG states in state.pt come back
+    (the 2-rank --fsdp case, SIGKILLed: fsdp_lora_runs)."""
     cmd = [sys.executable, os.path.join(HERE, "distar.py")]
     a, b = tmp_path / "a", tmp_path / "b"
     p = subprocess.run([*cmd, *SIGKILL_ARGS, f"--out_dir={a}"], cwd=HERE, env=ENV,
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
-    _sigkill_and_resume(cmd, SIGKILL_ARGS, b)
+    _stop_and_resume(cmd, SIGKILL_ARGS, b, "SIGINT")
     wa, wb = _generator_weights(a / "checkpoint-000006"), _generator_weights(b / "checkpoint-000006")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     w2 = _generator_weights(a / "checkpoint-000002")
@@ -1238,7 +1255,7 @@ def fsdp_lora_runs(tmp_path_factory):
     p = subprocess.run([*TORCHRUN, *args, f"--out_dir={d / 'a'}"], cwd=HERE, env=ENV,
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
-    killed = _sigkill_and_resume(TORCHRUN, args, d / "b")
+    killed = _stop_and_resume(TORCHRUN, args, d / "b", "SIGKILL")
     return d / "a", d / "b", killed
 
 
@@ -1409,7 +1426,8 @@ def test_flags_parse_to_their_types_and_each_mode_has_defaults_the_command_line_
 
 
 @pytest.mark.parametrize("args, words", [
-    (["--toy", "--nope=1"], "unrecognized arguments: --nope=1"),
+    (["--toy", "--nope=1"], "unrecognized arguments: --nope=1\n"),  # nothing close: no guess
+    (["--toy", "--max_step=4"], "unrecognized arguments: --max_step=4; did you mean --max_steps?"),
     (["--toy", "--max_steps=ten"], "--max_steps: invalid int value: 'ten'"),
     (["--toy", "--alpha_rew"], "--alpha_rew: expected one argument"),
     (["--toy", "--cfg=sideways"], "--cfg: invalid choice: 'sideways'"),
@@ -1538,7 +1556,7 @@ def test_a_fresh_run_starts_the_out_dir_over(tiny, trained_dir, tmp_path, mode):
 
 
 def test_every_rank_must_see_the_same_out_dir(tmp_path, monkeypatch):
-    """On nodes without a shared filesystem each has its own out_dir, and --resume or --zero would
+    """On nodes without a shared filesystem each has its own out_dir, and --resume or --fsdp would
     fail at the first checkpoint: it is one line at the start instead, on every rank."""
     token = "0123456789abcdef"
     monkeypatch.setattr(distar.dist, "broadcast_object_list", lambda obj, src: obj.__setitem__(0, token))
@@ -1587,14 +1605,15 @@ def test_sdxl_without_a_gpu_is_one_line_before_anything_loads(tmp_path):
     ("--tiny", ["--allow_cpu"], "--tiny=True", "--tiny=False"),
     ("--tiny", ["--tiny", "--lora_rank=4"], "--lora_rank=0", "--lora_rank=4"),
     ("--tiny --lora_rank=4", ["--tiny"], "--lora_rank=4", "--lora_rank=0"),
-    ("--tiny --lora_rank=4", ["--tiny", "--lora_rank=8"], "--lora_rank=4", "--lora_rank=8"),
-    ("--tiny --lora_rank=4", ["--tiny", "--lora_rank=4", "--lora_targets=attn"],
-     "--lora_targets=all", "--lora_targets=attn")])
+    ("--tiny --lora_rank=4", ["--tiny", "--lora_rank=8", "--lora_alpha=2"], "--lora_rank=4", "--lora_rank=8"),
+    ("--tiny --lora_rank=4", ["--tiny", "--lora_rank=4", "--lora_alpha=2", "--lora_targets=attn"],
+     "--lora_targets=all", "--lora_targets=attn"),
+    ("--tiny --lora_rank=4", ["--tiny", "--lora_rank=4"], "--lora_alpha=2.0", "--lora_alpha=8.0")])
 def test_resume_in_another_mode_is_one_line_and_leaves_the_folder_as_it_was(
         trained_dir, lora_run, tmp_path, capsys, saved, asked, was, now):
     """A toy checkpoint's 2-D MLPs do not fit SDXL's UNets, nor the other way round, nor a LoRA a
-    whole UNet or a LoRA of another shape: say so before --tiny builds its models in there, or
-    anything loads."""
+    whole UNet or a LoRA of another shape; another --lora_alpha rescales the saved adapter, so it
+    is another generator: say so before --tiny builds its models in there, or anything loads."""
     d = lora_run if "lora" in saved else trained_dir  # --tiny, checkpoint-000002
     if saved == "--toy":
         _toy_checkpoint(tmp_path)
@@ -1635,11 +1654,13 @@ def test_resume_with_another_objective_says_what_changed_and_continues(tmp_path,
         "--alpha_rew 100.0 -> 3.0"]
     assert (tmp_path / "checkpoint-000002").is_dir()  # and the run went on
     assert {"divergence", "cfg", "alpha_rew", "alpha_cfg", "huber_c", "t_min", "t_max", "assistant_steps",
-            "resolution", "batch_size", "conditioning_t", "lora_alpha"} <= set(distar.OBJECTIVE_KEYS)
+            "resolution", "batch_size", "conditioning_t"} <= set(distar.OBJECTIVE_KEYS)
+    assert "lora_alpha" in distar.MODE_KEYS  # a LoRA's alpha: refused (the test above)
     cfg = distar.parse_args(["--toy", "--resume", f"--out_dir={tmp_path}", "--divergence=kl", "--alpha_rew=3",
                              "--lr_psi=1", "--beta1=0.5"])
     ckpt = tmp_path / "checkpoint-000002"
     distar.check_resume(cfg, 0)
+    distar.check_resume(replace(cfg, lora_alpha=3.0, lora_targets="attn"), 0)  # no LoRA: no matter
     assert capsys.readouterr().out == ""  # only the optimiser changed
     for key in distar.OBJECTIVE_KEYS:  # each is compared
         value = getattr(cfg, key)
@@ -1649,6 +1670,67 @@ def test_resume_with_another_objective_says_what_changed_and_continues(tmp_path,
         distar.check_resume(other, 0)
         assert capsys.readouterr().out == (f"resume: the objective differs from {ckpt}'s: --{key} "
                                            f"{getattr(cfg, key)} -> {getattr(other, key)}\n"), key
+
+
+def test_resume_without_a_checkpoint_stops_and_resume_if_any_starts_at_step_0(tmp_path, capsys,
+                                                                               monkeypatch):
+    """--resume into a mistyped out_dir, or one with no complete checkpoint, would start a fresh
+    run (hours on a GPU): one line, nothing written. --resume_if_any, a scheduler's requeue, starts
+    where there is none and continues where there is one."""
+    monkeypatch.setattr(distar, "gradient_check", lambda: [])  # the toy's 2 s check: not tested here
+    typo, empty = tmp_path / "typo", tmp_path / "empty"
+    empty.mkdir()
+    (empty / ".tmp-checkpoint-000002").mkdir()  # killed while saving its first checkpoint
+    for d, what in ((typo, "does not exist"), (empty, "holds no complete checkpoint")):
+        assert distar.main(["--toy", "--resume", "--max_steps=2", f"--out_dir={d}"]) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and err == (f"distar: error: --resume: --out_dir={d} {what}: check the folder, "
+                                     "or pass --resume_if_any to start at step 0 where there is no "
+                                     "checkpoint\n")
+    assert not typo.exists() and [p.name for p in empty.iterdir()] == [".tmp-checkpoint-000002"]
+    assert distar.main(["--toy", "--resume_if_any", "--max_steps=1", f"--out_dir={typo}"]) == 0
+    assert f"resume: no complete checkpoint in {typo}; starting at step 0\n" in capsys.readouterr().out
+    assert distar.main(["--toy", "--resume_if_any", "--max_steps=2", f"--out_dir={typo}"]) == 0
+    assert f"resumed from {typo / 'checkpoint-000001'} (step 1)" in capsys.readouterr().out
+    assert [json.loads(line)["step"] for line in (typo / "metrics.jsonl").read_text().splitlines()] == [
+        1, 2]
+    for args, words in ((["--toy", "--overwrite"], "--overwrite deletes it: choose"),
+                        (["--dry_run"], "--dry_run writes no checkpoints: nothing to --resume")):
+        assert distar.main([*args, "--resume_if_any"]) == 2
+        assert words in capsys.readouterr().err
+
+
+def test_ctrl_c_is_one_line_from_rank_0_with_what_to_run_next(tmp_path, capsys, monkeypatch):
+    """In-process, without a checkpoint (the SIGINT test has one): rank 0 says it, the others are
+    silent, exit 130; a second Ctrl-C (torchrun forwards the terminal's) is ignored from then on."""
+    def run_toy(cfg, dist_info):
+        raise KeyboardInterrupt
+
+    handlers = []
+    monkeypatch.setattr(distar, "run_toy", run_toy)
+    monkeypatch.setattr(distar.signal, "signal", lambda *args: handlers.append(args))
+    for rank in (0, 1):
+        monkeypatch.setattr(distar, "setup_distributed", lambda cuda: (rank, 2, torch.device("cpu")))
+        assert distar.main(["--toy", f"--out_dir={tmp_path}"]) == 130
+        out, err = capsys.readouterr()
+        assert out == "" and err == ("" if rank else f"distar: stopped (Ctrl-C); no complete checkpoint "
+                                     f"in {tmp_path} yet, so nothing to resume: run the command again to "
+                                     "start over\n")
+    assert handlers == [(distar.signal.SIGINT, distar.signal.SIG_IGN)] * 2
+
+
+def test_an_sdxl_run_says_when_it_trains_on_the_built_in_prompts(tiny, tmp_path, capsys, monkeypatch):
+    def stop(*args, **kwargs):
+        raise distar.LoadError("stopped here")
+
+    monkeypatch.setattr(distar, "SDXLWorld", stop)  # the start line is printed before the models load
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\n")
+    for extra, said in (([], f"prompts: the {len(distar.BUILTIN_PROMPTS)} built-in ones (no --prompts)"),
+                        ([f"--prompts={prompts}"], f"prompts: {prompts}")):
+        assert distar.main([*_sdxl_args(tiny), *extra, f"--out_dir={tmp_path / 'o'}"]) == 2
+        out = capsys.readouterr().out
+        assert out.startswith("distar: SDXL on 1 x cpu: loading ") and out.endswith(f"; {said}\n"), out
 
 
 # -----------------------------------------------------------------------------
@@ -1943,6 +2025,16 @@ BENCH_VARIANTS = {(div, ckpt) for div in ("pseudo_huber", "l2", "kl", None) for 
 
 BENCH_ROWS = ({("generator", div, ckpt) for div, ckpt in BENCH_VARIANTS if div}
               | {(step, None, ckpt) for step in ("assistant", "unet_baseline") for ckpt in (False, True)})
+
+
+def test_a_lora_dry_run_without_a_gpu_suggests_the_lora_run_on_one_gpu(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(distar, "SDXL", distar.TINY)  # the plan's arithmetic at tiny size: a second
+    args = ["--dry_run", "--world_size_plan=1", "--resolution=64", f"--out_dir={tmp_path / 'o'}"]
+    assert distar.main([*args, "--lora_rank=4"]) == 0
+    assert capsys.readouterr().out.endswith(
+        "on one GPU, e.g.:\n  python distar.py --prompts=prompts.txt --lora_rank=4 --batch_size=1\n")
+    assert distar.main(args) == 0  # full fine-tuning: on several GPUs
+    assert "--lora_rank" not in capsys.readouterr().out.splitlines()[-1]
 
 
 def test_bench_command_prints_and_writes_the_cost_table(tiny, tmp_path):
@@ -2289,6 +2381,11 @@ def test_toy_scatter_png_puts_each_class_sample_at_its_pixel_in_its_colour(tmp_p
     with Image.open(tmp_path / "o" / "toy_samples.png") as im:
         assert im.format == "PNG"
         im.verify()
+    # the run's folder or the checkpoint's: the same generator (not an SDXL pipeline from the hub)
+    for gen in (tmp_path / "out_toy", ckpt):
+        assert sample.main([f"--generator={gen}", f"--out_dir={tmp_path / 'again'}"]) == 0
+        assert ((tmp_path / "again" / "toy_samples.png").read_bytes()
+                == (tmp_path / "o" / "toy_samples.png").read_bytes())
     im = Image.open(tmp_path / "o" / "toy_samples.png").convert("RGB")
     assert im.size == (3 * 320, 320 + 32)
     colours = [(214, 39, 40), (31, 119, 180), (44, 160, 44)]
@@ -2859,7 +2956,8 @@ def test_compare_two_generators_uses_the_same_prompts_and_seeds(compare_runs):
                                   "empty_prompts", "missing_reward", "missing_clip", "missing_compare",
                                   "unknown_flag", "bad_value", "bad_ci", "bad_type", "bad_bool", "bad_dtype",
                                   "prompt_and_prompts", "typo_generator", "typo_compare", "not_a_pipeline",
-                                  "hub_clip", "hub_reward", "hub_generator", "typo_lora", "hub_lora"])
+                                  "hub_clip", "hub_reward", "hub_generator", "typo_lora", "hub_lora",
+                                  "misspelled_flag", "no_generator_in_folder"])
 def test_bad_sample_input_is_one_line_exit_2_and_writes_nothing(tiny, tmp_path, capsys, case):
     sdxl, reward = tiny
     (tmp_path / "empty.txt").write_text("\n  \n")
@@ -2899,7 +2997,12 @@ def test_bad_sample_input_is_one_line_exit_2_and_writes_nothing(tiny, tmp_path, 
                   "hub_generator": ([f"--pretrained={sdxl}", "--generator=owner/unet"],
                                     "(--generator=/path/to/unet)"),
                   "typo_lora": (["--lora=./lora"], "cannot load --lora=./lora: no such file or folder"),
-                  "hub_lora": ([f"--pretrained={sdxl}", "--lora=owner/lora"], "cannot load --lora=owner/lora")}[case]
+                  "hub_lora": ([f"--pretrained={sdxl}", "--lora=owner/lora"], "cannot load --lora=owner/lora"),
+                  "misspelled_flag": (["--pretrain=x"], "arguments: --pretrain=x; did you mean --pretrained?"),
+                  # a folder with neither a generator nor a checkpoint in it: what to pass, not diffusers' words
+                  "no_generator_in_folder": ([f"--pretrained={sdxl}", f"--generator={tmp_path}"],
+                                             "and no complete distar checkpoint: pass a checkpoint's, "
+                                             "checkpoint-NNNNNN/generator")}[case]
     assert sample.main(["--resolution=64", f"--out_dir={tmp_path / 'o'}", *args]) == 2  # later flags win
     err = capsys.readouterr().err
     assert err.startswith("sample: error: ") and err.count("\n") == 1 and word in err, err
@@ -2965,6 +3068,61 @@ def test_compare_and_score_take_lora_generators(lora_run, tmp_path, capsys):
     assert np.array_equal(pngs(out / "a", 16), pngs(out / "b", 16))
     summary = json.loads((out / "scores.json").read_text())
     assert summary["lora"] == folder and summary["pickscore"]["b_minus_a"]["mean"] == 0
+
+
+@pytest.mark.filterwarnings("ignore:Already found a `peft_config`")
+def test_a_moved_lora_run_samples_on_its_own_base_with_no_pretrained(lora_run, tmp_path, capsys):
+    """lora_base.json records --tiny's models, inside the run's folder, relative to generator/, so
+    the run can move: sampled from its new place, the old one gone, with no --pretrained (the VAE
+    and text encoders are the run's too). Where the recorded base is not there, one line names it
+    and what to pass; --pretrained then wins, as the LoRA's base too."""
+    import shutil
+
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(lora_run, moved)
+    folder = moved / "checkpoint-000002" / "generator"
+    assert json.loads((folder / "lora_base.json").read_text()) == dict(
+        pretrained=os.path.join("..", "..", "tiny", "sdxl"), generator_init="", variant="")
+    args = ["--prompt=a cat", "--images_per_prompt=2", "--seed=5", "--resolution=64"]
+    os.rename(lora_run / "tiny", lora_run / "tiny.gone")  # the run's old place
+    try:
+        assert sample.main([f"--generator={moved}", *args, f"--out_dir={tmp_path / 'a'}"]) == 0
+        assert capsys.readouterr().out.startswith(
+            f"--generator={moved}: its newest complete checkpoint's generator, {folder}\n")
+        shutil.move(moved / "tiny", tmp_path / "base")  # the base is no longer where it was recorded
+        assert sample.main([f"--generator={folder}", *args, f"--out_dir={tmp_path / 'b'}"]) == 2
+        assert capsys.readouterr().err == (
+            f"sample: error: cannot load --generator={folder}: the --pretrained its run recorded, "
+            f"{moved / 'tiny' / 'sdxl'}, is not here (moved?): name it with --pretrained=PATH, or pass "
+            f"the base as --generator=BASE and this LoRA as --lora={folder}\n")
+        assert sample.main([f"--pretrained={tmp_path / 'base' / 'sdxl'}", f"--generator={folder}", *args,
+                            f"--out_dir={tmp_path / 'c'}"]) == 0
+    finally:
+        os.rename(lora_run / "tiny.gone", lora_run / "tiny")
+    assert not (tmp_path / "b").exists()
+    expect = lcm_one_step(str(tmp_path / "base" / "sdxl"), [["a cat", "a cat"]], 5, loras=[str(folder)])
+    for name in "ac":
+        assert np.abs(pngs(tmp_path / name, 2) / 255 - expect).max() <= 1 / 255 + 1e-6, name
+
+
+def test_a_whole_unet_run_folder_samples_its_newest_checkpoint_on_the_runs_pretrained(
+        trained_dir, tmp_path, capsys):
+    """A run folder as --generator is its newest complete checkpoint's generator/ (said in a line),
+    a checkpoint folder its generator/; with no --pretrained, the run's (state.json), not SDXL-base
+    from the hub."""
+    from diffusers import UNet2DConditionModel
+
+    ckpt = trained_dir / "checkpoint-000002"
+    args = ["--prompt=a cat", "--seed=5", "--resolution=64"]
+    for name, gen in (("run", trained_dir), ("ckpt", ckpt)):
+        assert sample.main([f"--generator={gen}", *args, f"--out_dir={tmp_path / name}"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"--generator={trained_dir}: its newest complete checkpoint's generator, "
+                          f"{ckpt / 'generator'}\n") and out.count("newest") == 1, out
+    unet = UNet2DConditionModel.from_pretrained(ckpt / "generator")
+    expect = lcm_one_step(str(trained_dir / "tiny" / "sdxl"), [["a cat"]], 5, unet=unet)
+    for name in ("run", "ckpt"):
+        assert np.abs(pngs(tmp_path / name, 1) / 255 - expect).max() <= 1 / 255 + 1e-6, name
 
 
 def test_a_lora_without_its_base_record_is_one_line_naming_what_to_pass(lora_run, tmp_path, capsys):
