@@ -1284,7 +1284,8 @@ def test_fsdp_lora_trains_only_the_adapters_and_diffusers_loads_the_generator(fs
     folder = a / "checkpoint-000006" / "generator"
     weights = _generator_weights(a / "checkpoint-000006")
     assert weights and all(".lora_A." in k or ".lora_B." in k for k in weights)
-    sdxl, reward = json.loads((folder / "lora_base.json").read_text())["pretrained"], a / "tiny" / "reward"
+    sdxl, reward = a / "tiny" / "sdxl", a / "tiny" / "reward"
+    assert (folder / json.loads((folder / "lora_base.json").read_text())["pretrained"]).resolve() == sdxl
     cfg = distar.parse_args(["--tiny", f"--pretrained={sdxl}", "--generator_init=", f"--reward_model={reward}",
                              f"--reward_processor={reward}", *LORA_ARGS])
     world = distar.SDXLWorld(cfg, torch.device("cpu"))
