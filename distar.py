@@ -691,8 +691,8 @@ def clip_and_step(opt, net, loss, grad_clip, world_size):
     overflow, a bad batch): then skip the update on every rank, so the ranks stay identical and
     the weights finite. Returns (grad norm, skipped)."""
     grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
-    if hasattr(grad_norm, "full_tensor"):  # --fsdp: a DTensor, a partial norm on each rank
-        grad_norm = grad_norm.full_tensor()  # the whole net's, the same on every rank
+    if hasattr(grad_norm, "full_tensor"):  # --fsdp: the whole net's norm, but as a DTensor,
+        grad_norm = grad_norm.full_tensor()  # which isfinite and the all-reduce below refuse
     bad = (~torch.isfinite(loss.detach()) | ~torch.isfinite(grad_norm)).float()  # on the device
     if world_size > 1:
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
