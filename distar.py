@@ -2063,14 +2063,14 @@ def run_dry_run(cfg, dist_info):
         world = SDXLWorld(cfg, device, rank, world_size, parts=dry_run_parts(device))
         world = shard_nets(maybe_compile(world), dist_info)  # --compile, --fsdp
         bench(world, dist_info) if cfg.bench else measure_steps(world, dist_info, per_step)
-    elif rank == 0 and cfg.lora_rank:  # a LoRA plan is for one GPU: what to run on it next
+    elif rank == 0 and cfg.lora_rank and not cfg.fsdp:  # one GPU's plan: what to run on it next
         print(f"no GPU here, so no seconds per step, images per second, peak memory or MFU; on "
               f"one GPU, e.g.:\n  python distar.py --prompts=prompts.txt "
               f"--lora_rank={cfg.lora_rank} --batch_size=1")
     elif rank == 0:
         print("no GPU here, so no seconds per step, images per second, peak memory, MFU or cost "
               "table; on GPUs, e.g.:\n  torchrun --standalone --nproc_per_node=8 distar.py "
-              "--dry_run --fsdp")
+              "--dry_run --fsdp" + (f" --lora_rank={cfg.lora_rank}" if cfg.lora_rank else ""))
 
 
 def device_name(device):
