@@ -69,6 +69,7 @@ class Config:
     ablation: bool = False  # with --toy: one generator per row of the paper's Table 2
     bench: bool = False  # time a step per divergence instead of training: {out_dir}/bench.json
     allow_cpu: bool = False  # train SDXL without a GPU (downloads tens of GB; very slow)
+    model: str = "sdxl"  # sdxl | sd3: SD3/SD3.5 (flow matching); with --toy: the flow check too
     # models: hub ids or local folders
     pretrained: str = "stabilityai/stable-diffusion-xl-base-1.0"  # s_ref, s_psi's init, VAE, text
     generator_init: str = "tianweiy/DMD2/dmd2_sdxl_1step_unet_fp16.bin"  # UNet folder or state dict
@@ -212,6 +213,32 @@ def sdxl_alphas_cumprod():
     return DDPMScheduler(num_train_timesteps=1000, **SDXL_BETAS).alphas_cumprod  # alphabar_t
 
 
+class VPProcess:
+    """The toy's and SDXL's forward process, x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, t an
+    integer of the 1000-step schedule. A world supplies the noise level draw and (a_t, sigma_t),
+    so that diffuse and the losses serve any process (the flow one: SD3World, in the extras)."""
+
+    def sample_t(self, n, device):  # t ~ U{t_min..t_max}
+        return torch.randint(self.cfg.t_min, self.cfg.t_max + 1, (n,), device=device)
+
+    def coefficients(self, t):  # (a_t, sigma_t), each (B,)
+        ab = self.alphas_cumprod[t]
+        return ab.sqrt(), (1 - ab).sqrt()
+
+
+def flow_coefficients(t):
+    """Rectified flow (SD3, FLUX): x_s = (1 - s) x_0 + s eps with s = t / 1000, i.e. (a_t, sigma_t)
+    = (1 - s, s); the net is called at timestep t = 1000 s and predicts the velocity eps - x_0."""
+    s = t / 1000
+    return 1 - s, s
+
+
+def eps_from_velocity(x_s, v, s):
+    """A flow net's velocity v = eps - x_0 as the eps-prediction the losses take: x_s = (1 - s) x_0
+    + s eps gives eps_hat = x_s + (1 - s) v, and the score -eps_hat / s."""
+    return x_s + (1 - s) * v
+
+
 class ToyNet(nn.Module):
     """MLP f(x, c[, t]): the generator g_theta(z, c) (no t) or the assistant eps_psi(x_t, t, c)."""
 
@@ -231,7 +258,7 @@ class ToyNet(nn.Module):
         return self.net(torch.cat(h, 1))
 
 
-class ToyWorld:
+class ToyWorld(VPProcess):
     """K classes; class k is an equal-weight mixture of isotropic Gaussians means[k] (M, 2), std.
     Explicit reward r(x, c) = reward_scale x[0]: it favours the right-hand mode of each class."""
 
@@ -255,11 +282,22 @@ class ToyWorld:
         comp = -(diff**2).sum(-1, keepdim=True) / (2 * var) - torch.log(2 * math.pi * var)
         return torch.logsumexp(comp[..., 0], 1) - math.log(diff.shape[1])
 
+    def _responsibilities(self, x, a, s, c):
+        diff, var = self._diffused(x, a, s, c)
+        return diff, var, torch.softmax(-(diff**2).sum(-1, keepdim=True) / (2 * var), 1)  # (B, M, 1)
+
     def score(self, x, a, s, c):
         """grad_x log q_t(x | c): responsibility-weighted Gaussian scores."""
-        diff, var = self._diffused(x, a, s, c)
-        resp = torch.softmax(-(diff**2).sum(-1, keepdim=True) / (2 * var), 1)  # (B, M, 1)
+        diff, var, resp = self._responsibilities(x, a, s, c)
         return -(resp * diff / var).sum(1)
+
+    def velocity(self, x, a, s, c):
+        """E[eps - x_0 | x_t = x] under q(. | c): the velocity a flow net learns, from each mode's
+        posterior means (not from the score: the gradient check converts it, eps_from_velocity)."""
+        diff, var, resp = self._responsibilities(x, a, s, c)
+        a, s = a.view(-1, 1, 1), s.view(-1, 1, 1)
+        x0 = (x[:, None] - diff) / a + a * self.std**2 / var * diff  # E[x_0 | x_t, mode]
+        return (resp * (s / var * diff - x0)).sum(1)  # E[eps | x_t, mode] = s diff / var
 
     def sample_ref(self, n):
         """n samples of q_0(x | c) for every class c, (K, n, 2)."""
@@ -280,7 +318,7 @@ class ToyWorld:
 
     def eps_ref(self, x_t, t, cond):
         """The reference's eps-prediction -sigma_t s_ref(x_t|c); cond None: unconditional."""
-        a, s = self.alphas_cumprod[t].sqrt(), (1 - self.alphas_cumprod[t]).sqrt()
+        a, s = self.coefficients(t)
         return -s[:, None] * self.score(x_t, a, s, cond)
 
     def eps_ref_both(self, x_t, t, cond):  # (c, empty); SDXLWorld batches them into one call
@@ -307,15 +345,18 @@ def make_toy_world(device="cpu"):
 # differentiated directly: (3.3) by autograd through this score with pi_t frozen, the KL in closed
 # form, minus the implicit reward (3.7) by autograd through reparameterised samples. Reference: a
 # Gaussian per class, float64, one t. A loss passes when its mean gradient over n_batches
-# independent batches is within 4 standard errors of the exact one.
-def gradient_check(n=2**17, n_batches=16, t=300, c_huber=0.5, alpha_cfg=7.5, seed=0):
+# independent batches is within 4 standard errors of the exact one. The scores hold for any
+# (a_t, sigma_t): process "flow" checks SD3's (1 - s, s), its reference read as a flow net's is,
+# through the exact velocity and eps_from_velocity (a wrong conversion fails every row).
+def gradient_check(n=2**17, n_batches=16, t=300, c_huber=0.5, alpha_cfg=7.5, seed=0,
+                   process="vp"):
     from torch.distributions import MultivariateNormal, kl_divergence
 
     gen = torch.Generator().manual_seed(seed)
     dt = torch.float64
     world = ToyWorld([[(0.0, 1.0)], [(-1.0, -0.5)], [(1.0, -0.5)]], std=0.6, dtype=dt)
-    ab = world.alphas_cumprod[t]
-    a, s = ab.sqrt(), (1 - ab).sqrt()
+    t = torch.tensor(t, dtype=dt if process == "flow" else torch.long)
+    a, s = world.coefficients(t) if process == "vp" else flow_coefficients(t)
     mu = torch.tensor([0.4, 0.2], dtype=dt, requires_grad=True)  # theta = (mu, A), class 0
     A = torch.tensor([[0.9, 0.3], [-0.2, 0.5]], dtype=dt, requires_grad=True)
     cov = lambda A: a**2 * A @ A.T + s**2 * torch.eye(2, dtype=dt)  # of p_theta,t
@@ -323,9 +364,14 @@ def gradient_check(n=2**17, n_batches=16, t=300, c_huber=0.5, alpha_cfg=7.5, see
     def gen_score(x, mu, A):  # exact score of p_theta,t at these parameters
         return -torch.linalg.solve(cov(A), (x - a * mu).T).T
 
+    def ref_score(x, c, to_eps=eps_from_velocity):  # s_ref(x | c); c None: empty
+        if process == "vp":
+            return world.score(x, a, s, c)
+        return -to_eps(x, world.velocity(x, a, s, c), s) / s  # a flow net's output, converted
+
     omega = 1 + alpha_cfg
-    s_c = lambda x: world.score(x, a, s, 0)  # s_ref(x | c = 0)
-    s_u = lambda x: world.score(x, a, s, None)  # s_ref(x | empty)
+    s_c = lambda x: ref_score(x, 0)  # s_ref(x | c = 0)
+    s_u = lambda x: ref_score(x, None)  # s_ref(x | empty)
     s_sg = lambda x: gen_score(x, mu.detach(), A.detach())  # s_{p_sg[theta],t}
 
     def s_cfg_exact(x):  # grad_x [omega log q_t(x|c) + (1 - omega) log q_t(x)], by autograd
@@ -352,12 +398,13 @@ def gradient_check(n=2**17, n_batches=16, t=300, c_huber=0.5, alpha_cfg=7.5, see
         return world.log_prob(x_t, a, s, None) - world.log_prob(x_t, a, s, 0)
 
     ph = dict(distance="pseudo_huber", c=c_huber)
-    div_ph = lambda x: div_33(x, s_c, "pseudo_huber")
+    q_c = lambda x: world.score(x, a, s, 0)  # the exact objectives' reference: the exact score
+    div_ph = lambda x: div_33(x, q_c, "pseudo_huber")
     rows = [  # (name, tractable loss of (x_t, cond score), exact objective, should match)
         ("eq 3.4 pseudo-Huber (Thm 3.1)", lambda x, e: score_divergence_loss(x, e, s_sg, s_c, **ph),
          div_ph, True),
         ("eq 3.4 l2 (Thm 3.1)", lambda x, e: score_divergence_loss(x, e, s_sg, s_c, distance="l2"),
-         lambda x: div_33(x, s_c, "l2"), True),
+         lambda x: div_33(x, q_c, "l2"), True),
         ("  wrong: x_t detached inside d'", lambda x, e: detached(x, e, "d'"), div_ph, False),
         ("  wrong: x_t detached in 2nd s_fake", lambda x, e: detached(x, e, "2nd"), div_ph, False),
         ("kl_loss vs closed-form KL", lambda x, e: kl_loss(x, s_sg, s_c), kl_exact, True),
@@ -371,7 +418,9 @@ def gradient_check(n=2**17, n_batches=16, t=300, c_huber=0.5, alpha_cfg=7.5, see
         ("  printed choice 2: s_c + a s_u", lambda x, e: score_divergence_loss(
             x, e, s_sg, lambda y: s_c(y) + alpha_cfg * s_u(y), **ph),
          lambda x: div_33(x, s_cfg_exact, "pseudo_huber"), False),
-    ]
+    ] + [("  wrong: v to eps as x_s + s v", lambda x, e: score_divergence_loss(
+        x, e, s_sg, lambda y: ref_score(y, 0, lambda x_s, v, s: x_s + s * v), **ph), div_ph,
+        False)] * (process == "flow")
     flat = lambda grads: torch.cat([g.flatten() for g in grads])  # (6,): 2 for mu, 4 for A
     results = []
     for name, tractable, exact, should_match in rows:
@@ -393,9 +442,10 @@ def gradient_check(n=2**17, n_batches=16, t=300, c_huber=0.5, alpha_cfg=7.5, see
     return results
 
 
-def print_gradient_check(results):
+def print_gradient_check(results, process="vp"):
     print("gradient check: relative error of each loss's theta-gradient vs the exact one "
-          "(2-D Gaussians, float64)")
+          "(2-D Gaussians, float64" + (", the flow process (1 - s, s): SD3's)" if process == "flow"
+                                        else ")"))
     print(f"{'loss':38s} {'mu':>8s} {'A':>8s} {'all':>8s} {'MC tol':>8s}  verdict")
     for r in results:
         verdict = "matches" if r["should_match"] else "differs, as it should"
@@ -461,7 +511,7 @@ class ClipReward(nn.Module):
         return (F.normalize(f, dim=-1) * text_features).sum(-1)
 
 
-class SDXLWorld:
+class SDXLWorld(VPProcess):
     """Algorithm 1 on SDXL. Trained, with fp32 master weights: the generator g_theta (a UNet read at
     conditioning timestep 399) and the assistant s_psi (a UNet, initialised from the reference),
     or with --lora_rank a LoRA adapter on each, their bases frozen. Frozen, in bf16 with
@@ -573,9 +623,10 @@ class SDXLWorld:
 
 # -----------------------------------------------------------------------------
 # Algorithm 1: the alternating loop, written once and given a world
-# A world holds .generator and .assistant (the trained nets), .alphas_cumprod, and sample_cond(n),
-# generate(g, cond), eps_fake(s_psi, x_t, t, cond), eps_ref(x_t, t, cond or None), eps_ref_both
-# (the two at once), reward(x_0, cond). Nets predict eps; scores are s = -eps / sigma_t.
+# A world holds .generator and .assistant (the trained nets), its process (sample_t(n, device),
+# coefficients(t) = (a_t, sigma_t)), and sample_cond(n), generate(g, cond), eps_fake(s_psi, x_t, t,
+# cond), eps_ref(x_t, t, cond or None), eps_ref_both (the two at once), reward(x_0, cond). The
+# nets' outputs reach the loop as eps; scores are s = -eps / sigma_t.
 #
 # w(t) and c, which the paper leaves open. The distance is on the eps scale, d_t(y) = d(sigma_t y),
 # a distance at every t (so Theorem 3.1 holds), and per element: with Delta = eps_psi - eps_ref and
@@ -589,11 +640,9 @@ class SDXLWorld:
 
 
 def diffuse(world, x0):
-    """t ~ U{t_min..t_max}, eps ~ N(0, I), x_t = a_t x_0 + sigma_t eps (shapes (B, 1, ...))."""
-    cfg = world.cfg
-    t = torch.randint(cfg.t_min, cfg.t_max + 1, (len(x0),), device=x0.device)
-    ab = world.alphas_cumprod[t].view(-1, *([1] * (x0.ndim - 1))).to(x0.dtype)
-    a_t, sigma_t = ab.sqrt(), (1 - ab).sqrt()
+    """t from the world's process, eps ~ N(0, I), x_t = a_t x_0 + sigma_t eps (shapes (B, 1, ...))."""
+    t = world.sample_t(len(x0), x0.device)
+    a_t, sigma_t = (c.view(-1, *([1] * (x0.ndim - 1))).to(x0.dtype) for c in world.coefficients(t))
     eps = torch.randn_like(x0)
     return t, a_t * x0 + sigma_t * eps, eps, sigma_t
 
@@ -875,6 +924,9 @@ def run_toy(cfg, dist_info):
     if rank == 0:  # float64 Monte Carlo, ~2 s; the other ranks wait at the broadcast
         results = gradient_check()
         print_gradient_check(results)
+        if cfg.model == "sd3":  # on request: the same check under SD3's flow process
+            print_gradient_check(flow := gradient_check(process="flow"), "flow")
+            results += flow
         ok[0] = all(r["ok"] for r in results)
     if world_size > 1:
         dist.broadcast(ok, 0)
@@ -958,7 +1010,7 @@ def main(argv):
 # -----------------------------------------------------------------------------
 # the command line: argparse built from Config; a bad value is one line naming its flag
 
-CHOICES = dict(cfg=("in", "out"), divergence=("pseudo_huber", "l2", "kl"),
+CHOICES = dict(model=("sdxl", "sd3"), cfg=("in", "out"), divergence=("pseudo_huber", "l2", "kl"),
                precision=("bf16", "fp32"), dtype=("fp16", "bf16", "fp32"),  # dtype: sample.py
                lora_targets=("all", "attn_ff", "attn"))
 AT_LEAST = dict(batch_size=1, max_steps=0, assistant_steps=0, lr_g=0, lr_psi=0, beta1=0, beta2=0,

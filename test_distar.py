@@ -3136,3 +3136,59 @@ def test_a_lora_without_its_base_record_is_one_line_naming_what_to_pass(lora_run
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no lora_base.json" in err and "--lora" in err, err
     assert not os.path.exists(tmp_path / "o")
+
+
+# -----------------------------------------------------------------------------
+# SD3/SD3.5 (--model=sd3): the flow process x_s = (1 - s) x_0 + s eps through the same losses,
+# the velocity read as eps, a tiny SD3 world against diffusers' pipeline, runs, plan and counts
+
+
+def test_the_exact_velocity_of_a_gaussian_mixture_converts_to_its_exact_score():
+    """eps_from_velocity turns E[eps - x_0 | x_s] (posterior means, mode by mode) into -s times the
+    score (the gradient of the log density) exactly, at every s; x_s + s v, a plausible slip, not."""
+    world = distar.make_toy_world()
+    world.means = world.means.to(f64)
+    torch.manual_seed(5)
+    x = torch.randn(200, 2, dtype=f64) * 2
+    a, s = distar.flow_coefficients(torch.rand(200, dtype=f64) * 980 + 20)  # s in [0.02, 1)
+    assert torch.allclose(a + s, torch.ones_like(s))
+    for c in (torch.randint(world.K, (200,)), None):
+        v, score = world.velocity(x, a, s, c), world.score(x, a, s, c)
+        assert torch.allclose(-distar.eps_from_velocity(x, v, s[:, None]) / s[:, None], score,
+                              atol=1e-10)
+        wrong = -(x + s[:, None] * v) / s[:, None]
+        assert (wrong - score).abs().max() > 0.1
+
+
+@pytest.fixture(scope="module")
+def flow_check():
+    return {r["name"].strip(): r for r in distar.gradient_check(process="flow")}
+
+
+def test_the_gradient_check_holds_under_the_flow_process_and_catches_a_wrong_conversion(
+        flow_check, monkeypatch):
+    for name in ("eq 3.4 pseudo-Huber (Thm 3.1)", "eq 3.4 l2 (Thm 3.1)", "kl_loss vs closed-form KL",
+                 "cfg_reward_loss (Thm 3.2, sign -)", "choice 2: cfg_score reference"):
+        r = flow_check[name]
+        assert r["should_match"] and r["ok"] and r["tol"] < 0.05, r
+    for name in ("wrong: x_t detached inside d'", "printed sign + (eqs 3.5, 3.6)",
+                 "wrong: v to eps as x_s + s v"):
+        r = flow_check[name]
+        assert not r["should_match"] and r["ok"] and r["rel"]["all"] > 5 * r["tol"], r
+    # the mutant: the reference read through a wrong conversion fails every matching row
+    monkeypatch.setattr(distar, "eps_from_velocity", lambda x_s, v, s: x_s + s * v)
+    bad = {r["name"].strip(): r for r in distar.gradient_check(process="flow", n=2**14)}
+    assert not any(bad[name]["ok"] for name in ("eq 3.4 pseudo-Huber (Thm 3.1)", "eq 3.4 l2 (Thm 3.1)",
+                                                 "kl_loss vs closed-form KL", "choice 2: cfg_score reference"))
+
+
+def test_toy_with_model_sd3_prints_the_flow_gradient_check_too(monkeypatch, capsys, tmp_path):
+    calls = []
+    monkeypatch.setattr(distar, "gradient_check", lambda **kw: calls.append(kw) or [])
+    monkeypatch.setattr(distar, "fit", lambda *a, **k: [])
+    monkeypatch.setattr(distar, "evaluate_toy", lambda *a: None)
+    for model in ("sdxl", "sd3"):
+        cfg = distar.parse_args(["--toy", f"--model={model}", f"--out_dir={tmp_path}"])
+        distar.run_toy(cfg, (0, 1, torch.device("cpu")))
+    assert calls == [{}, {}, {"process": "flow"}]
+    assert "the flow process (1 - s, s)" in capsys.readouterr().out
