@@ -70,6 +70,7 @@ class Config:
     bench: bool = False  # time a step per divergence instead of training: {out_dir}/bench.json
     allow_cpu: bool = False  # train SDXL without a GPU (downloads tens of GB; very slow)
     model: str = "sdxl"  # sdxl | sd3: SD3/SD3.5 (flow matching); with --toy: the flow check too
+    t5: bool = True  # sd3: the T5-XXL text encoder (4.76 B frozen); false: zeros in its place
     # models: hub ids or local folders
     pretrained: str = "stabilityai/stable-diffusion-xl-base-1.0"  # s_ref, s_psi's init, VAE, text
     generator_init: str = "tianweiy/DMD2/dmd2_sdxl_1step_unet_fp16.bin"  # UNet folder or state dict
@@ -528,13 +529,15 @@ class SDXLWorld(VPProcess):
                              enabled=cfg.precision == "bf16" and device.type != "meta")
         prompts = read_prompts(cfg.prompts)
         self.prompts = prompts[rank::world_size] or prompts  # this rank's shard
-        parts = parts or load_sdxl_parts(cfg, device, frozen)
-        self.pipe = parts["pipe"].to(device, torch.float32)  # text encoders, VAE and scheduler
+        parts = parts or self.load_parts(cfg, device, frozen)
+        self.pipe = parts["pipe"].to(device)  # text encoders, VAE and scheduler, fp32 as loaded
         self.vae = self.pipe.vae
-        self.alphas_cumprod = self.pipe.scheduler.alphas_cumprod.to(device)  # alphabar_t, (1000,)
+        self.alphas_cumprod = getattr(self.pipe.scheduler, "alphas_cumprod", None)  # VP: alphabar_t
+        self.alphas_cumprod = None if self.alphas_cumprod is None else self.alphas_cumprod.to(device)
         self.s_ref = parts["s_ref"].to(device, frozen).eval()
-        for net in (self.pipe.text_encoder, self.pipe.text_encoder_2, self.vae, self.s_ref):
+        for net in [m for m in self.pipe.components.values() if isinstance(m, nn.Module)]:
             net.requires_grad_(False)
+        self.s_ref.requires_grad_(False)
         # trained nets in fp32; with --lora_rank frozen bases in `frozen`, fp32 adapters (add_lora)
         self.generator, self.assistant = (
             add_lora(parts[k].to(device, frozen), cfg, k) if cfg.lora_rank
@@ -545,6 +548,9 @@ class SDXLWorld(VPProcess):
         r, lat = cfg.resolution, cfg.resolution // 8
         self.latent_shape = (self.generator.config.in_channels, lat, lat)
         self.time_ids = torch.tensor([[r, r, 0, 0, r, r]], dtype=torch.float32, device=device)
+
+    def load_parts(self, cfg, device, frozen):
+        return load_sdxl_parts(cfg, device, frozen)
 
     def set_grad_checkpointing(self, on):
         """Recompute activations in backward, in the frozen nets too: they are on the generator's
@@ -564,14 +570,17 @@ class SDXLWorld(VPProcess):
                                                     do_classifier_free_guidance=False)
         return dict(prompts=prompts, embeds=emb.float(), pooled=pooled.float())
 
+    def uncond(self, B):
+        """SDXL's unconditional input, all zeros (force_zeros_for_empty_prompt)."""
+        te, te2 = self.pipe.text_encoder.config, self.pipe.text_encoder_2.config
+        return dict(embeds=torch.zeros(B, 77, te.hidden_size + te2.hidden_size, device=self.device),
+                    pooled=torch.zeros(B, te2.projection_dim, device=self.device))
+
     def unet(self, net, x, t, cond):
-        """eps_hat = net(x_t, t, c); cond None: SDXL's unconditional input, all zeros."""
-        B, te, te2 = len(x), self.pipe.text_encoder.config, self.pipe.text_encoder_2.config
-        if cond is None:  # force_zeros_for_empty_prompt
-            emb = torch.zeros(B, 77, te.hidden_size + te2.hidden_size, device=x.device)
-            pooled = torch.zeros(B, te2.projection_dim, device=x.device)
-        else:
-            emb, pooled = cond["embeds"], cond["pooled"]
+        """eps_hat = net(x_t, t, c); cond None: the unconditional input."""
+        B = len(x)
+        cond = self.uncond(B) if cond is None else cond
+        emb, pooled = cond["embeds"], cond["pooled"]
         t = torch.as_tensor(t, device=x.device).expand(B)
         added = {"text_embeds": pooled, "time_ids": self.time_ids.expand(B, 6)}
         with torch.autocast(**self.autocast):
@@ -594,7 +603,8 @@ class SDXLWorld(VPProcess):
 
     def eps_ref_both(self, x_t, t, cond):
         """(eps_c, eps_u), one call on [x_t; x_t], [c; empty]: larger matmuls, half the launches."""
-        both = {k: torch.cat([cond[k], torch.zeros_like(cond[k])]) for k in ("embeds", "pooled")}
+        empty = self.uncond(len(x_t))
+        both = {k: torch.cat([cond[k], empty[k]]) for k in ("embeds", "pooled")}
         t = torch.as_tensor(t, device=x_t.device).expand(len(x_t))
         return self.unet(self.s_ref, torch.cat([x_t, x_t]), torch.cat([t, t]), both).chunk(2)
 
@@ -947,11 +957,12 @@ def run_sdxl(cfg, dist_info):
         cfg = tiny_config(cfg, dist_info)
     elif rank == 0 and not cfg.bench:
         prompts = cfg.prompts or f"the {len(BUILTIN_PROMPTS)} built-in ones (no --prompts)"
-        print(f"distar: SDXL on {world_size} x {device.type}: loading {cfg.pretrained}, "
-              f"{cfg.generator_init or 'its UNet'} and {cfg.reward_model}; prompts: {prompts}",
+        print(f"distar: {cfg.model.upper()} on {world_size} x {device.type}: loading "
+              f"{cfg.pretrained}, {cfg.generator_init or 'its ' + NETS[cfg.model][1]} and "
+              f"{cfg.reward_model}; prompts: {prompts}",
               flush=True)
     with all_ok(dist_info):
-        world = maybe_compile(SDXLWorld(cfg, device, rank, world_size))  # --compile
+        world = maybe_compile(WORLDS[cfg.model](cfg, device, rank, world_size))  # --compile
     world = shard_nets(world, dist_info)  # --fsdp
     if cfg.bench:  # the cost table instead of training
         return bench(world, dist_info)
@@ -1072,8 +1083,8 @@ def modes_help():
     the command line names a mode)."""
     import textwrap
 
-    modes = dict(toy=TOY_DEFAULTS, tiny=TINY_DEFAULTS, dry_run=DRY_RUN_DEFAULTS,
-                 ablation=ABLATION_DEFAULTS, lora_rank=LORA_DEFAULTS)
+    modes = {"toy": TOY_DEFAULTS, "tiny": TINY_DEFAULTS, "dry_run": DRY_RUN_DEFAULTS,
+             "ablation": ABLATION_DEFAULTS, "lora_rank": LORA_DEFAULTS, "model=sd3": SD3_DEFAULTS}
     lines = [textwrap.fill(" ".join(f"--{k}={v}" for k, v in d.items()), 100,
                            initial_indent=f"  {'--' + m:13s}", subsequent_indent=" " * 15)
              for m, d in modes.items()]
@@ -1084,7 +1095,9 @@ def parse_args(argv):
     mode = make_parser(Config, "distar.py", add_help=False).parse_known_args(argv)[0]
     defaults = (TOY_DEFAULTS if mode.toy else TINY_DEFAULTS if mode.tiny
                 else DRY_RUN_DEFAULTS if mode.dry_run else {})
-    defaults = {**(LORA_DEFAULTS if mode.lora_rank else {}), **defaults,
+    sd3 = mode.model == "sd3" and not mode.toy  # the toy keeps its own problem
+    defaults = {**(LORA_DEFAULTS if mode.lora_rank else {}), **(SD3_DEFAULTS if sd3 else {}),
+                **defaults,
                 **(ABLATION_DEFAULTS if mode.ablation else {})}
     parser = make_parser(Config, "distar.py", defaults, epilog=modes_help())
     cfg = Config(**vars(parser.parse_args(argv)))
@@ -1106,6 +1119,7 @@ def parse_args(argv):
         (not (cfg.beta1 < 1 and cfg.beta2 < 1), "--beta1 and --beta2 must be < 1"),
         (cfg.huber_c <= 0, f"--huber_c must be > 0, got {cfg.huber_c}"),
         (cfg.lora_rank and cfg.toy, "--lora_rank adapts SDXL UNets; the toy trains whole MLPs"),
+        (not cfg.t5 and cfg.model != "sd3", "--t5 is SD3's text encoder: use it with --model=sd3"),
         (cfg.fsdp and cfg.toy, "--fsdp shards SDXL's UNets; the toy's MLPs run under DDP"),
         (cfg.fsdp and "RANK" not in os.environ and not cfg.dry_run,  # a plan needs no ranks
          "--fsdp shards the UNets over torchrun's processes: launch it with torchrun "
@@ -1292,6 +1306,8 @@ def check_sdxl_run(cfg, device):
     if not cfg.bench:  # --bench writes no checkpoints
         check_out_dir(cfg)
     read_prompts(cfg.prompts)
+    if not cfg.tiny:  # --tiny builds its own
+        check_pipeline(cfg)
 
 
 def check_out_dir(cfg):
@@ -1305,11 +1321,11 @@ def check_out_dir(cfg):
 
 # what a checkpoint must share with the run that resumes it (another world's weights do not fit;
 # --tiny would build its models inside another run's out_dir), and what it may change but is told
-MODE_KEYS = ("toy", "tiny", "lora_rank", "lora_targets",  # a LoRA of another shape does not fit
+MODE_KEYS = ("toy", "tiny", "model", "lora_rank", "lora_targets",  # a LoRA of another shape does not fit
              "lora_alpha",  # alpha scales the saved adapter: another one is another generator
              "fsdp")  # --fsdp's AdamW states are DCP shards, DDP's one state.pt
 OBJECTIVE_KEYS = ("divergence", "cfg", "alpha_rew", "alpha_cfg", "huber_c", "t_min", "t_max",
-                  "assistant_steps", "resolution", "batch_size", "conditioning_t")
+                  "assistant_steps", "resolution", "batch_size", "conditioning_t", "t5")
 
 
 def check_resume(cfg, rank):
@@ -1566,29 +1582,35 @@ def load_sdxl_parts(cfg, device, frozen):
 STATE_DICTS = (".bin", ".pt", ".pth", ".safetensors")  # a UNet's weights as one file
 
 
-def load_generator(path, pretrained, variant=None, dtype=None, flag="generator_init"):
-    """A one-step generator's UNet, in any form one is published in, in `dtype` (default fp32):
-    "": the UNet of `pretrained`; a diffusers UNet folder, or a pipeline folder holding unet/
-    (both with `variant`, e.g. fp16); a state-dict file (unet_from_state_dict)."""
-    from diffusers import UNet2DConditionModel
+NETS = dict(sdxl=("UNet2DConditionModel", "unet"), sd3=("SD3Transformer2DModel", "transformer"))
 
+
+def load_generator(path, pretrained, variant=None, dtype=None, flag="generator_init",
+                   model="sdxl"):
+    """A one-step generator's UNet (--model=sd3: transformer), in any form one is published in, in
+    `dtype` (default fp32): "": the UNet of `pretrained`; a diffusers UNet folder, or a pipeline
+    folder holding unet/ (both with `variant`, e.g. fp16); a state-dict file (unet_from_state_dict)."""
+    import diffusers
+
+    cls, sub = getattr(diffusers, NETS[model][0]), NETS[model][1]
     dtype = dtype or torch.float32
-    unet = lambda folder, sub: UNet2DConditionModel.from_pretrained(folder, subfolder=sub,
-                                                                    variant=variant, dtype=dtype)
+    unet = lambda folder, sub: cls.from_pretrained(folder, subfolder=sub, variant=variant,
+                                                   dtype=dtype)
     if not path:
-        return load("pretrained", pretrained, unet, pretrained, "unet")
+        return load("pretrained", pretrained, unet, pretrained, sub)
     if path.endswith(STATE_DICTS):
-        return load(flag, path, unet_from_state_dict, path, pretrained).to(dtype)
-    sub = "unet" if os.path.isdir(os.path.join(path, "unet")) else None  # a pipeline folder
+        return load(flag, path, unet_from_state_dict, path, pretrained, model).to(dtype)
+    sub = sub if os.path.isdir(os.path.join(path, sub)) else None  # a pipeline folder
     return load(flag, path, unet, path, sub)
 
 
-def unet_from_state_dict(path, pretrained):
-    """A UNet from a .bin/.pt/.pth/.safetensors file, local or on the hub as owner/repo/path/in/repo
-    (DMD2's tianweiy/DMD2/dmd2_sdxl_1step_unet_fp16.bin). Its architecture: the config.json beside
-    it if there is one (a release's unet/ folder), else `pretrained`'s unet/config.json."""
+def unet_from_state_dict(path, pretrained, model="sdxl"):
+    """A UNet (--model=sd3: transformer) from a .bin/.pt/.pth/.safetensors file, local or on the hub
+    as owner/repo/path/in/repo (DMD2's tianweiy/DMD2/dmd2_sdxl_1step_unet_fp16.bin). Its
+    architecture: the config.json beside it if there is one (a release's unet/ folder), else
+    `pretrained`'s unet/config.json."""
+    import diffusers
     from accelerate import init_empty_weights
-    from diffusers import UNet2DConditionModel
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError
     from safetensors.torch import load_file
@@ -1604,15 +1626,15 @@ def unet_from_state_dict(path, pretrained):
             config = hf_hub_download(repo, "/".join(parts[2:-1] + ["config.json"]))
         except EntryNotFoundError:  # none beside it (or offline and not cached)
             config = ""
+    cls, sub = getattr(diffusers, NETS[model][0]), NETS[model][1]
     if os.path.isfile(config):
-        config = UNet2DConditionModel.load_config(config)
+        config = cls.load_config(config)
     else:
-        config = load("pretrained", pretrained, UNet2DConditionModel.load_config, pretrained,
-                      subfolder="unet")
+        config = load("pretrained", pretrained, cls.load_config, pretrained, subfolder=sub)
     sd = (load_file(file) if file.endswith(".safetensors")
           else torch.load(file, map_location="cpu", weights_only=True))
     with init_empty_weights():  # parameters on meta: no random init of weights about to go
-        unet = UNet2DConditionModel.from_config(config)
+        unet = cls.from_config(config)
     unet.load_state_dict(sd, strict=True, assign=True)  # the file's tensors become parameters
     return unet
 
@@ -1744,7 +1766,8 @@ def lora_base(path):
 # and the plan fits without sharding them. Checkpoints stay what diffusers reads (the weights are
 # gathered onto rank 0's CPU to save them); the AdamW states are written as each rank's shards.
 
-FSDP_UNITS = ("BasicTransformerBlock", "ResnetBlock2D")  # one unit each, then the root
+FSDP_UNITS = ("BasicTransformerBlock", "ResnetBlock2D",  # one unit each, then the root
+              "JointTransformerBlock")  # SD3's
 
 
 def is_sharded(net):
@@ -1889,22 +1912,32 @@ def random_parts(sizes, device="cpu"):
     (SDXL's scheduler) and the reward's CLIPModel and CLIPProcessor."""
     from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline,
                            UNet2DConditionModel)
-    from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor,
-                              CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection)
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    tok = offline_tokenizer()
+    ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+               pad_token_id=tok.pad_token_id)
+    with torch.device(device):
+        unet, vae = UNet2DConditionModel(**sizes["unet"]), AutoencoderKL(**sizes["vae"])
+        te = CLIPTextModel(CLIPTextConfig(**sizes["text_encoder"], **ids))
+        te2 = CLIPTextModelWithProjection(CLIPTextConfig(**sizes["text_encoder_2"], **ids))
+    sched = EulerDiscreteScheduler(**SDXL_BETAS, steps_offset=1, timestep_spacing="leading")
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=te, text_encoder_2=te2, tokenizer=tok,
+                                     tokenizer_2=tok, unet=unet, scheduler=sched)
+    return (pipe, *random_reward(sizes, device))
+
+
+def random_reward(sizes, device="cpu"):
+    """The reward's random CLIPModel and its CLIPProcessor (letter tokenizer), from sizes."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
     tok = offline_tokenizer()
     ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                pad_token_id=tok.pad_token_id)
     clip_sizes = dict(sizes["clip"], text_config={**sizes["clip"]["text_config"], **ids})
     with torch.device(device):
-        unet, vae = UNet2DConditionModel(**sizes["unet"]), AutoencoderKL(**sizes["vae"])
-        te = CLIPTextModel(CLIPTextConfig(**sizes["text_encoder"], **ids))
-        te2 = CLIPTextModelWithProjection(CLIPTextConfig(**sizes["text_encoder_2"], **ids))
         clip = CLIPModel(CLIPConfig(**clip_sizes))
-    sched = EulerDiscreteScheduler(**SDXL_BETAS, steps_offset=1, timestep_spacing="leading")
-    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=te, text_encoder_2=te2, tokenizer=tok,
-                                     tokenizer_2=tok, unet=unet, scheduler=sched)
-    return pipe, clip, CLIPProcessor(CLIPImageProcessor(**sizes["image"]), tokenizer=tok)
+    return clip, CLIPProcessor(CLIPImageProcessor(**sizes["image"]), tokenizer=tok)
 
 
 def build_tiny(root):
@@ -1925,11 +1958,13 @@ def tiny_config(cfg, dist_info):
     then loaded through the same from_pretrained code as the real ones."""
     root = os.path.join(cfg.out_dir, "tiny")
     reward = os.path.join(root, "reward")
-    if dist_info[0] == 0 and not os.path.isfile(os.path.join(reward, "config.json")):
-        build_tiny(root)
+    pretrained = os.path.join(root, "sdxl" if cfg.model == "sdxl" else "sd3" if cfg.t5
+                              else "sd3_no_t5")
+    if dist_info[0] == 0 and not os.path.isfile(os.path.join(pretrained, "model_index.json")):
+        build_tiny(root) if cfg.model == "sdxl" else build_tiny_sd3(root, cfg.t5)
     barrier(dist_info[1])
-    return replace(cfg, pretrained=os.path.join(root, "sdxl"), generator_init="",
-                   reward_model=reward, reward_processor=reward)
+    return replace(cfg, pretrained=pretrained, generator_init="", reward_model=reward,
+                   reward_processor=reward)
 
 
 def dry_run_parts(device):
@@ -1940,6 +1975,215 @@ def dry_run_parts(device):
     pipe, clip, processor = random_parts(SDXL, device)
     return dict(pipe=pipe, s_ref=pipe.unet, assistant=copy.deepcopy(pipe.unet),
                 generator=copy.deepcopy(pipe.unet), reward_fn=ClipReward(clip, processor))
+
+
+# -----------------------------------------------------------------------------
+# SD3/SD3.5 (--model=sd3): a flow-matching transformer in the same loop. The world's process is
+# rectified flow, x_s = (1 - s) x_0 + s eps at timestep t = 1000 s, and its nets' velocities reach
+# the losses as eps (eps_from_velocity); everything else is SDXLWorld's. Then the pipeline check,
+# the loader, and the models from configs: tiny (--tiny) and SD3.5-medium (--dry_run).
+
+PIPELINES = dict(sdxl="StableDiffusionXLPipeline", sd3="StableDiffusion3Pipeline")
+SD3_DEFAULTS = dict(pretrained="stabilityai/stable-diffusion-3.5-medium", generator_init="",
+                    conditioning_t=1000,  # the generator reads pure noise: s = 1
+                    alpha_cfg=3.5)  # omega = 4.5, SD3.5-medium's guidance scale (its model card)
+
+
+class SD3World(SDXLWorld):
+    """Algorithm 1 on SD3/SD3.5, SDXLWorld's interface and precisions. Its nets are
+    SD3Transformer2DModels predicting the velocity v = eps - x_0; unet hands the loop eps_hat =
+    x_s + (1 - s) v. The generator is one Euler step from pure noise, x_0 = z - v_theta(z, 1000, c):
+    diffusers' own one-step sample (FlowMatchEulerDiscreteScheduler.set_timesteps(1) gives sigmas
+    [1, 0]), so StableDiffusion3Pipeline(num_inference_steps=1, guidance_scale=0) reproduces it.
+    Text: CLIP-L, CLIP-G and T5-XXL through the pipeline's encode_prompt, T5 frozen in bf16 with
+    --precision=bf16 (9.5 GB in fp32 would be 19), or with --t5=false zeros in its place, as the
+    pipeline does without text_encoder_3. Unconditional: the empty prompt encoded (SD3's negative
+    prompt ""), not SDXL's zeros."""
+
+    def __init__(self, cfg, device, rank=0, world_size=1, parts=None):
+        super().__init__(cfg, device, rank, world_size, parts)
+        if self.pipe.text_encoder_3 is not None:
+            self.pipe.text_encoder_3.to(self.s_ref.dtype)  # the frozen dtype
+        self.pipe.register_modules(transformer=self.s_ref)  # encode_prompt reads its config
+        self.empty = self.encode([""])
+
+    def load_parts(self, cfg, device, frozen):
+        return load_sd3_parts(cfg, device, frozen)
+
+    def sample_t(self, n, device):
+        """t = 1000 s, s drawn as SD3 was trained: logit-normal, sigmoid of N(0, 1), shifted as the
+        scheduler shifts (s' = shift s / (1 + (shift - 1) s), shift 3.0 for SD3.5 at 1024 px:
+        diffusers' SD3 training examples draw so), then kept in [t_min, t_max] (away from s = 0,
+        where the score -eps / s blows up; the clamp moves 0.3% of the draws, all near s = 1)."""
+        u = torch.sigmoid(torch.randn(n, device=device))
+        shift = self.pipe.scheduler.config.shift
+        return (1000 * shift * u / (1 + (shift - 1) * u)).clamp(self.cfg.t_min, self.cfg.t_max)
+
+    def coefficients(self, t):
+        return flow_coefficients(t)
+
+    def uncond(self, B):
+        return {k: self.empty[k].expand(B, *self.empty[k].shape[1:]) for k in ("embeds", "pooled")}
+
+    @torch.no_grad()
+    def encode(self, prompts):
+        """SD3's own encode_prompt: CLIP-L and CLIP-G hidden states (padded to T5's width) then T5's
+        tokens, (B, 77 + 256, 4096), and both CLIPs' pooled projections, (B, 2048)."""
+        emb, _, pooled, _ = self.pipe.encode_prompt(prompts, None, None, device=self.device,
+                                                    do_classifier_free_guidance=False)
+        return dict(prompts=prompts, embeds=emb.float(), pooled=pooled.float())
+
+    def velocity(self, net, x, t, cond):
+        """v = net(x_s, t = 1000 s, c); cond None: the empty prompt's."""
+        cond = self.uncond(len(x)) if cond is None else cond
+        t = torch.as_tensor(t, device=x.device, dtype=torch.float32).expand(len(x))
+        with torch.autocast(**self.autocast):
+            v = net(hidden_states=x, encoder_hidden_states=cond["embeds"],
+                    pooled_projections=cond["pooled"], timestep=t).sample
+        return v.float()
+
+    def unet(self, net, x, t, cond):  # eps_hat, as SDXL's nets give it
+        t = torch.as_tensor(t, device=x.device, dtype=torch.float32).expand(len(x))
+        s = self.coefficients(t)[1].view(-1, *([1] * (x.ndim - 1)))
+        return eps_from_velocity(x, self.velocity(net, x, t, cond), s)
+
+    def generate(self, g, cond, z=None):
+        """One Euler step from pure noise at s = conditioning_t / 1000 = 1: x_0 = z - s v."""
+        if z is None:  # (B, 16, R/8, R/8)
+            z = torch.randn(len(cond["prompts"]), *self.latent_shape, device=self.device)
+        s = self.cfg.conditioning_t / 1000
+        return z - s * self.velocity(g, z, self.cfg.conditioning_t, cond)
+
+    def decode(self, x0):
+        with torch.autocast(**self.autocast):  # SD3's latents are shifted as well as scaled
+            img = self.vae.decode(x0 / self.vae.config.scaling_factor
+                                  + self.vae.config.shift_factor).sample
+        return (img.float() / 2 + 0.5).clamp(0, 1)
+
+
+WORLDS = dict(sdxl=SDXLWorld, sd3=SD3World)
+
+
+def check_pipeline(cfg):
+    """Before any weights load: --pretrained's model_index.json (a few hundred bytes) names the
+    family --model trains, and for --model=sd3 with --t5 a T5 text encoder. A pipeline whose index
+    cannot be read here is left to the loader, which says why in one line."""
+    from diffusers import DiffusionPipeline
+
+    try:
+        index = DiffusionPipeline.load_config(cfg.pretrained)
+    except Exception:
+        return
+    name, want = index.get("_class_name", "unknown"), PIPELINES[cfg.model]
+    if name != want:
+        other = next((m for m, p in PIPELINES.items() if p == name), None)
+        hint = (f"pass --model={other}" if other else f"--model={cfg.model} trains a {want}")
+        raise LoadError(f"--pretrained={cfg.pretrained} is a {name}, not a {want}: {hint}")
+    if cfg.model == "sd3" and cfg.t5 and not (index.get("text_encoder_3") or [None])[-1]:
+        raise LoadError(f"--pretrained={cfg.pretrained} has no T5 text encoder (text_encoder_3):"
+                        " pass --t5=false (zeros in its place, as the pipeline does)")
+
+
+def load_sd3_parts(cfg, device, frozen):
+    """SD3World's components from cfg's paths, as load_sdxl_parts; T5 (unless --t5=false) in the
+    frozen dtype as it loads."""
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    trained = frozen if cfg.lora_rank else torch.float32
+    get = lambda cls, **kw: load("pretrained", cfg.pretrained, cls.from_pretrained, cfg.pretrained,
+                                 **kw).to(device)
+    no_t5 = {} if cfg.t5 else dict(text_encoder_3=None, tokenizer_3=None)
+    return dict(pipe=get(StableDiffusion3Pipeline, transformer=None, **no_t5,
+                         dtype=dict(default=torch.float32, text_encoder_3=frozen)),
+                s_ref=get(SD3Transformer2DModel, subfolder="transformer", dtype=frozen),
+                assistant=get(SD3Transformer2DModel, subfolder="transformer", dtype=trained),
+                generator=load_generator(cfg.generator_init, cfg.pretrained, cfg.variant or None,
+                                         trained, model="sd3").to(device),
+                reward_fn=ClipReward(cfg.reward_model, cfg.reward_processor, frozen).to(device))
+
+
+_T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+               feed_forward_proj="gated-gelu", relative_attention_num_buckets=32)
+_SD3_VAE = dict(_VAE_BLOCKS, latent_channels=16, scaling_factor=1.5305, shift_factor=0.0609,
+                use_quant_conv=False, use_post_quant_conv=False)
+TINY_SD3 = dict(  # flow.md's sizes that ran: 2 layers, one of them dual-attention
+    transformer=dict(sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=2,
+                     attention_head_dim=8, num_attention_heads=4, joint_attention_dim=32,
+                     caption_projection_dim=32, pooled_projection_dim=64, pos_embed_max_size=16,
+                     dual_attention_layers=(0,), qk_norm="rms_norm"),
+    vae=dict(_SD3_VAE, block_out_channels=(8, 16, 32, 32), layers_per_block=1, norm_num_groups=8),
+    text_encoder=dict(_TINY_TEXT, hidden_size=16), text_encoder_2=dict(_TINY_TEXT, hidden_size=16),
+    clip=TINY["clip"], image=TINY["image"],  # the CLIPs' 16 + 16 fill T5's 32 (SD3.5: 2048, 4096)
+    t5=dict(vocab_size=40, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+            feed_forward_proj="gated-gelu", relative_attention_num_buckets=8))
+SD35_MEDIUM = dict(  # its published configs; transformer 2,243,171,520, T5 4,762,310,656
+    transformer=dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
+                     attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
+                     caption_projection_dim=1536, pooled_projection_dim=2048,
+                     pos_embed_max_size=384, dual_attention_layers=tuple(range(13)),
+                     qk_norm="rms_norm"),
+    vae=dict(_SD3_VAE, block_out_channels=(128, 256, 512, 512), layers_per_block=2),
+    text_encoder=SDXL["text_encoder"], text_encoder_2=SDXL["text_encoder_2"], t5=_T5_XXL,
+    clip=SDXL["clip"], image=SDXL["image"])
+
+
+def offline_t5_tokenizer():
+    """A T5 tokenizer over single letters, no download: a Unigram model with T5's Metaspace
+    pre-tokenizer (prompts are padded to 256 tokens, so token ids change no cost)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import T5TokenizerFast
+
+    symbols = ["<pad>", "</s>", "<unk>", "\u2581", *"abcdefghijklmnopqrstuvwxyz,.!"]
+    tok = Tokenizer(models.Unigram([(t, 0.0 if i < 3 else -1.0) for i, t in enumerate(symbols)],
+                                   unk_id=2))
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    return T5TokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
+                           unk_token="<unk>", extra_ids=0)
+
+
+def random_sd3_parts(sizes, device="cpu", t5=True):
+    """Random-weight SD3 from config dicts, built on `device`: a StableDiffusion3Pipeline (shift
+    3.0, SD3.5's scheduler) holding the transformer, and the reward's CLIPModel and processor."""
+    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
+                           StableDiffusion3Pipeline)
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    tok, t5_tok = offline_tokenizer(), offline_t5_tokenizer()
+    ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+               pad_token_id=tok.pad_token_id)
+    with torch.device(device):
+        transformer = SD3Transformer2DModel(**sizes["transformer"])
+        vae = AutoencoderKL(**sizes["vae"])
+        te, te2 = (CLIPTextModelWithProjection(CLIPTextConfig(**sizes[k], **ids))
+                   for k in ("text_encoder", "text_encoder_2"))
+        te3 = T5EncoderModel(T5Config(**sizes["t5"], pad_token_id=0, eos_token_id=1)) if t5 else None
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+        text_encoder=te, tokenizer=tok, text_encoder_2=te2, tokenizer_2=tok, text_encoder_3=te3,
+        tokenizer_3=t5_tok if t5 else None)
+    return (pipe, *random_reward(sizes, device))
+
+
+def build_tiny_sd3(root, t5=True):
+    """A tiny random StableDiffusion3Pipeline folder, {root}/sd3 ({root}/sd3_no_t5 without T5),
+    and the reward, {root}/reward, as build_tiny's. The same ones every time."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        pipe, clip, processor = random_sd3_parts(TINY_SD3, t5=t5)
+    path, reward = os.path.join(root, "sd3" if t5 else "sd3_no_t5"), os.path.join(root, "reward")
+    pipe.save_pretrained(path)
+    clip.save_pretrained(reward)
+    processor.save_pretrained(reward)
+    return path, reward
+
+
+def dry_run_sd3_parts(device, t5=True):
+    """SD3World's components at SD3.5-medium's size with random weights (dry_run_parts' SD3)."""
+    import copy
+
+    pipe, clip, processor = random_sd3_parts(SD35_MEDIUM, device, t5)
+    return dict(pipe=pipe, s_ref=pipe.transformer, assistant=copy.deepcopy(pipe.transformer),
+                generator=copy.deepcopy(pipe.transformer), reward_fn=ClipReward(clip, processor))
 
 
 # -----------------------------------------------------------------------------
