@@ -1687,6 +1687,13 @@ _FF = ("proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")
 _CONV = ("conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv",
          "time_emb_proj")
 LORA_TARGETS = dict(attn=_ATTN, attn_ff=_ATTN + _FF, all=_ATTN + _FF + _CONV)  # all: DMD2's list
+# SD3: diffusers' SD3 LoRA example's eight attention projections (image and text streams, here in
+# both attention modules of SD3.5's dual-attention blocks) and both streams' feed-forward layers;
+# a transformer has no convolutions, so all is attn_ff
+_SD3_ATTN = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
+             "to_add_out")
+_SD3_FF = ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")
+SD3_LORA_TARGETS = dict(attn=_SD3_ATTN, attn_ff=_SD3_ATTN + _SD3_FF, all=_SD3_ATTN + _SD3_FF)
 LORA_FILE, LORA_BASE = "pytorch_lora_weights.safetensors", "lora_base.json"
 
 
@@ -1699,12 +1706,13 @@ def add_lora(unet, cfg, role):
 
     if not getattr(unet, "peft_config", None):  # the dry run builds two worlds of the same parts
         unet.requires_grad_(False)
+        targets = (SD3_LORA_TARGETS if cfg.model == "sd3" else LORA_TARGETS)[cfg.lora_targets]
         unet.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
-                                    target_modules=list(LORA_TARGETS[cfg.lora_targets])))
+                                    target_modules=list(targets)))
     cast_training_params(unet, torch.float32)  # add_adapter makes them in the base's dtype
     local = lambda p: os.path.abspath(p) if p and os.path.exists(p) else p  # hub ids stay
     gen = role == "generator"
-    unet.lora_base = dict(pretrained=local(cfg.pretrained),
+    unet.lora_base = dict(model=cfg.model, pretrained=local(cfg.pretrained),
                           generator_init=local(cfg.generator_init) if gen else "",
                           variant=cfg.variant if gen else "")
     return unet
@@ -1715,12 +1723,13 @@ def save_lora(unet, path, sd=None):
     rank). Unconverted peft keys: convert_state_dict_to_diffusers renames only the attention
     keys, and the loader, seeing lora_A in the first key, then drops the renamed ones. sd: a
     sharded unet's gathered weights (gather_state_dict)."""
-    from diffusers import StableDiffusionXLPipeline
+    import diffusers
     from peft.utils import get_peft_model_state_dict
 
-    StableDiffusionXLPipeline.save_lora_weights(
-        path, unet_lora_layers=get_peft_model_state_dict(unet, state_dict=sd),
-        unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
+    prefix, pipe = lora_prefix(unet)
+    getattr(diffusers, pipe).save_lora_weights(path, **{
+        f"{prefix}_lora_layers": get_peft_model_state_dict(unet, state_dict=sd),
+        f"{prefix}_lora_adapter_metadata": unet.peft_config["default"].to_dict()})
     here = os.path.abspath(path)  # {out_dir}/.tmp-checkpoint-N/generator, renamed at the same depth
     run = os.path.dirname(os.path.dirname(here))
     inside = lambda p: os.path.isabs(p) and os.path.commonpath([p, run]) == run
@@ -1737,11 +1746,17 @@ def load_lora(unet, path):
     file = os.path.join(path, LORA_FILE)
     if not os.path.isfile(file):
         raise LoadError(f"--resume: {path} holds no {LORA_FILE} (the run was not a LoRA run)")
-    sd = {k.removeprefix("unet."): v for k, v in load_file(file).items()}
+    sd = {k.removeprefix(lora_prefix(unet)[0] + "."): v for k, v in load_file(file).items()}
     result = set_peft_model_state_dict(unet, sd, adapter_name="default")
     missing = [k for k in result.missing_keys if ".lora_" in k]
     if result.unexpected_keys or missing:
         raise LoadError(f"--resume: {file} does not fit --lora_targets (another layer set)")
+
+
+def lora_prefix(net):
+    """The LoRA file's key prefix for net and the pipeline class that saves and loads it."""
+    sd3 = hasattr(net.config, "joint_attention_dim")  # an SD3Transformer2DModel
+    return ("transformer", PIPELINES["sd3"]) if sd3 else ("unet", PIPELINES["sdxl"])
 
 
 def lora_base(path):
@@ -1967,11 +1982,14 @@ def tiny_config(cfg, dist_info):
                    reward_processor=reward)
 
 
-def dry_run_parts(device):
+def dry_run_parts(device, cfg=None):
     """SDXLWorld's components at full size with random weights: no download, no CPU init, and
-    nothing at all on meta. The three UNets start equal, as with --generator_init=""."""
+    nothing at all on meta. The three UNets start equal, as with --generator_init="". cfg with
+    --model=sd3: SD3.5-medium's (dry_run_sd3_parts)."""
     import copy
 
+    if cfg is not None and cfg.model == "sd3":
+        return dry_run_sd3_parts(device, cfg.t5)
     pipe, clip, processor = random_parts(SDXL, device)
     return dict(pipe=pipe, s_ref=pipe.unet, assistant=copy.deepcopy(pipe.unet),
                 generator=copy.deepcopy(pipe.unet), reward_fn=ClipReward(clip, processor))
@@ -2284,8 +2302,12 @@ def memory_plan(world, n_gpus, fsdp):
              f"{each}", size(both) if ddp else max(size(trained(g)), size(trained(psi))) // n)]
     if bases:
         rows.append((f"generator + assistant bases, frozen ({dt(bases)}{each})", size(bases) // n))
-    rows.append((f"reference UNet ({dt(frozen(world.s_ref))}{each})", size(frozen(world.s_ref)) // n))
-    others = (("text encoders", [world.pipe.text_encoder, world.pipe.text_encoder_2]),
+    rows.append((f"reference {NETS[world.cfg.model][1]} ({dt(frozen(world.s_ref))}{each})",
+                 size(frozen(world.s_ref)) // n))
+    t5 = getattr(world.pipe, "text_encoder_3", None)  # SD3's, unless --t5=false
+    others = (("text encoders" if t5 is None else "CLIP text encoders",
+               [world.pipe.text_encoder, world.pipe.text_encoder_2]),
+              *((("T5-XXL text encoder", [t5]),) if t5 is not None else ()),
               ("reward CLIP", [world.reward_fn.model]), ("VAE", [world.vae]))
     rows += [(f"{name} ({dt(frozen(*nets))})", size(frozen(*nets))) for name, nets in others]
     if n > 1:
@@ -2327,15 +2349,19 @@ def step_flops(world, batch_size):
 
 def run_dry_run(cfg, dist_info):
     rank, world_size, device = dist_info
-    per_step = 0
+    per_step, sd3 = 0, " --model=sd3" * (cfg.model == "sd3")
     if rank == 0:  # the plan and the FLOPs on meta; no checkpointing: recompute is not model FLOPs
-        parts = dry_run_parts("meta")
-        meta = SDXLWorld(replace(cfg, grad_checkpointing=False), torch.device("meta"), parts=parts)
+        parts = dry_run_parts("meta", cfg)
+        World = WORLDS[cfg.model]
+        meta = World(replace(cfg, grad_checkpointing=False), torch.device("meta"), parts=parts)
         n_gpus = cfg.world_size_plan or world_size
         n = lambda net: f"{sum(p.numel() for p in net.parameters()):,}"
-        print(f"dry run: SDXL-base UNet {n(meta.s_ref)} parameters (x3: generator, assistant, "
+        t5 = getattr(meta.pipe, "text_encoder_3", None)
+        print(f"dry run: {'SD3.5-medium transformer' if cfg.model == 'sd3' else 'SDXL-base UNet'} "
+              f"{n(meta.s_ref)} parameters (x3: generator, assistant, "
               f"reference), VAE {n(meta.vae)}, text encoders {n(meta.pipe.text_encoder)} + "
-              f"{n(meta.pipe.text_encoder_2)}, reward CLIP-H {n(meta.reward_fn.model)}"
+              f"{n(meta.pipe.text_encoder_2)}" + (f" + T5-XXL {n(t5)}" if t5 is not None else "")
+              + f", reward CLIP-H {n(meta.reward_fn.model)}"
               + (f", LoRA adapters {sum(p.numel() for p in trained(meta.generator)):,} "
                  f"parameters each (rank {cfg.lora_rank})" if cfg.lora_rank else "")
               + f"; random weights, nothing downloaded\nmemory per GPU before activations, "
@@ -2347,8 +2373,8 @@ def run_dry_run(cfg, dist_info):
                                else "") + " (estimate)", extra), ("total on the card", total + extra)]:
             print(f"  {item:64s} {b / 2**30:7.2f}")
         # FLOPs in fp32: meta has no autocast, and precision does not change them
-        meta = SDXLWorld(replace(cfg, grad_checkpointing=False, precision="fp32"),
-                         torch.device("meta"), parts=parts)
+        meta = World(replace(cfg, grad_checkpointing=False, precision="fp32"),
+                     torch.device("meta"), parts=parts)
         flops = step_flops(meta, cfg.batch_size)
         per_step = cfg.assistant_steps * flops["assistant"] + flops["generator"]
         print(f"model FLOPs per GPU, batch {cfg.batch_size}, {cfg.resolution}x{cfg.resolution}: "
@@ -2356,16 +2382,16 @@ def run_dry_run(cfg, dist_info):
               f"{flops['generator'] / 1e12:.1f} TFLOP, step ({cfg.assistant_steps} + 1 updates) "
               f"{per_step / 1e12:.1f} TFLOP")
     if device.type == "cuda":
-        world = SDXLWorld(cfg, device, rank, world_size, parts=dry_run_parts(device))
+        world = WORLDS[cfg.model](cfg, device, rank, world_size, parts=dry_run_parts(device, cfg))
         world = shard_nets(maybe_compile(world), dist_info)  # --compile, --fsdp
         bench(world, dist_info) if cfg.bench else measure_steps(world, dist_info, per_step)
     elif rank == 0 and cfg.lora_rank:  # a LoRA plan is for one GPU: what to run on it next
         print(f"no GPU here, so no seconds per step, images per second, peak memory or MFU; on "
-              f"one GPU, e.g.:\n  python distar.py --prompts=prompts.txt "
+              f"one GPU, e.g.:\n  python distar.py{sd3} --prompts=prompts.txt "
               f"--lora_rank={cfg.lora_rank} --batch_size=1")
     elif rank == 0:
         print("no GPU here, so no seconds per step, images per second, peak memory, MFU or cost "
-              "table; on GPUs, e.g.:\n  torchrun --standalone --nproc_per_node=8 distar.py "
+              f"table; on GPUs, e.g.:\n  torchrun --standalone --nproc_per_node=8 distar.py{sd3} "
               "--dry_run --fsdp")
 
 
