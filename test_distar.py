@@ -3395,3 +3395,20 @@ def test_resuming_an_sd3_run_as_sdxl_is_one_line_and_leaves_the_folder(sd3_runs,
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "was saved by a run with --model=sd3, not --model=sdxl" in err
     assert _tree_digest(d) == before
+
+
+def test_sample_py_knows_an_sd3_run_and_samples_diffusers_one_step_sd3_pipeline(sd3_runs, tmp_path):
+    """sample.py on an SD3 run folder: the family from its pipeline's model_index.json, its own
+    scheduler, one step, no guidance: the PNG is StableDiffusion3Pipeline's, pixel for pixel."""
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    run = sd3_runs / "fsdp"
+    assert sample.main([f"--generator={run}", "--resolution=64", "--prompt=a red fox", "--seed=3",
+                        f"--out_dir={tmp_path}"]) == 0
+    pipe = StableDiffusion3Pipeline.from_pretrained(
+        str(run / "tiny" / "sd3"), transformer=SD3Transformer2DModel.from_pretrained(
+            str(run / "checkpoint-000002" / "generator")))
+    pipe.set_progress_bar_config(disable=True)
+    expect = pipe("a red fox", num_inference_steps=1, guidance_scale=0.0, height=64, width=64,
+                  generator=torch.Generator("cpu").manual_seed(3)).images[0]
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "000.png")), np.asarray(expect))
