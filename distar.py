@@ -21,6 +21,7 @@ $ torchrun --standalone --nproc_per_node=8 distar.py --prompts=prompts.txt --fsd
 $ torchrun --nnodes=8 --nproc_per_node=8 --node_rank=$NODE_RANK --master_addr=$MASTER_ADDR \\
     --master_port=29500 distar.py --prompts=prompts.txt --fsdp  # --out_dir on a shared filesystem
 Continue a stopped run: the same command with --resume (a scheduler's requeue: --resume_if_any).
+SD3/SD3.5 (flow matching; SD3.5-medium, one Euler step from noise): --model=sd3 on any of these.
 
 Extras: tiny random SDXL-shaped models on CPU, the real code path (--tiny); the real
 architectures with random weights, nothing downloaded: the memory plan and FLOPs per step, and
@@ -215,28 +216,24 @@ def sdxl_alphas_cumprod():
 
 
 class VPProcess:
-    """The toy's and SDXL's forward process, x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, t an
-    integer of the 1000-step schedule. A world supplies the noise level draw and (a_t, sigma_t),
-    so that diffuse and the losses serve any process (the flow one: SD3World, in the extras)."""
+    """The toy's and SDXL's x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, t in 0..999. A world's
+    process is its noise draw and (a_t, sigma_t): diffuse and the losses serve any (SD3World)."""
 
     def sample_t(self, n, device):  # t ~ U{t_min..t_max}
         return torch.randint(self.cfg.t_min, self.cfg.t_max + 1, (n,), device=device)
 
     def coefficients(self, t):  # (a_t, sigma_t), each (B,)
-        ab = self.alphas_cumprod[t]
+        ab = self.alphas_cumprod.to(t.device)[t]
         return ab.sqrt(), (1 - ab).sqrt()
 
 
 def flow_coefficients(t):
-    """Rectified flow (SD3, FLUX): x_s = (1 - s) x_0 + s eps with s = t / 1000, i.e. (a_t, sigma_t)
-    = (1 - s, s); the net is called at timestep t = 1000 s and predicts the velocity eps - x_0."""
-    s = t / 1000
-    return 1 - s, s
+    """Rectified flow (SD3): x_s = (1 - s) x_0 + s eps, s = t / 1000; nets predict eps - x_0."""
+    return 1 - t / 1000, t / 1000
 
 
 def eps_from_velocity(x_s, v, s):
-    """A flow net's velocity v = eps - x_0 as the eps-prediction the losses take: x_s = (1 - s) x_0
-    + s eps gives eps_hat = x_s + (1 - s) v, and the score -eps_hat / s."""
+    """A flow net's v = eps - x_0 as the eps the losses take (x_0 = x_s - s v); score -eps / s."""
     return x_s + (1 - s) * v
 
 
@@ -271,31 +268,27 @@ class ToyWorld(VPProcess):
         self.generator = self.assistant = None  # set by make_toy_world
 
     def _diffused(self, x, a, s, c):
-        """x - a_t m for the modes m of q_0(. | c), (B, M, 2), and their variance at t, (B, 1, 1).
-        c: (B,) class ids, one class id, or None for the unconditional mixture of all classes."""
+        """x - a_t m for the modes m of q_0(. | c), (B, M, 2), their variance at t, (B, 1, 1), and
+        responsibilities (B, M, 1). c: (B,) class ids, one class id, or None (all classes)."""
         m = self.means.reshape(1, -1, 2) if c is None else self.means[c]
         a, s = a.view(-1, 1, 1), s.view(-1, 1, 1)  # a_t, sigma_t: (B,) or one t for all
-        return x[:, None] - a * m, a**2 * self.std**2 + s**2
+        diff, var = x[:, None] - a * m, a**2 * self.std**2 + s**2
+        return diff, var, torch.softmax(-(diff**2).sum(-1, keepdim=True) / (2 * var), 1)  # resp
 
     def log_prob(self, x, a, s, c):
         """log q_t(x | c) = log mean_m N(x; a_t m, var I), x (B, 2)."""
-        diff, var = self._diffused(x, a, s, c)
+        diff, var, _ = self._diffused(x, a, s, c)
         comp = -(diff**2).sum(-1, keepdim=True) / (2 * var) - torch.log(2 * math.pi * var)
         return torch.logsumexp(comp[..., 0], 1) - math.log(diff.shape[1])
 
-    def _responsibilities(self, x, a, s, c):
-        diff, var = self._diffused(x, a, s, c)
-        return diff, var, torch.softmax(-(diff**2).sum(-1, keepdim=True) / (2 * var), 1)  # (B, M, 1)
-
     def score(self, x, a, s, c):
         """grad_x log q_t(x | c): responsibility-weighted Gaussian scores."""
-        diff, var, resp = self._responsibilities(x, a, s, c)
+        diff, var, resp = self._diffused(x, a, s, c)
         return -(resp * diff / var).sum(1)
 
     def velocity(self, x, a, s, c):
-        """E[eps - x_0 | x_t = x] under q(. | c): the velocity a flow net learns, from each mode's
-        posterior means (not from the score: the gradient check converts it, eps_from_velocity)."""
-        diff, var, resp = self._responsibilities(x, a, s, c)
+        """E[eps - x_0 | x_t = x] under q(. | c), from each mode's posterior means, not the score"""
+        diff, var, resp = self._diffused(x, a, s, c)
         a, s = a.view(-1, 1, 1), s.view(-1, 1, 1)
         x0 = (x[:, None] - diff) / a + a * self.std**2 / var * diff  # E[x_0 | x_t, mode]
         return (resp * (s / var * diff - x0)).sum(1)  # E[eps | x_t, mode] = s diff / var
@@ -346,9 +339,8 @@ def make_toy_world(device="cpu"):
 # differentiated directly: (3.3) by autograd through this score with pi_t frozen, the KL in closed
 # form, minus the implicit reward (3.7) by autograd through reparameterised samples. Reference: a
 # Gaussian per class, float64, one t. A loss passes when its mean gradient over n_batches
-# independent batches is within 4 standard errors of the exact one. The scores hold for any
-# (a_t, sigma_t): process "flow" checks SD3's (1 - s, s), its reference read as a flow net's is,
-# through the exact velocity and eps_from_velocity (a wrong conversion fails every row).
+# independent batches is within 4 standard errors of the exact one. process "flow": SD3's (1 - s,
+# s), the reference read as from a flow net, its exact velocity through eps_from_velocity.
 def gradient_check(n=2**17, n_batches=16, t=300, c_huber=0.5, alpha_cfg=7.5, seed=0,
                    process="vp"):
     from torch.distributions import MultivariateNormal, kl_divergence
@@ -365,10 +357,8 @@ def gradient_check(n=2**17, n_batches=16, t=300, c_huber=0.5, alpha_cfg=7.5, see
     def gen_score(x, mu, A):  # exact score of p_theta,t at these parameters
         return -torch.linalg.solve(cov(A), (x - a * mu).T).T
 
-    def ref_score(x, c, to_eps=eps_from_velocity):  # s_ref(x | c); c None: empty
-        if process == "vp":
-            return world.score(x, a, s, c)
-        return -to_eps(x, world.velocity(x, a, s, c), s) / s  # a flow net's output, converted
+    ref_score = lambda x, c, to_eps=eps_from_velocity: (  # s_ref(x | c); c None: empty
+        world.score(x, a, s, c) if process == "vp" else -to_eps(x, world.velocity(x, a, s, c), s)/s)
 
     omega = 1 + alpha_cfg
     s_c = lambda x: ref_score(x, 0)  # s_ref(x | c = 0)
@@ -444,9 +434,8 @@ def gradient_check(n=2**17, n_batches=16, t=300, c_huber=0.5, alpha_cfg=7.5, see
 
 
 def print_gradient_check(results, process="vp"):
-    print("gradient check: relative error of each loss's theta-gradient vs the exact one "
-          "(2-D Gaussians, float64" + (", the flow process (1 - s, s): SD3's)" if process == "flow"
-                                        else ")"))
+    print("gradient check: relative error of each loss's theta-gradient vs the exact one (2-D "
+          f"Gaussians, float64{', the flow process (1 - s, s): SD3' * (process == 'flow')})")
     print(f"{'loss':38s} {'mu':>8s} {'A':>8s} {'all':>8s} {'MC tol':>8s}  verdict")
     for r in results:
         verdict = "matches" if r["should_match"] else "differs, as it should"
@@ -529,14 +518,13 @@ class SDXLWorld(VPProcess):
                              enabled=cfg.precision == "bf16" and device.type != "meta")
         prompts = read_prompts(cfg.prompts)
         self.prompts = prompts[rank::world_size] or prompts  # this rank's shard
-        parts = parts or self.load_parts(cfg, device, frozen)
+        parts = parts or load_sdxl_parts(cfg, device, frozen)  # SD3World passes its own
         self.pipe = parts["pipe"].to(device)  # text encoders, VAE and scheduler, fp32 as loaded
         self.vae = self.pipe.vae
         self.alphas_cumprod = getattr(self.pipe.scheduler, "alphas_cumprod", None)  # VP: alphabar_t
-        self.alphas_cumprod = None if self.alphas_cumprod is None else self.alphas_cumprod.to(device)
         self.s_ref = parts["s_ref"].to(device, frozen).eval()
         for net in [m for m in self.pipe.components.values() if isinstance(m, nn.Module)]:
-            net.requires_grad_(False)
+            net.requires_grad_(False)  # text encoders, VAE
         self.s_ref.requires_grad_(False)
         # trained nets in fp32; with --lora_rank frozen bases in `frozen`, fp32 adapters (add_lora)
         self.generator, self.assistant = (
@@ -548,9 +536,6 @@ class SDXLWorld(VPProcess):
         r, lat = cfg.resolution, cfg.resolution // 8
         self.latent_shape = (self.generator.config.in_channels, lat, lat)
         self.time_ids = torch.tensor([[r, r, 0, 0, r, r]], dtype=torch.float32, device=device)
-
-    def load_parts(self, cfg, device, frozen):
-        return load_sdxl_parts(cfg, device, frozen)
 
     def set_grad_checkpointing(self, on):
         """Recompute activations in backward, in the frozen nets too: they are on the generator's
@@ -580,11 +565,10 @@ class SDXLWorld(VPProcess):
         """eps_hat = net(x_t, t, c); cond None: the unconditional input."""
         B = len(x)
         cond = self.uncond(B) if cond is None else cond
-        emb, pooled = cond["embeds"], cond["pooled"]
         t = torch.as_tensor(t, device=x.device).expand(B)
-        added = {"text_embeds": pooled, "time_ids": self.time_ids.expand(B, 6)}
+        added = {"text_embeds": cond["pooled"], "time_ids": self.time_ids.expand(B, 6)}
         with torch.autocast(**self.autocast):
-            eps = net(x, t, encoder_hidden_states=emb, added_cond_kwargs=added).sample
+            eps = net(x, t, encoder_hidden_states=cond["embeds"], added_cond_kwargs=added).sample
         return eps.float()
 
     def generate(self, g, cond, z=None):
@@ -635,8 +619,7 @@ class SDXLWorld(VPProcess):
 # Algorithm 1: the alternating loop, written once and given a world
 # A world holds .generator and .assistant (the trained nets), its process (sample_t(n, device),
 # coefficients(t) = (a_t, sigma_t)), and sample_cond(n), generate(g, cond), eps_fake(s_psi, x_t, t,
-# cond), eps_ref(x_t, t, cond or None), eps_ref_both (the two at once), reward(x_0, cond). The
-# nets' outputs reach the loop as eps; scores are s = -eps / sigma_t.
+# cond), eps_ref(x_t, t, cond or None), eps_ref_both, reward(x_0, cond); s = -eps / sigma_t.
 #
 # w(t) and c, which the paper leaves open. The distance is on the eps scale, d_t(y) = d(sigma_t y),
 # a distance at every t (so Theorem 3.1 holds), and per element: with Delta = eps_psi - eps_ref and
@@ -650,7 +633,7 @@ class SDXLWorld(VPProcess):
 
 
 def diffuse(world, x0):
-    """t from the world's process, eps ~ N(0, I), x_t = a_t x_0 + sigma_t eps (shapes (B, 1, ...))."""
+    """t from the world's process, eps ~ N(0, I), x_t = a_t x_0 + sigma_t eps ((B, 1, ...) each)."""
     t = world.sample_t(len(x0), x0.device)
     a_t, sigma_t = (c.view(-1, *([1] * (x0.ndim - 1))).to(x0.dtype) for c in world.coefficients(t))
     eps = torch.randn_like(x0)
@@ -1321,7 +1304,8 @@ def check_out_dir(cfg):
 
 # what a checkpoint must share with the run that resumes it (another world's weights do not fit;
 # --tiny would build its models inside another run's out_dir), and what it may change but is told
-MODE_KEYS = ("toy", "tiny", "model", "lora_rank", "lora_targets",  # a LoRA of another shape does not fit
+MODE_KEYS = ("toy", "tiny", "model",  # another family's weights do not fit
+             "lora_rank", "lora_targets",  # a LoRA of another shape does not fit
              "lora_alpha",  # alpha scales the saved adapter: another one is another generator
              "fsdp")  # --fsdp's AdamW states are DCP shards, DDP's one state.pt
 OBJECTIVE_KEYS = ("divergence", "cfg", "alpha_rew", "alpha_cfg", "huber_c", "t_min", "t_max",
@@ -1589,7 +1573,8 @@ def load_generator(path, pretrained, variant=None, dtype=None, flag="generator_i
                    model="sdxl"):
     """A one-step generator's UNet (--model=sd3: transformer), in any form one is published in, in
     `dtype` (default fp32): "": the UNet of `pretrained`; a diffusers UNet folder, or a pipeline
-    folder holding unet/ (both with `variant`, e.g. fp16); a state-dict file (unet_from_state_dict)."""
+    folder holding unet/ (both with `variant`, e.g. fp16); a state-dict file
+    (unet_from_state_dict)."""
     import diffusers
 
     cls, sub = getattr(diffusers, NETS[model][0]), NETS[model][1]
@@ -1712,7 +1697,7 @@ def add_lora(unet, cfg, role):
     cast_training_params(unet, torch.float32)  # add_adapter makes them in the base's dtype
     local = lambda p: os.path.abspath(p) if p and os.path.exists(p) else p  # hub ids stay
     gen = role == "generator"
-    unet.lora_base = dict(model=cfg.model, pretrained=local(cfg.pretrained),
+    unet.lora_base = dict(pretrained=local(cfg.pretrained),
                           generator_init=local(cfg.generator_init) if gen else "",
                           variant=cfg.variant if gen else "")
     return unet
@@ -2019,14 +2004,13 @@ class SD3World(SDXLWorld):
     prompt ""), not SDXL's zeros."""
 
     def __init__(self, cfg, device, rank=0, world_size=1, parts=None):
+        frozen = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+        parts = parts or load_sd3_parts(cfg, device, frozen)
         super().__init__(cfg, device, rank, world_size, parts)
         if self.pipe.text_encoder_3 is not None:
             self.pipe.text_encoder_3.to(self.s_ref.dtype)  # the frozen dtype
         self.pipe.register_modules(transformer=self.s_ref)  # encode_prompt reads its config
         self.empty = self.encode([""])
-
-    def load_parts(self, cfg, device, frozen):
-        return load_sd3_parts(cfg, device, frozen)
 
     def sample_t(self, n, device):
         """t = 1000 s, s drawn as SD3 was trained: logit-normal, sigmoid of N(0, 1), shifted as the
@@ -2174,7 +2158,8 @@ def random_sd3_parts(sizes, device="cpu", t5=True):
         vae = AutoencoderKL(**sizes["vae"])
         te, te2 = (CLIPTextModelWithProjection(CLIPTextConfig(**sizes[k], **ids))
                    for k in ("text_encoder", "text_encoder_2"))
-        te3 = T5EncoderModel(T5Config(**sizes["t5"], pad_token_id=0, eos_token_id=1)) if t5 else None
+        te3 = (T5EncoderModel(T5Config(**sizes["t5"], pad_token_id=0, eos_token_id=1)) if t5
+               else None)
     pipe = StableDiffusion3Pipeline(
         transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
         text_encoder=te, tokenizer=tok, text_encoder_2=te2, tokenizer_2=tok, text_encoder_3=te3,
@@ -2302,7 +2287,8 @@ def memory_plan(world, n_gpus, fsdp):
              f"{each}", size(both) if ddp else max(size(trained(g)), size(trained(psi))) // n)]
     if bases:
         rows.append((f"generator + assistant bases, frozen ({dt(bases)}{each})", size(bases) // n))
-    rows.append((f"reference {NETS[world.cfg.model][1]} ({dt(frozen(world.s_ref))}{each})",
+    rows.append((f"reference {'transformer' if world.cfg.model == 'sd3' else 'UNet'} "
+                 f"({dt(frozen(world.s_ref))}{each})",
                  size(frozen(world.s_ref)) // n))
     t5 = getattr(world.pipe, "text_encoder_3", None)  # SD3's, unless --t5=false
     others = (("text encoders" if t5 is None else "CLIP text encoders",
