@@ -21,6 +21,7 @@ $ torchrun --standalone --nproc_per_node=8 distar.py --prompts=prompts.txt --fsd
 $ torchrun --nnodes=8 --nproc_per_node=8 --node_rank=$NODE_RANK --master_addr=$MASTER_ADDR \\
     --master_port=29500 distar.py --prompts=prompts.txt --fsdp  # --out_dir on a shared filesystem
 Continue a stopped run: the same command with --resume (a scheduler's requeue: --resume_if_any).
+SD3/SD3.5 (flow matching; SD3.5-medium, one Euler step from noise): --model=sd3 on any of these.
 
 Extras: tiny random SDXL-shaped models on CPU, the real code path (--tiny); the real
 architectures with random weights, nothing downloaded: the memory plan and FLOPs per step, and
@@ -69,6 +70,8 @@ class Config:
     ablation: bool = False  # with --toy: one generator per row of the paper's Table 2
     bench: bool = False  # time a step per divergence instead of training: {out_dir}/bench.json
     allow_cpu: bool = False  # train SDXL without a GPU (downloads tens of GB; very slow)
+    model: str = "sdxl"  # sdxl | sd3: SD3/SD3.5 (flow matching); with --toy: the flow check too
+    t5: bool = True  # sd3: the T5-XXL text encoder (4.76 B frozen); false: zeros in its place
     # models: hub ids or local folders
     pretrained: str = "stabilityai/stable-diffusion-xl-base-1.0"  # s_ref, s_psi's init, VAE, text
     generator_init: str = "tianweiy/DMD2/dmd2_sdxl_1step_unet_fp16.bin"  # UNet folder or state dict
@@ -212,6 +215,28 @@ def sdxl_alphas_cumprod():
     return DDPMScheduler(num_train_timesteps=1000, **SDXL_BETAS).alphas_cumprod  # alphabar_t
 
 
+class VPProcess:
+    """The toy's and SDXL's x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, t in 0..999. A world's
+    process is its noise draw and (a_t, sigma_t): diffuse and the losses serve any (SD3World)."""
+
+    def sample_t(self, n, device):  # t ~ U{t_min..t_max}
+        return torch.randint(self.cfg.t_min, self.cfg.t_max + 1, (n,), device=device)
+
+    def coefficients(self, t):  # (a_t, sigma_t), each (B,)
+        ab = self.alphas_cumprod.to(t.device)[t]
+        return ab.sqrt(), (1 - ab).sqrt()
+
+
+def flow_coefficients(t):
+    """Rectified flow (SD3): x_s = (1 - s) x_0 + s eps, s = t / 1000; nets predict eps - x_0."""
+    return 1 - t / 1000, t / 1000
+
+
+def eps_from_velocity(x_s, v, s):
+    """A flow net's v = eps - x_0 as the eps the losses take (x_0 = x_s - s v); score -eps / s."""
+    return x_s + (1 - s) * v
+
+
 class ToyNet(nn.Module):
     """MLP f(x, c[, t]): the generator g_theta(z, c) (no t) or the assistant eps_psi(x_t, t, c)."""
 
@@ -231,7 +256,7 @@ class ToyNet(nn.Module):
         return self.net(torch.cat(h, 1))
 
 
-class ToyWorld:
+class ToyWorld(VPProcess):
     """K classes; class k is an equal-weight mixture of isotropic Gaussians means[k] (M, 2), std.
     Explicit reward r(x, c) = reward_scale x[0]: it favours the right-hand mode of each class."""
 
@@ -243,23 +268,30 @@ class ToyWorld:
         self.generator = self.assistant = None  # set by make_toy_world
 
     def _diffused(self, x, a, s, c):
-        """x - a_t m for the modes m of q_0(. | c), (B, M, 2), and their variance at t, (B, 1, 1).
-        c: (B,) class ids, one class id, or None for the unconditional mixture of all classes."""
+        """x - a_t m for the modes m of q_0(. | c), (B, M, 2), their variance at t, (B, 1, 1), and
+        responsibilities (B, M, 1). c: (B,) class ids, one class id, or None (all classes)."""
         m = self.means.reshape(1, -1, 2) if c is None else self.means[c]
         a, s = a.view(-1, 1, 1), s.view(-1, 1, 1)  # a_t, sigma_t: (B,) or one t for all
-        return x[:, None] - a * m, a**2 * self.std**2 + s**2
+        diff, var = x[:, None] - a * m, a**2 * self.std**2 + s**2
+        return diff, var, torch.softmax(-(diff**2).sum(-1, keepdim=True) / (2 * var), 1)  # resp
 
     def log_prob(self, x, a, s, c):
         """log q_t(x | c) = log mean_m N(x; a_t m, var I), x (B, 2)."""
-        diff, var = self._diffused(x, a, s, c)
+        diff, var, _ = self._diffused(x, a, s, c)
         comp = -(diff**2).sum(-1, keepdim=True) / (2 * var) - torch.log(2 * math.pi * var)
         return torch.logsumexp(comp[..., 0], 1) - math.log(diff.shape[1])
 
     def score(self, x, a, s, c):
         """grad_x log q_t(x | c): responsibility-weighted Gaussian scores."""
-        diff, var = self._diffused(x, a, s, c)
-        resp = torch.softmax(-(diff**2).sum(-1, keepdim=True) / (2 * var), 1)  # (B, M, 1)
+        diff, var, resp = self._diffused(x, a, s, c)
         return -(resp * diff / var).sum(1)
+
+    def velocity(self, x, a, s, c):
+        """E[eps - x_0 | x_t = x] under q(. | c), from each mode's posterior means, not the score"""
+        diff, var, resp = self._diffused(x, a, s, c)
+        a, s = a.view(-1, 1, 1), s.view(-1, 1, 1)
+        x0 = (x[:, None] - diff) / a + a * self.std**2 / var * diff  # E[x_0 | x_t, mode]
+        return (resp * (s / var * diff - x0)).sum(1)  # E[eps | x_t, mode] = s diff / var
 
     def sample_ref(self, n):
         """n samples of q_0(x | c) for every class c, (K, n, 2)."""
@@ -280,7 +312,7 @@ class ToyWorld:
 
     def eps_ref(self, x_t, t, cond):
         """The reference's eps-prediction -sigma_t s_ref(x_t|c); cond None: unconditional."""
-        a, s = self.alphas_cumprod[t].sqrt(), (1 - self.alphas_cumprod[t]).sqrt()
+        a, s = self.coefficients(t)
         return -s[:, None] * self.score(x_t, a, s, cond)
 
     def eps_ref_both(self, x_t, t, cond):  # (c, empty); SDXLWorld batches them into one call
@@ -307,15 +339,17 @@ def make_toy_world(device="cpu"):
 # differentiated directly: (3.3) by autograd through this score with pi_t frozen, the KL in closed
 # form, minus the implicit reward (3.7) by autograd through reparameterised samples. Reference: a
 # Gaussian per class, float64, one t. A loss passes when its mean gradient over n_batches
-# independent batches is within 4 standard errors of the exact one.
-def gradient_check(n=2**17, n_batches=16, t=300, c_huber=0.5, alpha_cfg=7.5, seed=0):
+# independent batches is within 4 standard errors of the exact one. process "flow": SD3's (1 - s,
+# s), the reference read as from a flow net, its exact velocity through eps_from_velocity.
+def gradient_check(n=2**17, n_batches=16, t=300, c_huber=0.5, alpha_cfg=7.5, seed=0,
+                   process="vp"):
     from torch.distributions import MultivariateNormal, kl_divergence
 
     gen = torch.Generator().manual_seed(seed)
     dt = torch.float64
     world = ToyWorld([[(0.0, 1.0)], [(-1.0, -0.5)], [(1.0, -0.5)]], std=0.6, dtype=dt)
-    ab = world.alphas_cumprod[t]
-    a, s = ab.sqrt(), (1 - ab).sqrt()
+    t = torch.tensor(t, dtype=dt if process == "flow" else torch.long)
+    a, s = world.coefficients(t) if process == "vp" else flow_coefficients(t)
     mu = torch.tensor([0.4, 0.2], dtype=dt, requires_grad=True)  # theta = (mu, A), class 0
     A = torch.tensor([[0.9, 0.3], [-0.2, 0.5]], dtype=dt, requires_grad=True)
     cov = lambda A: a**2 * A @ A.T + s**2 * torch.eye(2, dtype=dt)  # of p_theta,t
@@ -323,9 +357,12 @@ def gradient_check(n=2**17, n_batches=16, t=300, c_huber=0.5, alpha_cfg=7.5, see
     def gen_score(x, mu, A):  # exact score of p_theta,t at these parameters
         return -torch.linalg.solve(cov(A), (x - a * mu).T).T
 
+    ref_score = lambda x, c, to_eps=eps_from_velocity: (  # s_ref(x | c); c None: empty
+        world.score(x, a, s, c) if process == "vp" else -to_eps(x, world.velocity(x, a, s, c), s)/s)
+
     omega = 1 + alpha_cfg
-    s_c = lambda x: world.score(x, a, s, 0)  # s_ref(x | c = 0)
-    s_u = lambda x: world.score(x, a, s, None)  # s_ref(x | empty)
+    s_c = lambda x: ref_score(x, 0)  # s_ref(x | c = 0)
+    s_u = lambda x: ref_score(x, None)  # s_ref(x | empty)
     s_sg = lambda x: gen_score(x, mu.detach(), A.detach())  # s_{p_sg[theta],t}
 
     def s_cfg_exact(x):  # grad_x [omega log q_t(x|c) + (1 - omega) log q_t(x)], by autograd
@@ -352,12 +389,13 @@ def gradient_check(n=2**17, n_batches=16, t=300, c_huber=0.5, alpha_cfg=7.5, see
         return world.log_prob(x_t, a, s, None) - world.log_prob(x_t, a, s, 0)
 
     ph = dict(distance="pseudo_huber", c=c_huber)
-    div_ph = lambda x: div_33(x, s_c, "pseudo_huber")
+    q_c = lambda x: world.score(x, a, s, 0)  # the exact objectives' reference: the exact score
+    div_ph = lambda x: div_33(x, q_c, "pseudo_huber")
     rows = [  # (name, tractable loss of (x_t, cond score), exact objective, should match)
         ("eq 3.4 pseudo-Huber (Thm 3.1)", lambda x, e: score_divergence_loss(x, e, s_sg, s_c, **ph),
          div_ph, True),
         ("eq 3.4 l2 (Thm 3.1)", lambda x, e: score_divergence_loss(x, e, s_sg, s_c, distance="l2"),
-         lambda x: div_33(x, s_c, "l2"), True),
+         lambda x: div_33(x, q_c, "l2"), True),
         ("  wrong: x_t detached inside d'", lambda x, e: detached(x, e, "d'"), div_ph, False),
         ("  wrong: x_t detached in 2nd s_fake", lambda x, e: detached(x, e, "2nd"), div_ph, False),
         ("kl_loss vs closed-form KL", lambda x, e: kl_loss(x, s_sg, s_c), kl_exact, True),
@@ -371,7 +409,9 @@ def gradient_check(n=2**17, n_batches=16, t=300, c_huber=0.5, alpha_cfg=7.5, see
         ("  printed choice 2: s_c + a s_u", lambda x, e: score_divergence_loss(
             x, e, s_sg, lambda y: s_c(y) + alpha_cfg * s_u(y), **ph),
          lambda x: div_33(x, s_cfg_exact, "pseudo_huber"), False),
-    ]
+    ] + [("  wrong: v to eps as x_s + s v", lambda x, e: score_divergence_loss(
+        x, e, s_sg, lambda y: ref_score(y, 0, lambda x_s, v, s: x_s + s * v), **ph), div_ph,
+        False)] * (process == "flow")
     flat = lambda grads: torch.cat([g.flatten() for g in grads])  # (6,): 2 for mu, 4 for A
     results = []
     for name, tractable, exact, should_match in rows:
@@ -393,9 +433,9 @@ def gradient_check(n=2**17, n_batches=16, t=300, c_huber=0.5, alpha_cfg=7.5, see
     return results
 
 
-def print_gradient_check(results):
-    print("gradient check: relative error of each loss's theta-gradient vs the exact one "
-          "(2-D Gaussians, float64)")
+def print_gradient_check(results, process="vp"):
+    print("gradient check: relative error of each loss's theta-gradient vs the exact one (2-D "
+          f"Gaussians, float64{', the flow process (1 - s, s): SD3' * (process == 'flow')})")
     print(f"{'loss':38s} {'mu':>8s} {'A':>8s} {'all':>8s} {'MC tol':>8s}  verdict")
     for r in results:
         verdict = "matches" if r["should_match"] else "differs, as it should"
@@ -461,7 +501,7 @@ class ClipReward(nn.Module):
         return (F.normalize(f, dim=-1) * text_features).sum(-1)
 
 
-class SDXLWorld:
+class SDXLWorld(VPProcess):
     """Algorithm 1 on SDXL. Trained, with fp32 master weights: the generator g_theta (a UNet read at
     conditioning timestep 399) and the assistant s_psi (a UNet, initialised from the reference),
     or with --lora_rank a LoRA adapter on each, their bases frozen. Frozen, in bf16 with
@@ -478,13 +518,14 @@ class SDXLWorld:
                              enabled=cfg.precision == "bf16" and device.type != "meta")
         prompts = read_prompts(cfg.prompts)
         self.prompts = prompts[rank::world_size] or prompts  # this rank's shard
-        parts = parts or load_sdxl_parts(cfg, device, frozen)
-        self.pipe = parts["pipe"].to(device, torch.float32)  # text encoders, VAE and scheduler
+        parts = parts or load_sdxl_parts(cfg, device, frozen)  # SD3World passes its own
+        self.pipe = parts["pipe"].to(device)  # text encoders, VAE and scheduler, fp32 as loaded
         self.vae = self.pipe.vae
-        self.alphas_cumprod = self.pipe.scheduler.alphas_cumprod.to(device)  # alphabar_t, (1000,)
+        self.alphas_cumprod = getattr(self.pipe.scheduler, "alphas_cumprod", None)  # VP: alphabar_t
         self.s_ref = parts["s_ref"].to(device, frozen).eval()
-        for net in (self.pipe.text_encoder, self.pipe.text_encoder_2, self.vae, self.s_ref):
-            net.requires_grad_(False)
+        for net in [m for m in self.pipe.components.values() if isinstance(m, nn.Module)]:
+            net.requires_grad_(False)  # text encoders, VAE
+        self.s_ref.requires_grad_(False)
         # trained nets in fp32; with --lora_rank frozen bases in `frozen`, fp32 adapters (add_lora)
         self.generator, self.assistant = (
             add_lora(parts[k].to(device, frozen), cfg, k) if cfg.lora_rank
@@ -514,18 +555,20 @@ class SDXLWorld:
                                                     do_classifier_free_guidance=False)
         return dict(prompts=prompts, embeds=emb.float(), pooled=pooled.float())
 
+    def uncond(self, B):
+        """SDXL's unconditional input, all zeros (force_zeros_for_empty_prompt)."""
+        te, te2 = self.pipe.text_encoder.config, self.pipe.text_encoder_2.config
+        return dict(embeds=torch.zeros(B, 77, te.hidden_size + te2.hidden_size, device=self.device),
+                    pooled=torch.zeros(B, te2.projection_dim, device=self.device))
+
     def unet(self, net, x, t, cond):
-        """eps_hat = net(x_t, t, c); cond None: SDXL's unconditional input, all zeros."""
-        B, te, te2 = len(x), self.pipe.text_encoder.config, self.pipe.text_encoder_2.config
-        if cond is None:  # force_zeros_for_empty_prompt
-            emb = torch.zeros(B, 77, te.hidden_size + te2.hidden_size, device=x.device)
-            pooled = torch.zeros(B, te2.projection_dim, device=x.device)
-        else:
-            emb, pooled = cond["embeds"], cond["pooled"]
+        """eps_hat = net(x_t, t, c); cond None: the unconditional input."""
+        B = len(x)
+        cond = self.uncond(B) if cond is None else cond
         t = torch.as_tensor(t, device=x.device).expand(B)
-        added = {"text_embeds": pooled, "time_ids": self.time_ids.expand(B, 6)}
+        added = {"text_embeds": cond["pooled"], "time_ids": self.time_ids.expand(B, 6)}
         with torch.autocast(**self.autocast):
-            eps = net(x, t, encoder_hidden_states=emb, added_cond_kwargs=added).sample
+            eps = net(x, t, encoder_hidden_states=cond["embeds"], added_cond_kwargs=added).sample
         return eps.float()
 
     def generate(self, g, cond, z=None):
@@ -544,7 +587,8 @@ class SDXLWorld:
 
     def eps_ref_both(self, x_t, t, cond):
         """(eps_c, eps_u), one call on [x_t; x_t], [c; empty]: larger matmuls, half the launches."""
-        both = {k: torch.cat([cond[k], torch.zeros_like(cond[k])]) for k in ("embeds", "pooled")}
+        empty = self.uncond(len(x_t))
+        both = {k: torch.cat([cond[k], empty[k]]) for k in ("embeds", "pooled")}
         t = torch.as_tensor(t, device=x_t.device).expand(len(x_t))
         return self.unet(self.s_ref, torch.cat([x_t, x_t]), torch.cat([t, t]), both).chunk(2)
 
@@ -573,9 +617,9 @@ class SDXLWorld:
 
 # -----------------------------------------------------------------------------
 # Algorithm 1: the alternating loop, written once and given a world
-# A world holds .generator and .assistant (the trained nets), .alphas_cumprod, and sample_cond(n),
-# generate(g, cond), eps_fake(s_psi, x_t, t, cond), eps_ref(x_t, t, cond or None), eps_ref_both
-# (the two at once), reward(x_0, cond). Nets predict eps; scores are s = -eps / sigma_t.
+# A world holds .generator and .assistant (the trained nets), its process (sample_t(n, device),
+# coefficients(t) = (a_t, sigma_t)), and sample_cond(n), generate(g, cond), eps_fake(s_psi, x_t, t,
+# cond), eps_ref(x_t, t, cond or None), eps_ref_both, reward(x_0, cond); s = -eps / sigma_t.
 #
 # w(t) and c, which the paper leaves open. The distance is on the eps scale, d_t(y) = d(sigma_t y),
 # a distance at every t (so Theorem 3.1 holds), and per element: with Delta = eps_psi - eps_ref and
@@ -589,11 +633,9 @@ class SDXLWorld:
 
 
 def diffuse(world, x0):
-    """t ~ U{t_min..t_max}, eps ~ N(0, I), x_t = a_t x_0 + sigma_t eps (shapes (B, 1, ...))."""
-    cfg = world.cfg
-    t = torch.randint(cfg.t_min, cfg.t_max + 1, (len(x0),), device=x0.device)
-    ab = world.alphas_cumprod[t].view(-1, *([1] * (x0.ndim - 1))).to(x0.dtype)
-    a_t, sigma_t = ab.sqrt(), (1 - ab).sqrt()
+    """t from the world's process, eps ~ N(0, I), x_t = a_t x_0 + sigma_t eps ((B, 1, ...) each)."""
+    t = world.sample_t(len(x0), x0.device)
+    a_t, sigma_t = (c.view(-1, *([1] * (x0.ndim - 1))).to(x0.dtype) for c in world.coefficients(t))
     eps = torch.randn_like(x0)
     return t, a_t * x0 + sigma_t * eps, eps, sigma_t
 
@@ -875,6 +917,9 @@ def run_toy(cfg, dist_info):
     if rank == 0:  # float64 Monte Carlo, ~2 s; the other ranks wait at the broadcast
         results = gradient_check()
         print_gradient_check(results)
+        if cfg.model == "sd3":  # on request: the same check under SD3's flow process
+            print_gradient_check(flow := gradient_check(process="flow"), "flow")
+            results += flow
         ok[0] = all(r["ok"] for r in results)
     if world_size > 1:
         dist.broadcast(ok, 0)
@@ -895,11 +940,12 @@ def run_sdxl(cfg, dist_info):
         cfg = tiny_config(cfg, dist_info)
     elif rank == 0 and not cfg.bench:
         prompts = cfg.prompts or f"the {len(BUILTIN_PROMPTS)} built-in ones (no --prompts)"
-        print(f"distar: SDXL on {world_size} x {device.type}: loading {cfg.pretrained}, "
-              f"{cfg.generator_init or 'its UNet'} and {cfg.reward_model}; prompts: {prompts}",
+        print(f"distar: {cfg.model.upper()} on {world_size} x {device.type}: loading "
+              f"{cfg.pretrained}, {cfg.generator_init or 'its ' + NETS[cfg.model][1]} and "
+              f"{cfg.reward_model}; prompts: {prompts}",
               flush=True)
     with all_ok(dist_info):
-        world = maybe_compile(SDXLWorld(cfg, device, rank, world_size))  # --compile
+        world = maybe_compile(WORLDS[cfg.model](cfg, device, rank, world_size))  # --compile
     world = shard_nets(world, dist_info)  # --fsdp
     if cfg.bench:  # the cost table instead of training
         return bench(world, dist_info)
@@ -958,7 +1004,7 @@ def main(argv):
 # -----------------------------------------------------------------------------
 # the command line: argparse built from Config; a bad value is one line naming its flag
 
-CHOICES = dict(cfg=("in", "out"), divergence=("pseudo_huber", "l2", "kl"),
+CHOICES = dict(model=("sdxl", "sd3"), cfg=("in", "out"), divergence=("pseudo_huber", "l2", "kl"),
                precision=("bf16", "fp32"), dtype=("fp16", "bf16", "fp32"),  # dtype: sample.py
                lora_targets=("all", "attn_ff", "attn"))
 AT_LEAST = dict(batch_size=1, max_steps=0, assistant_steps=0, lr_g=0, lr_psi=0, beta1=0, beta2=0,
@@ -1020,8 +1066,8 @@ def modes_help():
     the command line names a mode)."""
     import textwrap
 
-    modes = dict(toy=TOY_DEFAULTS, tiny=TINY_DEFAULTS, dry_run=DRY_RUN_DEFAULTS,
-                 ablation=ABLATION_DEFAULTS, lora_rank=LORA_DEFAULTS)
+    modes = {"toy": TOY_DEFAULTS, "tiny": TINY_DEFAULTS, "dry_run": DRY_RUN_DEFAULTS,
+             "ablation": ABLATION_DEFAULTS, "lora_rank": LORA_DEFAULTS, "model=sd3": SD3_DEFAULTS}
     lines = [textwrap.fill(" ".join(f"--{k}={v}" for k, v in d.items()), 100,
                            initial_indent=f"  {'--' + m:13s}", subsequent_indent=" " * 15)
              for m, d in modes.items()]
@@ -1032,7 +1078,9 @@ def parse_args(argv):
     mode = make_parser(Config, "distar.py", add_help=False).parse_known_args(argv)[0]
     defaults = (TOY_DEFAULTS if mode.toy else TINY_DEFAULTS if mode.tiny
                 else DRY_RUN_DEFAULTS if mode.dry_run else {})
-    defaults = {**(LORA_DEFAULTS if mode.lora_rank else {}), **defaults,
+    sd3 = mode.model == "sd3" and not mode.toy  # the toy keeps its own problem
+    defaults = {**(LORA_DEFAULTS if mode.lora_rank else {}), **(SD3_DEFAULTS if sd3 else {}),
+                **defaults,
                 **(ABLATION_DEFAULTS if mode.ablation else {})}
     parser = make_parser(Config, "distar.py", defaults, epilog=modes_help())
     cfg = Config(**vars(parser.parse_args(argv)))
@@ -1054,6 +1102,7 @@ def parse_args(argv):
         (not (cfg.beta1 < 1 and cfg.beta2 < 1), "--beta1 and --beta2 must be < 1"),
         (cfg.huber_c <= 0, f"--huber_c must be > 0, got {cfg.huber_c}"),
         (cfg.lora_rank and cfg.toy, "--lora_rank adapts SDXL UNets; the toy trains whole MLPs"),
+        (not cfg.t5 and cfg.model != "sd3", "--t5 is SD3's text encoder: use it with --model=sd3"),
         (cfg.fsdp and cfg.toy, "--fsdp shards SDXL's UNets; the toy's MLPs run under DDP"),
         (cfg.fsdp and "RANK" not in os.environ and not cfg.dry_run,  # a plan needs no ranks
          "--fsdp shards the UNets over torchrun's processes: launch it with torchrun "
@@ -1240,6 +1289,8 @@ def check_sdxl_run(cfg, device):
     if not cfg.bench:  # --bench writes no checkpoints
         check_out_dir(cfg)
     read_prompts(cfg.prompts)
+    if not cfg.tiny:  # --tiny builds its own
+        check_pipeline(cfg)
 
 
 def check_out_dir(cfg):
@@ -1253,11 +1304,12 @@ def check_out_dir(cfg):
 
 # what a checkpoint must share with the run that resumes it (another world's weights do not fit;
 # --tiny would build its models inside another run's out_dir), and what it may change but is told
-MODE_KEYS = ("toy", "tiny", "lora_rank", "lora_targets",  # a LoRA of another shape does not fit
+MODE_KEYS = ("toy", "tiny", "model",  # another family's weights do not fit
+             "lora_rank", "lora_targets",  # a LoRA of another shape does not fit
              "lora_alpha",  # alpha scales the saved adapter: another one is another generator
              "fsdp")  # --fsdp's AdamW states are DCP shards, DDP's one state.pt
 OBJECTIVE_KEYS = ("divergence", "cfg", "alpha_rew", "alpha_cfg", "huber_c", "t_min", "t_max",
-                  "assistant_steps", "resolution", "batch_size", "conditioning_t")
+                  "assistant_steps", "resolution", "batch_size", "conditioning_t", "t5")
 
 
 def check_resume(cfg, rank):
@@ -1514,29 +1566,36 @@ def load_sdxl_parts(cfg, device, frozen):
 STATE_DICTS = (".bin", ".pt", ".pth", ".safetensors")  # a UNet's weights as one file
 
 
-def load_generator(path, pretrained, variant=None, dtype=None, flag="generator_init"):
-    """A one-step generator's UNet, in any form one is published in, in `dtype` (default fp32):
-    "": the UNet of `pretrained`; a diffusers UNet folder, or a pipeline folder holding unet/
-    (both with `variant`, e.g. fp16); a state-dict file (unet_from_state_dict)."""
-    from diffusers import UNet2DConditionModel
+NETS = dict(sdxl=("UNet2DConditionModel", "unet"), sd3=("SD3Transformer2DModel", "transformer"))
 
+
+def load_generator(path, pretrained, variant=None, dtype=None, flag="generator_init",
+                   model="sdxl"):
+    """A one-step generator's UNet (--model=sd3: transformer), in any form one is published in, in
+    `dtype` (default fp32): "": the UNet of `pretrained`; a diffusers UNet folder, or a pipeline
+    folder holding unet/ (both with `variant`, e.g. fp16); a state-dict file
+    (unet_from_state_dict)."""
+    import diffusers
+
+    cls, sub = getattr(diffusers, NETS[model][0]), NETS[model][1]
     dtype = dtype or torch.float32
-    unet = lambda folder, sub: UNet2DConditionModel.from_pretrained(folder, subfolder=sub,
-                                                                    variant=variant, dtype=dtype)
+    unet = lambda folder, sub: cls.from_pretrained(folder, subfolder=sub, variant=variant,
+                                                   dtype=dtype)
     if not path:
-        return load("pretrained", pretrained, unet, pretrained, "unet")
+        return load("pretrained", pretrained, unet, pretrained, sub)
     if path.endswith(STATE_DICTS):
-        return load(flag, path, unet_from_state_dict, path, pretrained).to(dtype)
-    sub = "unet" if os.path.isdir(os.path.join(path, "unet")) else None  # a pipeline folder
+        return load(flag, path, unet_from_state_dict, path, pretrained, model).to(dtype)
+    sub = sub if os.path.isdir(os.path.join(path, sub)) else None  # a pipeline folder
     return load(flag, path, unet, path, sub)
 
 
-def unet_from_state_dict(path, pretrained):
-    """A UNet from a .bin/.pt/.pth/.safetensors file, local or on the hub as owner/repo/path/in/repo
-    (DMD2's tianweiy/DMD2/dmd2_sdxl_1step_unet_fp16.bin). Its architecture: the config.json beside
-    it if there is one (a release's unet/ folder), else `pretrained`'s unet/config.json."""
+def unet_from_state_dict(path, pretrained, model="sdxl"):
+    """A UNet (--model=sd3: transformer) from a .bin/.pt/.pth/.safetensors file, local or on the hub
+    as owner/repo/path/in/repo (DMD2's tianweiy/DMD2/dmd2_sdxl_1step_unet_fp16.bin). Its
+    architecture: the config.json beside it if there is one (a release's unet/ folder), else
+    `pretrained`'s unet/config.json."""
+    import diffusers
     from accelerate import init_empty_weights
-    from diffusers import UNet2DConditionModel
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError
     from safetensors.torch import load_file
@@ -1552,15 +1611,15 @@ def unet_from_state_dict(path, pretrained):
             config = hf_hub_download(repo, "/".join(parts[2:-1] + ["config.json"]))
         except EntryNotFoundError:  # none beside it (or offline and not cached)
             config = ""
+    cls, sub = getattr(diffusers, NETS[model][0]), NETS[model][1]
     if os.path.isfile(config):
-        config = UNet2DConditionModel.load_config(config)
+        config = cls.load_config(config)
     else:
-        config = load("pretrained", pretrained, UNet2DConditionModel.load_config, pretrained,
-                      subfolder="unet")
+        config = load("pretrained", pretrained, cls.load_config, pretrained, subfolder=sub)
     sd = (load_file(file) if file.endswith(".safetensors")
           else torch.load(file, map_location="cpu", weights_only=True))
     with init_empty_weights():  # parameters on meta: no random init of weights about to go
-        unet = UNet2DConditionModel.from_config(config)
+        unet = cls.from_config(config)
     unet.load_state_dict(sd, strict=True, assign=True)  # the file's tensors become parameters
     return unet
 
@@ -1613,6 +1672,13 @@ _FF = ("proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")
 _CONV = ("conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv",
          "time_emb_proj")
 LORA_TARGETS = dict(attn=_ATTN, attn_ff=_ATTN + _FF, all=_ATTN + _FF + _CONV)  # all: DMD2's list
+# SD3: diffusers' SD3 LoRA example's eight attention projections (image and text streams, here in
+# both attention modules of SD3.5's dual-attention blocks) and both streams' feed-forward layers;
+# a transformer has no convolutions, so all is attn_ff
+_SD3_ATTN = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
+             "to_add_out")
+_SD3_FF = ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")
+SD3_LORA_TARGETS = dict(attn=_SD3_ATTN, attn_ff=_SD3_ATTN + _SD3_FF, all=_SD3_ATTN + _SD3_FF)
 LORA_FILE, LORA_BASE = "pytorch_lora_weights.safetensors", "lora_base.json"
 
 
@@ -1625,8 +1691,9 @@ def add_lora(unet, cfg, role):
 
     if not getattr(unet, "peft_config", None):  # the dry run builds two worlds of the same parts
         unet.requires_grad_(False)
+        targets = (SD3_LORA_TARGETS if cfg.model == "sd3" else LORA_TARGETS)[cfg.lora_targets]
         unet.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
-                                    target_modules=list(LORA_TARGETS[cfg.lora_targets])))
+                                    target_modules=list(targets)))
     cast_training_params(unet, torch.float32)  # add_adapter makes them in the base's dtype
     local = lambda p: os.path.abspath(p) if p and os.path.exists(p) else p  # hub ids stay
     gen = role == "generator"
@@ -1641,12 +1708,13 @@ def save_lora(unet, path, sd=None):
     rank). Unconverted peft keys: convert_state_dict_to_diffusers renames only the attention
     keys, and the loader, seeing lora_A in the first key, then drops the renamed ones. sd: a
     sharded unet's gathered weights (gather_state_dict)."""
-    from diffusers import StableDiffusionXLPipeline
+    import diffusers
     from peft.utils import get_peft_model_state_dict
 
-    StableDiffusionXLPipeline.save_lora_weights(
-        path, unet_lora_layers=get_peft_model_state_dict(unet, state_dict=sd),
-        unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
+    prefix, pipe = lora_prefix(unet)
+    getattr(diffusers, pipe).save_lora_weights(path, **{
+        f"{prefix}_lora_layers": get_peft_model_state_dict(unet, state_dict=sd),
+        f"{prefix}_lora_adapter_metadata": unet.peft_config["default"].to_dict()})
     here = os.path.abspath(path)  # {out_dir}/.tmp-checkpoint-N/generator, renamed at the same depth
     run = os.path.dirname(os.path.dirname(here))
     inside = lambda p: os.path.isabs(p) and os.path.commonpath([p, run]) == run
@@ -1663,11 +1731,17 @@ def load_lora(unet, path):
     file = os.path.join(path, LORA_FILE)
     if not os.path.isfile(file):
         raise LoadError(f"--resume: {path} holds no {LORA_FILE} (the run was not a LoRA run)")
-    sd = {k.removeprefix("unet."): v for k, v in load_file(file).items()}
+    sd = {k.removeprefix(lora_prefix(unet)[0] + "."): v for k, v in load_file(file).items()}
     result = set_peft_model_state_dict(unet, sd, adapter_name="default")
     missing = [k for k in result.missing_keys if ".lora_" in k]
     if result.unexpected_keys or missing:
         raise LoadError(f"--resume: {file} does not fit --lora_targets (another layer set)")
+
+
+def lora_prefix(net):
+    """The LoRA file's key prefix for net and the pipeline class that saves and loads it."""
+    sd3 = hasattr(net.config, "joint_attention_dim")  # an SD3Transformer2DModel
+    return ("transformer", PIPELINES["sd3"]) if sd3 else ("unet", PIPELINES["sdxl"])
 
 
 def lora_base(path):
@@ -1692,7 +1766,8 @@ def lora_base(path):
 # and the plan fits without sharding them. Checkpoints stay what diffusers reads (the weights are
 # gathered onto rank 0's CPU to save them); the AdamW states are written as each rank's shards.
 
-FSDP_UNITS = ("BasicTransformerBlock", "ResnetBlock2D")  # one unit each, then the root
+FSDP_UNITS = ("BasicTransformerBlock", "ResnetBlock2D",  # one unit each, then the root
+              "JointTransformerBlock")  # SD3's
 
 
 def is_sharded(net):
@@ -1837,22 +1912,32 @@ def random_parts(sizes, device="cpu"):
     (SDXL's scheduler) and the reward's CLIPModel and CLIPProcessor."""
     from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline,
                            UNet2DConditionModel)
-    from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor,
-                              CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection)
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    tok = offline_tokenizer()
+    ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+               pad_token_id=tok.pad_token_id)
+    with torch.device(device):
+        unet, vae = UNet2DConditionModel(**sizes["unet"]), AutoencoderKL(**sizes["vae"])
+        te = CLIPTextModel(CLIPTextConfig(**sizes["text_encoder"], **ids))
+        te2 = CLIPTextModelWithProjection(CLIPTextConfig(**sizes["text_encoder_2"], **ids))
+    sched = EulerDiscreteScheduler(**SDXL_BETAS, steps_offset=1, timestep_spacing="leading")
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=te, text_encoder_2=te2, tokenizer=tok,
+                                     tokenizer_2=tok, unet=unet, scheduler=sched)
+    return (pipe, *random_reward(sizes, device))
+
+
+def random_reward(sizes, device="cpu"):
+    """The reward's random CLIPModel and its CLIPProcessor (letter tokenizer), from sizes."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
     tok = offline_tokenizer()
     ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                pad_token_id=tok.pad_token_id)
     clip_sizes = dict(sizes["clip"], text_config={**sizes["clip"]["text_config"], **ids})
     with torch.device(device):
-        unet, vae = UNet2DConditionModel(**sizes["unet"]), AutoencoderKL(**sizes["vae"])
-        te = CLIPTextModel(CLIPTextConfig(**sizes["text_encoder"], **ids))
-        te2 = CLIPTextModelWithProjection(CLIPTextConfig(**sizes["text_encoder_2"], **ids))
         clip = CLIPModel(CLIPConfig(**clip_sizes))
-    sched = EulerDiscreteScheduler(**SDXL_BETAS, steps_offset=1, timestep_spacing="leading")
-    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=te, text_encoder_2=te2, tokenizer=tok,
-                                     tokenizer_2=tok, unet=unet, scheduler=sched)
-    return pipe, clip, CLIPProcessor(CLIPImageProcessor(**sizes["image"]), tokenizer=tok)
+    return clip, CLIPProcessor(CLIPImageProcessor(**sizes["image"]), tokenizer=tok)
 
 
 def build_tiny(root):
@@ -1873,21 +1958,235 @@ def tiny_config(cfg, dist_info):
     then loaded through the same from_pretrained code as the real ones."""
     root = os.path.join(cfg.out_dir, "tiny")
     reward = os.path.join(root, "reward")
-    if dist_info[0] == 0 and not os.path.isfile(os.path.join(reward, "config.json")):
-        build_tiny(root)
+    pretrained = os.path.join(root, "sdxl" if cfg.model == "sdxl" else "sd3" if cfg.t5
+                              else "sd3_no_t5")
+    if dist_info[0] == 0 and not os.path.isfile(os.path.join(pretrained, "model_index.json")):
+        build_tiny(root) if cfg.model == "sdxl" else build_tiny_sd3(root, cfg.t5)
     barrier(dist_info[1])
-    return replace(cfg, pretrained=os.path.join(root, "sdxl"), generator_init="",
-                   reward_model=reward, reward_processor=reward)
+    return replace(cfg, pretrained=pretrained, generator_init="", reward_model=reward,
+                   reward_processor=reward)
 
 
-def dry_run_parts(device):
+def dry_run_parts(device, cfg=None):
     """SDXLWorld's components at full size with random weights: no download, no CPU init, and
-    nothing at all on meta. The three UNets start equal, as with --generator_init=""."""
+    nothing at all on meta. The three UNets start equal, as with --generator_init="". cfg with
+    --model=sd3: SD3.5-medium's (dry_run_sd3_parts)."""
     import copy
 
+    if cfg is not None and cfg.model == "sd3":
+        return dry_run_sd3_parts(device, cfg.t5)
     pipe, clip, processor = random_parts(SDXL, device)
     return dict(pipe=pipe, s_ref=pipe.unet, assistant=copy.deepcopy(pipe.unet),
                 generator=copy.deepcopy(pipe.unet), reward_fn=ClipReward(clip, processor))
+
+
+# -----------------------------------------------------------------------------
+# SD3/SD3.5 (--model=sd3): a flow-matching transformer in the same loop. The world's process is
+# rectified flow, x_s = (1 - s) x_0 + s eps at timestep t = 1000 s, and its nets' velocities reach
+# the losses as eps (eps_from_velocity); everything else is SDXLWorld's. Then the pipeline check,
+# the loader, and the models from configs: tiny (--tiny) and SD3.5-medium (--dry_run).
+
+PIPELINES = dict(sdxl="StableDiffusionXLPipeline", sd3="StableDiffusion3Pipeline")
+SD3_DEFAULTS = dict(pretrained="stabilityai/stable-diffusion-3.5-medium", generator_init="",
+                    conditioning_t=1000,  # the generator reads pure noise: s = 1
+                    alpha_cfg=3.5)  # omega = 4.5, SD3.5-medium's guidance scale (its model card)
+
+
+class SD3World(SDXLWorld):
+    """Algorithm 1 on SD3/SD3.5, SDXLWorld's interface and precisions. Its nets are
+    SD3Transformer2DModels predicting the velocity v = eps - x_0; unet hands the loop eps_hat =
+    x_s + (1 - s) v. The generator is one Euler step from pure noise, x_0 = z - v_theta(z, 1000, c):
+    diffusers' own one-step sample (FlowMatchEulerDiscreteScheduler.set_timesteps(1) gives sigmas
+    [1, 0]), so StableDiffusion3Pipeline(num_inference_steps=1, guidance_scale=0) reproduces it.
+    Text: CLIP-L, CLIP-G and T5-XXL through the pipeline's encode_prompt, T5 frozen in bf16 with
+    --precision=bf16 (9.5 GB in fp32 would be 19), or with --t5=false zeros in its place, as the
+    pipeline does without text_encoder_3. Unconditional: the empty prompt encoded (SD3's negative
+    prompt ""), not SDXL's zeros."""
+
+    def __init__(self, cfg, device, rank=0, world_size=1, parts=None):
+        frozen = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+        parts = parts or load_sd3_parts(cfg, device, frozen)
+        super().__init__(cfg, device, rank, world_size, parts)
+        if self.pipe.text_encoder_3 is not None:
+            self.pipe.text_encoder_3.to(self.s_ref.dtype)  # the frozen dtype
+        self.pipe.register_modules(transformer=self.s_ref)  # encode_prompt reads its config
+        self.empty = self.encode([""])
+
+    def sample_t(self, n, device):
+        """t = 1000 s, s drawn as SD3 was trained: logit-normal, sigmoid of N(0, 1), shifted as the
+        scheduler shifts (s' = shift s / (1 + (shift - 1) s), shift 3.0 for SD3.5 at 1024 px:
+        diffusers' SD3 training examples draw so), then kept in [t_min, t_max] (away from s = 0,
+        where the score -eps / s blows up; the clamp moves 0.3% of the draws, all near s = 1)."""
+        u = torch.sigmoid(torch.randn(n, device=device))
+        shift = self.pipe.scheduler.config.shift
+        return (1000 * shift * u / (1 + (shift - 1) * u)).clamp(self.cfg.t_min, self.cfg.t_max)
+
+    def coefficients(self, t):
+        return flow_coefficients(t)
+
+    def uncond(self, B):
+        return {k: self.empty[k].expand(B, *self.empty[k].shape[1:]) for k in ("embeds", "pooled")}
+
+    @torch.no_grad()
+    def encode(self, prompts):
+        """SD3's own encode_prompt: CLIP-L and CLIP-G hidden states (padded to T5's width) then T5's
+        tokens, (B, 77 + 256, 4096), and both CLIPs' pooled projections, (B, 2048)."""
+        emb, _, pooled, _ = self.pipe.encode_prompt(prompts, None, None, device=self.device,
+                                                    do_classifier_free_guidance=False)
+        return dict(prompts=prompts, embeds=emb.float(), pooled=pooled.float())
+
+    def velocity(self, net, x, t, cond):
+        """v = net(x_s, t = 1000 s, c); cond None: the empty prompt's."""
+        cond = self.uncond(len(x)) if cond is None else cond
+        t = torch.as_tensor(t, device=x.device, dtype=torch.float32).expand(len(x))
+        with torch.autocast(**self.autocast):
+            v = net(hidden_states=x, encoder_hidden_states=cond["embeds"],
+                    pooled_projections=cond["pooled"], timestep=t).sample
+        return v.float()
+
+    def unet(self, net, x, t, cond):  # eps_hat, as SDXL's nets give it
+        t = torch.as_tensor(t, device=x.device, dtype=torch.float32).expand(len(x))
+        s = self.coefficients(t)[1].view(-1, *([1] * (x.ndim - 1)))
+        return eps_from_velocity(x, self.velocity(net, x, t, cond), s)
+
+    def generate(self, g, cond, z=None):
+        """One Euler step from pure noise at s = conditioning_t / 1000 = 1: x_0 = z - s v."""
+        if z is None:  # (B, 16, R/8, R/8)
+            z = torch.randn(len(cond["prompts"]), *self.latent_shape, device=self.device)
+        s = self.cfg.conditioning_t / 1000
+        return z - s * self.velocity(g, z, self.cfg.conditioning_t, cond)
+
+    def decode(self, x0):
+        with torch.autocast(**self.autocast):  # SD3's latents are shifted as well as scaled
+            img = self.vae.decode(x0 / self.vae.config.scaling_factor
+                                  + self.vae.config.shift_factor).sample
+        return (img.float() / 2 + 0.5).clamp(0, 1)
+
+
+WORLDS = dict(sdxl=SDXLWorld, sd3=SD3World)
+
+
+def check_pipeline(cfg):
+    """Before any weights load: --pretrained's model_index.json (a few hundred bytes) names the
+    family --model trains, and for --model=sd3 with --t5 a T5 text encoder. A pipeline whose index
+    cannot be read here is left to the loader, which says why in one line."""
+    from diffusers import DiffusionPipeline
+
+    try:
+        index = DiffusionPipeline.load_config(cfg.pretrained)
+    except Exception:
+        return
+    name, want = index.get("_class_name", "unknown"), PIPELINES[cfg.model]
+    if name != want:
+        other = next((m for m, p in PIPELINES.items() if p == name), None)
+        hint = (f"pass --model={other}" if other else f"--model={cfg.model} trains a {want}")
+        raise LoadError(f"--pretrained={cfg.pretrained} is a {name}, not a {want}: {hint}")
+    if cfg.model == "sd3" and cfg.t5 and not (index.get("text_encoder_3") or [None])[-1]:
+        raise LoadError(f"--pretrained={cfg.pretrained} has no T5 text encoder (text_encoder_3):"
+                        " pass --t5=false (zeros in its place, as the pipeline does)")
+
+
+def load_sd3_parts(cfg, device, frozen):
+    """SD3World's components from cfg's paths, as load_sdxl_parts; T5 (unless --t5=false) in the
+    frozen dtype as it loads."""
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    trained = frozen if cfg.lora_rank else torch.float32
+    get = lambda cls, **kw: load("pretrained", cfg.pretrained, cls.from_pretrained, cfg.pretrained,
+                                 **kw).to(device)
+    no_t5 = {} if cfg.t5 else dict(text_encoder_3=None, tokenizer_3=None)
+    return dict(pipe=get(StableDiffusion3Pipeline, transformer=None, **no_t5,
+                         dtype=dict(default=torch.float32, text_encoder_3=frozen)),
+                s_ref=get(SD3Transformer2DModel, subfolder="transformer", dtype=frozen),
+                assistant=get(SD3Transformer2DModel, subfolder="transformer", dtype=trained),
+                generator=load_generator(cfg.generator_init, cfg.pretrained, cfg.variant or None,
+                                         trained, model="sd3").to(device),
+                reward_fn=ClipReward(cfg.reward_model, cfg.reward_processor, frozen).to(device))
+
+
+_T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+               feed_forward_proj="gated-gelu", relative_attention_num_buckets=32)
+_SD3_VAE = dict(_VAE_BLOCKS, latent_channels=16, scaling_factor=1.5305, shift_factor=0.0609,
+                use_quant_conv=False, use_post_quant_conv=False)
+TINY_SD3 = dict(  # flow.md's sizes that ran: 2 layers, one of them dual-attention
+    transformer=dict(sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=2,
+                     attention_head_dim=8, num_attention_heads=4, joint_attention_dim=32,
+                     caption_projection_dim=32, pooled_projection_dim=64, pos_embed_max_size=16,
+                     dual_attention_layers=(0,), qk_norm="rms_norm"),
+    vae=dict(_SD3_VAE, block_out_channels=(8, 16, 32, 32), layers_per_block=1, norm_num_groups=8),
+    text_encoder=dict(_TINY_TEXT, hidden_size=16), text_encoder_2=dict(_TINY_TEXT, hidden_size=16),
+    clip=TINY["clip"], image=TINY["image"],  # the CLIPs' 16 + 16 fill T5's 32 (SD3.5: 2048, 4096)
+    t5=dict(vocab_size=40, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+            feed_forward_proj="gated-gelu", relative_attention_num_buckets=8))
+SD35_MEDIUM = dict(  # its published configs; transformer 2,243,171,520, T5 4,762,310,656
+    transformer=dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
+                     attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
+                     caption_projection_dim=1536, pooled_projection_dim=2048,
+                     pos_embed_max_size=384, dual_attention_layers=tuple(range(13)),
+                     qk_norm="rms_norm"),
+    vae=dict(_SD3_VAE, block_out_channels=(128, 256, 512, 512), layers_per_block=2),
+    text_encoder=SDXL["text_encoder"], text_encoder_2=SDXL["text_encoder_2"], t5=_T5_XXL,
+    clip=SDXL["clip"], image=SDXL["image"])
+
+
+def offline_t5_tokenizer():
+    """A T5 tokenizer over single letters, no download: a Unigram model with T5's Metaspace
+    pre-tokenizer (prompts are padded to 256 tokens, so token ids change no cost)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import T5TokenizerFast
+
+    symbols = ["<pad>", "</s>", "<unk>", "\u2581", *"abcdefghijklmnopqrstuvwxyz,.!"]
+    tok = Tokenizer(models.Unigram([(t, 0.0 if i < 3 else -1.0) for i, t in enumerate(symbols)],
+                                   unk_id=2))
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    return T5TokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
+                           unk_token="<unk>", extra_ids=0)
+
+
+def random_sd3_parts(sizes, device="cpu", t5=True):
+    """Random-weight SD3 from config dicts, built on `device`: a StableDiffusion3Pipeline (shift
+    3.0, SD3.5's scheduler) holding the transformer, and the reward's CLIPModel and processor."""
+    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
+                           StableDiffusion3Pipeline)
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    tok, t5_tok = offline_tokenizer(), offline_t5_tokenizer()
+    ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+               pad_token_id=tok.pad_token_id)
+    with torch.device(device):
+        transformer = SD3Transformer2DModel(**sizes["transformer"])
+        vae = AutoencoderKL(**sizes["vae"])
+        te, te2 = (CLIPTextModelWithProjection(CLIPTextConfig(**sizes[k], **ids))
+                   for k in ("text_encoder", "text_encoder_2"))
+        te3 = (T5EncoderModel(T5Config(**sizes["t5"], pad_token_id=0, eos_token_id=1)) if t5
+               else None)
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+        text_encoder=te, tokenizer=tok, text_encoder_2=te2, tokenizer_2=tok, text_encoder_3=te3,
+        tokenizer_3=t5_tok if t5 else None)
+    return (pipe, *random_reward(sizes, device))
+
+
+def build_tiny_sd3(root, t5=True):
+    """A tiny random StableDiffusion3Pipeline folder, {root}/sd3 ({root}/sd3_no_t5 without T5),
+    and the reward, {root}/reward, as build_tiny's. The same ones every time."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        pipe, clip, processor = random_sd3_parts(TINY_SD3, t5=t5)
+    path, reward = os.path.join(root, "sd3" if t5 else "sd3_no_t5"), os.path.join(root, "reward")
+    pipe.save_pretrained(path)
+    clip.save_pretrained(reward)
+    processor.save_pretrained(reward)
+    return path, reward
+
+
+def dry_run_sd3_parts(device, t5=True):
+    """SD3World's components at SD3.5-medium's size with random weights (dry_run_parts' SD3)."""
+    import copy
+
+    pipe, clip, processor = random_sd3_parts(SD35_MEDIUM, device, t5)
+    return dict(pipe=pipe, s_ref=pipe.transformer, assistant=copy.deepcopy(pipe.transformer),
+                generator=copy.deepcopy(pipe.transformer), reward_fn=ClipReward(clip, processor))
 
 
 # -----------------------------------------------------------------------------
@@ -1988,8 +2287,13 @@ def memory_plan(world, n_gpus, fsdp):
              f"{each}", size(both) if ddp else max(size(trained(g)), size(trained(psi))) // n)]
     if bases:
         rows.append((f"generator + assistant bases, frozen ({dt(bases)}{each})", size(bases) // n))
-    rows.append((f"reference UNet ({dt(frozen(world.s_ref))}{each})", size(frozen(world.s_ref)) // n))
-    others = (("text encoders", [world.pipe.text_encoder, world.pipe.text_encoder_2]),
+    rows.append((f"reference {'transformer' if world.cfg.model == 'sd3' else 'UNet'} "
+                 f"({dt(frozen(world.s_ref))}{each})",
+                 size(frozen(world.s_ref)) // n))
+    t5 = getattr(world.pipe, "text_encoder_3", None)  # SD3's, unless --t5=false
+    others = (("text encoders" if t5 is None else "CLIP text encoders",
+               [world.pipe.text_encoder, world.pipe.text_encoder_2]),
+              *((("T5-XXL text encoder", [t5]),) if t5 is not None else ()),
               ("reward CLIP", [world.reward_fn.model]), ("VAE", [world.vae]))
     rows += [(f"{name} ({dt(frozen(*nets))})", size(frozen(*nets))) for name, nets in others]
     if n > 1:
@@ -2031,15 +2335,19 @@ def step_flops(world, batch_size):
 
 def run_dry_run(cfg, dist_info):
     rank, world_size, device = dist_info
-    per_step = 0
+    per_step, sd3 = 0, " --model=sd3" * (cfg.model == "sd3")
     if rank == 0:  # the plan and the FLOPs on meta; no checkpointing: recompute is not model FLOPs
-        parts = dry_run_parts("meta")
-        meta = SDXLWorld(replace(cfg, grad_checkpointing=False), torch.device("meta"), parts=parts)
+        parts = dry_run_parts("meta", cfg)
+        World = WORLDS[cfg.model]
+        meta = World(replace(cfg, grad_checkpointing=False), torch.device("meta"), parts=parts)
         n_gpus = cfg.world_size_plan or world_size
         n = lambda net: f"{sum(p.numel() for p in net.parameters()):,}"
-        print(f"dry run: SDXL-base UNet {n(meta.s_ref)} parameters (x3: generator, assistant, "
+        t5 = getattr(meta.pipe, "text_encoder_3", None)
+        print(f"dry run: {'SD3.5-medium transformer' if cfg.model == 'sd3' else 'SDXL-base UNet'} "
+              f"{n(meta.s_ref)} parameters (x3: generator, assistant, "
               f"reference), VAE {n(meta.vae)}, text encoders {n(meta.pipe.text_encoder)} + "
-              f"{n(meta.pipe.text_encoder_2)}, reward CLIP-H {n(meta.reward_fn.model)}"
+              f"{n(meta.pipe.text_encoder_2)}" + (f" + T5-XXL {n(t5)}" if t5 is not None else "")
+              + f", reward CLIP-H {n(meta.reward_fn.model)}"
               + (f", LoRA adapters {sum(p.numel() for p in trained(meta.generator)):,} "
                  f"parameters each (rank {cfg.lora_rank})" if cfg.lora_rank else "")
               + f"; random weights, nothing downloaded\nmemory per GPU before activations, "
@@ -2051,8 +2359,8 @@ def run_dry_run(cfg, dist_info):
                                else "") + " (estimate)", extra), ("total on the card", total + extra)]:
             print(f"  {item:64s} {b / 2**30:7.2f}")
         # FLOPs in fp32: meta has no autocast, and precision does not change them
-        meta = SDXLWorld(replace(cfg, grad_checkpointing=False, precision="fp32"),
-                         torch.device("meta"), parts=parts)
+        meta = World(replace(cfg, grad_checkpointing=False, precision="fp32"),
+                     torch.device("meta"), parts=parts)
         flops = step_flops(meta, cfg.batch_size)
         per_step = cfg.assistant_steps * flops["assistant"] + flops["generator"]
         print(f"model FLOPs per GPU, batch {cfg.batch_size}, {cfg.resolution}x{cfg.resolution}: "
@@ -2060,16 +2368,16 @@ def run_dry_run(cfg, dist_info):
               f"{flops['generator'] / 1e12:.1f} TFLOP, step ({cfg.assistant_steps} + 1 updates) "
               f"{per_step / 1e12:.1f} TFLOP")
     if device.type == "cuda":
-        world = SDXLWorld(cfg, device, rank, world_size, parts=dry_run_parts(device))
+        world = WORLDS[cfg.model](cfg, device, rank, world_size, parts=dry_run_parts(device, cfg))
         world = shard_nets(maybe_compile(world), dist_info)  # --compile, --fsdp
         bench(world, dist_info) if cfg.bench else measure_steps(world, dist_info, per_step)
     elif rank == 0 and cfg.lora_rank and not cfg.fsdp:  # one GPU's plan: what to run on it next
         print(f"no GPU here, so no seconds per step, images per second, peak memory or MFU; on "
-              f"one GPU, e.g.:\n  python distar.py --prompts=prompts.txt "
+              f"one GPU, e.g.:\n  python distar.py{sd3} --prompts=prompts.txt "
               f"--lora_rank={cfg.lora_rank} --batch_size=1")
     elif rank == 0:
         print("no GPU here, so no seconds per step, images per second, peak memory, MFU or cost "
-              "table; on GPUs, e.g.:\n  torchrun --standalone --nproc_per_node=8 distar.py "
+              f"table; on GPUs, e.g.:\n  torchrun --standalone --nproc_per_node=8 distar.py{sd3} "
               "--dry_run --fsdp" + (f" --lora_rank={cfg.lora_rank}" if cfg.lora_rank else ""))
 
 

@@ -1,6 +1,8 @@
 """
 sample.py: one-step SDXL images from a DI* generator (diffusers' SDXL pipeline, LCM scheduler, one
-step at t=399, as DMD2 and DI*), their PickScore and CLIP score, two generators side by side.
+step at t=399, as DMD2 and DI*), their PickScore and CLIP score, two generators side by side. An
+SD3/SD3.5 pipeline (its model_index.json says so) samples one Euler step from noise instead, with
+its own scheduler: StableDiffusion3Pipeline(num_inference_steps=1, guidance_scale=0).
 
 $ python sample.py --pretrained=XDG-XHS/distar_long_1step --variant=fp16 --prompt="a shiba inu"
 $ python sample.py --generator=tianweiy/DMD2/dmd2_sdxl_1step_unet_fp16.bin --prompt="a shiba inu"
@@ -42,6 +44,7 @@ class SampleConfig:
     seed: int = 0  # batch i uses seed + i; the bootstrap uses it too
     resolution: int = 1024  # image side in pixels, a multiple of 8
     dtype: str = "fp16"  # fp16 (the releases') | bf16 | fp32 on a GPU; always fp32 on the CPU
+    t5: bool = True  # SD3: its T5 text encoder; false: zeros, as a --t5=false run trained
     out_dir: str = "samples"  # 000.png, 001.png, ... (a/ and b/ with --compare)
     score: bool = False  # PickScore and CLIP score of every image; means with intervals
     reward_model: str = "yuvalkirstain/PickScore_v1"  # PickScore's CLIPModel
@@ -154,6 +157,16 @@ def plan_models(cfg):
     return pretrained, unets, loras
 
 
+def family(pipe):
+    """sdxl or sd3: a pipeline's (or a pipeline folder's / hub id's model_index.json) class."""
+    from diffusers import DiffusionPipeline, StableDiffusion3Pipeline
+
+    if not isinstance(pipe, str):
+        return "sd3" if isinstance(pipe, StableDiffusion3Pipeline) else "sdxl"
+    index = distar.load("pretrained", pipe, DiffusionPipeline.load_config, pipe)
+    return "sd3" if index.get("_class_name") == distar.PIPELINES["sd3"] else "sdxl"
+
+
 def sample_toy(cfg):
     """A toy checkpoint's generator: samples of every class over the reference, in one PNG."""
     if cfg.score or cfg.compare:
@@ -172,23 +185,29 @@ def load_models(cfg, plan, device, dtype):
     UNet's download retries), then the generators (A; B with --compare), then the scorers. A
     distar LoRA checkpoint's generator is its recorded base plus the LoRA, and --lora goes on
     A, each put on by diffusers' own load_lora_weights (plan: plan_models')."""
-    from diffusers import LCMScheduler, StableDiffusionXLPipeline
+    import diffusers
+    from diffusers import LCMScheduler
     from transformers import AutoProcessor, CLIPModel
     pretrained, plan, loras = plan
-    pipe = distar.load("pretrained", pretrained, StableDiffusionXLPipeline.from_pretrained,
-                       pretrained, unet=None, dtype=dtype, variant=cfg.variant or None)
-    unets = {sub: distar.load_generator(path, own, variant or None, dtype, flag)
+    model = family(pretrained)
+    net = distar.NETS[model][1]  # unet | transformer
+    no_t5 = {} if model == "sdxl" or cfg.t5 else dict(text_encoder_3=None, tokenizer_3=None)
+    pipe = distar.load("pretrained", pretrained,
+                       getattr(diffusers, distar.PIPELINES[model]).from_pretrained, pretrained,
+                       **{net: None}, **no_t5, dtype=dtype, variant=cfg.variant or None)
+    unets = {sub: distar.load_generator(path, own, variant or None, dtype, flag, model)
              for sub, (flag, path, own, variant) in plan.items()}
     for sub, unet in unets.items():  # load_lora_weights puts a LoRA on pipe.unet
-        pipe.register_modules(unet=unet)
+        pipe.register_modules(**{net: unet})
         for i, (flag, path) in enumerate(loras[sub]):
             with warnings.catch_warnings():  # peft's on a second adapter: wanted here
                 warnings.simplefilter("ignore", UserWarning)
                 distar.load(flag, path, pipe.load_lora_weights, path, adapter_name=f"lora{i}")
         if len(loras[sub]) > 1:  # a LoRA loaded after another is the only one active
             unet.set_adapters([f"lora{i}" for i in range(len(loras[sub]))])
-    pipe.register_modules(unet=next(iter(unets.values())))
-    pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+    pipe.register_modules(**{net: next(iter(unets.values()))})
+    if model == "sdxl":  # SD3 keeps its own: one Euler step from noise
+        pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)  # a bar for a one-step call says nothing
     clip = [distar.load("clip_model", cfg.clip_model, cls.from_pretrained, cfg.clip_model)
             for cls in (CLIPModel, AutoProcessor) if cfg.score]
@@ -226,8 +245,10 @@ def sample(cfg):
         batch = jobs[i:i + cfg.batch_size]
         texts = [text for _, text in batch]
         for sub, unet in unets.items():  # the same prompts and seed for every generator
-            pipe.unet, tag = unet, ({"generator": sub} if sub else {})
-            images = pipe(prompt=texts, num_inference_steps=1, timesteps=[399], guidance_scale=0.0,
+            tag = {"generator": sub} if sub else {}
+            pipe.register_modules(**{distar.NETS[family(pipe)][1]: unet})
+            lcm = dict(timesteps=[399]) if family(pipe) == "sdxl" else {}  # SD3: its own step
+            images = pipe(prompt=texts, num_inference_steps=1, **lcm, guidance_scale=0.0,
                           height=cfg.resolution, width=cfg.resolution,
                           generator=torch.Generator(device).manual_seed(cfg.seed + b)).images
             x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).to(device) / 255

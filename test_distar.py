@@ -3171,3 +3171,279 @@ def test_a_lora_without_its_base_record_is_one_line_naming_what_to_pass(lora_run
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no lora_base.json" in err and "--lora" in err, err
     assert not os.path.exists(tmp_path / "o")
+
+
+# -----------------------------------------------------------------------------
+# SD3/SD3.5 (--model=sd3): the flow process x_s = (1 - s) x_0 + s eps through the same losses,
+# the velocity read as eps, a tiny SD3 world against diffusers' pipeline, runs, plan and counts
+
+
+def test_the_exact_velocity_of_a_gaussian_mixture_converts_to_its_exact_score():
+    """eps_from_velocity turns E[eps - x_0 | x_s] (posterior means, mode by mode) into -s times the
+    score (the gradient of the log density) exactly, at every s; x_s + s v, a plausible slip, not."""
+    world = distar.make_toy_world()
+    world.means = world.means.to(f64)
+    torch.manual_seed(5)
+    x = torch.randn(200, 2, dtype=f64) * 2
+    a, s = distar.flow_coefficients(torch.rand(200, dtype=f64) * 980 + 20)  # s in [0.02, 1)
+    assert torch.allclose(a + s, torch.ones_like(s))
+    for c in (torch.randint(world.K, (200,)), None):
+        v, score = world.velocity(x, a, s, c), world.score(x, a, s, c)
+        assert torch.allclose(-distar.eps_from_velocity(x, v, s[:, None]) / s[:, None], score,
+                              atol=1e-10)
+        wrong = -(x + s[:, None] * v) / s[:, None]
+        assert (wrong - score).abs().max() > 0.1
+
+
+@pytest.fixture(scope="module")
+def flow_check():
+    return {r["name"].strip(): r for r in distar.gradient_check(process="flow")}
+
+
+def test_the_gradient_check_holds_under_the_flow_process_and_catches_a_wrong_conversion(
+        flow_check, monkeypatch):
+    for name in ("eq 3.4 pseudo-Huber (Thm 3.1)", "eq 3.4 l2 (Thm 3.1)", "kl_loss vs closed-form KL",
+                 "cfg_reward_loss (Thm 3.2, sign -)", "choice 2: cfg_score reference"):
+        r = flow_check[name]
+        assert r["should_match"] and r["ok"] and r["tol"] < 0.05, r
+    for name in ("wrong: x_t detached inside d'", "printed sign + (eqs 3.5, 3.6)",
+                 "wrong: v to eps as x_s + s v"):
+        r = flow_check[name]
+        assert not r["should_match"] and r["ok"] and r["rel"]["all"] > 5 * r["tol"], r
+    # the mutant: the reference read through a wrong conversion fails every matching row
+    monkeypatch.setattr(distar, "eps_from_velocity", lambda x_s, v, s: x_s + s * v)
+    bad = {r["name"].strip(): r for r in distar.gradient_check(process="flow", n=2**14)}
+    assert not any(bad[name]["ok"] for name in ("eq 3.4 pseudo-Huber (Thm 3.1)", "eq 3.4 l2 (Thm 3.1)",
+                                                 "kl_loss vs closed-form KL", "choice 2: cfg_score reference"))
+
+
+def test_toy_with_model_sd3_prints_the_flow_gradient_check_too(monkeypatch, capsys, tmp_path):
+    calls = []
+    monkeypatch.setattr(distar, "gradient_check", lambda **kw: calls.append(kw) or [])
+    monkeypatch.setattr(distar, "fit", lambda *a, **k: [])
+    monkeypatch.setattr(distar, "evaluate_toy", lambda *a: None)
+    for model in ("sdxl", "sd3"):
+        cfg = distar.parse_args(["--toy", f"--model={model}", f"--out_dir={tmp_path}"])
+        distar.run_toy(cfg, (0, 1, torch.device("cpu")))
+    assert calls == [{}, {}, {"process": "flow"}]
+    assert "the flow process (1 - s, s)" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def tiny_sd3(tmp_path_factory):
+    """Tiny random SD3 pipelines, with T5 and without (text_encoder_3 None), and the reward."""
+    distar.quiet_libraries()
+    root = str(tmp_path_factory.mktemp("tiny_sd3"))
+    sd3, reward = distar.build_tiny_sd3(root)
+    return dict(sd3=sd3, no_t5=distar.build_tiny_sd3(root, t5=False)[0], reward=reward)
+
+
+def _sd3_world(tiny_sd3, *args, t5=True):
+    cfg = distar.parse_args(["--tiny", "--model=sd3", f"--pretrained={tiny_sd3['sd3' if t5 else 'no_t5']}",
+                             "--generator_init=", f"--reward_model={tiny_sd3['reward']}",
+                             f"--reward_processor={tiny_sd3['reward']}", f"--t5={t5}", *args])
+    world = distar.SD3World(cfg, torch.device("cpu"))
+    with torch.no_grad():  # a generator that differs from the reference
+        for p in distar.trained(world.generator):
+            p.add_(0.01 * torch.randn_like(p))
+    return world
+
+
+@pytest.mark.parametrize("t5", [True, False])
+def test_the_sd3_one_step_generator_is_diffusers_sd3_pipeline_at_one_step(tiny_sd3, t5):
+    """x_0 = z - v_theta(z, 1000, c) is StableDiffusion3Pipeline(num_inference_steps=1,
+    guidance_scale=0) on the same noise, latents and images, with T5 and without (zeros)."""
+    from diffusers import StableDiffusion3Pipeline
+
+    world = _sd3_world(tiny_sd3, t5=t5)
+    prompts = ["a red fox", "a blue car"]
+    z = torch.randn(2, *world.latent_shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        x0 = world.generate(world.generator, world.encode(prompts), z)
+        img = world.decode(x0)
+    no_t5 = {} if t5 else dict(text_encoder_3=None, tokenizer_3=None)
+    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd3["sd3" if t5 else "no_t5"],
+                                                    transformer=world.generator, **no_t5)
+    pipe.set_progress_bar_config(disable=True)
+    run = lambda kind: pipe(prompts, num_inference_steps=1, guidance_scale=0, latents=z.clone(), height=64,
+                            width=64, output_type=kind).images
+    assert world.latent_shape == (16, 8, 8) and (pipe.text_encoder_3 is None) == (not t5)
+    assert torch.allclose(run("latent"), x0, atol=1e-6) and (x0 - z).abs().mean() > 0.1
+    assert torch.allclose(run("pt"), img, atol=1e-6)
+
+
+def test_the_sd3_world_draws_logit_normal_shifted_levels_and_hands_the_loop_eps(tiny_sd3):
+    """diffuse under SD3World: t = 1000 s with s = shift u / (1 + 2 u), u = sigmoid(N(0, 1)),
+    clamped to [t_min, t_max]; x_t = (1 - s) x_0 + s eps; eps_fake is x_t + (1 - s) v of the net."""
+    world = _sd3_world(tiny_sd3)
+    torch.manual_seed(0)
+    x0 = torch.randn(4000, 1, 1, 1)
+    t, x_t, eps, sigma_t = distar.diffuse(world, x0)
+    assert t.min() >= 20 and t.max() <= 980 and (t == 980).float().mean() < 0.01
+    s = t / 1000
+    u = s / (3 - 2 * s)  # the shift undone
+    logit = torch.log(u / (1 - u))[(t > 20) & (t < 980)]
+    assert abs(logit.mean()) < 0.06 and abs(logit.std() - 1) < 0.06  # N(0, 1) under the clamp
+    assert torch.allclose(sigma_t.flatten(), s) and torch.allclose(x_t, (1 - s.view(-1, 1, 1, 1)) * x0 + sigma_t * eps)
+    cond = world.encode(["a cat", "a dog"])
+    x, tt = torch.randn(2, *world.latent_shape), torch.tensor([300.0, 700.0])
+    with torch.no_grad():
+        v = world.assistant(hidden_states=x, encoder_hidden_states=cond["embeds"],
+                            pooled_projections=cond["pooled"], timestep=tt).sample
+        eps_hat = world.eps_fake(world.assistant, x, tt, cond)
+    assert torch.allclose(eps_hat, x + torch.tensor([0.7, 0.3]).view(-1, 1, 1, 1) * v, atol=1e-6)
+
+
+def test_the_toys_and_sdxls_noise_levels_are_the_same_randint_draw_as_before(tiny):
+    """The process moved into the world; the VP draw did not change (resumes and figures hold)."""
+    for world in (_toy([]), _sdxl_world(tiny)):
+        torch.manual_seed(3)
+        t = distar.diffuse(world, torch.zeros(64, 2))[0]
+        torch.manual_seed(3)
+        assert torch.equal(t, torch.randint(20, 981, (64,)))
+
+
+@pytest.mark.parametrize("model", ["sdxl", "sd3"])
+def test_a_large_alpha_rew_raises_the_reward_and_alpha_rew_0_does_not(tiny, tiny_sd3, model):
+    """4 steps (generator lr 1e-2, no CFG): the reward of fixed noise and prompts rises with
+    alpha_rew 1000 (measured: sdxl +0.039, sd3 +0.100), and by under a quarter of that with
+    alpha_rew 0 (-0.012, +0.012)."""
+    gain = {}
+    for alpha in (1000, 0):
+        torch.manual_seed(0)
+        args = [f"--alpha_rew={alpha}", "--alpha_cfg=0", "--lr_g=1e-2", "--lr_psi=1e-3", "--assistant_steps=1",
+                "--log_interval=100"]
+        if model == "sd3":
+            cfg = _sd3_world(tiny_sd3, *args).cfg
+        else:
+            cfg = _sdxl_world(tiny, *args).cfg
+        torch.manual_seed(0)
+        world = distar.WORLDS[model](cfg, torch.device("cpu"))
+        cond = world.encode(distar.BUILTIN_PROMPTS[:4])
+        z = torch.randn(4, *world.latent_shape, generator=torch.Generator().manual_seed(1))
+        reward = lambda: world.reward(world.generate(world.generator, cond, z), cond).mean().item()
+        with torch.no_grad():
+            before = reward()
+        opts = [distar.make_optimizer(cfg, distar.trained(n), lr) for n, lr in ((world.generator, 1e-2), (world.assistant, 1e-3))]
+        distar.train(world, *opts, (0, 1, torch.device("cpu")), range(4))
+        with torch.no_grad():
+            gain[alpha] = reward() - before
+    assert gain[1000] > 0.02 and gain[0] < gain[1000] / 4, gain
+
+
+def test_sd3_mode_defaults_and_help(capsys):
+    cfg = distar.parse_args(["--model=sd3"])
+    assert (cfg.pretrained, cfg.generator_init, cfg.conditioning_t, cfg.alpha_cfg, cfg.t5) == (
+        "stabilityai/stable-diffusion-3.5-medium", "", 1000, 3.5, True)
+    assert distar.parse_args(["--toy", "--model=sd3"]).alpha_cfg == 7.5  # the toy keeps its own
+    help_text = distar.modes_help()
+    assert "--model=sd3" in help_text and "stabilityai/stable-diffusion-3.5-medium" in help_text
+    assert distar.main(["--t5=false"]) == 2
+    assert "--t5 is SD3's text encoder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case", ["sdxl_as_sd3", "sd3_as_sdxl", "t5_without_t5"])
+def test_a_pipeline_of_another_family_or_without_t5_is_one_line(tiny, tiny_sd3, tmp_path, capsys, case):
+    folder, args, words = dict(
+        sdxl_as_sd3=(tiny[0], ["--model=sd3"], "is a StableDiffusionXLPipeline, not a StableDiffusion3Pipeline: pass --model=sdxl"),
+        sd3_as_sdxl=(tiny_sd3["sd3"], [], "is a StableDiffusion3Pipeline, not a StableDiffusionXLPipeline: pass --model=sd3"),
+        t5_without_t5=(tiny_sd3["no_t5"], ["--model=sd3"], "has no T5 text encoder (text_encoder_3): pass --t5=false"),
+    )[case]
+    code = distar.main([*args, "--allow_cpu", f"--pretrained={folder}", f"--out_dir={tmp_path / 'out'}"])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == "" and err == f"distar: error: --pretrained={folder} {words}\n"
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_sd3_lora_round_trips_through_diffusers_load_lora_weights(tiny_sd3, tmp_path):
+    """save_lora writes what StableDiffusion3Pipeline.load_lora_weights reads (transformer_lora_layers,
+    alpha kept), and load_lora reads it back: the same one-step image, exactly."""
+    from diffusers import StableDiffusion3Pipeline
+
+    world = _sd3_world(tiny_sd3, *LORA_ARGS)
+    assert all(".lora_" in n for n, p in world.generator.named_parameters() if p.requires_grad)
+    adapted = {n.split(".lora_")[0].split(".", 2)[-1] for n, p in world.generator.named_parameters()
+               if p.requires_grad}
+    assert {"attn.to_q", "attn.add_k_proj", "attn.to_add_out", "attn2.to_v", "ff.net.2",
+            "ff_context.net.0.proj"} <= adapted  # both streams, both attention modules, feed-forward
+    prompts = ["a red fox"]
+    z = torch.randn(1, *world.latent_shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        base = world.generate(world.generator, world.encode(prompts), z)  # lora_B = 0: the base
+        for p in distar.trained(world.generator):
+            p.add_(0.1 * torch.randn_like(p))
+        x0 = world.generate(world.generator, world.encode(prompts), z)
+    distar.save_net(world.generator, str(tmp_path / "g"))
+    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd3["sd3"])
+    pipe.load_lora_weights(str(tmp_path / "g"))
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(prompts, num_inference_steps=1, guidance_scale=0, latents=z.clone(), height=64, width=64,
+               output_type="latent").images
+    assert torch.allclose(out, x0, atol=1e-6) and (x0 - base).abs().max() > 1e-3
+    other = _sd3_world(tiny_sd3, *LORA_ARGS)
+    distar.load_net(other.generator, str(tmp_path / "g"))
+    with torch.no_grad():
+        assert torch.equal(other.generate(other.generator, other.encode(prompts), z), x0)
+
+
+def test_sd35_medium_on_meta_has_its_published_parameter_counts():
+    parts = distar.dry_run_sd3_parts("meta")
+    n = lambda net: sum(p.numel() for p in net.parameters())
+    assert n(parts["s_ref"]) == 2_243_171_520 and n(parts["pipe"].text_encoder_3) == 4_762_310_656
+    assert n(parts["reward_fn"].model) == PICKSCORE
+    world = distar.SD3World(distar.parse_args(["--dry_run", "--model=sd3"]), torch.device("meta"), parts=parts)
+    rows = dict(distar.memory_plan(world, 1, False))
+    assert rows["T5-XXL text encoder (bfloat16)"] == 2 * 4_762_310_656  # frozen in bf16, not fp32
+    assert rows["generator + assistant weights (float32 masters)"] == 2 * 4 * 2_243_171_520
+    assert rows["reference transformer (bfloat16)"] == 2 * 2_243_171_520
+
+
+@pytest.fixture(scope="module")
+def sd3_runs(tmp_path_factory):
+    """The same 2-rank tiny SD3 run (2 steps, a checkpoint at step 2) under DDP and --fsdp."""
+    d = tmp_path_factory.mktemp("sd3_runs")
+    for name, extra in (("ddp", []), ("fsdp", ["--fsdp"])):
+        p = subprocess.run([*TORCHRUN, "--tiny", "--model=sd3", "--max_steps=2", "--sample_interval=100",
+                            *extra, f"--out_dir={d / name}"], cwd=HERE, env=ENV, capture_output=True,
+                           text=True, timeout=300)
+        assert p.returncode == 0, p.stderr[-2000:]
+        assert ("weights sharded over the ranks" in p.stdout) == bool(extra), p.stdout
+    return d
+
+
+def test_sd3_trains_on_2_ranks_under_ddp_and_fsdp_alike_and_diffusers_loads_it(sd3_runs):
+    from diffusers import SD3Transformer2DModel
+
+    weights = lambda f: {k: v.detach() for k, v in SD3Transformer2DModel.from_pretrained(f).state_dict().items()}
+    init = weights(str(sd3_runs / "ddp" / "tiny" / "sd3" / "transformer"))
+    for net in ("generator", "assistant"):
+        ddp, fsdp = (weights(str(sd3_runs / run / "checkpoint-000002" / net)) for run in ("ddp", "fsdp"))
+        update = torch.cat([(ddp[k] - init[k]).flatten() for k in init])
+        diff = torch.cat([(fsdp[k] - ddp[k]).flatten() for k in init])
+        assert update.norm() > 0 and diff.norm() <= 1e-3 * update.norm(), (net, diff.norm() / update.norm())
+
+
+def test_resuming_an_sd3_run_as_sdxl_is_one_line_and_leaves_the_folder(sd3_runs, capsys):
+    d = sd3_runs / "ddp"
+    before = _tree_digest(d)
+    assert distar.main(["--tiny", "--resume", f"--out_dir={d}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "was saved by a run with --model=sd3, not --model=sdxl" in err
+    assert _tree_digest(d) == before
+
+
+def test_sample_py_knows_an_sd3_run_and_samples_diffusers_one_step_sd3_pipeline(sd3_runs, tmp_path):
+    """sample.py on an SD3 run folder: the family from its pipeline's model_index.json, its own
+    scheduler, one step, no guidance: the PNG is StableDiffusion3Pipeline's, pixel for pixel."""
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    run = sd3_runs / "fsdp"
+    assert sample.main([f"--generator={run}", "--resolution=64", "--prompt=a red fox", "--seed=3",
+                        f"--out_dir={tmp_path}"]) == 0
+    pipe = StableDiffusion3Pipeline.from_pretrained(
+        str(run / "tiny" / "sd3"), transformer=SD3Transformer2DModel.from_pretrained(
+            str(run / "checkpoint-000002" / "generator")))
+    pipe.set_progress_bar_config(disable=True)
+    expect = pipe("a red fox", num_inference_steps=1, guidance_scale=0.0, height=64, width=64,
+                  generator=torch.Generator("cpu").manual_seed(3)).images[0]
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "000.png")), np.asarray(expect))
