@@ -1756,7 +1756,7 @@ def test_an_sdxl_run_says_when_it_trains_on_the_built_in_prompts(tiny, tmp_path,
     def stop(*args, **kwargs):
         raise distar.LoadError("stopped here")
 
-    monkeypatch.setattr(distar, "SDXLWorld", stop)  # the start line is printed before the models load
+    monkeypatch.setitem(distar.WORLDS, "sdxl", stop)  # the start line is printed before the models load
     prompts = tmp_path / "p.txt"
     prompts.write_text("a cat\n")
     for extra, said in (([], f"prompts: the {len(distar.BUILTIN_PROMPTS)} built-in ones (no --prompts)"),
@@ -3347,7 +3347,7 @@ def test_a_pipeline_of_another_family_or_without_t5_is_one_line(tiny, tiny_sd3, 
     folder, args, words = dict(
         sdxl_as_sd3=(tiny[0], ["--model=sd3"], "is a StableDiffusionXLPipeline, not a StableDiffusion3Pipeline: pass --model=sdxl"),
         sd3_as_sdxl=(tiny_sd3["sd3"], [], "is a StableDiffusion3Pipeline, not a StableDiffusionXLPipeline: pass --model=sd3"),
-        t5_without_t5=(tiny_sd3["no_t5"], ["--model=sd3"], "has no T5 text encoder (text_encoder_3): pass --t5=false"),
+        t5_without_t5=(tiny_sd3["no_t5"], ["--model=sd3"], "has no T5 text encoder (text_encoder_3): pass --t5=false (zeros in its place, as the pipeline does)"),
     )[case]
     code = distar.main([*args, "--allow_cpu", f"--pretrained={folder}", f"--out_dir={tmp_path / 'out'}"])
     out, err = capsys.readouterr()
