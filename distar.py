@@ -341,12 +341,10 @@ def make_toy_world(device="cpu"):
 # Gaussian per class, float64, one t. A loss passes when its mean gradient over n_batches
 # independent batches is within 4 standard errors of the exact one. process "flow": SD3's (1 - s,
 # s), the reference read as from a flow net, its exact velocity through eps_from_velocity.
-def gradient_check(n=2**17, n_batches=16, t=300, c_huber=0.5, alpha_cfg=7.5, seed=0,
-                   process="vp"):
+def gradient_check(n=2**17, n_batches=16, t=300, c_huber=0.5, alpha_cfg=7.5, seed=0, process="vp"):
     from torch.distributions import MultivariateNormal, kl_divergence
 
-    gen = torch.Generator().manual_seed(seed)
-    dt = torch.float64
+    gen, dt = torch.Generator().manual_seed(seed), torch.float64
     world = ToyWorld([[(0.0, 1.0)], [(-1.0, -0.5)], [(1.0, -0.5)]], std=0.6, dtype=dt)
     t = torch.tensor(t, dtype=dt if process == "flow" else torch.long)
     a, s = world.coefficients(t) if process == "vp" else flow_coefficients(t)
@@ -454,10 +452,6 @@ BUILTIN_PROMPTS = ["a photo of a cat sitting on a windowsill", "the skyline of N
                    "a watercolor painting of a lighthouse", "a cozy cabin in a snowy forest"]
 
 
-class LoadError(RuntimeError):
-    pass
-
-
 class ClipReward(nn.Module):
     """r(x, c) = cos(CLIP_image(x), CLIP_text(c)): PickScore with PickScore_v1, CLIP score with
     any other CLIPModel. alpha_rew multiplies this raw cosine (~0.22 for PickScore), not the x100
@@ -522,10 +516,9 @@ class SDXLWorld(VPProcess):
         self.pipe = parts["pipe"].to(device)  # text encoders, VAE and scheduler, fp32 as loaded
         self.vae = self.pipe.vae
         self.alphas_cumprod = getattr(self.pipe.scheduler, "alphas_cumprod", None)  # VP: alphabar_t
-        self.s_ref = parts["s_ref"].to(device, frozen).eval()
+        self.s_ref = parts["s_ref"].to(device, frozen).eval().requires_grad_(False)
         for net in [m for m in self.pipe.components.values() if isinstance(m, nn.Module)]:
             net.requires_grad_(False)  # text encoders, VAE
-        self.s_ref.requires_grad_(False)
         # trained nets in fp32; with --lora_rank frozen bases in `frozen`, fp32 adapters (add_lora)
         self.generator, self.assistant = (
             add_lora(parts[k].to(device, frozen), cfg, k) if cfg.lora_rank
@@ -827,8 +820,7 @@ def setup_distributed(cuda=True):
 
 def data_parallel(net, world_size):
     """DDP on a trained net, gradients as views into its buckets (no second copy); frozen nets are
-    never wrapped. A net that --fsdp sharded (shard_nets, in the extras) is its own data-parallel
-    wrapper: its gradients are reduce-scattered in backward."""
+    never wrapped. A net --fsdp sharded (shard_nets) is its own wrapper: it reduce-scatters."""
     if world_size == 1 or is_sharded(net):
         return net
     return DDP(net, gradient_as_bucket_view=True)
@@ -857,11 +849,6 @@ def assert_ranks_in_sync(net, world_size):
     dist.all_reduce(diff, op=dist.ReduceOp.MAX)
     if diff > 0:
         raise RuntimeError(f"ranks out of sync: parameter fingerprints differ by {diff.item():.3g}")
-
-
-def barrier(world_size):
-    if world_size > 1:  # in the slow group: rank 0 may be writing a checkpoint (start_slow_group)
-        dist.barrier(group=SLOW_GROUP)
 
 
 # -----------------------------------------------------------------------------
@@ -915,8 +902,7 @@ def run_toy(cfg, dist_info):
     rank, world_size, device = dist_info
     ok = torch.ones(1, device=device)  # on the device: NCCL takes only CUDA tensors
     if rank == 0:  # float64 Monte Carlo, ~2 s; the other ranks wait at the broadcast
-        results = gradient_check()
-        print_gradient_check(results)
+        print_gradient_check(results := gradient_check())
         if cfg.model == "sd3":  # on request: the same check under SD3's flow process
             print_gradient_check(flow := gradient_check(process="flow"), "flow")
             results += flow
@@ -942,8 +928,7 @@ def run_sdxl(cfg, dist_info):
         prompts = cfg.prompts or f"the {len(BUILTIN_PROMPTS)} built-in ones (no --prompts)"
         print(f"distar: {cfg.model.upper()} on {world_size} x {device.type}: loading "
               f"{cfg.pretrained}, {cfg.generator_init or 'its ' + NETS[cfg.model][1]} and "
-              f"{cfg.reward_model}; prompts: {prompts}",
-              flush=True)
+              f"{cfg.reward_model}; prompts: {prompts}", flush=True)
     with all_ok(dist_info):
         world = maybe_compile(WORLDS[cfg.model](cfg, device, rank, world_size))  # --compile
     world = shard_nets(world, dist_info)  # --fsdp
@@ -961,8 +946,7 @@ def main(argv):
         quiet_libraries()
         # the toy's nets are so small that a GPU only adds launch latency: it runs on the CPU,
         # with one intra-op thread (threads competing for cores slow it down 10x)
-        dist_info = setup_distributed(cuda=not cfg.toy)
-        rank, world_size, _ = dist_info
+        rank, world_size, _ = dist_info = setup_distributed(cuda=not cfg.toy)
         cfg = resolve_resume(cfg, rank)  # --resume with no checkpoint stops; --resume_if_any
         check_resume(cfg, rank)  # the checkpoint's mode and objective, before anything is written
         torch.manual_seed(cfg.seed * world_size + rank)
@@ -1452,6 +1436,11 @@ def start_slow_group():
     SLOW_GROUP = dist.new_group(backend="gloo", timeout=SLOW_TIMEOUT)
 
 
+def barrier(world_size):
+    if world_size > 1:  # in the slow group: rank 0 may be writing a checkpoint (start_slow_group)
+        dist.barrier(group=SLOW_GROUP)
+
+
 class RankFailed(RuntimeError):
     def __init__(self, rank):
         super().__init__(f"rank {rank} failed: its error is in its node's log")
@@ -1517,6 +1506,10 @@ def fsync_tree(path):
 # -----------------------------------------------------------------------------
 # loading models and prompts: local folders, hub ids and state-dict files; a failure is one line
 # naming its flag
+
+class LoadError(RuntimeError):
+    pass
+
 
 def hub_unreachable(e):
     """Whether e, or an error that caused it, says the hub could not be reached (or offline mode
