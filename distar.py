@@ -512,7 +512,7 @@ class SDXLWorld(VPProcess):
                              enabled=cfg.precision == "bf16" and device.type != "meta")
         prompts = read_prompts(cfg.prompts)
         self.prompts = prompts[rank::world_size] or prompts  # this rank's shard
-        parts = parts or load_sdxl_parts(cfg, device, frozen)  # SD3World passes its own
+        parts = parts or load_parts(cfg, device, frozen)
         self.pipe = parts["pipe"].to(device)  # text encoders, VAE and scheduler, fp32 as loaded
         self.vae = self.pipe.vae
         self.alphas_cumprod = getattr(self.pipe.scheduler, "alphas_cumprod", None)  # VP: alphabar_t
@@ -1064,8 +1064,7 @@ def parse_args(argv):
                 else DRY_RUN_DEFAULTS if mode.dry_run else {})
     sd3 = mode.model == "sd3" and not mode.toy  # the toy keeps its own problem
     defaults = {**(LORA_DEFAULTS if mode.lora_rank else {}), **(SD3_DEFAULTS if sd3 else {}),
-                **defaults,
-                **(ABLATION_DEFAULTS if mode.ablation else {})}
+                **defaults, **(ABLATION_DEFAULTS if mode.ablation else {})}
     parser = make_parser(Config, "distar.py", defaults, epilog=modes_help())
     cfg = Config(**vars(parser.parse_args(argv)))
     check_at_least(cfg, AT_LEAST)
@@ -1192,8 +1191,7 @@ def save_checkpoint(cfg, step, world, opt_g, opt_psi, dist_info):
 
 def load_checkpoint(cfg, world, opt_g, opt_psi, dist_info):
     """Restore the newest complete checkpoint in out_dir that loads (one whose weights do not,
-    truncated by a crash, is said and the one before it tried); returns the step to continue
-    from."""
+    truncated by a crash, is said and the one before it tried); returns the step to go on from."""
     rank, world_size, device = dist_info
     chosen = [list_checkpoints(cfg.out_dir)]
     if world_size > 1:  # rank 0's list, so that every rank continues the same checkpoint
@@ -1224,7 +1222,8 @@ def restore_checkpoint(cfg, world, opt_g, opt_psi, dist_info, path):
     rank, world_size, device = dist_info
     with open(os.path.join(path, "state.json")) as f:
         saved = json.load(f)
-    step, opts = saved["step"], dict(opt_g=(world.generator, opt_g), opt_psi=(world.assistant, opt_psi))
+    step, opts = saved["step"], dict(opt_g=(world.generator, opt_g),
+                                     opt_psi=(world.assistant, opt_psi))
     if not os.path.isfile(os.path.join(path, "state.pt")):
         raise LoadError(f"--resume: {path} has no state.pt, so it cannot be resumed")
     with all_ok(dist_info):  # each rank's own reads: the collectives below only if all succeeded
@@ -1305,8 +1304,9 @@ def check_resume(cfg, rank):
     with open(os.path.join(ckpts[-1], "state.json")) as f:
         saved = {**asdict(Config()), **json.load(f)["config"]}  # a key added since: its default
     if saved.get("zero"):  # ZeroRedundancyOptimizer's per-rank files, which --fsdp replaced
-        raise LoadError(f"--resume: {ckpts[-1]} holds --zero AdamW shards, which distar no longer "
-                        "reads: start another --out_dir (its generator/ serves as --generator_init)")
+        raise LoadError(f"--resume: {ckpts[-1]} holds --zero AdamW shards, which distar no "
+                        "longer reads: start another --out_dir (its generator/ serves as "
+                        "--generator_init)")
     now = asdict(cfg)
     lora = saved["lora_rank"] and now["lora_rank"]  # an adapter's shape, if both have one
     differ = [k for k in MODE_KEYS
@@ -1317,15 +1317,13 @@ def check_resume(cfg, rank):
                         f"{flags(now)}: resume it with those, or give this run another --out_dir")
     changed = [f"--{k} {saved[k]} -> {now[k]}" for k in OBJECTIVE_KEYS if saved[k] != now[k]]
     if changed and rank == 0:
-        print(f"resume: the objective differs from {ckpts[-1]}'s: {', '.join(changed)}",
-              flush=True)
+        print(f"resume: the objective differs from {ckpts[-1]}'s: {', '.join(changed)}", flush=True)
 
 
 def resolve_resume(cfg, rank):
-    """--resume needs a checkpoint to continue: without one, a typo in --out_dir would start a
-    fresh run, hours of GPU time before anyone notices. --resume_if_any (a scheduler's requeue:
-    the same command every time) resumes where there is a checkpoint and starts where there is
-    none. Returns cfg with resume set to what this run does."""
+    """cfg with resume set to what this run does. --resume needs a checkpoint: without one, a typo
+    in --out_dir would start a fresh run, hours of GPU time unnoticed. --resume_if_any (a
+    scheduler's requeue: the same command each time) resumes where there is one, else starts."""
     ckpts = list_checkpoints(cfg.out_dir)
     if cfg.resume_if_any:
         if not ckpts and rank == 0:
@@ -1450,11 +1448,9 @@ class RankFailed(RuntimeError):
 @contextlib.contextmanager
 def all_ok(dist_info):
     """Run the block on every rank, then agree (one all-reduce, in the slow group): a rank whose
-    block raised raises its own error again, marked first_to_fail on the lowest such rank (which
-    main reports), and every other rank raises RankFailed naming that rank. Nothing else: the
-    block itself must not wait for the other ranks."""
-    rank, world_size, _ = dist_info
-    error = None
+    block raised raises its error again, marked first_to_fail on the lowest such rank (main reports
+    it), every other rank RankFailed naming it. The block itself must not wait for other ranks."""
+    (rank, world_size, _), error = dist_info, None
     try:
         yield
     except Exception as e:
@@ -1530,44 +1526,44 @@ def load(flag, value, fn, *args, **kwargs):
     except LoadError:  # from a nested load, which named its own flag
         raise
     except Exception as e:  # OSError, ValueError, HFValidationError, ...: report, do not trace
+        first = first_line(e)
         if hub_unreachable(e):
             local = "/path/to/" + dict(pretrained="sdxl", lora="lora", reward_model="clip",
                                        reward_processor="clip", clip_model="clip").get(flag, "unet")
             first = ("no such local path, the Hugging Face hub could not be reached and the model "
                      f"is not in the local cache; pass a local folder (--{flag}={local})")
-        else:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise LoadError(f"cannot load --{flag}={value}: {first}") from None
 
 
-def load_sdxl_parts(cfg, device, frozen):
-    """SDXLWorld's components from cfg's paths, each moved to `device` as soon as it is loaded (a
-    node's CPU memory holds one UNet at a time per rank); frozen nets in dtype `frozen`."""
-    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+def load_parts(cfg, device, frozen):
+    """SDXLWorld's (SD3World's) components from cfg's paths, each moved to `device` as soon as it is
+    loaded (a node's CPU memory holds one UNet at a time per rank); frozen nets in dtype `frozen`,
+    SD3's T5 (unless --t5=false) too, as it loads."""
+    import diffusers
 
+    net, sub = NETS[cfg.model]
+    pipe, net = getattr(diffusers, PIPELINES[cfg.model]), getattr(diffusers, net)
     trained = frozen if cfg.lora_rank else torch.float32  # a LoRA's base is frozen
     get = lambda cls, **kw: load("pretrained", cfg.pretrained, cls.from_pretrained, cfg.pretrained,
                                  **kw).to(device)
-    return dict(pipe=get(StableDiffusionXLPipeline, unet=None, dtype=torch.float32),
-                s_ref=get(UNet2DConditionModel, subfolder="unet", dtype=frozen),
-                assistant=get(UNet2DConditionModel, subfolder="unet", dtype=trained),
-                generator=load_generator(cfg.generator_init, cfg.pretrained,
-                                         cfg.variant or None, trained).to(device),
+    no_t5 = {} if cfg.t5 else dict(text_encoder_3=None, tokenizer_3=None)
+    pipe_kw = (dict(unet=None, dtype=torch.float32) if cfg.model == "sdxl" else dict(
+        transformer=None, **no_t5, dtype=dict(default=torch.float32, text_encoder_3=frozen)))
+    return dict(pipe=get(pipe, **pipe_kw), s_ref=get(net, subfolder=sub, dtype=frozen),
+                assistant=get(net, subfolder=sub, dtype=trained),
+                generator=load_generator(cfg.generator_init, cfg.pretrained, cfg.variant or None,
+                                         trained, model=cfg.model).to(device),
                 reward_fn=ClipReward(cfg.reward_model, cfg.reward_processor, frozen).to(device))
 
 
 STATE_DICTS = (".bin", ".pt", ".pth", ".safetensors")  # a UNet's weights as one file
-
-
 NETS = dict(sdxl=("UNet2DConditionModel", "unet"), sd3=("SD3Transformer2DModel", "transformer"))
 
 
-def load_generator(path, pretrained, variant=None, dtype=None, flag="generator_init",
-                   model="sdxl"):
-    """A one-step generator's UNet (--model=sd3: transformer), in any form one is published in, in
-    `dtype` (default fp32): "": the UNet of `pretrained`; a diffusers UNet folder, or a pipeline
-    folder holding unet/ (both with `variant`, e.g. fp16); a state-dict file
-    (unet_from_state_dict)."""
+def load_generator(path, pretrained, variant=None, dtype=None, flag="generator_init", model="sdxl"):
+    """A one-step generator's UNet (--model=sd3: transformer) in `dtype` (default fp32), in any form
+    one is published in: "": the UNet of `pretrained`; a diffusers UNet folder, or a pipeline
+    folder holding unet/ (both with `variant`, e.g. fp16); a state-dict (unet_from_state_dict)."""
     import diffusers
 
     cls, sub = getattr(diffusers, NETS[model][0]), NETS[model][1]
@@ -1605,10 +1601,8 @@ def unet_from_state_dict(path, pretrained, model="sdxl"):
         except EntryNotFoundError:  # none beside it (or offline and not cached)
             config = ""
     cls, sub = getattr(diffusers, NETS[model][0]), NETS[model][1]
-    if os.path.isfile(config):
-        config = cls.load_config(config)
-    else:
-        config = load("pretrained", pretrained, cls.load_config, pretrained, subfolder=sub)
+    config = (cls.load_config(config) if os.path.isfile(config)
+              else load("pretrained", pretrained, cls.load_config, pretrained, subfolder=sub))
     sd = (load_file(file) if file.endswith(".safetensors")
           else torch.load(file, map_location="cpu", weights_only=True))
     with init_empty_weights():  # parameters on meta: no random init of weights about to go
@@ -1933,17 +1927,20 @@ def random_reward(sizes, device="cpu"):
     return clip, CLIPProcessor(CLIPImageProcessor(**sizes["image"]), tokenizer=tok)
 
 
-def build_tiny(root):
-    """Tiny random models laid out as the real ones: {root}/sdxl, a StableDiffusionXLPipeline
-    folder, and {root}/reward, a CLIPModel with its processor. The same ones every time."""
+def build_tiny(root, model="sdxl", t5=True):
+    """Tiny random models laid out as the real ones, the same ones every time: {root}/sdxl, a
+    StableDiffusionXLPipeline folder (model sd3: {root}/sd3, or sd3_no_t5 without T5, a
+    StableDiffusion3Pipeline one), and {root}/reward, a CLIPModel with its processor."""
     with torch.random.fork_rng():  # the caller's RNG untouched
         torch.manual_seed(0)
-        pipe, clip, processor = random_parts(TINY)
-    sdxl, reward = os.path.join(root, "sdxl"), os.path.join(root, "reward")
-    pipe.save_pretrained(sdxl)
+        pipe, clip, processor = (random_parts(TINY) if model == "sdxl"
+                                 else random_sd3_parts(TINY_SD3, t5=t5))
+    path = os.path.join(root, "sdxl" if model == "sdxl" else "sd3" if t5 else "sd3_no_t5")
+    reward = os.path.join(root, "reward")
+    pipe.save_pretrained(path)
     clip.save_pretrained(reward)
     processor.save_pretrained(reward)
-    return sdxl, reward
+    return path, reward
 
 
 def tiny_config(cfg, dist_info):
@@ -1954,7 +1951,7 @@ def tiny_config(cfg, dist_info):
     pretrained = os.path.join(root, "sdxl" if cfg.model == "sdxl" else "sd3" if cfg.t5
                               else "sd3_no_t5")
     if dist_info[0] == 0 and not os.path.isfile(os.path.join(pretrained, "model_index.json")):
-        build_tiny(root) if cfg.model == "sdxl" else build_tiny_sd3(root, cfg.t5)
+        build_tiny(root, cfg.model, cfg.t5)
     barrier(dist_info[1])
     return replace(cfg, pretrained=pretrained, generator_init="", reward_model=reward,
                    reward_processor=reward)
@@ -1963,14 +1960,15 @@ def tiny_config(cfg, dist_info):
 def dry_run_parts(device, cfg=None):
     """SDXLWorld's components at full size with random weights: no download, no CPU init, and
     nothing at all on meta. The three UNets start equal, as with --generator_init="". cfg with
-    --model=sd3: SD3.5-medium's (dry_run_sd3_parts)."""
+    --model=sd3: SD3World's, at SD3.5-medium's size."""
     import copy
 
-    if cfg is not None and cfg.model == "sd3":
-        return dry_run_sd3_parts(device, cfg.t5)
-    pipe, clip, processor = random_parts(SDXL, device)
-    return dict(pipe=pipe, s_ref=pipe.unet, assistant=copy.deepcopy(pipe.unet),
-                generator=copy.deepcopy(pipe.unet), reward_fn=ClipReward(clip, processor))
+    sd3 = cfg is not None and cfg.model == "sd3"
+    pipe, clip, processor = (random_sd3_parts(SD35_MEDIUM, device, cfg.t5) if sd3
+                             else random_parts(SDXL, device))
+    net = pipe.transformer if sd3 else pipe.unet
+    return dict(pipe=pipe, s_ref=net, assistant=copy.deepcopy(net), generator=copy.deepcopy(net),
+                reward_fn=ClipReward(clip, processor))
 
 
 # -----------------------------------------------------------------------------
@@ -1997,8 +1995,6 @@ class SD3World(SDXLWorld):
     prompt ""), not SDXL's zeros."""
 
     def __init__(self, cfg, device, rank=0, world_size=1, parts=None):
-        frozen = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
-        parts = parts or load_sd3_parts(cfg, device, frozen)
         super().__init__(cfg, device, rank, world_size, parts)
         if self.pipe.text_encoder_3 is not None:
             self.pipe.text_encoder_3.to(self.s_ref.dtype)  # the frozen dtype
@@ -2079,24 +2075,6 @@ def check_pipeline(cfg):
                         " pass --t5=false (zeros in its place, as the pipeline does)")
 
 
-def load_sd3_parts(cfg, device, frozen):
-    """SD3World's components from cfg's paths, as load_sdxl_parts; T5 (unless --t5=false) in the
-    frozen dtype as it loads."""
-    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
-
-    trained = frozen if cfg.lora_rank else torch.float32
-    get = lambda cls, **kw: load("pretrained", cfg.pretrained, cls.from_pretrained, cfg.pretrained,
-                                 **kw).to(device)
-    no_t5 = {} if cfg.t5 else dict(text_encoder_3=None, tokenizer_3=None)
-    return dict(pipe=get(StableDiffusion3Pipeline, transformer=None, **no_t5,
-                         dtype=dict(default=torch.float32, text_encoder_3=frozen)),
-                s_ref=get(SD3Transformer2DModel, subfolder="transformer", dtype=frozen),
-                assistant=get(SD3Transformer2DModel, subfolder="transformer", dtype=trained),
-                generator=load_generator(cfg.generator_init, cfg.pretrained, cfg.variant or None,
-                                         trained, model="sd3").to(device),
-                reward_fn=ClipReward(cfg.reward_model, cfg.reward_processor, frozen).to(device))
-
-
 _T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
                feed_forward_proj="gated-gelu", relative_attention_num_buckets=32)
 _SD3_VAE = dict(_VAE_BLOCKS, latent_channels=16, scaling_factor=1.5305, shift_factor=0.0609,
@@ -2161,25 +2139,11 @@ def random_sd3_parts(sizes, device="cpu", t5=True):
 
 
 def build_tiny_sd3(root, t5=True):
-    """A tiny random StableDiffusion3Pipeline folder, {root}/sd3 ({root}/sd3_no_t5 without T5),
-    and the reward, {root}/reward, as build_tiny's. The same ones every time."""
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        pipe, clip, processor = random_sd3_parts(TINY_SD3, t5=t5)
-    path, reward = os.path.join(root, "sd3" if t5 else "sd3_no_t5"), os.path.join(root, "reward")
-    pipe.save_pretrained(path)
-    clip.save_pretrained(reward)
-    processor.save_pretrained(reward)
-    return path, reward
+    return build_tiny(root, "sd3", t5)
 
 
 def dry_run_sd3_parts(device, t5=True):
-    """SD3World's components at SD3.5-medium's size with random weights (dry_run_parts' SD3)."""
-    import copy
-
-    pipe, clip, processor = random_sd3_parts(SD35_MEDIUM, device, t5)
-    return dict(pipe=pipe, s_ref=pipe.transformer, assistant=copy.deepcopy(pipe.transformer),
-                generator=copy.deepcopy(pipe.transformer), reward_fn=ClipReward(clip, processor))
+    return dry_run_parts(device, Config(model="sd3", t5=t5))
 
 
 # -----------------------------------------------------------------------------
