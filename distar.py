@@ -36,7 +36,9 @@ $ python distar.py --toy --ablation
 
 import argparse
 import contextlib
+import copy
 import datetime
+import difflib
 import inspect
 import json
 import math
@@ -46,7 +48,9 @@ import shutil
 import signal
 import statistics
 import sys
+import textwrap
 import time
+import warnings
 from dataclasses import asdict, dataclass, fields, replace
 from unittest import mock
 
@@ -1007,8 +1011,6 @@ class Parser(argparse.ArgumentParser):
 
     def did_you_mean(self, message):
         """For a misspelled flag (--max_step=4), the closest real ones, by difflib on the names."""
-        import difflib
-
         if not message.startswith("unrecognized arguments: "):
             return ""
         names = [o[2:] for o in self._option_string_actions if o.startswith("--")]
@@ -1048,8 +1050,6 @@ def check_at_least(cfg, bounds):
 def modes_help():
     """--help's last lines: the defaults each mode replaces (each flag's line shows SDXL's unless
     the command line names a mode)."""
-    import textwrap
-
     modes = {"toy": TOY_DEFAULTS, "tiny": TINY_DEFAULTS, "dry_run": DRY_RUN_DEFAULTS,
              "ablation": ABLATION_DEFAULTS, "lora_rank": LORA_DEFAULTS, "model=sd3": SD3_DEFAULTS}
     lines = [textwrap.fill(" ".join(f"--{k}={v}" for k, v in d.items()), 100,
@@ -1630,8 +1630,6 @@ def quiet_libraries():
     """The libraries' warnings and error logs off (a failed load raises, and is reported as one
     line), and their own bars ("Loading weights", "Loading pipeline components"), but not
     huggingface_hub's download bars: a first run shows its tens of GB arriving."""
-    import warnings
-
     from diffusers.utils import logging as diffusers_logging
     from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
     from transformers.utils import logging as transformers_logging
@@ -1961,8 +1959,6 @@ def dry_run_parts(device, cfg=None):
     """SDXLWorld's components at full size with random weights: no download, no CPU init, and
     nothing at all on meta. The three UNets start equal, as with --generator_init="". cfg with
     --model=sd3: SD3World's, at SD3.5-medium's size."""
-    import copy
-
     sd3 = cfg is not None and cfg.model == "sd3"
     pipe, clip, processor = (random_sd3_parts(SD35_MEDIUM, device, cfg.t5) if sd3
                              else random_parts(SDXL, device))
@@ -1984,15 +1980,12 @@ SD3_DEFAULTS = dict(pretrained="stabilityai/stable-diffusion-3.5-medium", genera
 
 
 class SD3World(SDXLWorld):
-    """Algorithm 1 on SD3/SD3.5, SDXLWorld's interface and precisions. Its nets are
-    SD3Transformer2DModels predicting the velocity v = eps - x_0; unet hands the loop eps_hat =
-    x_s + (1 - s) v. The generator is one Euler step from pure noise, x_0 = z - v_theta(z, 1000, c):
-    diffusers' own one-step sample (FlowMatchEulerDiscreteScheduler.set_timesteps(1) gives sigmas
-    [1, 0]), so StableDiffusion3Pipeline(num_inference_steps=1, guidance_scale=0) reproduces it.
-    Text: CLIP-L, CLIP-G and T5-XXL through the pipeline's encode_prompt, T5 frozen in bf16 with
-    --precision=bf16 (9.5 GB in fp32 would be 19), or with --t5=false zeros in its place, as the
-    pipeline does without text_encoder_3. Unconditional: the empty prompt encoded (SD3's negative
-    prompt ""), not SDXL's zeros."""
+    """Algorithm 1 on SD3/SD3.5 (SD3Transformer2DModels), SDXLWorld's interface and precisions. The
+    generator is one Euler step from pure noise, x_0 = z - v_theta(z, 1000, c): diffusers' own
+    one-step sample (set_timesteps(1) gives sigmas [1, 0]), as StableDiffusion3Pipeline(
+    num_inference_steps=1, guidance_scale=0) draws it. Text: CLIP-L, CLIP-G and T5-XXL (frozen,
+    in bf16 with --precision=bf16: 9.5 GB, not 19; --t5=false: zeros, as the pipeline without
+    text_encoder_3). Unconditional: the empty prompt encoded (SD3's negative ""), not zeros."""
 
     def __init__(self, cfg, device, rank=0, world_size=1, parts=None):
         super().__init__(cfg, device, rank, world_size, parts)
@@ -2002,10 +1995,10 @@ class SD3World(SDXLWorld):
         self.empty = self.encode([""])
 
     def sample_t(self, n, device):
-        """t = 1000 s, s drawn as SD3 was trained: logit-normal, sigmoid of N(0, 1), shifted as the
-        scheduler shifts (s' = shift s / (1 + (shift - 1) s), shift 3.0 for SD3.5 at 1024 px:
-        diffusers' SD3 training examples draw so), then kept in [t_min, t_max] (away from s = 0,
-        where the score -eps / s blows up; the clamp moves 0.3% of the draws, all near s = 1)."""
+        """t = 1000 s, s drawn as SD3 was trained (and diffusers' SD3 examples draw): logit-normal,
+        sigmoid of N(0, 1), shifted as the scheduler shifts, s' = shift s / (1 + (shift - 1) s)
+        (3.0: SD3.5 at 1024 px), kept in [t_min, t_max]: away from s = 0, where the score -eps / s
+        blows up (the clamp moves 0.3% of the draws, all near s = 1)."""
         u = torch.sigmoid(torch.randn(n, device=device))
         shift = self.pipe.scheduler.config.shift
         return (1000 * shift * u / (1 + (shift - 1) * u)).clamp(self.cfg.t_min, self.cfg.t_max)
@@ -2151,11 +2144,10 @@ def dry_run_sd3_parts(device, t5=True):
 
 
 def maybe_compile(world, **kw):
-    """--compile: torch.compile each UNet's transformer blocks in place (diffusers' regional
-    compilation: an SDXL UNet's 70 blocks share a few graphs, so compiling takes seconds, not the
-    minutes of a whole UNet). In place, so state dicts keep their keys; activation checkpointing
-    wraps the compiled blocks and DDP the whole net, both as before. kw: torch.compile's (the
-    tests pass backend="aot_eager": inductor's C++ builds take minutes on a CPU)."""
+    """--compile: torch.compile each UNet's transformer blocks in place (regional compilation: an
+    SDXL UNet's 70 blocks share a few graphs: seconds, not a whole UNet's minutes), so state dicts
+    keep their keys and checkpointing and DDP wrap as before. kw: torch.compile's (the tests pass
+    backend="aot_eager": inductor's C++ builds take minutes on a CPU)."""
     if world.cfg.compile:
         # all blocks of a class share one cache of graphs: 2 widths at full size, times batch B or
         # 2B, grad on or off, weights trained or frozen; past dynamo's 8, blocks would run eager
@@ -2170,10 +2162,9 @@ def fast_backends(on):
     loss math, --precision=fp32; fp32 convolutions use TF32 already, PyTorch's default),
     cudnn.benchmark (every step has the same shapes), and cuDNN attention first in SDPA (NVIDIA's
     fastest on Hopper). A context manager: on exit, all as before; off, it changes nothing."""
-    from contextlib import ExitStack
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    stack, matmul, cudnn = ExitStack(), torch.backends.cuda.matmul, torch.backends.cudnn
+    stack, matmul, cudnn = contextlib.ExitStack(), torch.backends.cuda.matmul, torch.backends.cudnn
     if on:
         # through allow_tf32: set through fp32_precision alone, TF32 makes the legacy readers
         # (allow_tf32, get_float32_matmul_precision; inductor's autotuning reads them) raise
@@ -2215,21 +2206,18 @@ def peak_memory_gb(device, reserved=False):
 
 
 # What the plan's tensors leave out: the CUDA context, outside PyTorch's allocator (~0.5 GiB per
-# process), and NCCL's buffers, 544-688 MB per communicator measured on 4
-# A100s (NVIDIA/nccl#964), more with NVLS on NVSwitch machines. Allocator fragmentation is not
-# estimated: a GPU dry run prints memory_reserved beside max_memory_allocated.
+# process), and NCCL's buffers, 544-688 MB per communicator measured on 4 A100s (NVIDIA/nccl#964),
+# more with NVLS on NVSwitch machines. Fragmentation: a GPU dry run prints memory_reserved too.
 CUDA_CONTEXT_GIB, NCCL_GIB = 0.5, 0.7
 
 
 def memory_plan(world, n_gpus, fsdp):
     """Memory per GPU before activations, [(item, bytes)], for train on n_gpus ranks. AdamW keeps
-    two fp32 states per trained weight; fused, it needs no scratch. Gradients: one net's at a time
-    alone (train frees them); under DDP both nets' buckets. With --lora_rank the trained weights
-    are the adapters, and the generator's and assistant's bases are frozen. --fsdp divides the
-    three UNets' weights, gradients and AdamW states by n_gpus and adds the units it gathers: the
-    root's own weights (its forward spans the net's) and two blocks (the running one and the one
-    prefetched), plus their gradients before the reduce-scatter, in the largest net. The last row,
-    the CUDA context and NCCL's buffers, is an estimate (above)."""
+    two fp32 states per trained weight (fused: no scratch). Gradients: one net's at a time (train
+    frees them); under DDP both nets' buckets. --lora_rank: the adapters train, the bases are
+    frozen. --fsdp divides the three UNets' weights, gradients and AdamW states by n_gpus and adds
+    the units it gathers in the largest net: the root's own weights (its forward spans the net's),
+    two blocks (running and prefetched) and their gradients before the reduce-scatter."""
     size = lambda params: sum(p.numel() * p.element_size() for p in params)
     dt = lambda params: str(params[0].dtype).removeprefix("torch.")
     frozen = lambda *nets: [p for n in nets for p in n.parameters() if not p.requires_grad]
@@ -2301,8 +2289,8 @@ def run_dry_run(cfg, dist_info):
         n = lambda net: f"{sum(p.numel() for p in net.parameters()):,}"
         t5 = getattr(meta.pipe, "text_encoder_3", None)
         print(f"dry run: {'SD3.5-medium transformer' if cfg.model == 'sd3' else 'SDXL-base UNet'} "
-              f"{n(meta.s_ref)} parameters (x3: generator, assistant, "
-              f"reference), VAE {n(meta.vae)}, text encoders {n(meta.pipe.text_encoder)} + "
+              f"{n(meta.s_ref)} parameters (x3: generator, assistant, reference), VAE "
+              f"{n(meta.vae)}, text encoders {n(meta.pipe.text_encoder)} + "
               f"{n(meta.pipe.text_encoder_2)}" + (f" + T5-XXL {n(t5)}" if t5 is not None else "")
               + f", reward CLIP-H {n(meta.reward_fn.model)}"
               + (f", LoRA adapters {sum(p.numel() for p in trained(meta.generator)):,} "
@@ -2312,8 +2300,9 @@ def run_dry_run(cfg, dist_info):
               + (", --fsdp" if cfg.fsdp else "") + " (GiB = 2^30 bytes):")
         plan = memory_plan(meta, n_gpus, cfg.fsdp)
         total, extra = sum(b for _, b in plan), gpu_overhead(n_gpus)
-        for item, b in plan + [("total", total), ("CUDA context" + (", NCCL buffers" if n_gpus > 1
-                               else "") + " (estimate)", extra), ("total on the card", total + extra)]:
+        overhead = "CUDA context" + (", NCCL buffers" if n_gpus > 1 else "") + " (estimate)"
+        for item, b in plan + [("total", total), (overhead, extra), ("total on the card",
+                                                                     total + extra)]:
             print(f"  {item:64s} {b / 2**30:7.2f}")
         # FLOPs in fp32: meta has no autocast, and precision does not change them
         meta = World(replace(cfg, grad_checkpointing=False, precision="fp32"),
@@ -2339,9 +2328,8 @@ def run_dry_run(cfg, dist_info):
 
 
 def device_name(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{device.type}, {torch.get_num_threads()} threads"
+    return (torch.cuda.get_device_name(device) if device.type == "cuda"
+            else f"{device.type}, {torch.get_num_threads()} threads")
 
 
 def measure_steps(world, dist_info, flops_per_step):
@@ -2365,8 +2353,7 @@ def measure_steps(world, dist_info, flops_per_step):
     sec = statistics.median(r["sec_assistant"] + r["sec_generator"] for r in history[1:])
     fig = dict(sec_per_step=sec, images_per_s=cfg.batch_size / sec,
                peak_mem_gib=max(max(r["mem_assistant_gb"], r["mem_generator_gb"]) for r in history),
-               peak_reserved_gib=reserved,
-               tflops_per_s=flops_per_step / sec / 1e12,
+               peak_reserved_gib=reserved, tflops_per_s=flops_per_step / sec / 1e12,
                mfu=flops_per_step / sec / (peak * 1e12) if peak else None)
     mfu = f"{fig['mfu']:.1%}" if peak else "unknown peak: pass --peak_tflops"
     print(f"measured on {world_size} x {name}, --precision={cfg.precision}"
@@ -2381,11 +2368,10 @@ def measure_steps(world, dist_info, flops_per_step):
 
 class PartTimer:
     """Splits train's update times into parts, for --bench. Wrapped world methods (install) switch
-    the current part on entry and back on exit; hooks on their outputs' and inputs' gradients
-    switch it where their backward starts and ends (the generator's backward, and psi's in the DSM
-    update, end at clip_and_step). Each switch reads the clock (the device synchronised), and the
-    time since the last switch goes to the part current until then. train's clock() calls
-    (patched) start a phase: its assistant update, then its generator update."""
+    the current part on entry and back on exit; hooks on their outputs' and inputs' gradients where
+    their backward starts and ends (the generator's, and psi's in DSM, end at clip_and_step). Each
+    switch reads the clock (device synchronised); the time since the last goes to the part current
+    until then. Patched, train's clock() starts a phase: its assistant, then generator update."""
 
     def __init__(self, device):
         self.device, self.clock = device, clock  # the unpatched clock
@@ -2437,9 +2423,7 @@ class PartTimer:
 
     def install(self, world):
         """The world's methods and train's clip_and_step and clock, wrapped until exit."""
-        from contextlib import ExitStack
-
-        stack, module = ExitStack(), sys.modules[__name__]
+        stack, module = contextlib.ExitStack(), sys.modules[__name__]
         for name, part, backward_part in BENCH_PARTS:
             if name in ("clip_and_step", "clock"):
                 new = self.phase if name == "clock" else self.wrap(clip_and_step, part)
@@ -2473,19 +2457,16 @@ def unet_baseline_update(world, opt, batch_size):
 def bench(world, dist_info):
     """The cost table, printed and in {out_dir}/bench.json: train's own timings of one step (an
     assistant and a generator update, prompts, clipping and AdamW included) per divergence, and of
-    unet_baseline_update, checkpointing off and on, as ratios to the KL generator update and to
-    the baseline with the same checkpointing; each update split into parts (PartTimer: their
-    device syncs are in the times); and peak memory (or out of memory). Variants interleave (each
-    repetition runs all, rotated by one), so drift hits all alike; lr 0 leaves the weights as
-    they were."""
+    unet_baseline_update, checkpointing off and on, as ratios to the KL generator update and to the
+    baseline with the same checkpointing; their parts (PartTimer) and peak memory. Variants
+    interleave (each repetition runs all, rotated by one): drift hits all alike. lr 0: no change."""
     cfg, device = world.cfg, dist_info[2]
     opts = [make_optimizer(cfg, trained(n), 0.0) for n in (world.generator, world.assistant)]
     variants = [(div, ckpt) for ckpt in (False, True)
                 for div in ("pseudo_huber", "l2", "kl", "unet_baseline")]
     # timed steps per row: the assistant update does not depend on the divergence
     runs = ({("generator", div, ckpt): [] for div, ckpt in variants if div != "unet_baseline"}
-            | {("assistant", None, ckpt): [] for ckpt in (False, True)}
-            | {("unet_baseline", None, ckpt): [] for ckpt in (False, True)})
+            | {(s, None, c): [] for s in ("assistant", "unet_baseline") for c in (False, True)})
     oom, timer = set(), PartTimer(device)
     with mock.patch.dict(os.environ, TQDM_DISABLE="1"), timer.install(world):
         for rep in range(cfg.bench_warmup + cfg.bench_reps):
@@ -2511,8 +2492,7 @@ def bench(world, dist_info):
                         o.zero_grad(set_to_none=True)
                     continue
                 if rep >= cfg.bench_warmup:
-                    steps = ["unet_baseline"] if div == "unet_baseline" else ["assistant",
-                                                                             "generator"]
+                    steps = [div] if div == "unet_baseline" else ["assistant", "generator"]
                     for step, parts in zip(steps, timer.phases):
                         key = (step, div if step == "generator" else None, ckpt)
                         runs[key].append(dict(m, parts=parts))
