@@ -1580,9 +1580,8 @@ def load_generator(path, pretrained, variant=None, dtype=None, flag="generator_i
 
 def unet_from_state_dict(path, pretrained, model="sdxl"):
     """A UNet (--model=sd3: transformer) from a .bin/.pt/.pth/.safetensors file, local or on the hub
-    as owner/repo/path/in/repo (DMD2's tianweiy/DMD2/dmd2_sdxl_1step_unet_fp16.bin). Its
-    architecture: the config.json beside it if there is one (a release's unet/ folder), else
-    `pretrained`'s unet/config.json."""
+    as owner/repo/path/in/repo (DMD2's tianweiy/DMD2/dmd2_sdxl_1step_unet_fp16.bin); its config:
+    the config.json beside it if any (a release's unet/ folder), else `pretrained`'s unet/'s."""
     import diffusers
     from accelerate import init_empty_weights
     from huggingface_hub import hf_hub_download
@@ -1690,9 +1689,8 @@ def add_lora(unet, cfg, role):
 
 def save_lora(unet, path, sd=None):
     """The adapter as diffusers saves LoRAs, with its config (without it the loader takes alpha =
-    rank). Unconverted peft keys: convert_state_dict_to_diffusers renames only the attention
-    keys, and the loader, seeing lora_A in the first key, then drops the renamed ones. sd: a
-    sharded unet's gathered weights (gather_state_dict)."""
+    rank); peft's keys unconverted: convert_state_dict_to_diffusers renames only the attention keys,
+    and the loader, seeing lora_A first, drops them. sd: a sharded unet's gathered weights."""
     import diffusers
     from peft.utils import get_peft_model_state_dict
 
@@ -1751,8 +1749,7 @@ def lora_base(path):
 # and the plan fits without sharding them. Checkpoints stay what diffusers reads (the weights are
 # gathered onto rank 0's CPU to save them); the AdamW states are written as each rank's shards.
 
-FSDP_UNITS = ("BasicTransformerBlock", "ResnetBlock2D",  # one unit each, then the root
-              "JointTransformerBlock")  # SD3's
+FSDP_UNITS = ("BasicTransformerBlock", "ResnetBlock2D", "JointTransformerBlock")  # last: SD3's
 
 
 def is_sharded(net):
