@@ -65,7 +65,6 @@ from tqdm import tqdm
 # config: every field is a --flag and its comment the --help line (the command line: parse_args,
 # after the banner)
 
-
 @dataclass
 class Config:
     toy: bool = False  # the 2-D Gaussian world: CPU, seconds, exact reference scores
@@ -130,7 +129,6 @@ class Config:
     bench_reps: int = 20  # --bench: timed repetitions per variant (medians are reported)
     bench_warmup: int = 5  # --bench: untimed repetitions first
 
-
 # each world's problem size replaces the defaults; flags on the command line still win
 TOY_DEFAULTS = dict(batch_size=256, max_steps=1000, lr_g=1e-3, lr_psi=3e-3, assistant_steps=4,
                     weight_decay=0.0, log_interval=100, ckpt_interval=1000, out_dir="out_toy")
@@ -141,17 +139,14 @@ TINY_DEFAULTS = dict(resolution=64, max_steps=4, lr_g=1e-4, lr_psi=1e-4, assista
 DRY_RUN_DEFAULTS = dict(max_steps=4, log_interval=1, out_dir="out_dry_run")  # step 1: warm-up
 LORA_DEFAULTS = dict(lr_g=5e-5, lr_psi=5e-5)  # DMD2's SDXL LoRA run; a mode's defaults win
 
-
 # -----------------------------------------------------------------------------
 # the loss math, in score space (score = grad_x log density)
 # Batch is dim 0. Norms and inner products are per sample over all other dims, so the same
 # functions serve (B, 2) toy points and (B, 4, 128, 128) SDXL latents; each returns (B,).
 # The generator loss is the mean of these over the batch.
 
-
 def _dot(u, v):
     return (u * v).flatten(1).sum(1)  # per-sample inner product, (B,)
-
 
 def distance_grad(y, distance="pseudo_huber", c=1.0):
     """d'(y) of the distance d in eq. 3.2; c is a float or one per sample, (B,)."""
@@ -162,7 +157,6 @@ def distance_grad(y, distance="pseudo_huber", c=1.0):
         return y / norm.view(-1, *([1] * (y.ndim - 1)))
     raise ValueError(f"unknown distance {distance!r}")
 
-
 def score_divergence_loss(x_t, cond_score, fake_score_fn, ref_score_fn, distance="pseudo_huber",
                           c=1.0, weight=1.0):
     """Eq. 3.4 / 3.5 (Theorem 3.1): -d'(y_t) . (s_fake(x_t) - cond_score), y_t = s_fake - s_ref.
@@ -172,14 +166,12 @@ def score_divergence_loss(x_t, cond_score, fake_score_fn, ref_score_fn, distance
     y_t = s_fake - ref_score_fn(x_t)  # y_t = s_fake - s_ref
     return -weight * _dot(distance_grad(y_t, distance, c), s_fake - cond_score)
 
-
 def kl_loss(x_t, fake_score_fn, ref_score_fn, weight=1.0):
     """Diff-Instruct / DI++ baseline: (s_fake(sg[x_t]) - s_ref(sg[x_t])) . x_t, whose theta-gradient
     is that of KL(p_theta,t || q_t). No back-propagation through either net."""
     with torch.no_grad():  # sg[x_t]
         g = fake_score_fn(x_t.detach()) - ref_score_fn(x_t.detach())
     return weight * _dot(g, x_t)
-
 
 def cfg_reward_loss(x_t, cond_score_fn, uncond_score_fn, weight=1.0):
     """Theorem 3.2, choice 1 (DI*-Out): -(s_ref(sg[x_t]|c) - s_ref(sg[x_t]|empty)) . x_t, whose
@@ -189,18 +181,15 @@ def cfg_reward_loss(x_t, cond_score_fn, uncond_score_fn, weight=1.0):
         g = cond_score_fn(x_t.detach()) - uncond_score_fn(x_t.detach())
     return -weight * _dot(g, x_t)
 
-
 def cfg_score(cond_score, uncond_score, scale):
     """Choice 2 (DI*-In): the CFG-enhanced reference s_u + scale (s_c - s_u), i.e. the score of
     p(x|c)^scale p(x)^(1-scale). The paper prints s_c + alpha s_u, which is not CFG."""
     return uncond_score + scale * (cond_score - uncond_score)
 
-
 def dsm_loss(score_pred, cond_score, weight=1.0):
     """Denoising score matching, eq. 2.2: weight * ||s_psi(x_t) - grad log p_t(x_t|x_0)||^2."""
     d = score_pred - cond_score
     return weight * _dot(d, d)
-
 
 # -----------------------------------------------------------------------------
 # the toy world: 2-D data, K prompts (classes), each a mixture of isotropic Gaussians
@@ -209,15 +198,12 @@ def dsm_loss(score_pred, cond_score, weight=1.0):
 # sigma_t^2) I) and every reference score is exact. The unconditional reference is the mixture of
 # all classes, so CFG has an exact meaning too.
 
-
 SDXL_BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
-
 
 def sdxl_alphas_cumprod():
     from diffusers import DDPMScheduler
 
     return DDPMScheduler(num_train_timesteps=1000, **SDXL_BETAS).alphas_cumprod  # alphabar_t
-
 
 class VPProcess:
     """The toy's and SDXL's x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, t in 0..999. A world's
@@ -230,16 +216,13 @@ class VPProcess:
         ab = self.alphas_cumprod.to(t.device)[t]
         return ab.sqrt(), (1 - ab).sqrt()
 
-
 def flow_coefficients(t):
     """Rectified flow (SD3): x_s = (1 - s) x_0 + s eps, s = t / 1000; nets predict eps - x_0."""
     return 1 - t / 1000, t / 1000
 
-
 def eps_from_velocity(x_s, v, s):
     """A flow net's v = eps - x_0 as the eps the losses take (x_0 = x_s - s v); score -eps / s."""
     return x_s + (1 - s) * v
-
 
 class ToyNet(nn.Module):
     """MLP f(x, c[, t]): the generator g_theta(z, c) (no t) or the assistant eps_psi(x_t, t, c)."""
@@ -258,7 +241,6 @@ class ToyNet(nn.Module):
             f = torch.arange(1, 9, device=x.device, dtype=x.dtype) * math.pi * t[:, None] / 1000
             h += [torch.sin(f), torch.cos(f)]
         return self.net(torch.cat(h, 1))
-
 
 class ToyWorld(VPProcess):
     """K classes; class k is an equal-weight mixture of isotropic Gaussians means[k] (M, 2), std.
@@ -325,7 +307,6 @@ class ToyWorld(VPProcess):
     def reward(self, x0, cond):
         return self.reward_scale * x0[:, 0]  # r(x_0, c), (B,)
 
-
 def make_toy_world(device="cpu"):
     # three classes on a circle of radius 2, two modes each (std 0.3), 1.2 apart horizontally
     centres = [(2 * math.cos(p), 2 * math.sin(p)) for p in (math.pi / 2, 7 * math.pi / 6,
@@ -334,7 +315,6 @@ def make_toy_world(device="cpu"):
     world.generator = ToyNet(world.K, use_t=False).to(device)
     world.assistant = ToyNet(world.K, use_t=True).to(device)
     return world
-
 
 # -----------------------------------------------------------------------------
 # the gradient check: each tractable loss against the quantity it stands for
@@ -434,7 +414,6 @@ def gradient_check(n=2**17, n_batches=16, t=300, c_huber=0.5, alpha_cfg=7.5, see
         results.append(dict(name=name, rel=rel, tol=tol, should_match=should_match, ok=ok))
     return results
 
-
 def print_gradient_check(results, process="vp"):
     print("gradient check: relative error of each loss's theta-gradient vs the exact one (2-D "
           f"Gaussians, float64{', the flow process (1 - s, s): SD3' * (process == 'flow')})")
@@ -444,17 +423,14 @@ def print_gradient_check(results, process="vp"):
         print(f"{r['name']:38s} {r['rel']['mu']:8.4f} {r['rel']['A']:8.4f} {r['rel']['all']:8.4f} "
               f"{r['tol']:8.4f}  {verdict if r['ok'] else 'FAILED'}")
 
-
 # -----------------------------------------------------------------------------
 # the SDXL world: the toy's interface with SDXL's UNets, VAE and CLIP text encoders and a CLIP
 # reward. Nets predict eps; scores are s = -eps_hat / sigma_t (the loop converts).
-
 
 BUILTIN_PROMPTS = ["a photo of a cat sitting on a windowsill", "the skyline of New York at dusk",
                    "a shiba inu wearing a red scarf", "a volcano exploding next to a marina",
                    "a bowl of ramen, studio lighting", "an astronaut riding a horse on the moon",
                    "a watercolor painting of a lighthouse", "a cozy cabin in a snowy forest"]
-
 
 class ClipReward(nn.Module):
     """r(x, c) = cos(CLIP_image(x), CLIP_text(c)): PickScore with PickScore_v1, CLIP score with
@@ -497,7 +473,6 @@ class ClipReward(nn.Module):
         x = ((x - self.mean) / self.std).to(self.model.dtype)
         f = self.model.get_image_features(pixel_values=x).pooler_output.float()
         return (F.normalize(f, dim=-1) * text_features).sum(-1)
-
 
 class SDXLWorld(VPProcess):
     """Algorithm 1 on SDXL. Trained, with fp32 master weights: the generator g_theta (a UNet read at
@@ -611,7 +586,6 @@ class SDXLWorld(VPProcess):
             images = numpy_to_pil(img.permute(0, 2, 3, 1).cpu().numpy())
             make_image_grid(images, rows=1, cols=n).save(path)
 
-
 # -----------------------------------------------------------------------------
 # Algorithm 1: the alternating loop, written once and given a world
 # A world holds .generator and .assistant (the trained nets), its process (sample_t(n, device),
@@ -628,14 +602,12 @@ class SDXLWorld(VPProcess):
 # KL and the CFG reward take sigma_t / D (x_0-gradient a_t (eps_ref - eps_psi) / D per element),
 # the DSM sigma_t^2 / D (the eps MSE).
 
-
 def diffuse(world, x0):
     """t from the world's process, eps ~ N(0, I), x_t = a_t x_0 + sigma_t eps ((B, 1, ...) each)."""
     t = world.sample_t(len(x0), x0.device)
     a_t, sigma_t = (c.view(-1, *([1] * (x0.ndim - 1))).to(x0.dtype) for c in world.coefficients(t))
     eps = torch.randn_like(x0)
     return t, a_t * x0 + sigma_t * eps, eps, sigma_t
-
 
 def assistant_loss(world, s_psi, cond):
     """Algorithm 1, assistant phase: DSM (eq. 2.2) on the frozen generator's samples."""
@@ -645,7 +617,6 @@ def assistant_loss(world, s_psi, cond):
     D = x0[0].numel()
     score_psi = -world.eps_fake(s_psi, x_t, t, cond) / sigma_t  # s_psi(x_t, t, c)
     return dsm_loss(score_psi, -eps / sigma_t, weight=sigma_t.flatten() ** 2 / D).mean()
-
 
 def generator_loss(world, g, cond):
     """Algorithm 1, generator phase: -alpha_rew r + eq. 3.4 (or KL) + the CFG term (eq. 3.5).
@@ -684,7 +655,6 @@ def generator_loss(world, g, cond):
     return loss, dict(loss_rew=loss_rew.mean(), loss_div=loss_div.mean(), loss_cfg=loss_cfg.mean(),
                       reward=reward.mean().detach(), x0=x0)
 
-
 def generator_backward(world, g, cond):
     """The generator phase's loss and backward, psi's parameters frozen (not its input). Each
     term's x_0-gradient is taken on its own and their sum goes back through g_theta: the work of
@@ -708,11 +678,9 @@ def generator_backward(world, g, cond):
             p.requires_grad_(True)
     return loss.detach(), {k: v.detach() for k, v in terms.items()}  # the graphs go here
 
-
 def trained(net):
     """The weights an optimizer holds: all of a net's, or with --lora_rank its adapter's."""
     return [p for p in net.parameters() if p.requires_grad]
-
 
 def make_optimizer(cfg, params, lr):
     """Fused AdamW: one kernel per step, no whole-net scratch such as foreach's sqrt(v). Under
@@ -720,10 +688,8 @@ def make_optimizer(cfg, params, lr):
     return torch.optim.AdamW(params, lr=lr, betas=(cfg.beta1, cfg.beta2),
                              weight_decay=cfg.weight_decay, fused=True)
 
-
 class NonFiniteError(RuntimeError):
     pass
-
 
 def clip_and_step(opt, net, loss, grad_clip, world_size):
     """Clip the gradient norm and step, unless the loss or the norm is NaN/Inf on any rank (bf16
@@ -740,7 +706,6 @@ def clip_and_step(opt, net, loss, grad_clip, world_size):
         opt.step()
     opt.zero_grad(set_to_none=True)
     return grad_norm, skip
-
 
 def train(world, opt_g, opt_psi, dist_info, steps, on_step=None):
     """Algorithm 1: per step, K_TA assistant updates (DSM, eq. 2.2) with theta frozen, then one
@@ -798,10 +763,8 @@ def train(world, opt_g, opt_psi, dist_info, steps, on_step=None):
         assert_ranks_in_sync(net, world_size)
     return history
 
-
 # -----------------------------------------------------------------------------
 # DDP: one process per GPU, identical copies of the trained nets
-
 
 def setup_distributed(cuda=True):
     """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; nccl on GPUs, gloo on CPU (or cuda=False)."""
@@ -821,14 +784,12 @@ def setup_distributed(cuda=True):
     start_slow_group()
     return dist.get_rank(), dist.get_world_size(), device
 
-
 def data_parallel(net, world_size):
     """DDP on a trained net, gradients as views into its buckets (no second copy); frozen nets are
     never wrapped. A net --fsdp sharded (shard_nets) is its own wrapper: it reduce-scatters."""
     if world_size == 1 or is_sharded(net):
         return net
     return DDP(net, gradient_as_bucket_view=True)
-
 
 def all_reduce_mean(metrics, world_size, device):
     """Scalars averaged over ranks, on the device: NCCL takes only CUDA tensors."""
@@ -838,7 +799,6 @@ def all_reduce_mean(metrics, world_size, device):
         dist.all_reduce(vals)
         vals /= world_size
     return dict(zip(metrics, vals.tolist()))
-
 
 def assert_ranks_in_sync(net, world_size):
     """DDP must keep every rank's copy identical: compare per-tensor fingerprints with rank 0's.
@@ -854,10 +814,8 @@ def assert_ranks_in_sync(net, world_size):
     if diff > 0:
         raise RuntimeError(f"ranks out of sync: parameter fingerprints differ by {diff.item():.3g}")
 
-
 # -----------------------------------------------------------------------------
 # main: the toy and SDXL share fit (optimizers, resume, metrics, samples, checkpoints)
-
 
 def fit(cfg, world, dist_info, save_samples=None):
     """Train world from step 0 or from the newest checkpoint, writing to cfg.out_dir."""
@@ -901,7 +859,6 @@ def fit(cfg, world, dist_info, save_samples=None):
               f"{world_size} process(es){in_sync}; in {cfg.out_dir}")
     return history
 
-
 def run_toy(cfg, dist_info):
     rank, world_size, device = dist_info
     ok = torch.ones(1, device=device)  # on the device: NCCL takes only CUDA tensors
@@ -921,7 +878,6 @@ def run_toy(cfg, dist_info):
     if rank == 0:
         evaluate_toy(world, cfg.out_dir)
 
-
 def run_sdxl(cfg, dist_info):
     rank, world_size, device = dist_info
     with all_ok(dist_info):  # one rank's error (a file, a hub, memory) stops every rank (all_ok)
@@ -939,7 +895,6 @@ def run_sdxl(cfg, dist_info):
     if cfg.bench:  # the cost table instead of training
         return bench(world, dist_info)
     fit(cfg, world, dist_info, world.save_samples)
-
 
 def main(argv):
     rank = int(os.environ.get("RANK", 0))
@@ -981,7 +936,6 @@ def main(argv):
         dist.destroy_process_group()
     return 0
 
-
 ###############################################################################
 # EXTRAS. Tooling around the DI* path above: the command line, checkpoints, the checks before
 # anything loads and the out_dir's rules, loading models with one-line errors, LoRA adapters, SDXL
@@ -1000,10 +954,8 @@ AT_LEAST = dict(batch_size=1, max_steps=0, assistant_steps=0, lr_g=0, lr_psi=0, 
                 sample_interval=1, keep_checkpoints=1, world_size_plan=0, peak_tflops=0,
                 bench_reps=1, bench_warmup=0, t_min=0, resolution=8, lora_rank=0)
 
-
 class ConfigError(ValueError):
     """A bad command line: main prints it as one line and exits 2."""
-
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line naming the flag: no usage dump, no traceback
@@ -1019,12 +971,10 @@ class Parser(argparse.ArgumentParser):
         close = [f"--{m}" for t in typed for m in difflib.get_close_matches(t, names, n=1)]
         return f"; did you mean {', '.join(dict.fromkeys(close))}?" if close else ""
 
-
 def to_bool(v):
     if v.lower() not in ("true", "false", "1", "0"):
         raise argparse.ArgumentTypeError(f"takes true or false, not {v!r}")
     return v.lower() in ("true", "1")
-
 
 def make_parser(cls, prog, defaults=None, add_help=True, epilog=None):
     """argparse from a config dataclass: --key=value, a bare --flag is True, comments are help."""
@@ -1040,12 +990,10 @@ def make_parser(cls, prog, defaults=None, add_help=True, epilog=None):
                        help=f"{helps.get(f.name, '')} (default: {default!r})", **kw)
     return p
 
-
 def check_at_least(cfg, bounds):
     for key, low in bounds.items():
         if getattr(cfg, key) < low:
             raise ConfigError(f"--{key} must be >= {low}, got {getattr(cfg, key)}")
-
 
 def modes_help():
     """--help's last lines: the defaults each mode replaces (each flag's line shows SDXL's unless
@@ -1056,7 +1004,6 @@ def modes_help():
                            initial_indent=f"  {'--' + m:13s}", subsequent_indent=" " * 15)
              for m, d in modes.items()]
     return "\n".join(["each mode replaces these defaults (the command line still wins):", *lines])
-
 
 def parse_args(argv):
     mode = make_parser(Config, "distar.py", add_help=False).parse_known_args(argv)[0]
@@ -1101,7 +1048,6 @@ def parse_args(argv):
             raise ConfigError(message)
     return cfg
 
-
 # -----------------------------------------------------------------------------
 # checkpoints, written whole or not at all. {out_dir}/checkpoint-{step:06d}/ holds generator/ and
 # assistant/ (diffusers UNet folders; with --lora_rank the adapters, see save_lora; the toy's nets
@@ -1112,13 +1058,11 @@ def parse_args(argv):
 
 CKPT_RE = r"checkpoint-\d{6}"
 
-
 def list_checkpoints(out_dir):
     names = sorted(d for d in (os.listdir(out_dir) if os.path.isdir(out_dir) else [])
                    if re.fullmatch(CKPT_RE, d)
                    and os.path.isfile(os.path.join(out_dir, d, "state.json")))  # complete
     return [os.path.join(out_dir, d) for d in names]
-
 
 def save_net(net, path, sd=None):
     """sd: a sharded net's weights, gathered (gather_state_dict): rank 0 saves them instead."""
@@ -1133,7 +1077,6 @@ def save_net(net, path, sd=None):
         save_file({k: v.contiguous() for k, v in net.state_dict().items()},
                   os.path.join(path, "model.safetensors"))
 
-
 def load_net(net, path):
     from safetensors.torch import load_file
 
@@ -1142,7 +1085,6 @@ def load_net(net, path):
     sd = {k: v for name in sorted(os.listdir(path)) if name.endswith(".safetensors")
           for k, v in load_file(os.path.join(path, name)).items()}
     load_state_dict(net, sd)
-
 
 def save_checkpoint(cfg, step, world, opt_g, opt_psi, dist_info):
     rank, world_size, device = dist_info
@@ -1188,7 +1130,6 @@ def save_checkpoint(cfg, step, world, opt_g, opt_psi, dist_info):
             for old in list_checkpoints(cfg.out_dir)[:-cfg.keep_checkpoints]:
                 shutil.rmtree(old)
 
-
 def load_checkpoint(cfg, world, opt_g, opt_psi, dist_info):
     """Restore the newest complete checkpoint in out_dir that loads (one whose weights do not,
     truncated by a crash, is said and the one before it tried); returns the step to go on from."""
@@ -1216,7 +1157,6 @@ def load_checkpoint(cfg, world, opt_g, opt_psi, dist_info):
             err = LoadError(f"--resume: {paths[0]} does not load ({first_line(e)})")
             err.first_to_fail = e.first_to_fail
             raise err from None
-
 
 def restore_checkpoint(cfg, world, opt_g, opt_psi, dist_info, path):
     rank, world_size, device = dist_info
@@ -1252,7 +1192,6 @@ def restore_checkpoint(cfg, world, opt_g, opt_psi, dist_info, path):
         print(f"resumed from {path} (step {step})")
     return step
 
-
 # -----------------------------------------------------------------------------
 # before anything loads: SDXL needs a GPU, and a checkpoint resumes in its own mode. The out_dir
 # holds one run (--resume continues it; a fresh run refuses another run's checkpoints or starts it
@@ -1260,7 +1199,6 @@ def restore_checkpoint(cfg, world, opt_g, opt_psi, dist_info, path):
 
 RUN_OUTPUTS = (CKPT_RE, r"\.tmp-checkpoint-\d{6}(\.old)?", r"metrics\.jsonl", r"samples-\d{6}\.png",
                r"toy\.png", r"toy_samples\.safetensors")  # {out_dir}/tiny, a cache, stays
-
 
 def check_sdxl_run(cfg, device):
     """Before anything loads (tens of GB on a first run): a GPU unless asked for the CPU, an
@@ -1275,7 +1213,6 @@ def check_sdxl_run(cfg, device):
     if not cfg.tiny:  # --tiny builds its own
         check_pipeline(cfg)
 
-
 def check_out_dir(cfg):
     """A fresh SDXL run must not prune or later resume another run's checkpoints, each of which
     stands for GPU hours."""
@@ -1283,7 +1220,6 @@ def check_out_dir(cfg):
     if ckpts and not (cfg.resume or cfg.overwrite or cfg.tiny):
         raise LoadError(f"{cfg.out_dir} holds checkpoints of another run (newest {ckpts[-1]}): "
                         "pass --resume to continue it, or --overwrite to start over")
-
 
 # what a checkpoint must share with the run that resumes it (another world's weights do not fit;
 # --tiny would build its models inside another run's out_dir), and what it may change but is told
@@ -1293,7 +1229,6 @@ MODE_KEYS = ("toy", "tiny", "model",  # another family's weights do not fit
              "fsdp")  # --fsdp's AdamW states are DCP shards, DDP's one state.pt
 OBJECTIVE_KEYS = ("divergence", "cfg", "alpha_rew", "alpha_cfg", "huber_c", "t_min", "t_max",
                   "assistant_steps", "resolution", "batch_size", "conditioning_t", "t5")
-
 
 def check_resume(cfg, rank):
     """--resume, before anything loads or is written: the newest checkpoint's state.json must be of
@@ -1319,7 +1254,6 @@ def check_resume(cfg, rank):
     if changed and rank == 0:
         print(f"resume: the objective differs from {ckpts[-1]}'s: {', '.join(changed)}", flush=True)
 
-
 def resolve_resume(cfg, rank):
     """cfg with resume set to what this run does. --resume needs a checkpoint: without one, a typo
     in --out_dir would start a fresh run, hours of GPU time unnoticed. --resume_if_any (a
@@ -1335,7 +1269,6 @@ def resolve_resume(cfg, rank):
         raise ConfigError(f"--resume: --out_dir={cfg.out_dir} {what}: check the folder, or pass "
                           "--resume_if_any to start at step 0 where there is no checkpoint")
     return cfg
-
 
 def start_out_dir(cfg, dist_info):
     """Once the models have loaded: unless this run continues a checkpoint, remove what an
@@ -1355,7 +1288,6 @@ def start_out_dir(cfg, dist_info):
                       " (--resume continues a run)")
     barrier(world_size)
     shared_out_dir(cfg.out_dir, dist_info)
-
 
 def shared_out_dir(out_dir, dist_info):
     """Every rank reads a checkpoint on --resume (and writes its AdamW shards under --fsdp), so on
@@ -1378,7 +1310,6 @@ def shared_out_dir(out_dir, dist_info):
         raise ConfigError(f"--out_dir={out_dir} is not the same folder on every node: put it on a "
                           "filesystem that all of them share")
 
-
 def interrupted(cfg, step):
     """main's line on Ctrl-C: how far the run got, and how to continue it."""
     if cfg is None or cfg.dry_run or cfg.bench or cfg.ablation:  # nothing to resume
@@ -1391,7 +1322,6 @@ def interrupted(cfg, step):
     return (f"{done} (Ctrl-C); newest complete checkpoint {ckpts[-1]}: the same command with "
             "--resume continues from it")
 
-
 def trim_metrics(out_dir, step):
     """On resume: drop the metrics lines logged after the checkpoint, as those steps run again."""
     metrics = os.path.join(out_dir, "metrics.jsonl")
@@ -1402,20 +1332,17 @@ def trim_metrics(out_dir, step):
             f.writelines(lines)
         os.replace(metrics + ".tmp", metrics)
 
-
 def logged_step(line):
     try:
         return json.loads(line)["step"]
     except (ValueError, KeyError):  # an empty line, or one cut short by a kill
         return math.inf
 
-
 def log_line(m, max_steps):
     """metrics as one plain line, for logs where no progress bar is shown (SLURM, nohup)."""
     keys = ("loss_g", "loss_rew", "loss_div", "loss_cfg", "loss_psi", "reward", "grad_norm")
     return (f"step {m['step']}/{max_steps} " + " ".join(f"{k} {m[k]:.4g}" for k in keys)
             + f" skipped {m['skipped']} sec/step {m['sec_assistant'] + m['sec_generator']:.3g}")
-
 
 # -----------------------------------------------------------------------------
 # several ranks: an error on some ranks only (a file missing on one node, a hub or disk error,
@@ -1426,24 +1353,20 @@ def log_line(m, max_steps):
 SLOW_GROUP = None  # setup_distributed's group for long waits: barrier, all_ok
 SLOW_TIMEOUT = datetime.timedelta(hours=1)  # rank 0 writes a ~60 GB checkpoint; first downloads
 
-
 def start_slow_group():
     """gloo, on the CPU: a barrier there waits for rank 0's writes without a GPU in it (as
     torch.distributed.checkpoint's own planning group does)."""
     global SLOW_GROUP
     SLOW_GROUP = dist.new_group(backend="gloo", timeout=SLOW_TIMEOUT)
 
-
 def barrier(world_size):
     if world_size > 1:  # in the slow group: rank 0 may be writing a checkpoint (start_slow_group)
         dist.barrier(group=SLOW_GROUP)
-
 
 class RankFailed(RuntimeError):
     def __init__(self, rank):
         super().__init__(f"rank {rank} failed: its error is in its node's log")
         self.rank = rank
-
 
 @contextlib.contextmanager
 def all_ok(dist_info):
@@ -1466,7 +1389,6 @@ def all_ok(dist_info):
     if lowest.item() < world_size:
         raise RankFailed(lowest.item())
 
-
 def reports(e, rank, first_on_node):
     """Whether main prints e: the first rank on each node does, and the lowest rank that failed
     where only some did (all_ok), so each node's log holds one line. RankFailed is left out on
@@ -1476,10 +1398,8 @@ def reports(e, rank, first_on_node):
         return first_on_node and e.rank // per_node != rank // per_node
     return first_on_node or getattr(e, "first_to_fail", False)
 
-
 def first_line(e):
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-
 
 def fsync(path):
     """A file's contents, or a folder's entries, on disk."""
@@ -1489,7 +1409,6 @@ def fsync(path):
     finally:
         os.close(fd)
 
-
 def fsync_tree(path):
     """Every file and folder under path, path too: a rename is atomic, but after a power cut the
     renamed folder may hold truncated files without this."""
@@ -1498,14 +1417,12 @@ def fsync_tree(path):
             fsync(os.path.join(root, name))
         fsync(root)
 
-
 # -----------------------------------------------------------------------------
 # loading models and prompts: local folders, hub ids and state-dict files; a failure is one line
 # naming its flag
 
 class LoadError(RuntimeError):
     pass
-
 
 def hub_unreachable(e):
     """Whether e, or an error that caused it, says the hub could not be reached (or offline mode
@@ -1517,7 +1434,6 @@ def hub_unreachable(e):
             return True
         e = e.__cause__ or e.__context__
     return False
-
 
 def load(flag, value, fn, *args, **kwargs):
     """Run a from_pretrained-style loader; a failure becomes one line naming the flag."""
@@ -1533,7 +1449,6 @@ def load(flag, value, fn, *args, **kwargs):
             first = ("no such local path, the Hugging Face hub could not be reached and the model "
                      f"is not in the local cache; pass a local folder (--{flag}={local})")
         raise LoadError(f"cannot load --{flag}={value}: {first}") from None
-
 
 def load_parts(cfg, device, frozen):
     """SDXLWorld's (SD3World's) components from cfg's paths, each moved to `device` as soon as it is
@@ -1555,10 +1470,8 @@ def load_parts(cfg, device, frozen):
                                          trained, model=cfg.model).to(device),
                 reward_fn=ClipReward(cfg.reward_model, cfg.reward_processor, frozen).to(device))
 
-
 STATE_DICTS = (".bin", ".pt", ".pth", ".safetensors")  # a UNet's weights as one file
 NETS = dict(sdxl=("UNet2DConditionModel", "unet"), sd3=("SD3Transformer2DModel", "transformer"))
-
 
 def load_generator(path, pretrained, variant=None, dtype=None, flag="generator_init", model="sdxl"):
     """A one-step generator's UNet (--model=sd3: transformer) in `dtype` (default fp32), in any form
@@ -1576,7 +1489,6 @@ def load_generator(path, pretrained, variant=None, dtype=None, flag="generator_i
         return load(flag, path, unet_from_state_dict, path, pretrained, model).to(dtype)
     sub = sub if os.path.isdir(os.path.join(path, sub)) else None  # a pipeline folder
     return load(flag, path, unet, path, sub)
-
 
 def unet_from_state_dict(path, pretrained, model="sdxl"):
     """A UNet (--model=sd3: transformer) from a .bin/.pt/.pth/.safetensors file, local or on the hub
@@ -1609,7 +1521,6 @@ def unet_from_state_dict(path, pretrained, model="sdxl"):
     unet.load_state_dict(sd, strict=True, assign=True)  # the file's tensors become parameters
     return unet
 
-
 def read_prompts(path):
     if not path:
         return BUILTIN_PROMPTS
@@ -1623,7 +1534,6 @@ def read_prompts(path):
     if not prompts:
         raise LoadError(f"--prompts={path}: the file has no prompts (one per line)")
     return prompts
-
 
 def quiet_libraries():
     """The libraries' warnings and error logs off (a failed load raises, and is reported as one
@@ -1641,7 +1551,6 @@ def quiet_libraries():
         lib.disable_progress_bar()  # transformers' also turns off the hub's bars
     if hub_bars:
         enable_progress_bars()
-
 
 # -----------------------------------------------------------------------------
 # LoRA (--lora_rank): diffusers' peft integration. Each trained net is its own frozen base plus an
@@ -1665,7 +1574,6 @@ _SD3_FF = ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net
 SD3_LORA_TARGETS = dict(attn=_SD3_ATTN, attn_ff=_SD3_ATTN + _SD3_FF, all=_SD3_ATTN + _SD3_FF)
 LORA_FILE, LORA_BASE = "pytorch_lora_weights.safetensors", "lora_base.json"
 
-
 def add_lora(unet, cfg, role):
     """Freeze unet, add a trainable adapter (zero at first: lora_B starts at 0, so the generator
     and assistant start as their bases), its weights fp32 masters also on a bf16 base. role
@@ -1686,7 +1594,6 @@ def add_lora(unet, cfg, role):
                           variant=cfg.variant if gen else "")
     return unet
 
-
 def save_lora(unet, path, sd=None):
     """The adapter as diffusers saves LoRAs, with its config (without it the loader takes alpha =
     rank); peft's keys unconverted: convert_state_dict_to_diffusers renames only the attention keys,
@@ -1705,7 +1612,6 @@ def save_lora(unet, path, sd=None):
         json.dump({k: os.path.relpath(v, here) if inside(v) else v
                    for k, v in unet.lora_base.items()}, f, indent=1)
 
-
 def load_lora(unet, path):
     """--resume: the adapter's weights from save_lora's file into unet's own (fp32) adapter."""
     from peft.utils import set_peft_model_state_dict
@@ -1720,12 +1626,10 @@ def load_lora(unet, path):
     if result.unexpected_keys or missing:
         raise LoadError(f"--resume: {file} does not fit --lora_targets (another layer set)")
 
-
 def lora_prefix(net):
     """The LoRA file's key prefix for net and the pipeline class that saves and loads it."""
     sd3 = hasattr(net.config, "joint_attention_dim")  # an SD3Transformer2DModel
     return ("transformer", PIPELINES["sd3"]) if sd3 else ("unet", PIPELINES["sdxl"])
-
 
 def lora_base(path):
     """The base a LoRA checkpoint's adapter was trained on (its lora_base.json; local paths
@@ -1740,7 +1644,6 @@ def lora_base(path):
     return {k: os.path.abspath(os.path.join(path, v)) if v.startswith("..") else v
             for k, v in base.items()}
 
-
 # -----------------------------------------------------------------------------
 # FSDP (--fsdp): torch's FSDP2 shards the generator, the assistant and the reference, so each of n
 # ranks holds 1/n of every weight, gradient and AdamW state. A unit's weights are all-gathered for
@@ -1751,12 +1654,10 @@ def lora_base(path):
 
 FSDP_UNITS = ("BasicTransformerBlock", "ResnetBlock2D", "JointTransformerBlock")  # last: SD3's
 
-
 def is_sharded(net):
     from torch.distributed.fsdp import FSDPModule
 
     return isinstance(net, FSDPModule)
-
 
 def shard_nets(world, dist_info):
     """--fsdp (else the world as it was): fully_shard each UNet as torchtitan does, one unit per
@@ -1778,7 +1679,6 @@ def shard_nets(world, dist_info):
         fully_shard(net, mesh=mesh)
     return world
 
-
 def gather_state_dict(net):
     """A sharded net's trained weights (the whole UNet, or with --lora_rank its adapter) on rank
     0's CPU; the other ranks get {}. A collective: every rank calls it."""
@@ -1786,7 +1686,6 @@ def gather_state_dict(net):
 
     return get_model_state_dict(net, options=StateDictOptions(
         full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
-
 
 def unsharded(net, sd):
     """A plain copy of a sharded diffusers net with the weights sd, for save_pretrained, which
@@ -1800,7 +1699,6 @@ def unsharded(net, sd):
     copy.load_state_dict(sd, assign=True)
     return copy
 
-
 def load_state_dict(net, sd, strict=True):
     """A whole state dict into net; a sharded net's ranks each keep their own shards of it."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
@@ -1809,7 +1707,6 @@ def load_state_dict(net, sd, strict=True):
         return net.load_state_dict(sd, strict=strict)
     return set_model_state_dict(net, sd, options=StateDictOptions(full_state_dict=True,
                                                                   strict=strict))
-
 
 def save_sharded_optimizers(opts, path):
     """--fsdp: the AdamW states, each rank writing its own shards (torch.distributed.checkpoint);
@@ -1822,7 +1719,6 @@ def save_sharded_optimizers(opts, path):
     dcp.save({k: get_optimizer_state_dict(net, opt) for k, (net, opt) in opts.items()},
              checkpoint_id=path)
 
-
 def load_sharded_optimizers(opts, path):
     """save_sharded_optimizers' inverse; DCP reshards, so another number of ranks resumes too."""
     import torch.distributed.checkpoint as dcp
@@ -1833,7 +1729,6 @@ def load_sharded_optimizers(opts, path):
     dcp.load(state, checkpoint_id=path)  # in place, into this rank's shards
     for k, (net, opt) in opts.items():
         set_optimizer_state_dict(net, opt, state[k])
-
 
 # -----------------------------------------------------------------------------
 # SDXL-architecture models from configs: tiny (--tiny, the tests) and full size (--dry_run,
@@ -1877,7 +1772,6 @@ SDXL = dict(  # parameters: UNet 2,567,463,684, VAE 83,653,863, text 123,060,480
                                  num_attention_heads=16, image_size=224, patch_size=14)),
     image=dict())  # CLIPImageProcessor's defaults are CLIP-H's: 224 px, OpenAI mean and std
 
-
 def offline_tokenizer():
     """A CLIP BPE tokenizer over single letters, no download: prompts are padded to 77 tokens,
     so token ids change no cost."""
@@ -1887,7 +1781,6 @@ def offline_tokenizer():
     tokens = ["<|startoftext|>", "<|endoftext|>", *letters, "ab</w>"]  # "ab": BPE needs a merge
     return CLIPTokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=[("a", "b</w>")],
                          model_max_length=77)
-
 
 def random_parts(sizes, device="cpu"):
     """Random-weight SDXL from config dicts, built on `device` directly: a StableDiffusionXLPipeline
@@ -1908,7 +1801,6 @@ def random_parts(sizes, device="cpu"):
                                      tokenizer_2=tok, unet=unet, scheduler=sched)
     return (pipe, *random_reward(sizes, device))
 
-
 def random_reward(sizes, device="cpu"):
     """The reward's random CLIPModel and its CLIPProcessor (letter tokenizer), from sizes."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
@@ -1920,7 +1812,6 @@ def random_reward(sizes, device="cpu"):
     with torch.device(device):
         clip = CLIPModel(CLIPConfig(**clip_sizes))
     return clip, CLIPProcessor(CLIPImageProcessor(**sizes["image"]), tokenizer=tok)
-
 
 def build_tiny(root, model="sdxl", t5=True):
     """Tiny random models laid out as the real ones, the same ones every time: {root}/sdxl, a
@@ -1937,7 +1828,6 @@ def build_tiny(root, model="sdxl", t5=True):
     processor.save_pretrained(reward)
     return path, reward
 
-
 def tiny_config(cfg, dist_info):
     """--tiny: cfg's models become tiny random ones in {out_dir}/tiny, built once by rank 0 and
     then loaded through the same from_pretrained code as the real ones."""
@@ -1951,7 +1841,6 @@ def tiny_config(cfg, dist_info):
     return replace(cfg, pretrained=pretrained, generator_init="", reward_model=reward,
                    reward_processor=reward)
 
-
 def dry_run_parts(device, cfg=None):
     """SDXLWorld's components at full size with random weights: no download, no CPU init, and
     nothing at all on meta. The three UNets start equal, as with --generator_init="". cfg with
@@ -1963,7 +1852,6 @@ def dry_run_parts(device, cfg=None):
     return dict(pipe=pipe, s_ref=net, assistant=copy.deepcopy(net), generator=copy.deepcopy(net),
                 reward_fn=ClipReward(clip, processor))
 
-
 # -----------------------------------------------------------------------------
 # SD3/SD3.5 (--model=sd3): a flow-matching transformer in the same loop. The world's process is
 # rectified flow, x_s = (1 - s) x_0 + s eps at timestep t = 1000 s, and its nets' velocities reach
@@ -1974,7 +1862,6 @@ PIPELINES = dict(sdxl="StableDiffusionXLPipeline", sd3="StableDiffusion3Pipeline
 SD3_DEFAULTS = dict(pretrained="stabilityai/stable-diffusion-3.5-medium", generator_init="",
                     conditioning_t=1000,  # the generator reads pure noise: s = 1
                     alpha_cfg=3.5)  # omega = 4.5, SD3.5-medium's guidance scale (its model card)
-
 
 class SD3World(SDXLWorld):
     """Algorithm 1 on SD3/SD3.5 (SD3Transformer2DModels), SDXLWorld's interface and precisions. The
@@ -2041,9 +1928,7 @@ class SD3World(SDXLWorld):
                                   + self.vae.config.shift_factor).sample
         return (img.float() / 2 + 0.5).clamp(0, 1)
 
-
 WORLDS = dict(sdxl=SDXLWorld, sd3=SD3World)
-
 
 def check_pipeline(cfg):
     """Before any weights load: --pretrained's model_index.json (a few hundred bytes) names the
@@ -2063,7 +1948,6 @@ def check_pipeline(cfg):
     if cfg.model == "sd3" and cfg.t5 and not (index.get("text_encoder_3") or [None])[-1]:
         raise LoadError(f"--pretrained={cfg.pretrained} has no T5 text encoder (text_encoder_3):"
                         " pass --t5=false (zeros in its place, as the pipeline does)")
-
 
 _T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
                feed_forward_proj="gated-gelu", relative_attention_num_buckets=32)
@@ -2089,7 +1973,6 @@ SD35_MEDIUM = dict(  # its published configs; transformer 2,243,171,520, T5 4,76
     text_encoder=SDXL["text_encoder"], text_encoder_2=SDXL["text_encoder_2"], t5=_T5_XXL,
     clip=SDXL["clip"], image=SDXL["image"])
 
-
 def offline_t5_tokenizer():
     """A T5 tokenizer over single letters, no download: a Unigram model with T5's Metaspace
     pre-tokenizer (prompts are padded to 256 tokens, so token ids change no cost)."""
@@ -2102,7 +1985,6 @@ def offline_t5_tokenizer():
     tok.pre_tokenizer, tok.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
     return T5TokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
                            unk_token="<unk>", extra_ids=0)
-
 
 def random_sd3_parts(sizes, device="cpu", t5=True):
     """Random-weight SD3 from config dicts, built on `device`: a StableDiffusion3Pipeline (shift
@@ -2127,18 +2009,14 @@ def random_sd3_parts(sizes, device="cpu", t5=True):
         tokenizer_3=t5_tok if t5 else None)
     return (pipe, *random_reward(sizes, device))
 
-
 def build_tiny_sd3(root, t5=True):
     return build_tiny(root, "sd3", t5)
-
 
 def dry_run_sd3_parts(device, t5=True):
     return dry_run_parts(device, Config(model="sd3", t5=t5))
 
-
 # -----------------------------------------------------------------------------
 # speed options, opt-in until timed on a GPU: --compile and --fast_backends
-
 
 def maybe_compile(world, **kw):
     """--compile: torch.compile each UNet's transformer blocks in place (regional compilation: an
@@ -2152,7 +2030,6 @@ def maybe_compile(world, **kw):
         for net in (world.generator, world.assistant, world.s_ref):
             net.compile_repeated_blocks(**kw)
     return world
-
 
 def fast_backends(on):
     """--fast_backends: TF32 for fp32 matmuls (10 mantissa bits, not 23: the text encoders, the
@@ -2174,7 +2051,6 @@ def fast_backends(on):
                                         set_priority=True))
     return stack
 
-
 # -----------------------------------------------------------------------------
 # the dry run and the cost table. Without a GPU, the world is built on the meta device (shapes
 # and dtypes, no memory) to plan memory per GPU and count FLOPs; on GPUs, train's own per-step
@@ -2183,13 +2059,11 @@ def fast_backends(on):
 # device name wins; --peak_tflops overrides.
 PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "A100": 312.0}
 
-
 def clock(device):
     """Seconds, after the GPU has finished what was queued (CUDA runs asynchronously)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter()
-
 
 def peak_memory_gb(device, reserved=False):
     """Since the last reset: what tensors held, or with reserved what the caching allocator held
@@ -2201,12 +2075,10 @@ def peak_memory_gb(device, reserved=False):
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
-
 # What the plan's tensors leave out: the CUDA context, outside PyTorch's allocator (~0.5 GiB per
 # process), and NCCL's buffers, 544-688 MB per communicator measured on 4 A100s (NVIDIA/nccl#964),
 # more with NVLS on NVSwitch machines. Fragmentation: a GPU dry run prints memory_reserved too.
 CUDA_CONTEXT_GIB, NCCL_GIB = 0.5, 0.7
-
 
 def memory_plan(world, n_gpus, fsdp):
     """Memory per GPU before activations, [(item, bytes)], for train on n_gpus ranks. AdamW keeps
@@ -2250,11 +2122,9 @@ def memory_plan(world, n_gpus, fsdp):
                      max(in_flight(net) for net in (g, psi, world.s_ref))))
     return rows
 
-
 def gpu_overhead(n_gpus):
     """The plan's last row, in bytes: the CUDA context, and with several GPUs NCCL's buffers."""
     return int((CUDA_CONTEXT_GIB + (NCCL_GIB if n_gpus > 1 else 0)) * 2**30)
-
 
 def step_flops(world, batch_size):
     """Model FLOPs of one assistant and one generator update (forward and backward, prompts
@@ -2273,7 +2143,6 @@ def step_flops(world, batch_size):
     for net in (world.generator, world.assistant):
         net.zero_grad(set_to_none=True)
     return flops
-
 
 def run_dry_run(cfg, dist_info):
     rank, world_size, device = dist_info
@@ -2323,11 +2192,9 @@ def run_dry_run(cfg, dist_info):
               f"table; on GPUs, e.g.:\n  torchrun --standalone --nproc_per_node=8 distar.py{sd3} "
               "--dry_run --fsdp" + (f" --lora_rank={cfg.lora_rank}" if cfg.lora_rank else ""))
 
-
 def device_name(device):
     return (torch.cuda.get_device_name(device) if device.type == "cuda"
             else f"{device.type}, {torch.get_num_threads()} threads")
-
 
 def measure_steps(world, dist_info, flops_per_step):
     """train's own timings, nothing written: seconds per step (median; step 1 is warm-up),
@@ -2361,7 +2228,6 @@ def measure_steps(world, dist_info, flops_per_step):
           f"allocated, {fig['peak_reserved_gib']:.1f} GiB reserved, "
           f"{fig['tflops_per_s']:.3g} TFLOPS, MFU {mfu}")
     return fig
-
 
 class PartTimer:
     """Splits train's update times into parts, for --bench. Wrapped world methods (install) switch
@@ -2430,14 +2296,12 @@ class PartTimer:
                 stack.enter_context(mock.patch.object(world, name, fn))
         return stack
 
-
 # (what is wrapped, its part, the part of its backward if another)
 BENCH_PARTS = [("sample_cond", "text", None), ("generate", "g fwd", "g bwd"),
                ("eps_fake", "psi", None), ("eps_ref", "ref", None), ("eps_ref_both", "ref", None),
                ("reward", "reward", None), ("decode", "vae", None),
                ("clip_and_step", "optim", None), ("clock", None, None)]
 PART_NAMES = ["text", "g fwd", "g bwd", "psi", "ref", "vae", "reward", "optim", "other"]
-
 
 def unet_baseline_update(world, opt, batch_size):
     """The cost table's yardstick: a plain SDXL UNet training update on the assistant's UNet, at
@@ -2449,7 +2313,6 @@ def unet_baseline_update(world, opt, batch_size):
     loss = F.mse_loss(world.eps_fake(world.assistant, x_t, t, cond), eps)
     loss.backward()
     return clip_and_step(opt, world.assistant, loss, world.cfg.grad_clip, 1)
-
 
 def bench(world, dist_info):
     """The cost table, printed and in {out_dir}/bench.json: train's own timings of one step (an
@@ -2545,19 +2408,16 @@ def bench(world, dist_info):
     print(f"wrote {cfg.out_dir}/bench.json")
     return rows
 
-
 # -----------------------------------------------------------------------------
 # the toy's evaluation and pictures (PIL scatter plots: reference in grey, generator in colour)
 
 TOY_COLOURS = [(214, 39, 40), (31, 119, 180), (44, 160, 44)]  # class 0, 1, 2
-
 
 def energy_distance(x, y):
     """Energy distance 2E|X-Y| - E|X-X'| - E|Y-Y'| (U-statistics; 0 iff same distribution)."""
     n, m = len(x), len(y)
     return (2 * torch.cdist(x, y).mean() - torch.cdist(x, x).sum() / (n * (n - 1))
             - torch.cdist(y, y).sum() / (m * (m - 1))).item()
-
 
 def evaluate_toy(world, out_dir, n=4000):
     """Per class: energy distance to the reference (and N(0, I)'s, for scale), mean reward."""
@@ -2576,14 +2436,12 @@ def evaluate_toy(world, out_dir, n=4000):
         print(f"{k:5d} {ed:12.4f} {ed / ed0:9.2%} {r_gen:11.4f} {r_ref:11.4f}")
     print(f"wrote {out_dir}/toy.png and {out_dir}/toy_samples.safetensors")
 
-
 @torch.no_grad()
 def toy_samples(world, n):
     """n generator and n reference samples of every class: two (K, n, 2) tensors on the CPU."""
     c = lambda k: torch.full((n,), k, device=world.means.device)
     gen = torch.stack([world.generate(world.generator, c(k)) for k in range(world.K)])
     return gen.cpu(), world.sample_ref(n).cpu()
-
 
 def save_panels(path, panels, cols, size, lim):
     """panels: [(title, subtitle, [(points (N, 2), colour), ...])], each a square of
@@ -2606,13 +2464,11 @@ def save_panels(path, panels, cols, size, lim):
         draw.text((left + 6, top - band + 17), sub, fill=(90, 90, 90))
     img.save(path)
 
-
 def save_toy_png(path, ref, gen):
     """One panel per class: reference samples (K, N, 2) in grey, the generator's in colour."""
     save_panels(path, [(f"class {k}: reference (grey), generator", "reward grows to the right",
                         [(ref[k], (170, 170, 170)), (gen[k], TOY_COLOURS[k])])
                        for k in range(len(ref))], cols=len(ref), size=320, lim=3.2)
-
 
 # -----------------------------------------------------------------------------
 # the paper's Table 2 in the toy (--toy --ablation): one generator per row, the same seed, steps
@@ -2636,16 +2492,13 @@ TABLE2 = [  # (row, its --divergence --alpha_rew --alpha_cfg --cfg: ROW_FLAGS)
 ROW_FLAGS = ("divergence", "alpha_rew", "alpha_cfg", "cfg")  # what a row sets
 COVERED = 0.05  # a mode is covered by >= 5% of its class's samples (the reference: 49%)
 
-
 def row_flags(values):
     """A TABLE2 row's values as its command-line flags: "--divergence=kl --alpha_rew=0 ..."."""
     return " ".join(f"--{k}={v}" for k, v in zip(ROW_FLAGS, values.split()))
 
-
 def row_config(cfg, values):
     row = vars(make_parser(Config, "row").parse_args(row_flags(values).split()))
     return replace(cfg, **{k: row[k] for k in ROW_FLAGS})
-
 
 def tilt_temperature(world):
     """beta, the temperature of the toy's KL term: generator_loss minimises J(p) = -alpha E_p[r] +
@@ -2657,7 +2510,6 @@ def tilt_temperature(world):
     s2 = world.std**2
     return ((1 - ab).sqrt() * ab * s2 / (ab * s2 + 1 - ab)).mean().item() / world.means.shape[-1]
 
-
 def tilted_reference(world, alpha_rew):
     """q(x|c) exp(alpha_rew r(x) / beta) / Z, KL-regularised RLHF's optimum, in closed form: with
     lam = alpha_rew scale / beta, each mode N(m, s^2 I) moves to N(m + lam s^2 e_0, s^2 I), its
@@ -2667,13 +2519,11 @@ def tilted_reference(world, alpha_rew):
     means[..., 0] += lam * world.std**2
     return means, torch.softmax(lam * world.means[..., 0].double(), -1).to(means.dtype)
 
-
 def sample_mixture(means, weights, std, n):
     """n samples of each class's Gaussian mixture: means (K, M, 2), weights (K, M) -> (K, n, 2)."""
     k = torch.multinomial(weights, n, replacement=True)  # (K, n) mode of each sample
     eps = torch.randn(len(means), n, 2, device=means.device, dtype=means.dtype)
     return torch.gather(means, 1, k[..., None].expand(-1, -1, 2)) + std * eps
-
 
 def toy_metrics(world, x, ref, alpha_rew):
     """Table 2's columns for samples x (K, N, 2) of a generator trained with alpha_rew. A sample
@@ -2689,7 +2539,6 @@ def toy_metrics(world, x, ref, alpha_rew):
                 coverage=(near >= COVERED).float().mean().item(),
                 right_share=nearest.mean(1).gather(1, right[:, None]).mean().item(),
                 ed_tilted=ed(tilted), mode_shares=near.tolist())
-
 
 def run_ablation(cfg, dist_info, n=2000):
     """Train every TABLE2 row from the same start, then score them all, and two reference rows
@@ -2739,7 +2588,6 @@ def run_ablation(cfg, dist_info, n=2000):
                        beta=beta, rows=saved), f, indent=1)
     print(f"wrote {cfg.out_dir}/ablation.png, ablation.json and each row's checkpoint in "
           f"{cfg.out_dir}/ablation/")
-
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
