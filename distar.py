@@ -36,7 +36,9 @@ $ python distar.py --toy --ablation
 
 import argparse
 import contextlib
+import copy
 import datetime
+import difflib
 import inspect
 import json
 import math
@@ -46,7 +48,9 @@ import shutil
 import signal
 import statistics
 import sys
+import textwrap
 import time
+import warnings
 from dataclasses import asdict, dataclass, fields, replace
 from unittest import mock
 
@@ -60,7 +64,6 @@ from tqdm import tqdm
 # -----------------------------------------------------------------------------
 # config: every field is a --flag and its comment the --help line (the command line: parse_args,
 # after the banner)
-
 
 @dataclass
 class Config:
@@ -126,7 +129,6 @@ class Config:
     bench_reps: int = 20  # --bench: timed repetitions per variant (medians are reported)
     bench_warmup: int = 5  # --bench: untimed repetitions first
 
-
 # each world's problem size replaces the defaults; flags on the command line still win
 TOY_DEFAULTS = dict(batch_size=256, max_steps=1000, lr_g=1e-3, lr_psi=3e-3, assistant_steps=4,
                     weight_decay=0.0, log_interval=100, ckpt_interval=1000, out_dir="out_toy")
@@ -137,17 +139,14 @@ TINY_DEFAULTS = dict(resolution=64, max_steps=4, lr_g=1e-4, lr_psi=1e-4, assista
 DRY_RUN_DEFAULTS = dict(max_steps=4, log_interval=1, out_dir="out_dry_run")  # step 1: warm-up
 LORA_DEFAULTS = dict(lr_g=5e-5, lr_psi=5e-5)  # DMD2's SDXL LoRA run; a mode's defaults win
 
-
 # -----------------------------------------------------------------------------
 # the loss math, in score space (score = grad_x log density)
 # Batch is dim 0. Norms and inner products are per sample over all other dims, so the same
 # functions serve (B, 2) toy points and (B, 4, 128, 128) SDXL latents; each returns (B,).
 # The generator loss is the mean of these over the batch.
 
-
 def _dot(u, v):
     return (u * v).flatten(1).sum(1)  # per-sample inner product, (B,)
-
 
 def distance_grad(y, distance="pseudo_huber", c=1.0):
     """d'(y) of the distance d in eq. 3.2; c is a float or one per sample, (B,)."""
@@ -158,7 +157,6 @@ def distance_grad(y, distance="pseudo_huber", c=1.0):
         return y / norm.view(-1, *([1] * (y.ndim - 1)))
     raise ValueError(f"unknown distance {distance!r}")
 
-
 def score_divergence_loss(x_t, cond_score, fake_score_fn, ref_score_fn, distance="pseudo_huber",
                           c=1.0, weight=1.0):
     """Eq. 3.4 / 3.5 (Theorem 3.1): -d'(y_t) . (s_fake(x_t) - cond_score), y_t = s_fake - s_ref.
@@ -168,14 +166,12 @@ def score_divergence_loss(x_t, cond_score, fake_score_fn, ref_score_fn, distance
     y_t = s_fake - ref_score_fn(x_t)  # y_t = s_fake - s_ref
     return -weight * _dot(distance_grad(y_t, distance, c), s_fake - cond_score)
 
-
 def kl_loss(x_t, fake_score_fn, ref_score_fn, weight=1.0):
     """Diff-Instruct / DI++ baseline: (s_fake(sg[x_t]) - s_ref(sg[x_t])) . x_t, whose theta-gradient
     is that of KL(p_theta,t || q_t). No back-propagation through either net."""
     with torch.no_grad():  # sg[x_t]
         g = fake_score_fn(x_t.detach()) - ref_score_fn(x_t.detach())
     return weight * _dot(g, x_t)
-
 
 def cfg_reward_loss(x_t, cond_score_fn, uncond_score_fn, weight=1.0):
     """Theorem 3.2, choice 1 (DI*-Out): -(s_ref(sg[x_t]|c) - s_ref(sg[x_t]|empty)) . x_t, whose
@@ -185,18 +181,15 @@ def cfg_reward_loss(x_t, cond_score_fn, uncond_score_fn, weight=1.0):
         g = cond_score_fn(x_t.detach()) - uncond_score_fn(x_t.detach())
     return -weight * _dot(g, x_t)
 
-
 def cfg_score(cond_score, uncond_score, scale):
     """Choice 2 (DI*-In): the CFG-enhanced reference s_u + scale (s_c - s_u), i.e. the score of
     p(x|c)^scale p(x)^(1-scale). The paper prints s_c + alpha s_u, which is not CFG."""
     return uncond_score + scale * (cond_score - uncond_score)
 
-
 def dsm_loss(score_pred, cond_score, weight=1.0):
     """Denoising score matching, eq. 2.2: weight * ||s_psi(x_t) - grad log p_t(x_t|x_0)||^2."""
     d = score_pred - cond_score
     return weight * _dot(d, d)
-
 
 # -----------------------------------------------------------------------------
 # the toy world: 2-D data, K prompts (classes), each a mixture of isotropic Gaussians
@@ -205,15 +198,12 @@ def dsm_loss(score_pred, cond_score, weight=1.0):
 # sigma_t^2) I) and every reference score is exact. The unconditional reference is the mixture of
 # all classes, so CFG has an exact meaning too.
 
-
 SDXL_BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
-
 
 def sdxl_alphas_cumprod():
     from diffusers import DDPMScheduler
 
     return DDPMScheduler(num_train_timesteps=1000, **SDXL_BETAS).alphas_cumprod  # alphabar_t
-
 
 class VPProcess:
     """The toy's and SDXL's x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, t in 0..999. A world's
@@ -226,16 +216,13 @@ class VPProcess:
         ab = self.alphas_cumprod.to(t.device)[t]
         return ab.sqrt(), (1 - ab).sqrt()
 
-
 def flow_coefficients(t):
     """Rectified flow (SD3): x_s = (1 - s) x_0 + s eps, s = t / 1000; nets predict eps - x_0."""
     return 1 - t / 1000, t / 1000
 
-
 def eps_from_velocity(x_s, v, s):
     """A flow net's v = eps - x_0 as the eps the losses take (x_0 = x_s - s v); score -eps / s."""
     return x_s + (1 - s) * v
-
 
 class ToyNet(nn.Module):
     """MLP f(x, c[, t]): the generator g_theta(z, c) (no t) or the assistant eps_psi(x_t, t, c)."""
@@ -254,7 +241,6 @@ class ToyNet(nn.Module):
             f = torch.arange(1, 9, device=x.device, dtype=x.dtype) * math.pi * t[:, None] / 1000
             h += [torch.sin(f), torch.cos(f)]
         return self.net(torch.cat(h, 1))
-
 
 class ToyWorld(VPProcess):
     """K classes; class k is an equal-weight mixture of isotropic Gaussians means[k] (M, 2), std.
@@ -321,7 +307,6 @@ class ToyWorld(VPProcess):
     def reward(self, x0, cond):
         return self.reward_scale * x0[:, 0]  # r(x_0, c), (B,)
 
-
 def make_toy_world(device="cpu"):
     # three classes on a circle of radius 2, two modes each (std 0.3), 1.2 apart horizontally
     centres = [(2 * math.cos(p), 2 * math.sin(p)) for p in (math.pi / 2, 7 * math.pi / 6,
@@ -330,7 +315,6 @@ def make_toy_world(device="cpu"):
     world.generator = ToyNet(world.K, use_t=False).to(device)
     world.assistant = ToyNet(world.K, use_t=True).to(device)
     return world
-
 
 # -----------------------------------------------------------------------------
 # the gradient check: each tractable loss against the quantity it stands for
@@ -341,12 +325,10 @@ def make_toy_world(device="cpu"):
 # Gaussian per class, float64, one t. A loss passes when its mean gradient over n_batches
 # independent batches is within 4 standard errors of the exact one. process "flow": SD3's (1 - s,
 # s), the reference read as from a flow net, its exact velocity through eps_from_velocity.
-def gradient_check(n=2**17, n_batches=16, t=300, c_huber=0.5, alpha_cfg=7.5, seed=0,
-                   process="vp"):
+def gradient_check(n=2**17, n_batches=16, t=300, c_huber=0.5, alpha_cfg=7.5, seed=0, process="vp"):
     from torch.distributions import MultivariateNormal, kl_divergence
 
-    gen = torch.Generator().manual_seed(seed)
-    dt = torch.float64
+    gen, dt = torch.Generator().manual_seed(seed), torch.float64
     world = ToyWorld([[(0.0, 1.0)], [(-1.0, -0.5)], [(1.0, -0.5)]], std=0.6, dtype=dt)
     t = torch.tensor(t, dtype=dt if process == "flow" else torch.long)
     a, s = world.coefficients(t) if process == "vp" else flow_coefficients(t)
@@ -432,7 +414,6 @@ def gradient_check(n=2**17, n_batches=16, t=300, c_huber=0.5, alpha_cfg=7.5, see
         results.append(dict(name=name, rel=rel, tol=tol, should_match=should_match, ok=ok))
     return results
 
-
 def print_gradient_check(results, process="vp"):
     print("gradient check: relative error of each loss's theta-gradient vs the exact one (2-D "
           f"Gaussians, float64{', the flow process (1 - s, s): SD3' * (process == 'flow')})")
@@ -442,21 +423,14 @@ def print_gradient_check(results, process="vp"):
         print(f"{r['name']:38s} {r['rel']['mu']:8.4f} {r['rel']['A']:8.4f} {r['rel']['all']:8.4f} "
               f"{r['tol']:8.4f}  {verdict if r['ok'] else 'FAILED'}")
 
-
 # -----------------------------------------------------------------------------
 # the SDXL world: the toy's interface with SDXL's UNets, VAE and CLIP text encoders and a CLIP
 # reward. Nets predict eps; scores are s = -eps_hat / sigma_t (the loop converts).
-
 
 BUILTIN_PROMPTS = ["a photo of a cat sitting on a windowsill", "the skyline of New York at dusk",
                    "a shiba inu wearing a red scarf", "a volcano exploding next to a marina",
                    "a bowl of ramen, studio lighting", "an astronaut riding a horse on the moon",
                    "a watercolor painting of a lighthouse", "a cozy cabin in a snowy forest"]
-
-
-class LoadError(RuntimeError):
-    pass
-
 
 class ClipReward(nn.Module):
     """r(x, c) = cos(CLIP_image(x), CLIP_text(c)): PickScore with PickScore_v1, CLIP score with
@@ -500,7 +474,6 @@ class ClipReward(nn.Module):
         f = self.model.get_image_features(pixel_values=x).pooler_output.float()
         return (F.normalize(f, dim=-1) * text_features).sum(-1)
 
-
 class SDXLWorld(VPProcess):
     """Algorithm 1 on SDXL. Trained, with fp32 master weights: the generator g_theta (a UNet read at
     conditioning timestep 399) and the assistant s_psi (a UNet, initialised from the reference),
@@ -518,14 +491,13 @@ class SDXLWorld(VPProcess):
                              enabled=cfg.precision == "bf16" and device.type != "meta")
         prompts = read_prompts(cfg.prompts)
         self.prompts = prompts[rank::world_size] or prompts  # this rank's shard
-        parts = parts or load_sdxl_parts(cfg, device, frozen)  # SD3World passes its own
+        parts = parts or load_parts(cfg, device, frozen)
         self.pipe = parts["pipe"].to(device)  # text encoders, VAE and scheduler, fp32 as loaded
         self.vae = self.pipe.vae
         self.alphas_cumprod = getattr(self.pipe.scheduler, "alphas_cumprod", None)  # VP: alphabar_t
-        self.s_ref = parts["s_ref"].to(device, frozen).eval()
+        self.s_ref = parts["s_ref"].to(device, frozen).eval().requires_grad_(False)
         for net in [m for m in self.pipe.components.values() if isinstance(m, nn.Module)]:
             net.requires_grad_(False)  # text encoders, VAE
-        self.s_ref.requires_grad_(False)
         # trained nets in fp32; with --lora_rank frozen bases in `frozen`, fp32 adapters (add_lora)
         self.generator, self.assistant = (
             add_lora(parts[k].to(device, frozen), cfg, k) if cfg.lora_rank
@@ -614,7 +586,6 @@ class SDXLWorld(VPProcess):
             images = numpy_to_pil(img.permute(0, 2, 3, 1).cpu().numpy())
             make_image_grid(images, rows=1, cols=n).save(path)
 
-
 # -----------------------------------------------------------------------------
 # Algorithm 1: the alternating loop, written once and given a world
 # A world holds .generator and .assistant (the trained nets), its process (sample_t(n, device),
@@ -631,14 +602,12 @@ class SDXLWorld(VPProcess):
 # KL and the CFG reward take sigma_t / D (x_0-gradient a_t (eps_ref - eps_psi) / D per element),
 # the DSM sigma_t^2 / D (the eps MSE).
 
-
 def diffuse(world, x0):
     """t from the world's process, eps ~ N(0, I), x_t = a_t x_0 + sigma_t eps ((B, 1, ...) each)."""
     t = world.sample_t(len(x0), x0.device)
     a_t, sigma_t = (c.view(-1, *([1] * (x0.ndim - 1))).to(x0.dtype) for c in world.coefficients(t))
     eps = torch.randn_like(x0)
     return t, a_t * x0 + sigma_t * eps, eps, sigma_t
-
 
 def assistant_loss(world, s_psi, cond):
     """Algorithm 1, assistant phase: DSM (eq. 2.2) on the frozen generator's samples."""
@@ -648,7 +617,6 @@ def assistant_loss(world, s_psi, cond):
     D = x0[0].numel()
     score_psi = -world.eps_fake(s_psi, x_t, t, cond) / sigma_t  # s_psi(x_t, t, c)
     return dsm_loss(score_psi, -eps / sigma_t, weight=sigma_t.flatten() ** 2 / D).mean()
-
 
 def generator_loss(world, g, cond):
     """Algorithm 1, generator phase: -alpha_rew r + eq. 3.4 (or KL) + the CFG term (eq. 3.5).
@@ -687,7 +655,6 @@ def generator_loss(world, g, cond):
     return loss, dict(loss_rew=loss_rew.mean(), loss_div=loss_div.mean(), loss_cfg=loss_cfg.mean(),
                       reward=reward.mean().detach(), x0=x0)
 
-
 def generator_backward(world, g, cond):
     """The generator phase's loss and backward, psi's parameters frozen (not its input). Each
     term's x_0-gradient is taken on its own and their sum goes back through g_theta: the work of
@@ -711,11 +678,9 @@ def generator_backward(world, g, cond):
             p.requires_grad_(True)
     return loss.detach(), {k: v.detach() for k, v in terms.items()}  # the graphs go here
 
-
 def trained(net):
     """The weights an optimizer holds: all of a net's, or with --lora_rank its adapter's."""
     return [p for p in net.parameters() if p.requires_grad]
-
 
 def make_optimizer(cfg, params, lr):
     """Fused AdamW: one kernel per step, no whole-net scratch such as foreach's sqrt(v). Under
@@ -723,10 +688,8 @@ def make_optimizer(cfg, params, lr):
     return torch.optim.AdamW(params, lr=lr, betas=(cfg.beta1, cfg.beta2),
                              weight_decay=cfg.weight_decay, fused=True)
 
-
 class NonFiniteError(RuntimeError):
     pass
-
 
 def clip_and_step(opt, net, loss, grad_clip, world_size):
     """Clip the gradient norm and step, unless the loss or the norm is NaN/Inf on any rank (bf16
@@ -743,7 +706,6 @@ def clip_and_step(opt, net, loss, grad_clip, world_size):
         opt.step()
     opt.zero_grad(set_to_none=True)
     return grad_norm, skip
-
 
 def train(world, opt_g, opt_psi, dist_info, steps, on_step=None):
     """Algorithm 1: per step, K_TA assistant updates (DSM, eq. 2.2) with theta frozen, then one
@@ -801,10 +763,8 @@ def train(world, opt_g, opt_psi, dist_info, steps, on_step=None):
         assert_ranks_in_sync(net, world_size)
     return history
 
-
 # -----------------------------------------------------------------------------
 # DDP: one process per GPU, identical copies of the trained nets
-
 
 def setup_distributed(cuda=True):
     """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; nccl on GPUs, gloo on CPU (or cuda=False)."""
@@ -824,15 +784,12 @@ def setup_distributed(cuda=True):
     start_slow_group()
     return dist.get_rank(), dist.get_world_size(), device
 
-
 def data_parallel(net, world_size):
     """DDP on a trained net, gradients as views into its buckets (no second copy); frozen nets are
-    never wrapped. A net that --fsdp sharded (shard_nets, in the extras) is its own data-parallel
-    wrapper: its gradients are reduce-scattered in backward."""
+    never wrapped. A net --fsdp sharded (shard_nets) is its own wrapper: it reduce-scatters."""
     if world_size == 1 or is_sharded(net):
         return net
     return DDP(net, gradient_as_bucket_view=True)
-
 
 def all_reduce_mean(metrics, world_size, device):
     """Scalars averaged over ranks, on the device: NCCL takes only CUDA tensors."""
@@ -842,7 +799,6 @@ def all_reduce_mean(metrics, world_size, device):
         dist.all_reduce(vals)
         vals /= world_size
     return dict(zip(metrics, vals.tolist()))
-
 
 def assert_ranks_in_sync(net, world_size):
     """DDP must keep every rank's copy identical: compare per-tensor fingerprints with rank 0's.
@@ -858,15 +814,8 @@ def assert_ranks_in_sync(net, world_size):
     if diff > 0:
         raise RuntimeError(f"ranks out of sync: parameter fingerprints differ by {diff.item():.3g}")
 
-
-def barrier(world_size):
-    if world_size > 1:  # in the slow group: rank 0 may be writing a checkpoint (start_slow_group)
-        dist.barrier(group=SLOW_GROUP)
-
-
 # -----------------------------------------------------------------------------
 # main: the toy and SDXL share fit (optimizers, resume, metrics, samples, checkpoints)
-
 
 def fit(cfg, world, dist_info, save_samples=None):
     """Train world from step 0 or from the newest checkpoint, writing to cfg.out_dir."""
@@ -910,13 +859,11 @@ def fit(cfg, world, dist_info, save_samples=None):
               f"{world_size} process(es){in_sync}; in {cfg.out_dir}")
     return history
 
-
 def run_toy(cfg, dist_info):
     rank, world_size, device = dist_info
     ok = torch.ones(1, device=device)  # on the device: NCCL takes only CUDA tensors
     if rank == 0:  # float64 Monte Carlo, ~2 s; the other ranks wait at the broadcast
-        results = gradient_check()
-        print_gradient_check(results)
+        print_gradient_check(results := gradient_check())
         if cfg.model == "sd3":  # on request: the same check under SD3's flow process
             print_gradient_check(flow := gradient_check(process="flow"), "flow")
             results += flow
@@ -931,7 +878,6 @@ def run_toy(cfg, dist_info):
     if rank == 0:
         evaluate_toy(world, cfg.out_dir)
 
-
 def run_sdxl(cfg, dist_info):
     rank, world_size, device = dist_info
     with all_ok(dist_info):  # one rank's error (a file, a hub, memory) stops every rank (all_ok)
@@ -942,15 +888,13 @@ def run_sdxl(cfg, dist_info):
         prompts = cfg.prompts or f"the {len(BUILTIN_PROMPTS)} built-in ones (no --prompts)"
         print(f"distar: {cfg.model.upper()} on {world_size} x {device.type}: loading "
               f"{cfg.pretrained}, {cfg.generator_init or 'its ' + NETS[cfg.model][1]} and "
-              f"{cfg.reward_model}; prompts: {prompts}",
-              flush=True)
+              f"{cfg.reward_model}; prompts: {prompts}", flush=True)
     with all_ok(dist_info):
         world = maybe_compile(WORLDS[cfg.model](cfg, device, rank, world_size))  # --compile
     world = shard_nets(world, dist_info)  # --fsdp
     if cfg.bench:  # the cost table instead of training
         return bench(world, dist_info)
     fit(cfg, world, dist_info, world.save_samples)
-
 
 def main(argv):
     rank = int(os.environ.get("RANK", 0))
@@ -961,8 +905,7 @@ def main(argv):
         quiet_libraries()
         # the toy's nets are so small that a GPU only adds launch latency: it runs on the CPU,
         # with one intra-op thread (threads competing for cores slow it down 10x)
-        dist_info = setup_distributed(cuda=not cfg.toy)
-        rank, world_size, _ = dist_info
+        rank, world_size, _ = dist_info = setup_distributed(cuda=not cfg.toy)
         cfg = resolve_resume(cfg, rank)  # --resume with no checkpoint stops; --resume_if_any
         check_resume(cfg, rank)  # the checkpoint's mode and objective, before anything is written
         torch.manual_seed(cfg.seed * world_size + rank)
@@ -993,7 +936,6 @@ def main(argv):
         dist.destroy_process_group()
     return 0
 
-
 ###############################################################################
 # EXTRAS. Tooling around the DI* path above: the command line, checkpoints, the checks before
 # anything loads and the out_dir's rules, loading models with one-line errors, LoRA adapters, SDXL
@@ -1012,10 +954,8 @@ AT_LEAST = dict(batch_size=1, max_steps=0, assistant_steps=0, lr_g=0, lr_psi=0, 
                 sample_interval=1, keep_checkpoints=1, world_size_plan=0, peak_tflops=0,
                 bench_reps=1, bench_warmup=0, t_min=0, resolution=8, lora_rank=0)
 
-
 class ConfigError(ValueError):
     """A bad command line: main prints it as one line and exits 2."""
-
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line naming the flag: no usage dump, no traceback
@@ -1023,8 +963,6 @@ class Parser(argparse.ArgumentParser):
 
     def did_you_mean(self, message):
         """For a misspelled flag (--max_step=4), the closest real ones, by difflib on the names."""
-        import difflib
-
         if not message.startswith("unrecognized arguments: "):
             return ""
         names = [o[2:] for o in self._option_string_actions if o.startswith("--")]
@@ -1033,12 +971,10 @@ class Parser(argparse.ArgumentParser):
         close = [f"--{m}" for t in typed for m in difflib.get_close_matches(t, names, n=1)]
         return f"; did you mean {', '.join(dict.fromkeys(close))}?" if close else ""
 
-
 def to_bool(v):
     if v.lower() not in ("true", "false", "1", "0"):
         raise argparse.ArgumentTypeError(f"takes true or false, not {v!r}")
     return v.lower() in ("true", "1")
-
 
 def make_parser(cls, prog, defaults=None, add_help=True, epilog=None):
     """argparse from a config dataclass: --key=value, a bare --flag is True, comments are help."""
@@ -1054,18 +990,14 @@ def make_parser(cls, prog, defaults=None, add_help=True, epilog=None):
                        help=f"{helps.get(f.name, '')} (default: {default!r})", **kw)
     return p
 
-
 def check_at_least(cfg, bounds):
     for key, low in bounds.items():
         if getattr(cfg, key) < low:
             raise ConfigError(f"--{key} must be >= {low}, got {getattr(cfg, key)}")
 
-
 def modes_help():
     """--help's last lines: the defaults each mode replaces (each flag's line shows SDXL's unless
     the command line names a mode)."""
-    import textwrap
-
     modes = {"toy": TOY_DEFAULTS, "tiny": TINY_DEFAULTS, "dry_run": DRY_RUN_DEFAULTS,
              "ablation": ABLATION_DEFAULTS, "lora_rank": LORA_DEFAULTS, "model=sd3": SD3_DEFAULTS}
     lines = [textwrap.fill(" ".join(f"--{k}={v}" for k, v in d.items()), 100,
@@ -1073,15 +1005,13 @@ def modes_help():
              for m, d in modes.items()]
     return "\n".join(["each mode replaces these defaults (the command line still wins):", *lines])
 
-
 def parse_args(argv):
     mode = make_parser(Config, "distar.py", add_help=False).parse_known_args(argv)[0]
     defaults = (TOY_DEFAULTS if mode.toy else TINY_DEFAULTS if mode.tiny
                 else DRY_RUN_DEFAULTS if mode.dry_run else {})
     sd3 = mode.model == "sd3" and not mode.toy  # the toy keeps its own problem
     defaults = {**(LORA_DEFAULTS if mode.lora_rank else {}), **(SD3_DEFAULTS if sd3 else {}),
-                **defaults,
-                **(ABLATION_DEFAULTS if mode.ablation else {})}
+                **defaults, **(ABLATION_DEFAULTS if mode.ablation else {})}
     parser = make_parser(Config, "distar.py", defaults, epilog=modes_help())
     cfg = Config(**vars(parser.parse_args(argv)))
     check_at_least(cfg, AT_LEAST)
@@ -1118,7 +1048,6 @@ def parse_args(argv):
             raise ConfigError(message)
     return cfg
 
-
 # -----------------------------------------------------------------------------
 # checkpoints, written whole or not at all. {out_dir}/checkpoint-{step:06d}/ holds generator/ and
 # assistant/ (diffusers UNet folders; with --lora_rank the adapters, see save_lora; the toy's nets
@@ -1129,13 +1058,11 @@ def parse_args(argv):
 
 CKPT_RE = r"checkpoint-\d{6}"
 
-
 def list_checkpoints(out_dir):
     names = sorted(d for d in (os.listdir(out_dir) if os.path.isdir(out_dir) else [])
                    if re.fullmatch(CKPT_RE, d)
                    and os.path.isfile(os.path.join(out_dir, d, "state.json")))  # complete
     return [os.path.join(out_dir, d) for d in names]
-
 
 def save_net(net, path, sd=None):
     """sd: a sharded net's weights, gathered (gather_state_dict): rank 0 saves them instead."""
@@ -1150,7 +1077,6 @@ def save_net(net, path, sd=None):
         save_file({k: v.contiguous() for k, v in net.state_dict().items()},
                   os.path.join(path, "model.safetensors"))
 
-
 def load_net(net, path):
     from safetensors.torch import load_file
 
@@ -1159,7 +1085,6 @@ def load_net(net, path):
     sd = {k: v for name in sorted(os.listdir(path)) if name.endswith(".safetensors")
           for k, v in load_file(os.path.join(path, name)).items()}
     load_state_dict(net, sd)
-
 
 def save_checkpoint(cfg, step, world, opt_g, opt_psi, dist_info):
     rank, world_size, device = dist_info
@@ -1205,11 +1130,9 @@ def save_checkpoint(cfg, step, world, opt_g, opt_psi, dist_info):
             for old in list_checkpoints(cfg.out_dir)[:-cfg.keep_checkpoints]:
                 shutil.rmtree(old)
 
-
 def load_checkpoint(cfg, world, opt_g, opt_psi, dist_info):
     """Restore the newest complete checkpoint in out_dir that loads (one whose weights do not,
-    truncated by a crash, is said and the one before it tried); returns the step to continue
-    from."""
+    truncated by a crash, is said and the one before it tried); returns the step to go on from."""
     rank, world_size, device = dist_info
     chosen = [list_checkpoints(cfg.out_dir)]
     if world_size > 1:  # rank 0's list, so that every rank continues the same checkpoint
@@ -1235,12 +1158,12 @@ def load_checkpoint(cfg, world, opt_g, opt_psi, dist_info):
             err.first_to_fail = e.first_to_fail
             raise err from None
 
-
 def restore_checkpoint(cfg, world, opt_g, opt_psi, dist_info, path):
     rank, world_size, device = dist_info
     with open(os.path.join(path, "state.json")) as f:
         saved = json.load(f)
-    step, opts = saved["step"], dict(opt_g=(world.generator, opt_g), opt_psi=(world.assistant, opt_psi))
+    step, opts = saved["step"], dict(opt_g=(world.generator, opt_g),
+                                     opt_psi=(world.assistant, opt_psi))
     if not os.path.isfile(os.path.join(path, "state.pt")):
         raise LoadError(f"--resume: {path} has no state.pt, so it cannot be resumed")
     with all_ok(dist_info):  # each rank's own reads: the collectives below only if all succeeded
@@ -1269,7 +1192,6 @@ def restore_checkpoint(cfg, world, opt_g, opt_psi, dist_info, path):
         print(f"resumed from {path} (step {step})")
     return step
 
-
 # -----------------------------------------------------------------------------
 # before anything loads: SDXL needs a GPU, and a checkpoint resumes in its own mode. The out_dir
 # holds one run (--resume continues it; a fresh run refuses another run's checkpoints or starts it
@@ -1277,7 +1199,6 @@ def restore_checkpoint(cfg, world, opt_g, opt_psi, dist_info, path):
 
 RUN_OUTPUTS = (CKPT_RE, r"\.tmp-checkpoint-\d{6}(\.old)?", r"metrics\.jsonl", r"samples-\d{6}\.png",
                r"toy\.png", r"toy_samples\.safetensors")  # {out_dir}/tiny, a cache, stays
-
 
 def check_sdxl_run(cfg, device):
     """Before anything loads (tens of GB on a first run): a GPU unless asked for the CPU, an
@@ -1292,7 +1213,6 @@ def check_sdxl_run(cfg, device):
     if not cfg.tiny:  # --tiny builds its own
         check_pipeline(cfg)
 
-
 def check_out_dir(cfg):
     """A fresh SDXL run must not prune or later resume another run's checkpoints, each of which
     stands for GPU hours."""
@@ -1300,7 +1220,6 @@ def check_out_dir(cfg):
     if ckpts and not (cfg.resume or cfg.overwrite or cfg.tiny):
         raise LoadError(f"{cfg.out_dir} holds checkpoints of another run (newest {ckpts[-1]}): "
                         "pass --resume to continue it, or --overwrite to start over")
-
 
 # what a checkpoint must share with the run that resumes it (another world's weights do not fit;
 # --tiny would build its models inside another run's out_dir), and what it may change but is told
@@ -1311,7 +1230,6 @@ MODE_KEYS = ("toy", "tiny", "model",  # another family's weights do not fit
 OBJECTIVE_KEYS = ("divergence", "cfg", "alpha_rew", "alpha_cfg", "huber_c", "t_min", "t_max",
                   "assistant_steps", "resolution", "batch_size", "conditioning_t", "t5")
 
-
 def check_resume(cfg, rank):
     """--resume, before anything loads or is written: the newest checkpoint's state.json must be of
     this run's mode; a changed objective (a new --divergence, say) is allowed but said, once."""
@@ -1321,8 +1239,9 @@ def check_resume(cfg, rank):
     with open(os.path.join(ckpts[-1], "state.json")) as f:
         saved = {**asdict(Config()), **json.load(f)["config"]}  # a key added since: its default
     if saved.get("zero"):  # ZeroRedundancyOptimizer's per-rank files, which --fsdp replaced
-        raise LoadError(f"--resume: {ckpts[-1]} holds --zero AdamW shards, which distar no longer "
-                        "reads: start another --out_dir (its generator/ serves as --generator_init)")
+        raise LoadError(f"--resume: {ckpts[-1]} holds --zero AdamW shards, which distar no "
+                        "longer reads: start another --out_dir (its generator/ serves as "
+                        "--generator_init)")
     now = asdict(cfg)
     lora = saved["lora_rank"] and now["lora_rank"]  # an adapter's shape, if both have one
     differ = [k for k in MODE_KEYS
@@ -1333,15 +1252,12 @@ def check_resume(cfg, rank):
                         f"{flags(now)}: resume it with those, or give this run another --out_dir")
     changed = [f"--{k} {saved[k]} -> {now[k]}" for k in OBJECTIVE_KEYS if saved[k] != now[k]]
     if changed and rank == 0:
-        print(f"resume: the objective differs from {ckpts[-1]}'s: {', '.join(changed)}",
-              flush=True)
-
+        print(f"resume: the objective differs from {ckpts[-1]}'s: {', '.join(changed)}", flush=True)
 
 def resolve_resume(cfg, rank):
-    """--resume needs a checkpoint to continue: without one, a typo in --out_dir would start a
-    fresh run, hours of GPU time before anyone notices. --resume_if_any (a scheduler's requeue:
-    the same command every time) resumes where there is a checkpoint and starts where there is
-    none. Returns cfg with resume set to what this run does."""
+    """cfg with resume set to what this run does. --resume needs a checkpoint: without one, a typo
+    in --out_dir would start a fresh run, hours of GPU time unnoticed. --resume_if_any (a
+    scheduler's requeue: the same command each time) resumes where there is one, else starts."""
     ckpts = list_checkpoints(cfg.out_dir)
     if cfg.resume_if_any:
         if not ckpts and rank == 0:
@@ -1353,7 +1269,6 @@ def resolve_resume(cfg, rank):
         raise ConfigError(f"--resume: --out_dir={cfg.out_dir} {what}: check the folder, or pass "
                           "--resume_if_any to start at step 0 where there is no checkpoint")
     return cfg
-
 
 def start_out_dir(cfg, dist_info):
     """Once the models have loaded: unless this run continues a checkpoint, remove what an
@@ -1373,7 +1288,6 @@ def start_out_dir(cfg, dist_info):
                       " (--resume continues a run)")
     barrier(world_size)
     shared_out_dir(cfg.out_dir, dist_info)
-
 
 def shared_out_dir(out_dir, dist_info):
     """Every rank reads a checkpoint on --resume (and writes its AdamW shards under --fsdp), so on
@@ -1396,7 +1310,6 @@ def shared_out_dir(out_dir, dist_info):
         raise ConfigError(f"--out_dir={out_dir} is not the same folder on every node: put it on a "
                           "filesystem that all of them share")
 
-
 def interrupted(cfg, step):
     """main's line on Ctrl-C: how far the run got, and how to continue it."""
     if cfg is None or cfg.dry_run or cfg.bench or cfg.ablation:  # nothing to resume
@@ -1409,7 +1322,6 @@ def interrupted(cfg, step):
     return (f"{done} (Ctrl-C); newest complete checkpoint {ckpts[-1]}: the same command with "
             "--resume continues from it")
 
-
 def trim_metrics(out_dir, step):
     """On resume: drop the metrics lines logged after the checkpoint, as those steps run again."""
     metrics = os.path.join(out_dir, "metrics.jsonl")
@@ -1420,20 +1332,17 @@ def trim_metrics(out_dir, step):
             f.writelines(lines)
         os.replace(metrics + ".tmp", metrics)
 
-
 def logged_step(line):
     try:
         return json.loads(line)["step"]
     except (ValueError, KeyError):  # an empty line, or one cut short by a kill
         return math.inf
 
-
 def log_line(m, max_steps):
     """metrics as one plain line, for logs where no progress bar is shown (SLURM, nohup)."""
     keys = ("loss_g", "loss_rew", "loss_div", "loss_cfg", "loss_psi", "reward", "grad_norm")
     return (f"step {m['step']}/{max_steps} " + " ".join(f"{k} {m[k]:.4g}" for k in keys)
             + f" skipped {m['skipped']} sec/step {m['sec_assistant'] + m['sec_generator']:.3g}")
-
 
 # -----------------------------------------------------------------------------
 # several ranks: an error on some ranks only (a file missing on one node, a hub or disk error,
@@ -1444,28 +1353,27 @@ def log_line(m, max_steps):
 SLOW_GROUP = None  # setup_distributed's group for long waits: barrier, all_ok
 SLOW_TIMEOUT = datetime.timedelta(hours=1)  # rank 0 writes a ~60 GB checkpoint; first downloads
 
-
 def start_slow_group():
     """gloo, on the CPU: a barrier there waits for rank 0's writes without a GPU in it (as
     torch.distributed.checkpoint's own planning group does)."""
     global SLOW_GROUP
     SLOW_GROUP = dist.new_group(backend="gloo", timeout=SLOW_TIMEOUT)
 
+def barrier(world_size):
+    if world_size > 1:  # in the slow group: rank 0 may be writing a checkpoint (start_slow_group)
+        dist.barrier(group=SLOW_GROUP)
 
 class RankFailed(RuntimeError):
     def __init__(self, rank):
         super().__init__(f"rank {rank} failed: its error is in its node's log")
         self.rank = rank
 
-
 @contextlib.contextmanager
 def all_ok(dist_info):
     """Run the block on every rank, then agree (one all-reduce, in the slow group): a rank whose
-    block raised raises its own error again, marked first_to_fail on the lowest such rank (which
-    main reports), and every other rank raises RankFailed naming that rank. Nothing else: the
-    block itself must not wait for the other ranks."""
-    rank, world_size, _ = dist_info
-    error = None
+    block raised raises its error again, marked first_to_fail on the lowest such rank (main reports
+    it), every other rank RankFailed naming it. The block itself must not wait for other ranks."""
+    (rank, world_size, _), error = dist_info, None
     try:
         yield
     except Exception as e:
@@ -1481,7 +1389,6 @@ def all_ok(dist_info):
     if lowest.item() < world_size:
         raise RankFailed(lowest.item())
 
-
 def reports(e, rank, first_on_node):
     """Whether main prints e: the first rank on each node does, and the lowest rank that failed
     where only some did (all_ok), so each node's log holds one line. RankFailed is left out on
@@ -1491,10 +1398,8 @@ def reports(e, rank, first_on_node):
         return first_on_node and e.rank // per_node != rank // per_node
     return first_on_node or getattr(e, "first_to_fail", False)
 
-
 def first_line(e):
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-
 
 def fsync(path):
     """A file's contents, or a folder's entries, on disk."""
@@ -1504,7 +1409,6 @@ def fsync(path):
     finally:
         os.close(fd)
 
-
 def fsync_tree(path):
     """Every file and folder under path, path too: a rename is atomic, but after a power cut the
     renamed folder may hold truncated files without this."""
@@ -1513,10 +1417,12 @@ def fsync_tree(path):
             fsync(os.path.join(root, name))
         fsync(root)
 
-
 # -----------------------------------------------------------------------------
 # loading models and prompts: local folders, hub ids and state-dict files; a failure is one line
 # naming its flag
+
+class LoadError(RuntimeError):
+    pass
 
 def hub_unreachable(e):
     """Whether e, or an error that caused it, says the hub could not be reached (or offline mode
@@ -1529,7 +1435,6 @@ def hub_unreachable(e):
         e = e.__cause__ or e.__context__
     return False
 
-
 def load(flag, value, fn, *args, **kwargs):
     """Run a from_pretrained-style loader; a failure becomes one line naming the flag."""
     try:
@@ -1537,44 +1442,41 @@ def load(flag, value, fn, *args, **kwargs):
     except LoadError:  # from a nested load, which named its own flag
         raise
     except Exception as e:  # OSError, ValueError, HFValidationError, ...: report, do not trace
+        first = first_line(e)
         if hub_unreachable(e):
             local = "/path/to/" + dict(pretrained="sdxl", lora="lora", reward_model="clip",
                                        reward_processor="clip", clip_model="clip").get(flag, "unet")
             first = ("no such local path, the Hugging Face hub could not be reached and the model "
                      f"is not in the local cache; pass a local folder (--{flag}={local})")
-        else:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise LoadError(f"cannot load --{flag}={value}: {first}") from None
 
+def load_parts(cfg, device, frozen):
+    """SDXLWorld's (SD3World's) components from cfg's paths, each moved to `device` as soon as it is
+    loaded (a node's CPU memory holds one UNet at a time per rank); frozen nets in dtype `frozen`,
+    SD3's T5 (unless --t5=false) too, as it loads."""
+    import diffusers
 
-def load_sdxl_parts(cfg, device, frozen):
-    """SDXLWorld's components from cfg's paths, each moved to `device` as soon as it is loaded (a
-    node's CPU memory holds one UNet at a time per rank); frozen nets in dtype `frozen`."""
-    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
-
+    net, sub = NETS[cfg.model]
+    pipe, net = getattr(diffusers, PIPELINES[cfg.model]), getattr(diffusers, net)
     trained = frozen if cfg.lora_rank else torch.float32  # a LoRA's base is frozen
     get = lambda cls, **kw: load("pretrained", cfg.pretrained, cls.from_pretrained, cfg.pretrained,
                                  **kw).to(device)
-    return dict(pipe=get(StableDiffusionXLPipeline, unet=None, dtype=torch.float32),
-                s_ref=get(UNet2DConditionModel, subfolder="unet", dtype=frozen),
-                assistant=get(UNet2DConditionModel, subfolder="unet", dtype=trained),
-                generator=load_generator(cfg.generator_init, cfg.pretrained,
-                                         cfg.variant or None, trained).to(device),
+    no_t5 = {} if cfg.t5 else dict(text_encoder_3=None, tokenizer_3=None)
+    pipe_kw = (dict(unet=None, dtype=torch.float32) if cfg.model == "sdxl" else dict(
+        transformer=None, **no_t5, dtype=dict(default=torch.float32, text_encoder_3=frozen)))
+    return dict(pipe=get(pipe, **pipe_kw), s_ref=get(net, subfolder=sub, dtype=frozen),
+                assistant=get(net, subfolder=sub, dtype=trained),
+                generator=load_generator(cfg.generator_init, cfg.pretrained, cfg.variant or None,
+                                         trained, model=cfg.model).to(device),
                 reward_fn=ClipReward(cfg.reward_model, cfg.reward_processor, frozen).to(device))
 
-
 STATE_DICTS = (".bin", ".pt", ".pth", ".safetensors")  # a UNet's weights as one file
-
-
 NETS = dict(sdxl=("UNet2DConditionModel", "unet"), sd3=("SD3Transformer2DModel", "transformer"))
 
-
-def load_generator(path, pretrained, variant=None, dtype=None, flag="generator_init",
-                   model="sdxl"):
-    """A one-step generator's UNet (--model=sd3: transformer), in any form one is published in, in
-    `dtype` (default fp32): "": the UNet of `pretrained`; a diffusers UNet folder, or a pipeline
-    folder holding unet/ (both with `variant`, e.g. fp16); a state-dict file
-    (unet_from_state_dict)."""
+def load_generator(path, pretrained, variant=None, dtype=None, flag="generator_init", model="sdxl"):
+    """A one-step generator's UNet (--model=sd3: transformer) in `dtype` (default fp32), in any form
+    one is published in: "": the UNet of `pretrained`; a diffusers UNet folder, or a pipeline
+    folder holding unet/ (both with `variant`, e.g. fp16); a state-dict (unet_from_state_dict)."""
     import diffusers
 
     cls, sub = getattr(diffusers, NETS[model][0]), NETS[model][1]
@@ -1588,12 +1490,10 @@ def load_generator(path, pretrained, variant=None, dtype=None, flag="generator_i
     sub = sub if os.path.isdir(os.path.join(path, sub)) else None  # a pipeline folder
     return load(flag, path, unet, path, sub)
 
-
 def unet_from_state_dict(path, pretrained, model="sdxl"):
     """A UNet (--model=sd3: transformer) from a .bin/.pt/.pth/.safetensors file, local or on the hub
-    as owner/repo/path/in/repo (DMD2's tianweiy/DMD2/dmd2_sdxl_1step_unet_fp16.bin). Its
-    architecture: the config.json beside it if there is one (a release's unet/ folder), else
-    `pretrained`'s unet/config.json."""
+    as owner/repo/path/in/repo (DMD2's tianweiy/DMD2/dmd2_sdxl_1step_unet_fp16.bin); its config:
+    the config.json beside it if any (a release's unet/ folder), else `pretrained`'s unet/'s."""
     import diffusers
     from accelerate import init_empty_weights
     from huggingface_hub import hf_hub_download
@@ -1612,17 +1512,14 @@ def unet_from_state_dict(path, pretrained, model="sdxl"):
         except EntryNotFoundError:  # none beside it (or offline and not cached)
             config = ""
     cls, sub = getattr(diffusers, NETS[model][0]), NETS[model][1]
-    if os.path.isfile(config):
-        config = cls.load_config(config)
-    else:
-        config = load("pretrained", pretrained, cls.load_config, pretrained, subfolder=sub)
+    config = (cls.load_config(config) if os.path.isfile(config)
+              else load("pretrained", pretrained, cls.load_config, pretrained, subfolder=sub))
     sd = (load_file(file) if file.endswith(".safetensors")
           else torch.load(file, map_location="cpu", weights_only=True))
     with init_empty_weights():  # parameters on meta: no random init of weights about to go
         unet = cls.from_config(config)
     unet.load_state_dict(sd, strict=True, assign=True)  # the file's tensors become parameters
     return unet
-
 
 def read_prompts(path):
     if not path:
@@ -1638,13 +1535,10 @@ def read_prompts(path):
         raise LoadError(f"--prompts={path}: the file has no prompts (one per line)")
     return prompts
 
-
 def quiet_libraries():
     """The libraries' warnings and error logs off (a failed load raises, and is reported as one
     line), and their own bars ("Loading weights", "Loading pipeline components"), but not
     huggingface_hub's download bars: a first run shows its tens of GB arriving."""
-    import warnings
-
     from diffusers.utils import logging as diffusers_logging
     from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
     from transformers.utils import logging as transformers_logging
@@ -1657,7 +1551,6 @@ def quiet_libraries():
         lib.disable_progress_bar()  # transformers' also turns off the hub's bars
     if hub_bars:
         enable_progress_bars()
-
 
 # -----------------------------------------------------------------------------
 # LoRA (--lora_rank): diffusers' peft integration. Each trained net is its own frozen base plus an
@@ -1681,7 +1574,6 @@ _SD3_FF = ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net
 SD3_LORA_TARGETS = dict(attn=_SD3_ATTN, attn_ff=_SD3_ATTN + _SD3_FF, all=_SD3_ATTN + _SD3_FF)
 LORA_FILE, LORA_BASE = "pytorch_lora_weights.safetensors", "lora_base.json"
 
-
 def add_lora(unet, cfg, role):
     """Freeze unet, add a trainable adapter (zero at first: lora_B starts at 0, so the generator
     and assistant start as their bases), its weights fp32 masters also on a bf16 base. role
@@ -1702,12 +1594,10 @@ def add_lora(unet, cfg, role):
                           variant=cfg.variant if gen else "")
     return unet
 
-
 def save_lora(unet, path, sd=None):
     """The adapter as diffusers saves LoRAs, with its config (without it the loader takes alpha =
-    rank). Unconverted peft keys: convert_state_dict_to_diffusers renames only the attention
-    keys, and the loader, seeing lora_A in the first key, then drops the renamed ones. sd: a
-    sharded unet's gathered weights (gather_state_dict)."""
+    rank); peft's keys unconverted: convert_state_dict_to_diffusers renames only the attention keys,
+    and the loader, seeing lora_A first, drops them. sd: a sharded unet's gathered weights."""
     import diffusers
     from peft.utils import get_peft_model_state_dict
 
@@ -1721,7 +1611,6 @@ def save_lora(unet, path, sd=None):
     with open(os.path.join(path, LORA_BASE), "w") as f:
         json.dump({k: os.path.relpath(v, here) if inside(v) else v
                    for k, v in unet.lora_base.items()}, f, indent=1)
-
 
 def load_lora(unet, path):
     """--resume: the adapter's weights from save_lora's file into unet's own (fp32) adapter."""
@@ -1737,12 +1626,10 @@ def load_lora(unet, path):
     if result.unexpected_keys or missing:
         raise LoadError(f"--resume: {file} does not fit --lora_targets (another layer set)")
 
-
 def lora_prefix(net):
     """The LoRA file's key prefix for net and the pipeline class that saves and loads it."""
     sd3 = hasattr(net.config, "joint_attention_dim")  # an SD3Transformer2DModel
     return ("transformer", PIPELINES["sd3"]) if sd3 else ("unet", PIPELINES["sdxl"])
-
 
 def lora_base(path):
     """The base a LoRA checkpoint's adapter was trained on (its lora_base.json; local paths
@@ -1757,7 +1644,6 @@ def lora_base(path):
     return {k: os.path.abspath(os.path.join(path, v)) if v.startswith("..") else v
             for k, v in base.items()}
 
-
 # -----------------------------------------------------------------------------
 # FSDP (--fsdp): torch's FSDP2 shards the generator, the assistant and the reference, so each of n
 # ranks holds 1/n of every weight, gradient and AdamW state. A unit's weights are all-gathered for
@@ -1766,15 +1652,12 @@ def lora_base(path):
 # and the plan fits without sharding them. Checkpoints stay what diffusers reads (the weights are
 # gathered onto rank 0's CPU to save them); the AdamW states are written as each rank's shards.
 
-FSDP_UNITS = ("BasicTransformerBlock", "ResnetBlock2D",  # one unit each, then the root
-              "JointTransformerBlock")  # SD3's
-
+FSDP_UNITS = ("BasicTransformerBlock", "ResnetBlock2D", "JointTransformerBlock")  # last: SD3's
 
 def is_sharded(net):
     from torch.distributed.fsdp import FSDPModule
 
     return isinstance(net, FSDPModule)
-
 
 def shard_nets(world, dist_info):
     """--fsdp (else the world as it was): fully_shard each UNet as torchtitan does, one unit per
@@ -1796,7 +1679,6 @@ def shard_nets(world, dist_info):
         fully_shard(net, mesh=mesh)
     return world
 
-
 def gather_state_dict(net):
     """A sharded net's trained weights (the whole UNet, or with --lora_rank its adapter) on rank
     0's CPU; the other ranks get {}. A collective: every rank calls it."""
@@ -1804,7 +1686,6 @@ def gather_state_dict(net):
 
     return get_model_state_dict(net, options=StateDictOptions(
         full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
-
 
 def unsharded(net, sd):
     """A plain copy of a sharded diffusers net with the weights sd, for save_pretrained, which
@@ -1818,7 +1699,6 @@ def unsharded(net, sd):
     copy.load_state_dict(sd, assign=True)
     return copy
 
-
 def load_state_dict(net, sd, strict=True):
     """A whole state dict into net; a sharded net's ranks each keep their own shards of it."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
@@ -1827,7 +1707,6 @@ def load_state_dict(net, sd, strict=True):
         return net.load_state_dict(sd, strict=strict)
     return set_model_state_dict(net, sd, options=StateDictOptions(full_state_dict=True,
                                                                   strict=strict))
-
 
 def save_sharded_optimizers(opts, path):
     """--fsdp: the AdamW states, each rank writing its own shards (torch.distributed.checkpoint);
@@ -1840,7 +1719,6 @@ def save_sharded_optimizers(opts, path):
     dcp.save({k: get_optimizer_state_dict(net, opt) for k, (net, opt) in opts.items()},
              checkpoint_id=path)
 
-
 def load_sharded_optimizers(opts, path):
     """save_sharded_optimizers' inverse; DCP reshards, so another number of ranks resumes too."""
     import torch.distributed.checkpoint as dcp
@@ -1851,7 +1729,6 @@ def load_sharded_optimizers(opts, path):
     dcp.load(state, checkpoint_id=path)  # in place, into this rank's shards
     for k, (net, opt) in opts.items():
         set_optimizer_state_dict(net, opt, state[k])
-
 
 # -----------------------------------------------------------------------------
 # SDXL-architecture models from configs: tiny (--tiny, the tests) and full size (--dry_run,
@@ -1895,7 +1772,6 @@ SDXL = dict(  # parameters: UNet 2,567,463,684, VAE 83,653,863, text 123,060,480
                                  num_attention_heads=16, image_size=224, patch_size=14)),
     image=dict())  # CLIPImageProcessor's defaults are CLIP-H's: 224 px, OpenAI mean and std
 
-
 def offline_tokenizer():
     """A CLIP BPE tokenizer over single letters, no download: prompts are padded to 77 tokens,
     so token ids change no cost."""
@@ -1905,7 +1781,6 @@ def offline_tokenizer():
     tokens = ["<|startoftext|>", "<|endoftext|>", *letters, "ab</w>"]  # "ab": BPE needs a merge
     return CLIPTokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=[("a", "b</w>")],
                          model_max_length=77)
-
 
 def random_parts(sizes, device="cpu"):
     """Random-weight SDXL from config dicts, built on `device` directly: a StableDiffusionXLPipeline
@@ -1926,7 +1801,6 @@ def random_parts(sizes, device="cpu"):
                                      tokenizer_2=tok, unet=unet, scheduler=sched)
     return (pipe, *random_reward(sizes, device))
 
-
 def random_reward(sizes, device="cpu"):
     """The reward's random CLIPModel and its CLIPProcessor (letter tokenizer), from sizes."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
@@ -1939,19 +1813,20 @@ def random_reward(sizes, device="cpu"):
         clip = CLIPModel(CLIPConfig(**clip_sizes))
     return clip, CLIPProcessor(CLIPImageProcessor(**sizes["image"]), tokenizer=tok)
 
-
-def build_tiny(root):
-    """Tiny random models laid out as the real ones: {root}/sdxl, a StableDiffusionXLPipeline
-    folder, and {root}/reward, a CLIPModel with its processor. The same ones every time."""
+def build_tiny(root, model="sdxl", t5=True):
+    """Tiny random models laid out as the real ones, the same ones every time: {root}/sdxl, a
+    StableDiffusionXLPipeline folder (model sd3: {root}/sd3, or sd3_no_t5 without T5, a
+    StableDiffusion3Pipeline one), and {root}/reward, a CLIPModel with its processor."""
     with torch.random.fork_rng():  # the caller's RNG untouched
         torch.manual_seed(0)
-        pipe, clip, processor = random_parts(TINY)
-    sdxl, reward = os.path.join(root, "sdxl"), os.path.join(root, "reward")
-    pipe.save_pretrained(sdxl)
+        pipe, clip, processor = (random_parts(TINY) if model == "sdxl"
+                                 else random_sd3_parts(TINY_SD3, t5=t5))
+    path = os.path.join(root, "sdxl" if model == "sdxl" else "sd3" if t5 else "sd3_no_t5")
+    reward = os.path.join(root, "reward")
+    pipe.save_pretrained(path)
     clip.save_pretrained(reward)
     processor.save_pretrained(reward)
-    return sdxl, reward
-
+    return path, reward
 
 def tiny_config(cfg, dist_info):
     """--tiny: cfg's models become tiny random ones in {out_dir}/tiny, built once by rank 0 and
@@ -1961,24 +1836,21 @@ def tiny_config(cfg, dist_info):
     pretrained = os.path.join(root, "sdxl" if cfg.model == "sdxl" else "sd3" if cfg.t5
                               else "sd3_no_t5")
     if dist_info[0] == 0 and not os.path.isfile(os.path.join(pretrained, "model_index.json")):
-        build_tiny(root) if cfg.model == "sdxl" else build_tiny_sd3(root, cfg.t5)
+        build_tiny(root, cfg.model, cfg.t5)
     barrier(dist_info[1])
     return replace(cfg, pretrained=pretrained, generator_init="", reward_model=reward,
                    reward_processor=reward)
 
-
 def dry_run_parts(device, cfg=None):
     """SDXLWorld's components at full size with random weights: no download, no CPU init, and
     nothing at all on meta. The three UNets start equal, as with --generator_init="". cfg with
-    --model=sd3: SD3.5-medium's (dry_run_sd3_parts)."""
-    import copy
-
-    if cfg is not None and cfg.model == "sd3":
-        return dry_run_sd3_parts(device, cfg.t5)
-    pipe, clip, processor = random_parts(SDXL, device)
-    return dict(pipe=pipe, s_ref=pipe.unet, assistant=copy.deepcopy(pipe.unet),
-                generator=copy.deepcopy(pipe.unet), reward_fn=ClipReward(clip, processor))
-
+    --model=sd3: SD3World's, at SD3.5-medium's size."""
+    sd3 = cfg is not None and cfg.model == "sd3"
+    pipe, clip, processor = (random_sd3_parts(SD35_MEDIUM, device, cfg.t5) if sd3
+                             else random_parts(SDXL, device))
+    net = pipe.transformer if sd3 else pipe.unet
+    return dict(pipe=pipe, s_ref=net, assistant=copy.deepcopy(net), generator=copy.deepcopy(net),
+                reward_fn=ClipReward(clip, processor))
 
 # -----------------------------------------------------------------------------
 # SD3/SD3.5 (--model=sd3): a flow-matching transformer in the same loop. The world's process is
@@ -1991,21 +1863,15 @@ SD3_DEFAULTS = dict(pretrained="stabilityai/stable-diffusion-3.5-medium", genera
                     conditioning_t=1000,  # the generator reads pure noise: s = 1
                     alpha_cfg=3.5)  # omega = 4.5, SD3.5-medium's guidance scale (its model card)
 
-
 class SD3World(SDXLWorld):
-    """Algorithm 1 on SD3/SD3.5, SDXLWorld's interface and precisions. Its nets are
-    SD3Transformer2DModels predicting the velocity v = eps - x_0; unet hands the loop eps_hat =
-    x_s + (1 - s) v. The generator is one Euler step from pure noise, x_0 = z - v_theta(z, 1000, c):
-    diffusers' own one-step sample (FlowMatchEulerDiscreteScheduler.set_timesteps(1) gives sigmas
-    [1, 0]), so StableDiffusion3Pipeline(num_inference_steps=1, guidance_scale=0) reproduces it.
-    Text: CLIP-L, CLIP-G and T5-XXL through the pipeline's encode_prompt, T5 frozen in bf16 with
-    --precision=bf16 (9.5 GB in fp32 would be 19), or with --t5=false zeros in its place, as the
-    pipeline does without text_encoder_3. Unconditional: the empty prompt encoded (SD3's negative
-    prompt ""), not SDXL's zeros."""
+    """Algorithm 1 on SD3/SD3.5 (SD3Transformer2DModels), SDXLWorld's interface and precisions. The
+    generator is one Euler step from pure noise, x_0 = z - v_theta(z, 1000, c): diffusers' own
+    one-step sample (set_timesteps(1) gives sigmas [1, 0]), as StableDiffusion3Pipeline(
+    num_inference_steps=1, guidance_scale=0) draws it. Text: CLIP-L, CLIP-G and T5-XXL (frozen,
+    in bf16 with --precision=bf16: 9.5 GB, not 19; --t5=false: zeros, as the pipeline without
+    text_encoder_3). Unconditional: the empty prompt encoded (SD3's negative ""), not zeros."""
 
     def __init__(self, cfg, device, rank=0, world_size=1, parts=None):
-        frozen = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
-        parts = parts or load_sd3_parts(cfg, device, frozen)
         super().__init__(cfg, device, rank, world_size, parts)
         if self.pipe.text_encoder_3 is not None:
             self.pipe.text_encoder_3.to(self.s_ref.dtype)  # the frozen dtype
@@ -2013,10 +1879,10 @@ class SD3World(SDXLWorld):
         self.empty = self.encode([""])
 
     def sample_t(self, n, device):
-        """t = 1000 s, s drawn as SD3 was trained: logit-normal, sigmoid of N(0, 1), shifted as the
-        scheduler shifts (s' = shift s / (1 + (shift - 1) s), shift 3.0 for SD3.5 at 1024 px:
-        diffusers' SD3 training examples draw so), then kept in [t_min, t_max] (away from s = 0,
-        where the score -eps / s blows up; the clamp moves 0.3% of the draws, all near s = 1)."""
+        """t = 1000 s, s drawn as SD3 was trained (and diffusers' SD3 examples draw): logit-normal,
+        sigmoid of N(0, 1), shifted as the scheduler shifts, s' = shift s / (1 + (shift - 1) s)
+        (3.0: SD3.5 at 1024 px), kept in [t_min, t_max]: away from s = 0, where the score -eps / s
+        blows up (the clamp moves 0.3% of the draws, all near s = 1)."""
         u = torch.sigmoid(torch.randn(n, device=device))
         shift = self.pipe.scheduler.config.shift
         return (1000 * shift * u / (1 + (shift - 1) * u)).clamp(self.cfg.t_min, self.cfg.t_max)
@@ -2062,9 +1928,7 @@ class SD3World(SDXLWorld):
                                   + self.vae.config.shift_factor).sample
         return (img.float() / 2 + 0.5).clamp(0, 1)
 
-
 WORLDS = dict(sdxl=SDXLWorld, sd3=SD3World)
-
 
 def check_pipeline(cfg):
     """Before any weights load: --pretrained's model_index.json (a few hundred bytes) names the
@@ -2084,25 +1948,6 @@ def check_pipeline(cfg):
     if cfg.model == "sd3" and cfg.t5 and not (index.get("text_encoder_3") or [None])[-1]:
         raise LoadError(f"--pretrained={cfg.pretrained} has no T5 text encoder (text_encoder_3):"
                         " pass --t5=false (zeros in its place, as the pipeline does)")
-
-
-def load_sd3_parts(cfg, device, frozen):
-    """SD3World's components from cfg's paths, as load_sdxl_parts; T5 (unless --t5=false) in the
-    frozen dtype as it loads."""
-    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
-
-    trained = frozen if cfg.lora_rank else torch.float32
-    get = lambda cls, **kw: load("pretrained", cfg.pretrained, cls.from_pretrained, cfg.pretrained,
-                                 **kw).to(device)
-    no_t5 = {} if cfg.t5 else dict(text_encoder_3=None, tokenizer_3=None)
-    return dict(pipe=get(StableDiffusion3Pipeline, transformer=None, **no_t5,
-                         dtype=dict(default=torch.float32, text_encoder_3=frozen)),
-                s_ref=get(SD3Transformer2DModel, subfolder="transformer", dtype=frozen),
-                assistant=get(SD3Transformer2DModel, subfolder="transformer", dtype=trained),
-                generator=load_generator(cfg.generator_init, cfg.pretrained, cfg.variant or None,
-                                         trained, model="sd3").to(device),
-                reward_fn=ClipReward(cfg.reward_model, cfg.reward_processor, frozen).to(device))
-
 
 _T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
                feed_forward_proj="gated-gelu", relative_attention_num_buckets=32)
@@ -2128,7 +1973,6 @@ SD35_MEDIUM = dict(  # its published configs; transformer 2,243,171,520, T5 4,76
     text_encoder=SDXL["text_encoder"], text_encoder_2=SDXL["text_encoder_2"], t5=_T5_XXL,
     clip=SDXL["clip"], image=SDXL["image"])
 
-
 def offline_t5_tokenizer():
     """A T5 tokenizer over single letters, no download: a Unigram model with T5's Metaspace
     pre-tokenizer (prompts are padded to 256 tokens, so token ids change no cost)."""
@@ -2141,7 +1985,6 @@ def offline_t5_tokenizer():
     tok.pre_tokenizer, tok.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
     return T5TokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
                            unk_token="<unk>", extra_ids=0)
-
 
 def random_sd3_parts(sizes, device="cpu", t5=True):
     """Random-weight SD3 from config dicts, built on `device`: a StableDiffusion3Pipeline (shift
@@ -2166,39 +2009,20 @@ def random_sd3_parts(sizes, device="cpu", t5=True):
         tokenizer_3=t5_tok if t5 else None)
     return (pipe, *random_reward(sizes, device))
 
-
 def build_tiny_sd3(root, t5=True):
-    """A tiny random StableDiffusion3Pipeline folder, {root}/sd3 ({root}/sd3_no_t5 without T5),
-    and the reward, {root}/reward, as build_tiny's. The same ones every time."""
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        pipe, clip, processor = random_sd3_parts(TINY_SD3, t5=t5)
-    path, reward = os.path.join(root, "sd3" if t5 else "sd3_no_t5"), os.path.join(root, "reward")
-    pipe.save_pretrained(path)
-    clip.save_pretrained(reward)
-    processor.save_pretrained(reward)
-    return path, reward
-
+    return build_tiny(root, "sd3", t5)
 
 def dry_run_sd3_parts(device, t5=True):
-    """SD3World's components at SD3.5-medium's size with random weights (dry_run_parts' SD3)."""
-    import copy
-
-    pipe, clip, processor = random_sd3_parts(SD35_MEDIUM, device, t5)
-    return dict(pipe=pipe, s_ref=pipe.transformer, assistant=copy.deepcopy(pipe.transformer),
-                generator=copy.deepcopy(pipe.transformer), reward_fn=ClipReward(clip, processor))
-
+    return dry_run_parts(device, Config(model="sd3", t5=t5))
 
 # -----------------------------------------------------------------------------
 # speed options, opt-in until timed on a GPU: --compile and --fast_backends
 
-
 def maybe_compile(world, **kw):
-    """--compile: torch.compile each UNet's transformer blocks in place (diffusers' regional
-    compilation: an SDXL UNet's 70 blocks share a few graphs, so compiling takes seconds, not the
-    minutes of a whole UNet). In place, so state dicts keep their keys; activation checkpointing
-    wraps the compiled blocks and DDP the whole net, both as before. kw: torch.compile's (the
-    tests pass backend="aot_eager": inductor's C++ builds take minutes on a CPU)."""
+    """--compile: torch.compile each UNet's transformer blocks in place (regional compilation: an
+    SDXL UNet's 70 blocks share a few graphs: seconds, not a whole UNet's minutes), so state dicts
+    keep their keys and checkpointing and DDP wrap as before. kw: torch.compile's (the tests pass
+    backend="aot_eager": inductor's C++ builds take minutes on a CPU)."""
     if world.cfg.compile:
         # all blocks of a class share one cache of graphs: 2 widths at full size, times batch B or
         # 2B, grad on or off, weights trained or frozen; past dynamo's 8, blocks would run eager
@@ -2207,16 +2031,14 @@ def maybe_compile(world, **kw):
             net.compile_repeated_blocks(**kw)
     return world
 
-
 def fast_backends(on):
     """--fast_backends: TF32 for fp32 matmuls (10 mantissa bits, not 23: the text encoders, the
     loss math, --precision=fp32; fp32 convolutions use TF32 already, PyTorch's default),
     cudnn.benchmark (every step has the same shapes), and cuDNN attention first in SDPA (NVIDIA's
     fastest on Hopper). A context manager: on exit, all as before; off, it changes nothing."""
-    from contextlib import ExitStack
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    stack, matmul, cudnn = ExitStack(), torch.backends.cuda.matmul, torch.backends.cudnn
+    stack, matmul, cudnn = contextlib.ExitStack(), torch.backends.cuda.matmul, torch.backends.cudnn
     if on:
         # through allow_tf32: set through fp32_precision alone, TF32 makes the legacy readers
         # (allow_tf32, get_float32_matmul_precision; inductor's autotuning reads them) raise
@@ -2229,7 +2051,6 @@ def fast_backends(on):
                                         set_priority=True))
     return stack
 
-
 # -----------------------------------------------------------------------------
 # the dry run and the cost table. Without a GPU, the world is built on the meta device (shapes
 # and dtypes, no memory) to plan memory per GPU and count FLOPs; on GPUs, train's own per-step
@@ -2238,13 +2059,11 @@ def fast_backends(on):
 # device name wins; --peak_tflops overrides.
 PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "A100": 312.0}
 
-
 def clock(device):
     """Seconds, after the GPU has finished what was queued (CUDA runs asynchronously)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter()
-
 
 def peak_memory_gb(device, reserved=False):
     """Since the last reset: what tensors held, or with reserved what the caching allocator held
@@ -2256,23 +2075,18 @@ def peak_memory_gb(device, reserved=False):
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
-
 # What the plan's tensors leave out: the CUDA context, outside PyTorch's allocator (~0.5 GiB per
-# process), and NCCL's buffers, 544-688 MB per communicator measured on 4
-# A100s (NVIDIA/nccl#964), more with NVLS on NVSwitch machines. Allocator fragmentation is not
-# estimated: a GPU dry run prints memory_reserved beside max_memory_allocated.
+# process), and NCCL's buffers, 544-688 MB per communicator measured on 4 A100s (NVIDIA/nccl#964),
+# more with NVLS on NVSwitch machines. Fragmentation: a GPU dry run prints memory_reserved too.
 CUDA_CONTEXT_GIB, NCCL_GIB = 0.5, 0.7
-
 
 def memory_plan(world, n_gpus, fsdp):
     """Memory per GPU before activations, [(item, bytes)], for train on n_gpus ranks. AdamW keeps
-    two fp32 states per trained weight; fused, it needs no scratch. Gradients: one net's at a time
-    alone (train frees them); under DDP both nets' buckets. With --lora_rank the trained weights
-    are the adapters, and the generator's and assistant's bases are frozen. --fsdp divides the
-    three UNets' weights, gradients and AdamW states by n_gpus and adds the units it gathers: the
-    root's own weights (its forward spans the net's) and two blocks (the running one and the one
-    prefetched), plus their gradients before the reduce-scatter, in the largest net. The last row,
-    the CUDA context and NCCL's buffers, is an estimate (above)."""
+    two fp32 states per trained weight (fused: no scratch). Gradients: one net's at a time (train
+    frees them); under DDP both nets' buckets. --lora_rank: the adapters train, the bases are
+    frozen. --fsdp divides the three UNets' weights, gradients and AdamW states by n_gpus and adds
+    the units it gathers in the largest net: the root's own weights (its forward spans the net's),
+    two blocks (running and prefetched) and their gradients before the reduce-scatter."""
     size = lambda params: sum(p.numel() * p.element_size() for p in params)
     dt = lambda params: str(params[0].dtype).removeprefix("torch.")
     frozen = lambda *nets: [p for n in nets for p in n.parameters() if not p.requires_grad]
@@ -2308,11 +2122,9 @@ def memory_plan(world, n_gpus, fsdp):
                      max(in_flight(net) for net in (g, psi, world.s_ref))))
     return rows
 
-
 def gpu_overhead(n_gpus):
     """The plan's last row, in bytes: the CUDA context, and with several GPUs NCCL's buffers."""
     return int((CUDA_CONTEXT_GIB + (NCCL_GIB if n_gpus > 1 else 0)) * 2**30)
-
 
 def step_flops(world, batch_size):
     """Model FLOPs of one assistant and one generator update (forward and backward, prompts
@@ -2332,7 +2144,6 @@ def step_flops(world, batch_size):
         net.zero_grad(set_to_none=True)
     return flops
 
-
 def run_dry_run(cfg, dist_info):
     rank, world_size, device = dist_info
     per_step, sd3 = 0, " --model=sd3" * (cfg.model == "sd3")
@@ -2344,8 +2155,8 @@ def run_dry_run(cfg, dist_info):
         n = lambda net: f"{sum(p.numel() for p in net.parameters()):,}"
         t5 = getattr(meta.pipe, "text_encoder_3", None)
         print(f"dry run: {'SD3.5-medium transformer' if cfg.model == 'sd3' else 'SDXL-base UNet'} "
-              f"{n(meta.s_ref)} parameters (x3: generator, assistant, "
-              f"reference), VAE {n(meta.vae)}, text encoders {n(meta.pipe.text_encoder)} + "
+              f"{n(meta.s_ref)} parameters (x3: generator, assistant, reference), VAE "
+              f"{n(meta.vae)}, text encoders {n(meta.pipe.text_encoder)} + "
               f"{n(meta.pipe.text_encoder_2)}" + (f" + T5-XXL {n(t5)}" if t5 is not None else "")
               + f", reward CLIP-H {n(meta.reward_fn.model)}"
               + (f", LoRA adapters {sum(p.numel() for p in trained(meta.generator)):,} "
@@ -2355,8 +2166,9 @@ def run_dry_run(cfg, dist_info):
               + (", --fsdp" if cfg.fsdp else "") + " (GiB = 2^30 bytes):")
         plan = memory_plan(meta, n_gpus, cfg.fsdp)
         total, extra = sum(b for _, b in plan), gpu_overhead(n_gpus)
-        for item, b in plan + [("total", total), ("CUDA context" + (", NCCL buffers" if n_gpus > 1
-                               else "") + " (estimate)", extra), ("total on the card", total + extra)]:
+        overhead = "CUDA context" + (", NCCL buffers" if n_gpus > 1 else "") + " (estimate)"
+        for item, b in plan + [("total", total), (overhead, extra), ("total on the card",
+                                                                     total + extra)]:
             print(f"  {item:64s} {b / 2**30:7.2f}")
         # FLOPs in fp32: meta has no autocast, and precision does not change them
         meta = World(replace(cfg, grad_checkpointing=False, precision="fp32"),
@@ -2380,12 +2192,9 @@ def run_dry_run(cfg, dist_info):
               f"table; on GPUs, e.g.:\n  torchrun --standalone --nproc_per_node=8 distar.py{sd3} "
               "--dry_run --fsdp" + (f" --lora_rank={cfg.lora_rank}" if cfg.lora_rank else ""))
 
-
 def device_name(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{device.type}, {torch.get_num_threads()} threads"
-
+    return (torch.cuda.get_device_name(device) if device.type == "cuda"
+            else f"{device.type}, {torch.get_num_threads()} threads")
 
 def measure_steps(world, dist_info, flops_per_step):
     """train's own timings, nothing written: seconds per step (median; step 1 is warm-up),
@@ -2408,8 +2217,7 @@ def measure_steps(world, dist_info, flops_per_step):
     sec = statistics.median(r["sec_assistant"] + r["sec_generator"] for r in history[1:])
     fig = dict(sec_per_step=sec, images_per_s=cfg.batch_size / sec,
                peak_mem_gib=max(max(r["mem_assistant_gb"], r["mem_generator_gb"]) for r in history),
-               peak_reserved_gib=reserved,
-               tflops_per_s=flops_per_step / sec / 1e12,
+               peak_reserved_gib=reserved, tflops_per_s=flops_per_step / sec / 1e12,
                mfu=flops_per_step / sec / (peak * 1e12) if peak else None)
     mfu = f"{fig['mfu']:.1%}" if peak else "unknown peak: pass --peak_tflops"
     print(f"measured on {world_size} x {name}, --precision={cfg.precision}"
@@ -2421,14 +2229,12 @@ def measure_steps(world, dist_info, flops_per_step):
           f"{fig['tflops_per_s']:.3g} TFLOPS, MFU {mfu}")
     return fig
 
-
 class PartTimer:
     """Splits train's update times into parts, for --bench. Wrapped world methods (install) switch
-    the current part on entry and back on exit; hooks on their outputs' and inputs' gradients
-    switch it where their backward starts and ends (the generator's backward, and psi's in the DSM
-    update, end at clip_and_step). Each switch reads the clock (the device synchronised), and the
-    time since the last switch goes to the part current until then. train's clock() calls
-    (patched) start a phase: its assistant update, then its generator update."""
+    the current part on entry and back on exit; hooks on their outputs' and inputs' gradients where
+    their backward starts and ends (the generator's, and psi's in DSM, end at clip_and_step). Each
+    switch reads the clock (device synchronised); the time since the last goes to the part current
+    until then. Patched, train's clock() starts a phase: its assistant, then generator update."""
 
     def __init__(self, device):
         self.device, self.clock = device, clock  # the unpatched clock
@@ -2480,9 +2286,7 @@ class PartTimer:
 
     def install(self, world):
         """The world's methods and train's clip_and_step and clock, wrapped until exit."""
-        from contextlib import ExitStack
-
-        stack, module = ExitStack(), sys.modules[__name__]
+        stack, module = contextlib.ExitStack(), sys.modules[__name__]
         for name, part, backward_part in BENCH_PARTS:
             if name in ("clip_and_step", "clock"):
                 new = self.phase if name == "clock" else self.wrap(clip_and_step, part)
@@ -2492,14 +2296,12 @@ class PartTimer:
                 stack.enter_context(mock.patch.object(world, name, fn))
         return stack
 
-
 # (what is wrapped, its part, the part of its backward if another)
 BENCH_PARTS = [("sample_cond", "text", None), ("generate", "g fwd", "g bwd"),
                ("eps_fake", "psi", None), ("eps_ref", "ref", None), ("eps_ref_both", "ref", None),
                ("reward", "reward", None), ("decode", "vae", None),
                ("clip_and_step", "optim", None), ("clock", None, None)]
 PART_NAMES = ["text", "g fwd", "g bwd", "psi", "ref", "vae", "reward", "optim", "other"]
-
 
 def unet_baseline_update(world, opt, batch_size):
     """The cost table's yardstick: a plain SDXL UNet training update on the assistant's UNet, at
@@ -2512,23 +2314,19 @@ def unet_baseline_update(world, opt, batch_size):
     loss.backward()
     return clip_and_step(opt, world.assistant, loss, world.cfg.grad_clip, 1)
 
-
 def bench(world, dist_info):
     """The cost table, printed and in {out_dir}/bench.json: train's own timings of one step (an
     assistant and a generator update, prompts, clipping and AdamW included) per divergence, and of
-    unet_baseline_update, checkpointing off and on, as ratios to the KL generator update and to
-    the baseline with the same checkpointing; each update split into parts (PartTimer: their
-    device syncs are in the times); and peak memory (or out of memory). Variants interleave (each
-    repetition runs all, rotated by one), so drift hits all alike; lr 0 leaves the weights as
-    they were."""
+    unet_baseline_update, checkpointing off and on, as ratios to the KL generator update and to the
+    baseline with the same checkpointing; their parts (PartTimer) and peak memory. Variants
+    interleave (each repetition runs all, rotated by one): drift hits all alike. lr 0: no change."""
     cfg, device = world.cfg, dist_info[2]
     opts = [make_optimizer(cfg, trained(n), 0.0) for n in (world.generator, world.assistant)]
     variants = [(div, ckpt) for ckpt in (False, True)
                 for div in ("pseudo_huber", "l2", "kl", "unet_baseline")]
     # timed steps per row: the assistant update does not depend on the divergence
     runs = ({("generator", div, ckpt): [] for div, ckpt in variants if div != "unet_baseline"}
-            | {("assistant", None, ckpt): [] for ckpt in (False, True)}
-            | {("unet_baseline", None, ckpt): [] for ckpt in (False, True)})
+            | {(s, None, c): [] for s in ("assistant", "unet_baseline") for c in (False, True)})
     oom, timer = set(), PartTimer(device)
     with mock.patch.dict(os.environ, TQDM_DISABLE="1"), timer.install(world):
         for rep in range(cfg.bench_warmup + cfg.bench_reps):
@@ -2554,8 +2352,7 @@ def bench(world, dist_info):
                         o.zero_grad(set_to_none=True)
                     continue
                 if rep >= cfg.bench_warmup:
-                    steps = ["unet_baseline"] if div == "unet_baseline" else ["assistant",
-                                                                             "generator"]
+                    steps = [div] if div == "unet_baseline" else ["assistant", "generator"]
                     for step, parts in zip(steps, timer.phases):
                         key = (step, div if step == "generator" else None, ckpt)
                         runs[key].append(dict(m, parts=parts))
@@ -2611,19 +2408,16 @@ def bench(world, dist_info):
     print(f"wrote {cfg.out_dir}/bench.json")
     return rows
 
-
 # -----------------------------------------------------------------------------
 # the toy's evaluation and pictures (PIL scatter plots: reference in grey, generator in colour)
 
 TOY_COLOURS = [(214, 39, 40), (31, 119, 180), (44, 160, 44)]  # class 0, 1, 2
-
 
 def energy_distance(x, y):
     """Energy distance 2E|X-Y| - E|X-X'| - E|Y-Y'| (U-statistics; 0 iff same distribution)."""
     n, m = len(x), len(y)
     return (2 * torch.cdist(x, y).mean() - torch.cdist(x, x).sum() / (n * (n - 1))
             - torch.cdist(y, y).sum() / (m * (m - 1))).item()
-
 
 def evaluate_toy(world, out_dir, n=4000):
     """Per class: energy distance to the reference (and N(0, I)'s, for scale), mean reward."""
@@ -2642,14 +2436,12 @@ def evaluate_toy(world, out_dir, n=4000):
         print(f"{k:5d} {ed:12.4f} {ed / ed0:9.2%} {r_gen:11.4f} {r_ref:11.4f}")
     print(f"wrote {out_dir}/toy.png and {out_dir}/toy_samples.safetensors")
 
-
 @torch.no_grad()
 def toy_samples(world, n):
     """n generator and n reference samples of every class: two (K, n, 2) tensors on the CPU."""
     c = lambda k: torch.full((n,), k, device=world.means.device)
     gen = torch.stack([world.generate(world.generator, c(k)) for k in range(world.K)])
     return gen.cpu(), world.sample_ref(n).cpu()
-
 
 def save_panels(path, panels, cols, size, lim):
     """panels: [(title, subtitle, [(points (N, 2), colour), ...])], each a square of
@@ -2672,13 +2464,11 @@ def save_panels(path, panels, cols, size, lim):
         draw.text((left + 6, top - band + 17), sub, fill=(90, 90, 90))
     img.save(path)
 
-
 def save_toy_png(path, ref, gen):
     """One panel per class: reference samples (K, N, 2) in grey, the generator's in colour."""
     save_panels(path, [(f"class {k}: reference (grey), generator", "reward grows to the right",
                         [(ref[k], (170, 170, 170)), (gen[k], TOY_COLOURS[k])])
                        for k in range(len(ref))], cols=len(ref), size=320, lim=3.2)
-
 
 # -----------------------------------------------------------------------------
 # the paper's Table 2 in the toy (--toy --ablation): one generator per row, the same seed, steps
@@ -2702,16 +2492,13 @@ TABLE2 = [  # (row, its --divergence --alpha_rew --alpha_cfg --cfg: ROW_FLAGS)
 ROW_FLAGS = ("divergence", "alpha_rew", "alpha_cfg", "cfg")  # what a row sets
 COVERED = 0.05  # a mode is covered by >= 5% of its class's samples (the reference: 49%)
 
-
 def row_flags(values):
     """A TABLE2 row's values as its command-line flags: "--divergence=kl --alpha_rew=0 ..."."""
     return " ".join(f"--{k}={v}" for k, v in zip(ROW_FLAGS, values.split()))
 
-
 def row_config(cfg, values):
     row = vars(make_parser(Config, "row").parse_args(row_flags(values).split()))
     return replace(cfg, **{k: row[k] for k in ROW_FLAGS})
-
 
 def tilt_temperature(world):
     """beta, the temperature of the toy's KL term: generator_loss minimises J(p) = -alpha E_p[r] +
@@ -2723,7 +2510,6 @@ def tilt_temperature(world):
     s2 = world.std**2
     return ((1 - ab).sqrt() * ab * s2 / (ab * s2 + 1 - ab)).mean().item() / world.means.shape[-1]
 
-
 def tilted_reference(world, alpha_rew):
     """q(x|c) exp(alpha_rew r(x) / beta) / Z, KL-regularised RLHF's optimum, in closed form: with
     lam = alpha_rew scale / beta, each mode N(m, s^2 I) moves to N(m + lam s^2 e_0, s^2 I), its
@@ -2733,13 +2519,11 @@ def tilted_reference(world, alpha_rew):
     means[..., 0] += lam * world.std**2
     return means, torch.softmax(lam * world.means[..., 0].double(), -1).to(means.dtype)
 
-
 def sample_mixture(means, weights, std, n):
     """n samples of each class's Gaussian mixture: means (K, M, 2), weights (K, M) -> (K, n, 2)."""
     k = torch.multinomial(weights, n, replacement=True)  # (K, n) mode of each sample
     eps = torch.randn(len(means), n, 2, device=means.device, dtype=means.dtype)
     return torch.gather(means, 1, k[..., None].expand(-1, -1, 2)) + std * eps
-
 
 def toy_metrics(world, x, ref, alpha_rew):
     """Table 2's columns for samples x (K, N, 2) of a generator trained with alpha_rew. A sample
@@ -2755,7 +2539,6 @@ def toy_metrics(world, x, ref, alpha_rew):
                 coverage=(near >= COVERED).float().mean().item(),
                 right_share=nearest.mean(1).gather(1, right[:, None]).mean().item(),
                 ed_tilted=ed(tilted), mode_shares=near.tolist())
-
 
 def run_ablation(cfg, dist_info, n=2000):
     """Train every TABLE2 row from the same start, then score them all, and two reference rows
@@ -2805,7 +2588,6 @@ def run_ablation(cfg, dist_info, n=2000):
                        beta=beta, rows=saved), f, indent=1)
     print(f"wrote {cfg.out_dir}/ablation.png, ablation.json and each row's checkpoint in "
           f"{cfg.out_dir}/ablation/")
-
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
