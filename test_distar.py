@@ -38,6 +38,20 @@ def run(*args, timeout=300):
                           env=ENV, capture_output=True, text=True, timeout=timeout)
 
 
+def run_here(*args):
+    """run's command line in this process, through distar.main: the same exit code and output
+    without the ~4 s a process spends importing torch and diffusers. For runs whose code and
+    output are all a test reads; what only a process shows (the script's exit code, library logs
+    on the real stderr, signals) keeps run."""
+    import contextlib
+    import io
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = distar.main(list(args))
+    return subprocess.CompletedProcess(["distar.py", *args], code, out.getvalue(), err.getvalue())
+
+
 # -----------------------------------------------------------------------------
 # the loss math against exact answers, in float64
 
@@ -1109,11 +1123,11 @@ SIGKILL_ARGS = ["--tiny", "--max_steps=6", "--ckpt_interval=2", "--sample_interv
 
 def test_ctrl_c_then_resume_reproduces_the_uninterrupted_run(tmp_path):
     """One process: Ctrl-C is one line, exit 130; optimizer and RNG states in state.pt come back
-    (the 2-rank --fsdp case, SIGKILLed: fsdp_lora_runs)."""
+    (the 2-rank --fsdp case, SIGKILLed: fsdp_lora_runs). The uninterrupted run in this process:
+    the same command, the same weights, one process start fewer."""
     cmd = [sys.executable, os.path.join(HERE, "distar.py")]
     a, b = tmp_path / "a", tmp_path / "b"
-    p = subprocess.run([*cmd, *SIGKILL_ARGS, f"--out_dir={a}"], cwd=HERE, env=ENV,
-                       capture_output=True, text=True, timeout=300)
+    p = run_here(*SIGKILL_ARGS, f"--out_dir={a}")
     assert p.returncode == 0, p.stderr[-2000:]
     _stop_and_resume(cmd, SIGKILL_ARGS, b, "SIGINT")
     wa, wb = _generator_weights(a / "checkpoint-000006"), _generator_weights(b / "checkpoint-000006")
@@ -1134,7 +1148,7 @@ def trained_dir(tmp_path_factory):
     """One tiny SDXL run of 2 steps, samples at each, read only: an out_dir holding another run's
     checkpoints here, and the outputs of the tiny command line in main's section."""
     d = tmp_path_factory.mktemp("trained")
-    p = run("--tiny", "--max_steps=2", "--sample_interval=1", f"--out_dir={d}")
+    p = run_here("--tiny", "--max_steps=2", "--sample_interval=1", f"--out_dir={d}")
     assert p.returncode == 0, p.stderr[-2000:]
     return d
 
@@ -1378,7 +1392,7 @@ def test_torchrun_toy_runs_two_ranks_in_sync_and_rank_0_alone_prints(tmp_path):
 def test_tiny_run_writes_a_diffusers_generator_samples_state_and_every_metric(trained_dir):
     from diffusers import UNet2DConditionModel
 
-    d = trained_dir  # run("--tiny", "--max_steps=2", "--sample_interval=1"), exit 0 checked there
+    d = trained_dir  # run_here("--tiny", "--max_steps=2", "--sample_interval=1"), exit 0 checked there
     unet = UNet2DConditionModel.from_pretrained(d / "checkpoint-000002" / "generator")  # it loads
     assert unet.config.addition_embed_type == "text_time"
     assert Image.open(d / "samples-000001.png").size == (4 * 64, 64)
@@ -1391,7 +1405,7 @@ def test_tiny_run_writes_a_diffusers_generator_samples_state_and_every_metric(tr
 
 
 def test_bf16_autocast_path_trains_on_tiny_models_with_finite_losses(tmp_path):
-    p = run("--tiny", "--precision=bf16", "--max_steps=2", f"--out_dir={tmp_path}", timeout=300)
+    p = run_here("--tiny", "--precision=bf16", "--max_steps=2", f"--out_dir={tmp_path}")
     assert p.returncode == 0, p.stderr[-2000:]
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2
@@ -1545,7 +1559,7 @@ def test_a_fresh_run_starts_the_out_dir_over(tiny, trained_dir, tmp_path, mode):
     shutil.copytree(trained_dir, d)  # checkpoint-000002, metrics.jsonl, samples-00000{1,2}.png, tiny/
     tiny_models = _tree_digest(d / "tiny")
     args = ["--tiny"] if mode == "--tiny" else [*_sdxl_args(tiny), "--overwrite"]
-    p = run(*args, "--max_steps=1", "--sample_interval=1", f"--out_dir={d}")
+    p = run_here(*args, "--max_steps=1", "--sample_interval=1", f"--out_dir={d}")
     assert p.returncode == 0, p.stderr[-2000:]
     assert (f"starting over in {d}: removed checkpoint-000002, metrics.jsonl, samples-000001.png, "
             "samples-000002.png of an earlier run (--resume continues a run)") in p.stdout
@@ -2009,7 +2023,7 @@ def test_bad_dry_run_or_bench_config_is_one_line(args, words, capsys):
 
 
 def test_dry_run_command_line_without_a_gpu_prints_the_plan(tmp_path):
-    p = run("--dry_run", "--world_size_plan=8", "--fsdp", f"--out_dir={tmp_path / 'o'}", timeout=300)
+    p = run_here("--dry_run", "--world_size_plan=8", "--fsdp", f"--out_dir={tmp_path / 'o'}")
     assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr[-2000:]
     assert f"SDXL-base UNet {UNET:,} parameters" in p.stdout and f"reward CLIP-H {PICKSCORE:,}" in p.stdout
     total = (2 * UNET * 4 // 8 + 2 * UNET * 8 // 8 + UNET * 4 // 8 + UNET * 2 // 8 + PICKSCORE * 2
@@ -2043,7 +2057,7 @@ def test_bench_command_prints_and_writes_the_cost_table(tiny, tmp_path):
     as ms and ratios to the KL generator update and to the baseline with the same checkpointing,
     each split into parts that add up to its time."""
     os.symlink(os.path.dirname(tiny[0]), tmp_path / "tiny")  # --tiny finds its models there, builds none
-    r = run("--tiny", "--bench", "--bench_reps=2", "--bench_warmup=0", f"--out_dir={tmp_path}")
+    r = run_here("--tiny", "--bench", "--bench_reps=2", "--bench_warmup=0", f"--out_dir={tmp_path}")
     assert r.returncode == 0, r.stderr
     lines = re.findall(r"^(generator|assistant|unet_baseline) +(\S+) +(on|off) +([\d.]+) +([\d.]+)x "
                        r"+([\d.]+)x +[\d.]+$", r.stdout, re.M)
@@ -2536,7 +2550,7 @@ def test_each_ablation_row_selects_its_losses(name, monkeypatch):
 
 
 def test_ablation_command_writes_every_row_to_the_table_json_picture_and_checkpoints(tmp_path):
-    p = run("--toy", "--ablation", "--max_steps=3", f"--out_dir={tmp_path}")
+    p = run_here("--toy", "--ablation", "--max_steps=3", f"--out_dir={tmp_path}")
     assert p.returncode == 0, p.stderr[-3000:]
     table = p.stdout[p.stdout.index("Table 2 in the toy"):]
     for name in ["reference q", "tilted reference", *PAPER_ROWS]:
@@ -3031,7 +3045,7 @@ def lora_run(tmp_path_factory):
     """python distar.py --tiny --lora_rank=4: a LoRA run's checkpoint, its adapter moved far
     enough from zero (lr 0.05) to change the pictures."""
     d = tmp_path_factory.mktemp("lora_run")
-    p = run("--tiny", *LORA_ARGS, "--max_steps=2", "--lr_g=0.05", f"--out_dir={d}")
+    p = run_here("--tiny", *LORA_ARGS, "--max_steps=2", "--lr_g=0.05", f"--out_dir={d}")
     assert p.returncode == 0, p.stderr[-2000:]
     return d
 
