@@ -1085,6 +1085,7 @@ def _stop_and_resume(cmd, args, out, sig):
     import signal
     import time
 
+    steps = int(next(a for a in args if a.startswith("--max_steps=")).split("=")[1])
     proc = subprocess.Popen([*cmd, *args, f"--out_dir={out}"], cwd=HERE, env=ENV,
                             start_new_session=True,  # a Ctrl-C at the terminal stays with pytest
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -1102,18 +1103,19 @@ def _stop_and_resume(cmd, args, out, sig):
         assert proc.returncode == (130 if cmd[1] != "-m" else 1), err  # torchrun: 1, its own
         lines = [line for line in err.splitlines() if line.startswith("distar")]
         newest = distar.list_checkpoints(str(out))[-1]
-        assert len(lines) == 1 and re.fullmatch(
-            rf"distar: stopped after step [2-5] of 6 \(Ctrl-C\); newest complete checkpoint "
-            rf"{re.escape(newest)}: the same command with --resume continues from it", lines[0]), err
+        said = len(lines) == 1 and re.fullmatch(
+            rf"distar: stopped after step (\d+) of {steps} \(Ctrl-C\); newest complete checkpoint "
+            rf"{re.escape(newest)}: the same command with --resume continues from it", lines[0])
+        assert said and 2 <= int(said.group(1)) < steps, err
         assert "KeyboardInterrupt" not in err and 'distar.py", line' not in err, err  # no rank's trace
-    assert not (out / "checkpoint-000006").exists()
+    assert not (out / f"checkpoint-{steps:06d}").exists()
     stopped = sorted(p.name for p in (out / "checkpoint-000002").rglob("*"))
     p = subprocess.run([*cmd, *args, f"--out_dir={out}", "--resume"], cwd=HERE, env=ENV,
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "resumed from" in p.stdout
-    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3, 4, 5, 6]  # the lines logged after checkpoint 2 were not kept twice
+    logged = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert logged == list(range(1, steps + 1))  # the lines logged after checkpoint 2 were not kept twice
     return stopped
 
 
@@ -1202,10 +1204,10 @@ def _unet_weights(folder):
 
 @pytest.fixture(scope="module")
 def ddp_and_fsdp(tmp_path_factory):
-    """The same 2-rank tiny run (3 steps, a sample grid and a checkpoint at step 3), under DDP and
-    under --fsdp."""
+    """The same 2-rank tiny run (2 steps of one assistant update and one generator update, a sample
+    grid and a checkpoint at step 2), under DDP and under --fsdp."""
     d = tmp_path_factory.mktemp("ddp_fsdp")
-    args = ["--tiny", "--max_steps=3", "--ckpt_interval=3", "--sample_interval=3"]
+    args = ["--tiny", "--max_steps=2", "--assistant_steps=1", "--ckpt_interval=2", "--sample_interval=2"]
     for name, extra in (("ddp", []), ("fsdp", ["--fsdp"])):
         p = subprocess.run([*TORCHRUN, *args, *extra, f"--out_dir={d / name}"], cwd=HERE, env=ENV,
                            capture_output=True, text=True, timeout=300)
@@ -1215,7 +1217,7 @@ def ddp_and_fsdp(tmp_path_factory):
 
 
 def test_fsdp_trains_the_nets_ddp_trains(ddp_and_fsdp):
-    """--fsdp changes where the weights live, not what is computed: after 3 steps (clipping active,
+    """--fsdp changes where the weights live, not what is computed: after 2 steps (clipping active,
     grad norms ~50 > 10) each net's update equals DDP's to 1e-3 of its size. Not bit for bit:
     DDP all-reduces whole buckets, FSDP reduce-scatters per unit, so float32 sums round otherwise,
     and AdamW's first steps (~lr sign(g)) turn rounding on near-zero gradients into lr-sized
@@ -1224,7 +1226,7 @@ def test_fsdp_trains_the_nets_ddp_trains(ddp_and_fsdp):
     d = ddp_and_fsdp
     init = _unet_weights(str(d / "ddp" / "tiny" / "sdxl" / "unet"))
     for net in ("generator", "assistant"):
-        ddp, fsdp = (_unet_weights(str(d / run / "checkpoint-000003" / net)) for run in ("ddp", "fsdp"))
+        ddp, fsdp = (_unet_weights(str(d / run / "checkpoint-000002" / net)) for run in ("ddp", "fsdp"))
         assert ddp.keys() == fsdp.keys() == init.keys()
         update = torch.cat([(ddp[k] - init[k]).flatten() for k in ddp])
         diff = torch.cat([(fsdp[k] - ddp[k]).flatten() for k in ddp])
@@ -1235,7 +1237,7 @@ def test_fsdp_trains_the_nets_ddp_trains(ddp_and_fsdp):
         for k in ("grad_norm", "loss_g", "loss_psi", "loss_div", "x0grad_div"):
             assert math.isclose(a[k], b[k], rel_tol=1e-4), (k, a[k], b[k])
     assert min(m["grad_norm"] for m in logs["ddp"]) > 10  # so --grad_clip=10 clipped every update
-    ddp, fsdp = (np.asarray(Image.open(d / run / "samples-000003.png"), dtype=int) for run in ("ddp", "fsdp"))
+    ddp, fsdp = (np.asarray(Image.open(d / run / "samples-000002.png"), dtype=int) for run in ("ddp", "fsdp"))
     assert np.abs(ddp - fsdp).max() <= 1 and ddp.std() > 10  # rank 0's grid from the sharded generator
 
 
@@ -1243,7 +1245,7 @@ def test_an_fsdp_checkpoint_is_what_diffusers_and_sample_py_read(ddp_and_fsdp, t
     """generator/ and assistant/ are UNet folders (gathered on rank 0, saved by save_pretrained);
     the AdamW states are each rank's DCP shards in optimizer/, state.pt holds only the RNG states;
     sample.py on generator/ gives diffusers' LCM one-step image."""
-    ckpt = ddp_and_fsdp / "fsdp" / "checkpoint-000003"
+    ckpt = ddp_and_fsdp / "fsdp" / "checkpoint-000002"
     assert sorted(os.listdir(ckpt)) == ["assistant", "generator", "optimizer", "state.json", "state.pt"]
     assert sorted(os.listdir(ckpt / "optimizer")) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
     state = torch.load(ckpt / "state.pt", weights_only=True)
@@ -1260,12 +1262,17 @@ def test_an_fsdp_checkpoint_is_what_diffusers_and_sample_py_read(ddp_and_fsdp, t
     assert np.abs(got - plain).mean() > 1e-3
 
 
+# FSDP on gloo costs ~1 s a step: 3 steps (one assistant update each), the last after checkpoint 2
+FSDP_LORA_ARGS = ["--tiny", "--max_steps=3", "--ckpt_interval=2", "--sample_interval=100",
+                  "--assistant_steps=1", "--fsdp", "--grad_checkpointing", *LORA_ARGS]
+
+
 @pytest.fixture(scope="module")
 def fsdp_lora_runs(tmp_path_factory):
-    """torchrun --fsdp --grad_checkpointing --lora_rank=4 on 2 ranks, 6 steps with a checkpoint
-    every 2: once uninterrupted (a), once SIGKILLed after checkpoint 2 and resumed (b)."""
+    """torchrun --fsdp --grad_checkpointing --lora_rank=4 on 2 ranks, 3 steps with a checkpoint
+    at 2 and at the end: once uninterrupted (a), once SIGKILLed after checkpoint 2 and resumed (b)."""
     d = tmp_path_factory.mktemp("fsdp_lora")
-    args = [*SIGKILL_ARGS, "--fsdp", "--grad_checkpointing", *LORA_ARGS]
+    args = FSDP_LORA_ARGS
     p = subprocess.run([*TORCHRUN, *args, f"--out_dir={d / 'a'}"], cwd=HERE, env=ENV,
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
@@ -1281,7 +1288,7 @@ def test_fsdp_sigkill_then_resume_reproduces_the_uninterrupted_run(fsdp_lora_run
     assert [n for n in killed if n.endswith((".distcp", ".pt"))] == [
         "__0_0.distcp", "__1_0.distcp", "state.pt"]  # one file per rank, none gathered
     for net in ("generator", "assistant"):
-        wa, wb = (_generator_weights(run / "checkpoint-000006", net) for run in (a, b))
+        wa, wb = (_generator_weights(run / "checkpoint-000003", net) for run in (a, b))
         assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), net
         w2 = _generator_weights(a / "checkpoint-000002", net)
         assert any(not torch.equal(wa[k], w2[k]) for k in wa)  # training moved them
@@ -1295,8 +1302,8 @@ def test_fsdp_lora_trains_only_the_adapters_and_diffusers_loads_the_generator(fs
     from diffusers import StableDiffusionXLPipeline
 
     a = fsdp_lora_runs[0]
-    folder = a / "checkpoint-000006" / "generator"
-    weights = _generator_weights(a / "checkpoint-000006")
+    folder = a / "checkpoint-000003" / "generator"
+    weights = _generator_weights(a / "checkpoint-000003")
     assert weights and all(".lora_A." in k or ".lora_B." in k for k in weights)
     sdxl, reward = a / "tiny" / "sdxl", a / "tiny" / "reward"
     assert (folder / json.loads((folder / "lora_base.json").read_text())["pretrained"]).resolve() == sdxl
@@ -1306,7 +1313,7 @@ def test_fsdp_lora_trains_only_the_adapters_and_diffusers_loads_the_generator(fs
     assert len(distar.trained(world.generator)) == len(weights)  # every adapted layer's A and B
     distar.load_net(world.generator, str(folder))
     world.save_samples(tmp_path / "grid.png")
-    ours, theirs = (np.asarray(Image.open(f), dtype=int) for f in (tmp_path / "grid.png", a / "samples-000006.png"))
+    ours, theirs = (np.asarray(Image.open(f), dtype=int) for f in (tmp_path / "grid.png", a / "samples-000003.png"))
     assert np.abs(ours - theirs).max() <= 1
     pipe = StableDiffusionXLPipeline.from_pretrained(sdxl)
     pipe.load_lora_weights(folder)
