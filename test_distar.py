@@ -31,6 +31,9 @@ ENV = {**os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFER
        "OMP_NUM_THREADS": "1"}
 f64 = torch.float64
 LORA_ARGS = ["--lora_rank=4", "--lora_alpha=2"]  # alpha != rank: a loader that loses alpha differs
+# README's test command runs two pytest-xdist workers (-n 2 --dist loadgroup): the tests that read a
+# module-scoped run (trained_dir, ddp_and_fsdp, dry_parts, ...) carry @pytest.mark.xdist_group, so
+# each such run is made once, on one worker. Plain pytest, without -n, ignores the marks.
 
 
 def run(*args, timeout=300):
@@ -166,6 +169,7 @@ def grad_check():
     return {r["name"].strip(): r for r in distar.gradient_check()}
 
 
+@pytest.mark.xdist_group("grad_check")
 @pytest.mark.parametrize("name", ["eq 3.4 pseudo-Huber (Thm 3.1)", "eq 3.4 l2 (Thm 3.1)",
                                   "kl_loss vs closed-form KL", "cfg_reward_loss (Thm 3.2, sign -)",
                                   "choice 2: cfg_score reference"])
@@ -177,6 +181,7 @@ def test_tractable_losses_have_the_exact_gradient(grad_check, name):
     assert r["tol"] < 0.05  # the check has the power to see a 5% error
 
 
+@pytest.mark.xdist_group("grad_check")
 @pytest.mark.parametrize("name", ["wrong: x_t detached inside d'", "wrong: x_t detached in 2nd s_fake",
                                   "printed sign + (eqs 3.5, 3.6)", "printed choice 2: s_c + a s_u"])
 def test_wrong_gradient_variants_are_caught_with_margin(grad_check, name):
@@ -184,6 +189,7 @@ def test_wrong_gradient_variants_are_caught_with_margin(grad_check, name):
     assert not r["should_match"] and r["ok"] and r["rel"]["all"] > 5 * r["tol"], r
 
 
+@pytest.mark.xdist_group("grad_check")
 def test_theorem_3_2_printed_sign_gives_the_opposite_gradient(grad_check):
     assert abs(grad_check["printed sign + (eqs 3.5, 3.6)"]["rel"]["all"] - 2.0) < 1e-6
 
@@ -1155,6 +1161,7 @@ def trained_dir(tmp_path_factory):
     return d
 
 
+@pytest.mark.xdist_group("tiny_runs")
 @pytest.mark.parametrize("args, words", [  # --overwrite: the folder is cleared only once all has loaded
     (["--allow_cpu", "--pretrained=/nonexistent/sdxl", "--overwrite"],
      "cannot load --pretrained=/nonexistent/sdxl"),
@@ -1178,6 +1185,7 @@ def test_bad_sdxl_input_is_one_line_and_leaves_checkpoints_intact(trained_dir, t
     assert _tree_digest(trained_dir) == before
 
 
+@pytest.mark.xdist_group("tiny_runs")
 def test_resume_past_max_steps_trains_nothing_and_says_so(trained_dir, capsys):
     before = _tree_digest(trained_dir)
     assert distar.main(["--tiny", f"--out_dir={trained_dir}", "--resume", "--max_steps=1"]) == 0
@@ -1216,6 +1224,7 @@ def ddp_and_fsdp(tmp_path_factory):
     return d
 
 
+@pytest.mark.xdist_group("ddp_fsdp")
 def test_fsdp_trains_the_nets_ddp_trains(ddp_and_fsdp):
     """--fsdp changes where the weights live, not what is computed: after 2 steps (clipping active,
     grad norms ~50 > 10) each net's update equals DDP's to 1e-3 of its size. Not bit for bit:
@@ -1241,6 +1250,7 @@ def test_fsdp_trains_the_nets_ddp_trains(ddp_and_fsdp):
     assert np.abs(ddp - fsdp).max() <= 1 and ddp.std() > 10  # rank 0's grid from the sharded generator
 
 
+@pytest.mark.xdist_group("ddp_fsdp")
 def test_an_fsdp_checkpoint_is_what_diffusers_and_sample_py_read(ddp_and_fsdp, tmp_path):
     """generator/ and assistant/ are UNet folders (gathered on rank 0, saved by save_pretrained);
     the AdamW states are each rank's DCP shards in optimizer/, state.pt holds only the RNG states;
@@ -1280,6 +1290,7 @@ def fsdp_lora_runs(tmp_path_factory):
     return d / "a", d / "b", killed
 
 
+@pytest.mark.xdist_group("fsdp_lora")
 def test_fsdp_sigkill_then_resume_reproduces_the_uninterrupted_run(fsdp_lora_runs):
     """Each rank writes and reads its own AdamW shards (DCP), nothing gathered through rank 0; the
     adapters are gathered for generator/: the resumed run ends bit-identical, so no shard of either
@@ -1294,6 +1305,7 @@ def test_fsdp_sigkill_then_resume_reproduces_the_uninterrupted_run(fsdp_lora_run
         assert any(not torch.equal(wa[k], w2[k]) for k in wa)  # training moved them
 
 
+@pytest.mark.xdist_group("fsdp_lora")
 def test_fsdp_lora_trains_only_the_adapters_and_diffusers_loads_the_generator(fsdp_lora_runs, tmp_path):
     """--fsdp --lora_rank: the bases are sharded and frozen, the adapters trained. generator/ holds
     the adapter alone, which on the recorded base gives rank 0's last sample grid, drawn by the
@@ -1368,6 +1380,7 @@ def toy_reward_run(tmp_path_factory):
     return d, p.stdout
 
 
+@pytest.mark.xdist_group("toy_reward")
 def test_toy_with_reward_moves_toward_higher_reward(toy_reward_run):
     # 50 steps: a gain of 0.43-0.79 per class by then over seeds 0-4 (0.46-0.91 after 300 steps),
     # 8x the bound
@@ -1376,6 +1389,7 @@ def test_toy_with_reward_moves_toward_higher_reward(toy_reward_run):
     assert (gain > 0.05).all(), gain
 
 
+@pytest.mark.xdist_group("toy_reward")
 def test_without_a_progress_bar_every_log_step_is_a_plain_line(toy_reward_run, tmp_path, monkeypatch,
                                                                 capsys):
     """Under SLURM or nohup, or with stdout in a file (python distar.py --toy > log.txt), no bar
@@ -1409,6 +1423,7 @@ def test_torchrun_toy_runs_two_ranks_in_sync_and_rank_0_alone_prints(tmp_path):
     assert (tmp_path / "toy_samples.safetensors").exists()
 
 
+@pytest.mark.xdist_group("tiny_runs")
 def test_tiny_run_writes_a_diffusers_generator_samples_state_and_every_metric(trained_dir):
     from diffusers import UNet2DConditionModel
 
@@ -1520,6 +1535,7 @@ def help_runs():
             for script in ("distar.py", "sample.py")}
 
 
+@pytest.mark.xdist_group("help")
 @pytest.mark.parametrize("script", ["distar.py", "sample.py"])
 def test_help_lists_every_option_with_its_default_and_meaning(help_runs, script):
     r = help_runs[script]
@@ -1534,6 +1550,7 @@ def test_help_lists_every_option_with_its_default_and_meaning(help_runs, script)
         assert squeeze(helps[f.name]) in squeeze(text), f.name
 
 
+@pytest.mark.xdist_group("help")
 def test_help_gives_each_modes_defaults_and_the_multi_node_command_as_typed(help_runs):
     r = help_runs["distar.py"]
     assert r.returncode == 0
@@ -1562,6 +1579,7 @@ def _sdxl_args(tiny):
             "--log_interval=1"]
 
 
+@pytest.mark.xdist_group("tiny_runs")
 def test_fresh_sdxl_run_refuses_an_out_dir_with_another_runs_checkpoints(tiny, trained_dir, capsys):
     before = _tree_digest(trained_dir)
     assert distar.main([*_sdxl_args(tiny), "--max_steps=1", f"--out_dir={trained_dir}"]) == 2
@@ -1575,6 +1593,7 @@ def test_fresh_sdxl_run_refuses_an_out_dir_with_another_runs_checkpoints(tiny, t
     assert _tree_digest(trained_dir) == before
 
 
+@pytest.mark.xdist_group("tiny_runs")
 @pytest.mark.parametrize("mode", ["--tiny", "--overwrite"])
 def test_a_fresh_run_starts_the_out_dir_over(tiny, trained_dir, tmp_path, mode):
     """A demo (--tiny) run twice, with fewer steps the second time, or SDXL with --overwrite:
@@ -1640,6 +1659,7 @@ def test_sdxl_without_a_gpu_is_one_line_before_anything_loads(tmp_path):
         distar.check_sdxl_run(cfg, torch.device("cpu"))
 
 
+@pytest.mark.xdist_group("tiny_runs")
 @pytest.mark.parametrize("saved, asked, was, now", [
     ("--toy", ["--tiny"], "--toy=True --tiny=False", "--toy=False --tiny=True"),
     ("--tiny", ["--toy"], "--toy=False --tiny=True", "--toy=True --tiny=False"),
@@ -1668,12 +1688,12 @@ def test_resume_in_another_mode_is_one_line_and_leaves_the_folder_as_it_was(
     assert _tree_digest(d) == before and not (tmp_path / "tiny").exists()
 
 
-@pytest.mark.parametrize("run_fsdp", [False, True])
-def test_resume_between_ddp_and_fsdp_is_one_line_before_anything_loads(trained_dir, ddp_and_fsdp,
-                                                                      monkeypatch, run_fsdp):
+@pytest.mark.parametrize("run_fsdp", [pytest.param(False, marks=pytest.mark.xdist_group("tiny_runs")),
+                                      pytest.param(True, marks=pytest.mark.xdist_group("ddp_fsdp"))])
+def test_resume_between_ddp_and_fsdp_is_one_line_before_anything_loads(request, monkeypatch, run_fsdp):
     """The weights are the same diffusers folders, but DDP's AdamW states are one state.pt and
     --fsdp's DCP shards: resuming one as the other is refused by check_resume, folder untouched."""
-    d = ddp_and_fsdp / "fsdp" if run_fsdp else trained_dir
+    d = request.getfixturevalue("ddp_and_fsdp") / "fsdp" if run_fsdp else request.getfixturevalue("trained_dir")
     monkeypatch.setenv("RANK", "0")  # as under torchrun, which --fsdp needs
     cfg = distar.parse_args(["--tiny", "--resume", f"--out_dir={d}", *([] if run_fsdp else ["--fsdp"])])
     before = _tree_digest(d)
@@ -1803,6 +1823,7 @@ def state_dicts(tiny, tmp_path_factory):
     return tmp, unet.state_dict()
 
 
+@pytest.mark.xdist_group("state_dicts")
 def test_load_generator_reads_state_dict_files_and_variant_folders(tiny, state_dicts):
     sdxl, _ = tiny
     tmp, expect = state_dicts
@@ -1821,6 +1842,7 @@ def test_load_generator_reads_state_dict_files_and_variant_folders(tiny, state_d
     assert not torch.equal(pretrained["conv_in.weight"], expect["conv_in.weight"])
 
 
+@pytest.mark.xdist_group("state_dicts")
 def test_load_generator_hub_path_is_owner_repo_then_path_in_repo(tiny, state_dicts, monkeypatch):
     import huggingface_hub
     from huggingface_hub.errors import EntryNotFoundError
@@ -1907,6 +1929,7 @@ def _numel(net):
     return sum(p.numel() for p in net.parameters())
 
 
+@pytest.mark.xdist_group("dry")
 def test_dry_run_builds_the_published_architectures_on_meta(dry_parts):
     world = distar.SDXLWorld(distar.parse_args(["--dry_run"]), torch.device("meta"), parts=dry_parts)
     assert [_numel(n) for n in (world.s_ref, world.assistant, world.generator)] == [UNET] * 3
@@ -1934,6 +1957,7 @@ def test_dry_run_builds_the_published_architectures_on_meta(dry_parts):
 ROOT, BLOCK = 54_163_204, 49_164_800  # an SDXL UNet's weights outside its 87 FSDP units; the largest
 
 
+@pytest.mark.xdist_group("dry")
 @pytest.mark.parametrize("precision, n_gpus, fsdp", [("bf16", 1, False), ("bf16", 8, False),
                                                      ("fp32", 8, True), ("bf16", 64, True),
                                                      ("bf16", 1, True)])
@@ -1952,6 +1976,7 @@ def test_memory_plan_is_the_hand_computation_from_parameter_counts(dry_parts, pr
     assert distar.gpu_overhead(n_gpus) == int((0.5 + 0.7 * (n_gpus > 1)) * GIB)  # CUDA context, NCCL
 
 
+@pytest.mark.xdist_group("dry")
 def test_the_fsdp_plan_fits_16_gib_per_gpu_on_8_gpus_before_activations(dry_parts, dry_lora_world):
     """The 8-GPU goal: full fine-tuning and LoRA under --fsdp, bf16, before activations and the
     CUDA context; DDP on 8 GPUs, for comparison, needs more than an 80 GB card."""
@@ -2618,6 +2643,7 @@ def _adapters_and_bases(net):
             {k: p.detach().clone() for k, p in named if not p.requires_grad})
 
 
+@pytest.mark.xdist_group("dry")
 @pytest.mark.parametrize("targets, params", [("attn", 92_897_280), ("attn_ff", 170_229_760),
                                              ("all", 196_751_360)])
 def test_lora_rank_64_adapts_the_sdxl_layers_dmd2_and_lcm_lora_adapt(targets, params, request):
@@ -2638,6 +2664,7 @@ def test_lora_rank_64_adapts_the_sdxl_layers_dmd2_and_lcm_lora_adapt(targets, pa
     assert sum(p.numel() for p in unet.parameters() if not p.requires_grad) == UNET
 
 
+@pytest.mark.xdist_group("dry")
 def test_lora_memory_plan_on_one_gpu_is_the_hand_computation_within_26_gib(dry_lora_world):
     """python distar.py --dry_run --lora_rank=64 --world_size_plan=1: fp32 adapters, their AdamW
     states and one net's gradients; three frozen bf16 UNet bases (generator, assistant, reference);
@@ -2678,6 +2705,7 @@ def _dmd2_like_world(tiny, state_dicts, *args):
     return distar.SDXLWorld(cfg, torch.device("cpu"))
 
 
+@pytest.mark.xdist_group("state_dicts")
 def test_lora_world_computes_full_fine_tunings_losses_until_the_adapters_move(tiny, state_dicts):
     """One generator_loss and one loop: a LoRA world whose adapters are still zero computes, from
     the same draws, the losses and x_0-gradients of full fine-tuning, to the last bit."""
@@ -2694,6 +2722,7 @@ def test_lora_world_computes_full_fine_tunings_losses_until_the_adapters_move(ti
     assert a_terms["x0grad_rew"] > 0 and a_terms["x0grad_div"] > 0
 
 
+@pytest.mark.xdist_group("state_dicts")
 def test_lora_training_moves_both_adapters_and_not_one_base_weight(tiny, state_dicts, tmp_path):
     """Each adapter gets its gradient (the generator's from the reward and the divergence, the
     assistant's from DSM); the generator phase freezes psi's adapter and nothing else comes
@@ -2822,6 +2851,7 @@ def test_generator_flag_replaces_the_unet(tiny, tmp_path):
     assert np.array_equal(runs["pipe"], runs["default"])
 
 
+@pytest.mark.xdist_group("state_dicts")
 def test_sample_from_state_dict_files_equals_sample_from_the_folder(tiny, state_dicts, tmp_path):
     sdxl, _ = tiny
     tmp, _ = state_dicts
@@ -2966,6 +2996,7 @@ def grid_cells(path, k=2, cell=64):
     return cut(0), cut(k * cell + sample.GAP)
 
 
+@pytest.mark.xdist_group("compare")
 def test_compare_a_generator_with_itself_gives_identical_halves_and_zero_difference(compare_runs):
     out = compare_runs / "self"
     a, b = pngs(out / "a", 6), pngs(out / "b", 6)
@@ -2982,6 +3013,7 @@ def test_compare_a_generator_with_itself_gives_identical_halves_and_zero_differe
         assert a_stats == b_stats and a_stats["hi"] > a_stats["lo"]
 
 
+@pytest.mark.xdist_group("compare")
 def test_compare_two_generators_uses_the_same_prompts_and_seeds(compare_runs):
     out = compare_runs / "ab"
     a, b = pngs(out / "a", 6), pngs(out / "b", 6)
@@ -3089,6 +3121,7 @@ def lora_run(tmp_path_factory):
     return d
 
 
+@pytest.mark.xdist_group("tiny_runs")
 @pytest.mark.filterwarnings("ignore:Already found a `peft_config`")  # a second adapter: wanted
 def test_sample_of_a_lora_checkpoint_is_diffusers_load_lora_weights_on_its_base(lora_run, tmp_path):
     """--generator=checkpoint-N/generator finds the LoRA and its recorded base (here --pretrained's
@@ -3109,6 +3142,7 @@ def test_sample_of_a_lora_checkpoint_is_diffusers_load_lora_weights_on_its_base(
     assert np.abs(runs["twice"] - runs["ckpt"]).mean() > 0.01
 
 
+@pytest.mark.xdist_group("tiny_runs")
 def test_compare_and_score_take_lora_generators(lora_run, tmp_path, capsys):
     """A: --pretrained's UNet with --lora, B: the LoRA checkpoint: the same generator, so identical
     halves and a paired difference of exactly 0."""
@@ -3124,6 +3158,7 @@ def test_compare_and_score_take_lora_generators(lora_run, tmp_path, capsys):
     assert summary["lora"] == folder and summary["pickscore"]["b_minus_a"]["mean"] == 0
 
 
+@pytest.mark.xdist_group("tiny_runs")
 @pytest.mark.filterwarnings("ignore:Already found a `peft_config`")
 def test_a_moved_lora_run_samples_on_its_own_base_with_no_pretrained(lora_run, tmp_path, capsys):
     """lora_base.json records --tiny's models, inside the run's folder, relative to generator/, so
@@ -3159,6 +3194,7 @@ def test_a_moved_lora_run_samples_on_its_own_base_with_no_pretrained(lora_run, t
         assert np.abs(pngs(tmp_path / name, 2) / 255 - expect).max() <= 1 / 255 + 1e-6, name
 
 
+@pytest.mark.xdist_group("tiny_runs")
 def test_a_whole_unet_run_folder_samples_its_newest_checkpoint_on_the_runs_pretrained(
         trained_dir, tmp_path, capsys):
     """A run folder as --generator is its newest complete checkpoint's generator/ (said in a line),
@@ -3179,6 +3215,7 @@ def test_a_whole_unet_run_folder_samples_its_newest_checkpoint_on_the_runs_pretr
         assert np.abs(pngs(tmp_path / name, 1) / 255 - expect).max() <= 1 / 255 + 1e-6, name
 
 
+@pytest.mark.xdist_group("tiny_runs")
 def test_a_lora_without_its_base_record_is_one_line_naming_what_to_pass(lora_run, tmp_path, capsys):
     import shutil
 
