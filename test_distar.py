@@ -1084,18 +1084,20 @@ def _generator_weights(ckpt, net="generator"):
 
 
 def _stop_and_resume(cmd, args, out, sig):
-    """Run cmd until checkpoint 2 is complete, stop it with sig, then run it again with --resume to
-    the end. SIGKILL: the launcher and every rank (torchrun starts each in a session of its own);
-    SIGINT (Ctrl-C): one line for the run, not a traceback per rank: the step reached, the newest
-    complete checkpoint and --resume. Returns the files of checkpoint 2."""
+    """Run cmd until its first checkpoint (step --ckpt_interval) is complete, stop it with sig, then
+    run it again with --resume to the end. SIGKILL: the launcher and every rank (torchrun starts each
+    in a session of its own); SIGINT (Ctrl-C): one line for the run, not a traceback per rank: the
+    step reached, the newest complete checkpoint and --resume. Returns the first checkpoint's files."""
     import signal
     import time
 
-    steps = int(next(a for a in args if a.startswith("--max_steps=")).split("=")[1])
+    flag = lambda name: int(next(a for a in args if a.startswith(f"--{name}=")).split("=")[1])
+    steps, first = flag("max_steps"), flag("ckpt_interval")
+    ckpt = out / f"checkpoint-{first:06d}"
     proc = subprocess.Popen([*cmd, *args, f"--out_dir={out}"], cwd=HERE, env=ENV,
                             start_new_session=True,  # a Ctrl-C at the terminal stays with pytest
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    while not (out / "checkpoint-000002" / "state.json").exists() and proc.poll() is None:
+    while not (ckpt / "state.json").exists() and proc.poll() is None:
         time.sleep(0.02)
     if sig == "SIGKILL":
         ranks = open(f"/proc/{proc.pid}/task/{proc.pid}/children").read().split()
@@ -1112,16 +1114,16 @@ def _stop_and_resume(cmd, args, out, sig):
         said = len(lines) == 1 and re.fullmatch(
             rf"distar: stopped after step (\d+) of {steps} \(Ctrl-C\); newest complete checkpoint "
             rf"{re.escape(newest)}: the same command with --resume continues from it", lines[0])
-        assert said and 2 <= int(said.group(1)) < steps, err
+        assert said and first <= int(said.group(1)) < steps, err
         assert "KeyboardInterrupt" not in err and 'distar.py", line' not in err, err  # no rank's trace
     assert not (out / f"checkpoint-{steps:06d}").exists()
-    stopped = sorted(p.name for p in (out / "checkpoint-000002").rglob("*"))
+    stopped = sorted(p.name for p in ckpt.rglob("*"))
     p = subprocess.run([*cmd, *args, f"--out_dir={out}", "--resume"], cwd=HERE, env=ENV,
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "resumed from" in p.stdout
     logged = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert logged == list(range(1, steps + 1))  # the lines logged after checkpoint 2 were not kept twice
+    assert logged == list(range(1, steps + 1))  # the lines logged after the checkpoint not kept twice
     return stopped
 
 
@@ -1272,15 +1274,16 @@ def test_an_fsdp_checkpoint_is_what_diffusers_and_sample_py_read(ddp_and_fsdp, t
     assert np.abs(got - plain).mean() > 1e-3
 
 
-# FSDP on gloo costs ~1 s a step: 3 steps (one assistant update each), the last after checkpoint 2
-FSDP_LORA_ARGS = ["--tiny", "--max_steps=3", "--ckpt_interval=2", "--sample_interval=100",
+# FSDP on gloo costs ~1 s a step and ~2 s a checkpoint: 2 steps (one assistant update each), a
+# checkpoint after each: the SIGKILL comes after the first, the resumed run does the second
+FSDP_LORA_ARGS = ["--tiny", "--max_steps=2", "--ckpt_interval=1", "--sample_interval=100",
                   "--assistant_steps=1", "--fsdp", "--grad_checkpointing", *LORA_ARGS]
 
 
 @pytest.fixture(scope="module")
 def fsdp_lora_runs(tmp_path_factory):
-    """torchrun --fsdp --grad_checkpointing --lora_rank=4 on 2 ranks, 3 steps with a checkpoint
-    at 2 and at the end: once uninterrupted (a), once SIGKILLed after checkpoint 2 and resumed (b)."""
+    """torchrun --fsdp --grad_checkpointing --lora_rank=4 on 2 ranks, 2 steps with a checkpoint
+    after each: once uninterrupted (a), once SIGKILLed after checkpoint 1 and resumed (b)."""
     d = tmp_path_factory.mktemp("fsdp_lora")
     args = FSDP_LORA_ARGS
     p = subprocess.run([*TORCHRUN, *args, f"--out_dir={d / 'a'}"], cwd=HERE, env=ENV,
@@ -1299,10 +1302,10 @@ def test_fsdp_sigkill_then_resume_reproduces_the_uninterrupted_run(fsdp_lora_run
     assert [n for n in killed if n.endswith((".distcp", ".pt"))] == [
         "__0_0.distcp", "__1_0.distcp", "state.pt"]  # one file per rank, none gathered
     for net in ("generator", "assistant"):
-        wa, wb = (_generator_weights(run / "checkpoint-000003", net) for run in (a, b))
+        wa, wb = (_generator_weights(run / "checkpoint-000002", net) for run in (a, b))
         assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), net
-        w2 = _generator_weights(a / "checkpoint-000002", net)
-        assert any(not torch.equal(wa[k], w2[k]) for k in wa)  # training moved them
+        w1 = _generator_weights(a / "checkpoint-000001", net)
+        assert any(not torch.equal(wa[k], w1[k]) for k in wa)  # step 2, the resumed one, trained
 
 
 @pytest.mark.xdist_group("fsdp_lora")
@@ -1314,8 +1317,8 @@ def test_fsdp_lora_trains_only_the_adapters_and_diffusers_loads_the_generator(fs
     from diffusers import StableDiffusionXLPipeline
 
     a = fsdp_lora_runs[0]
-    folder = a / "checkpoint-000003" / "generator"
-    weights = _generator_weights(a / "checkpoint-000003")
+    folder = a / "checkpoint-000002" / "generator"
+    weights = _generator_weights(a / "checkpoint-000002")
     assert weights and all(".lora_A." in k or ".lora_B." in k for k in weights)
     sdxl, reward = a / "tiny" / "sdxl", a / "tiny" / "reward"
     assert (folder / json.loads((folder / "lora_base.json").read_text())["pretrained"]).resolve() == sdxl
@@ -1325,7 +1328,7 @@ def test_fsdp_lora_trains_only_the_adapters_and_diffusers_loads_the_generator(fs
     assert len(distar.trained(world.generator)) == len(weights)  # every adapted layer's A and B
     distar.load_net(world.generator, str(folder))
     world.save_samples(tmp_path / "grid.png")
-    ours, theirs = (np.asarray(Image.open(f), dtype=int) for f in (tmp_path / "grid.png", a / "samples-000003.png"))
+    ours, theirs = (np.asarray(Image.open(f), dtype=int) for f in (tmp_path / "grid.png", a / "samples-000002.png"))
     assert np.abs(ours - theirs).max() <= 1
     pipe = StableDiffusionXLPipeline.from_pretrained(sdxl)
     pipe.load_lora_weights(folder)
