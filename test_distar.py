@@ -33,7 +33,9 @@ f64 = torch.float64
 LORA_ARGS = ["--lora_rank=4", "--lora_alpha=2"]  # alpha != rank: a loader that loses alpha differs
 # README's test command runs two pytest-xdist workers (-n 2 --dist loadgroup): the tests that read a
 # module-scoped run (trained_dir, ddp_and_fsdp, dry_parts, ...) carry @pytest.mark.xdist_group, so
-# each such run is made once, on one worker. Plain pytest, without -n, ignores the marks.
+# each such run is made once, on one worker. loadgroup hands out the groups with the most tests
+# first and single tests last, so the long tests of a kind share a group too (compile, toy, sample
+# .py's command lines, stops), and no worker ends alone with one. Plain pytest ignores the marks.
 
 
 def run(*args, timeout=300):
@@ -850,6 +852,7 @@ def test_an_error_on_some_ranks_stops_every_rank_in_one_line_per_node(monkeypatc
                      "denied\n", failed, "", failed, ""]
 
 
+@pytest.mark.xdist_group("stops")
 def test_torchrun_rank_1_that_cannot_read_the_prompts_stops_both_ranks_in_one_line(tmp_path):
     """A real cause on one rank only (its node cannot read the prompts file: a shim denies rank 1
     the open): both ranks stop at once, rank 1 prints its error and rank 0 nothing more."""
@@ -1131,6 +1134,7 @@ SIGKILL_ARGS = ["--tiny", "--max_steps=6", "--ckpt_interval=2", "--sample_interv
                 "--keep_checkpoints=5"]
 
 
+@pytest.mark.xdist_group("stops")
 def test_ctrl_c_then_resume_reproduces_the_uninterrupted_run(tmp_path):
     """One process: Ctrl-C is one line, exit 130; optimizer and RNG states in state.pt come back
     (the 2-rank --fsdp case, SIGKILLed: fsdp_lora_runs). The uninterrupted run in this process:
@@ -1359,6 +1363,7 @@ def _class_energy_ratios(path):
     return gen, ref, ratios
 
 
+@pytest.mark.xdist_group("toy")
 def test_toy_without_reward_or_cfg_converges_to_the_reference(tmp_path):
     # 500 steps, not the toy's 1000: past ~400 the ratio sits at its noise floor (constant lr). Seeds
     # 0-11, largest of the 3 classes: at 500 steps 0.005-0.016 (seed 0: 0.007), at 1000 0.003-0.018
@@ -1383,7 +1388,7 @@ def toy_reward_run(tmp_path_factory):
     return d, p.stdout
 
 
-@pytest.mark.xdist_group("toy_reward")
+@pytest.mark.xdist_group("toy")
 def test_toy_with_reward_moves_toward_higher_reward(toy_reward_run):
     # 50 steps: a gain of 0.43-0.79 per class by then over seeds 0-4 (0.46-0.91 after 300 steps),
     # 8x the bound
@@ -1392,7 +1397,7 @@ def test_toy_with_reward_moves_toward_higher_reward(toy_reward_run):
     assert (gain > 0.05).all(), gain
 
 
-@pytest.mark.xdist_group("toy_reward")
+@pytest.mark.xdist_group("toy")
 def test_without_a_progress_bar_every_log_step_is_a_plain_line(toy_reward_run, tmp_path, monkeypatch,
                                                                 capsys):
     """Under SLURM or nohup, or with stdout in a file (python distar.py --toy > log.txt), no bar
@@ -1415,6 +1420,7 @@ def test_without_a_progress_bar_every_log_step_is_a_plain_line(toy_reward_run, t
     assert "loss_g=" in err and not re.search(r"^step \d+/", out, re.M), (out, err)
 
 
+@pytest.mark.xdist_group("toy")
 def test_torchrun_toy_runs_two_ranks_in_sync_and_rank_0_alone_prints(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            os.path.join(HERE, "distar.py"), "--toy", "--max_steps=30", f"--out_dir={tmp_path}"]
@@ -2084,6 +2090,7 @@ def test_bad_dry_run_or_bench_config_is_one_line(args, words, capsys):
     assert err.count("\n") == 1 and words in err, err
 
 
+@pytest.mark.xdist_group("dry")
 def test_dry_run_command_line_without_a_gpu_prints_the_plan(tmp_path):
     p = run_here("--dry_run", "--world_size_plan=8", "--fsdp", f"--out_dir={tmp_path / 'o'}")
     assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr[-2000:]
@@ -2333,6 +2340,7 @@ def _compile_counter():
     return CompileCounterWithBackend("aot_eager")
 
 
+@pytest.mark.xdist_group("compile")
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit, imported by dynamo
 def test_compile_compiles_each_unets_transformer_blocks_in_place_and_only_when_asked(tiny):
     for on in (False, True):
@@ -2350,6 +2358,7 @@ def test_compile_compiles_each_unets_transformer_blocks_in_place_and_only_when_a
     assert not distar.parse_args([]).compile and not distar.parse_args(["--dry_run"]).compile
 
 
+@pytest.mark.xdist_group("compile")
 @pytest.mark.parametrize("lora", [[], LORA_ARGS], ids=["full", "lora"])
 def test_compiled_training_matches_eager_over_two_steps_with_checkpointing(tiny, lora):
     """Two steps of train (--cfg=in, pseudo-Huber, checkpointing on), compiled and eager, from the
@@ -2376,6 +2385,7 @@ def test_compiled_training_matches_eager_over_two_steps_with_checkpointing(tiny,
     assert all(torch.allclose(w_eager[k], w_comp[k], rtol=1e-4, atol=1e-6) for k in w_eager)
 
 
+@pytest.mark.xdist_group("compile")
 @pytest.mark.parametrize("wrapper", ["ddp", "fsdp"])
 def test_ddp_or_fsdp_over_compiled_checkpointed_blocks_gives_eagers_gradient(tiny, tmp_path, wrapper):
     """train's order: blocks compiled in place, then DDP around the UNet or fully_shard per block
@@ -2818,6 +2828,7 @@ def lcm_one_step(sdxl, batches, seed, unet=None, loras=()):
     return np.concatenate(out)
 
 
+@pytest.mark.xdist_group("sample_cli")
 def test_sample_equals_the_diffusers_lcm_one_step_pipeline(tiny, tmp_path):
     sdxl, _ = tiny
     out = tmp_path / "s3"
@@ -3098,6 +3109,7 @@ def test_bad_sample_input_is_one_line_exit_2_and_writes_nothing(tiny, tmp_path, 
     assert not os.path.exists(tmp_path / "o")  # nothing written, not even the folder
 
 
+@pytest.mark.xdist_group("sample_cli")
 def test_bad_sample_command_line_has_no_traceback(tiny, tmp_path):
     import shutil
 
