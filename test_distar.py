@@ -33,7 +33,9 @@ f64 = torch.float64
 LORA_ARGS = ["--lora_rank=4", "--lora_alpha=2"]  # alpha != rank: a loader that loses alpha differs
 # README's test command runs two pytest-xdist workers (-n 2 --dist loadgroup): the tests that read a
 # module-scoped run (trained_dir, ddp_and_fsdp, dry_parts, ...) carry @pytest.mark.xdist_group, so
-# each such run is made once, on one worker. Plain pytest, without -n, ignores the marks.
+# each such run is made once, on one worker. loadgroup hands out the groups with the most tests
+# first and single tests last, so the long tests of a kind share a group too (compile, toy, sample
+# .py's command lines, stops), and no worker ends alone with one. Plain pytest ignores the marks.
 
 
 def run(*args, timeout=300):
@@ -850,6 +852,7 @@ def test_an_error_on_some_ranks_stops_every_rank_in_one_line_per_node(monkeypatc
                      "denied\n", failed, "", failed, ""]
 
 
+@pytest.mark.xdist_group("stops")
 def test_torchrun_rank_1_that_cannot_read_the_prompts_stops_both_ranks_in_one_line(tmp_path):
     """A real cause on one rank only (its node cannot read the prompts file: a shim denies rank 1
     the open): both ranks stop at once, rank 1 prints its error and rank 0 nothing more."""
@@ -1084,18 +1087,20 @@ def _generator_weights(ckpt, net="generator"):
 
 
 def _stop_and_resume(cmd, args, out, sig):
-    """Run cmd until checkpoint 2 is complete, stop it with sig, then run it again with --resume to
-    the end. SIGKILL: the launcher and every rank (torchrun starts each in a session of its own);
-    SIGINT (Ctrl-C): one line for the run, not a traceback per rank: the step reached, the newest
-    complete checkpoint and --resume. Returns the files of checkpoint 2."""
+    """Run cmd until its first checkpoint (step --ckpt_interval) is complete, stop it with sig, then
+    run it again with --resume to the end. SIGKILL: the launcher and every rank (torchrun starts each
+    in a session of its own); SIGINT (Ctrl-C): one line for the run, not a traceback per rank: the
+    step reached, the newest complete checkpoint and --resume. Returns the first checkpoint's files."""
     import signal
     import time
 
-    steps = int(next(a for a in args if a.startswith("--max_steps=")).split("=")[1])
+    flag = lambda name: int(next(a for a in args if a.startswith(f"--{name}=")).split("=")[1])
+    steps, first = flag("max_steps"), flag("ckpt_interval")
+    ckpt = out / f"checkpoint-{first:06d}"
     proc = subprocess.Popen([*cmd, *args, f"--out_dir={out}"], cwd=HERE, env=ENV,
                             start_new_session=True,  # a Ctrl-C at the terminal stays with pytest
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    while not (out / "checkpoint-000002" / "state.json").exists() and proc.poll() is None:
+    while not (ckpt / "state.json").exists() and proc.poll() is None:
         time.sleep(0.02)
     if sig == "SIGKILL":
         ranks = open(f"/proc/{proc.pid}/task/{proc.pid}/children").read().split()
@@ -1112,16 +1117,16 @@ def _stop_and_resume(cmd, args, out, sig):
         said = len(lines) == 1 and re.fullmatch(
             rf"distar: stopped after step (\d+) of {steps} \(Ctrl-C\); newest complete checkpoint "
             rf"{re.escape(newest)}: the same command with --resume continues from it", lines[0])
-        assert said and 2 <= int(said.group(1)) < steps, err
+        assert said and first <= int(said.group(1)) < steps, err
         assert "KeyboardInterrupt" not in err and 'distar.py", line' not in err, err  # no rank's trace
     assert not (out / f"checkpoint-{steps:06d}").exists()
-    stopped = sorted(p.name for p in (out / "checkpoint-000002").rglob("*"))
+    stopped = sorted(p.name for p in ckpt.rglob("*"))
     p = subprocess.run([*cmd, *args, f"--out_dir={out}", "--resume"], cwd=HERE, env=ENV,
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "resumed from" in p.stdout
     logged = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert logged == list(range(1, steps + 1))  # the lines logged after checkpoint 2 were not kept twice
+    assert logged == list(range(1, steps + 1))  # the lines logged after the checkpoint not kept twice
     return stopped
 
 
@@ -1129,6 +1134,7 @@ SIGKILL_ARGS = ["--tiny", "--max_steps=6", "--ckpt_interval=2", "--sample_interv
                 "--keep_checkpoints=5"]
 
 
+@pytest.mark.xdist_group("stops")
 def test_ctrl_c_then_resume_reproduces_the_uninterrupted_run(tmp_path):
     """One process: Ctrl-C is one line, exit 130; optimizer and RNG states in state.pt come back
     (the 2-rank --fsdp case, SIGKILLed: fsdp_lora_runs). The uninterrupted run in this process:
@@ -1305,15 +1311,16 @@ def test_an_fsdp_checkpoint_of_2_ranks_resumes_on_1_with_the_adam_states_reshard
         dist.destroy_process_group()
 
 
-# FSDP on gloo costs ~1 s a step: 3 steps (one assistant update each), the last after checkpoint 2
-FSDP_LORA_ARGS = ["--tiny", "--max_steps=3", "--ckpt_interval=2", "--sample_interval=100",
+# FSDP on gloo costs ~1 s a step and ~2 s a checkpoint: 2 steps (one assistant update each), a
+# checkpoint after each: the SIGKILL comes after the first, the resumed run does the second
+FSDP_LORA_ARGS = ["--tiny", "--max_steps=2", "--ckpt_interval=1", "--sample_interval=100",
                   "--assistant_steps=1", "--fsdp", "--grad_checkpointing", *LORA_ARGS]
 
 
 @pytest.fixture(scope="module")
 def fsdp_lora_runs(tmp_path_factory):
-    """torchrun --fsdp --grad_checkpointing --lora_rank=4 on 2 ranks, 3 steps with a checkpoint
-    at 2 and at the end: once uninterrupted (a), once SIGKILLed after checkpoint 2 and resumed (b)."""
+    """torchrun --fsdp --grad_checkpointing --lora_rank=4 on 2 ranks, 2 steps with a checkpoint
+    after each: once uninterrupted (a), once SIGKILLed after checkpoint 1 and resumed (b)."""
     d = tmp_path_factory.mktemp("fsdp_lora")
     args = FSDP_LORA_ARGS
     p = subprocess.run([*TORCHRUN, *args, f"--out_dir={d / 'a'}"], cwd=HERE, env=ENV,
@@ -1332,10 +1339,10 @@ def test_fsdp_sigkill_then_resume_reproduces_the_uninterrupted_run(fsdp_lora_run
     assert [n for n in killed if n.endswith((".distcp", ".pt"))] == [
         "__0_0.distcp", "__1_0.distcp", "state.pt"]  # one file per rank, none gathered
     for net in ("generator", "assistant"):
-        wa, wb = (_generator_weights(run / "checkpoint-000003", net) for run in (a, b))
+        wa, wb = (_generator_weights(run / "checkpoint-000002", net) for run in (a, b))
         assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), net
-        w2 = _generator_weights(a / "checkpoint-000002", net)
-        assert any(not torch.equal(wa[k], w2[k]) for k in wa)  # training moved them
+        w1 = _generator_weights(a / "checkpoint-000001", net)
+        assert any(not torch.equal(wa[k], w1[k]) for k in wa)  # step 2, the resumed one, trained
 
 
 @pytest.mark.xdist_group("fsdp_lora")
@@ -1347,8 +1354,8 @@ def test_fsdp_lora_trains_only_the_adapters_and_diffusers_loads_the_generator(fs
     from diffusers import StableDiffusionXLPipeline
 
     a = fsdp_lora_runs[0]
-    folder = a / "checkpoint-000003" / "generator"
-    weights = _generator_weights(a / "checkpoint-000003")
+    folder = a / "checkpoint-000002" / "generator"
+    weights = _generator_weights(a / "checkpoint-000002")
     assert weights and all(".lora_A." in k or ".lora_B." in k for k in weights)
     sdxl, reward = a / "tiny" / "sdxl", a / "tiny" / "reward"
     assert (folder / json.loads((folder / "lora_base.json").read_text())["pretrained"]).resolve() == sdxl
@@ -1358,7 +1365,7 @@ def test_fsdp_lora_trains_only_the_adapters_and_diffusers_loads_the_generator(fs
     assert len(distar.trained(world.generator)) == len(weights)  # every adapted layer's A and B
     distar.load_net(world.generator, str(folder))
     world.save_samples(tmp_path / "grid.png")
-    ours, theirs = (np.asarray(Image.open(f), dtype=int) for f in (tmp_path / "grid.png", a / "samples-000003.png"))
+    ours, theirs = (np.asarray(Image.open(f), dtype=int) for f in (tmp_path / "grid.png", a / "samples-000002.png"))
     assert np.abs(ours - theirs).max() <= 1
     pipe = StableDiffusionXLPipeline.from_pretrained(sdxl)
     pipe.load_lora_weights(folder)
@@ -1389,6 +1396,7 @@ def _class_energy_ratios(path):
     return gen, ref, ratios
 
 
+@pytest.mark.xdist_group("toy")
 def test_toy_without_reward_or_cfg_converges_to_the_reference(tmp_path):
     # 500 steps, not the toy's 1000: past ~400 the ratio sits at its noise floor (constant lr). Seeds
     # 0-11, largest of the 3 classes: at 500 steps 0.005-0.016 (seed 0: 0.007), at 1000 0.003-0.018
@@ -1413,7 +1421,7 @@ def toy_reward_run(tmp_path_factory):
     return d, p.stdout
 
 
-@pytest.mark.xdist_group("toy_reward")
+@pytest.mark.xdist_group("toy")
 def test_toy_with_reward_moves_toward_higher_reward(toy_reward_run):
     # 50 steps: a gain of 0.43-0.79 per class by then over seeds 0-4 (0.46-0.91 after 300 steps),
     # 8x the bound
@@ -1422,7 +1430,7 @@ def test_toy_with_reward_moves_toward_higher_reward(toy_reward_run):
     assert (gain > 0.05).all(), gain
 
 
-@pytest.mark.xdist_group("toy_reward")
+@pytest.mark.xdist_group("toy")
 def test_without_a_progress_bar_every_log_step_is_a_plain_line(toy_reward_run, tmp_path, monkeypatch,
                                                                 capsys):
     """Under SLURM or nohup, or with stdout in a file (python distar.py --toy > log.txt), no bar
@@ -1445,6 +1453,7 @@ def test_without_a_progress_bar_every_log_step_is_a_plain_line(toy_reward_run, t
     assert "loss_g=" in err and not re.search(r"^step \d+/", out, re.M), (out, err)
 
 
+@pytest.mark.xdist_group("toy")
 def test_torchrun_toy_runs_two_ranks_in_sync_and_rank_0_alone_prints(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            os.path.join(HERE, "distar.py"), "--toy", "--max_steps=30", f"--out_dir={tmp_path}"]
@@ -2114,6 +2123,7 @@ def test_bad_dry_run_or_bench_config_is_one_line(args, words, capsys):
     assert err.count("\n") == 1 and words in err, err
 
 
+@pytest.mark.xdist_group("dry")
 def test_dry_run_command_line_without_a_gpu_prints_the_plan(tmp_path):
     p = run_here("--dry_run", "--world_size_plan=8", "--fsdp", f"--out_dir={tmp_path / 'o'}")
     assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr[-2000:]
@@ -2363,6 +2373,7 @@ def _compile_counter():
     return CompileCounterWithBackend("aot_eager")
 
 
+@pytest.mark.xdist_group("compile")
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit, imported by dynamo
 def test_compile_compiles_each_unets_transformer_blocks_in_place_and_only_when_asked(tiny):
     for on in (False, True):
@@ -2380,6 +2391,7 @@ def test_compile_compiles_each_unets_transformer_blocks_in_place_and_only_when_a
     assert not distar.parse_args([]).compile and not distar.parse_args(["--dry_run"]).compile
 
 
+@pytest.mark.xdist_group("compile")
 @pytest.mark.parametrize("lora", [[], LORA_ARGS], ids=["full", "lora"])
 def test_compiled_training_matches_eager_over_two_steps_with_checkpointing(tiny, lora):
     """Two steps of train (--cfg=in, pseudo-Huber, checkpointing on), compiled and eager, from the
@@ -2406,6 +2418,7 @@ def test_compiled_training_matches_eager_over_two_steps_with_checkpointing(tiny,
     assert all(torch.allclose(w_eager[k], w_comp[k], rtol=1e-4, atol=1e-6) for k in w_eager)
 
 
+@pytest.mark.xdist_group("compile")
 @pytest.mark.parametrize("wrapper", ["ddp", "fsdp"])
 def test_ddp_or_fsdp_over_compiled_checkpointed_blocks_gives_eagers_gradient(tiny, tmp_path, wrapper):
     """train's order: blocks compiled in place, then DDP around the UNet or fully_shard per block
@@ -2851,6 +2864,7 @@ def lcm_one_step(sdxl, batches, seed, unet=None, loras=()):
     return np.concatenate(out)
 
 
+@pytest.mark.xdist_group("sample_cli")
 def test_sample_equals_the_diffusers_lcm_one_step_pipeline(tiny, tmp_path):
     sdxl, _ = tiny
     out = tmp_path / "s3"
@@ -3131,6 +3145,7 @@ def test_bad_sample_input_is_one_line_exit_2_and_writes_nothing(tiny, tmp_path, 
     assert not os.path.exists(tmp_path / "o")  # nothing written, not even the folder
 
 
+@pytest.mark.xdist_group("sample_cli")
 def test_bad_sample_command_line_has_no_traceback(tiny, tmp_path):
     import shutil
 
