@@ -2739,6 +2739,8 @@ def test_lora_nets_are_frozen_bf16_bases_with_fp32_adapters_equal_to_the_bases_a
         assert adapters and all(v.dtype == torch.float32 for v in adapters.values())
         assert all(v.dtype == torch.bfloat16 for v in bases.values())
         assert len(bases) == len(list(world.s_ref.parameters()))  # a whole UNet each
+        scales = {m.scaling["default"] for m in net.modules() if hasattr(m, "scaling")}
+        assert scales == {2 / 4}  # LORA_ARGS: each adapter's output scaled by alpha / rank
     cond = world.sample_cond(2)
     x_t, t = torch.randn(2, *world.latent_shape), torch.tensor([100, 700])
     with torch.no_grad():  # lora_B starts at zero: the assistant is the reference, exactly
