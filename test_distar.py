@@ -1097,9 +1097,15 @@ def _stop_and_resume(cmd, args, out, sig):
     flag = lambda name: int(next(a for a in args if a.startswith(f"--{name}=")).split("=")[1])
     steps, first = flag("max_steps"), flag("ckpt_interval")
     ckpt = out / f"checkpoint-{first:06d}"
-    proc = subprocess.Popen([*cmd, *args, f"--out_dir={out}"], cwd=HERE, env=ENV,
-                            start_new_session=True,  # a Ctrl-C at the terminal stays with pytest
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # a child inherits an ignored SIGINT (pytest started by a shell's `&` or nohup has one): give it
+    # the terminal's default, as a user's Ctrl-C finds it
+    handler = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = subprocess.Popen([*cmd, *args, f"--out_dir={out}"], cwd=HERE, env=ENV,
+                                start_new_session=True,  # a Ctrl-C at the terminal stays with pytest
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    finally:
+        signal.signal(signal.SIGINT, handler)
     while not (ckpt / "state.json").exists() and proc.poll() is None:
         time.sleep(0.02)
     if sig == "SIGKILL":
