@@ -33,7 +33,7 @@ TAGS = {"": "", "a": "A ", "b": "B ", "b_minus_a": "B-A "}  # a metric's line, p
 
 @dataclass
 class SampleConfig:
-    pretrained: str = ""  # VAE, text encoders, scheduler; empty: the generator's run's, or SDXL-base
+    pretrained: str = ""  # VAE, text encoders, scheduler; empty: the generator's run's, or SDXL
     generator: str = ""  # UNet/pipeline folder, state-dict file, distar checkpoint or run folder
     lora: str = ""  # a diffusers SDXL LoRA (folder or hub id) put on top of --generator
     variant: str = ""  # weight-file variant of --pretrained and generator folders, e.g. fp16
@@ -102,7 +102,8 @@ def checkpoint_generator(flag, path):
     ckpts = [path] if is_ckpt else distar.list_checkpoints(path)
     if not ckpts or not os.path.isdir(os.path.join(ckpts[-1], "generator")):
         raise distar.LoadError(f"cannot load --{flag}={path}: no generator in it, and no complete "
-                               "distar checkpoint: pass a checkpoint's, checkpoint-NNNNNN/generator")
+                               "distar checkpoint: pass a checkpoint's, "
+                               "checkpoint-NNNNNN/generator")
     generator = os.path.join(ckpts[-1], "generator")
     if not is_ckpt:
         print(f"--{flag}={path}: its newest complete checkpoint's generator, {generator}")
