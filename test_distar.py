@@ -57,6 +57,61 @@ def run_here(*args):
     return subprocess.CompletedProcess(["distar.py", *args], code, out.getvalue(), err.getvalue())
 
 
+# what a rank of a tiny run imports: loaded once in multiprocessing's fork server, so that each
+# rank forked from it starts in milliseconds, with none of this process's state (caches, threads)
+RANK_IMPORTS = ["test_distar", "diffusers.models.unets.unet_2d_condition", "diffusers.schedulers",
+                "diffusers.models.autoencoders.autoencoder_kl", "diffusers.models.transformers",
+                "transformers.models.clip.modeling_clip", "transformers.models.t5.modeling_t5", "peft",
+                "torch.distributed.fsdp", "torch.distributed.checkpoint"]
+
+
+def _rank_main(rank, nproc, port, logs, args, timeout):
+    """One rank of torchrun_here: torchrun's variables, its own stdout/stderr files, main's code
+    as its exit status, and its stack in the err file if it hangs."""
+    import faulthandler
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc),
+                      LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    for fd, name in ((1, "out"), (2, "err")):
+        os.dup2(os.open(f"{logs}/{rank}.{name}", os.O_WRONLY | os.O_CREAT), fd)
+    sys.stdout = open(1, "w", buffering=1, closefd=False)
+    sys.stderr = open(2, "w", buffering=1, closefd=False)
+    faulthandler.dump_traceback_later(timeout - 5, exit=True)
+    code = distar.main(list(args))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def torchrun_here(*args, nproc=2, timeout=120):
+    """torchrun's command line on nproc CPU ranks started by multiprocessing's fork server, which
+    has imported torch and diffusers once (RANK_IMPORTS): each rank runs distar.main with the
+    variables torchrun sets, without the ~5 s a rank spends on imports. For runs whose outputs a
+    test reads; the launcher itself (its exit code, signals, rank start-up) keeps TORCHRUN."""
+    import multiprocessing
+    import socket
+    import tempfile
+
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx, logs = multiprocessing.get_context("forkserver"), tempfile.mkdtemp()
+    ctx.set_forkserver_preload(RANK_IMPORTS)
+    ranks = [ctx.Process(target=_rank_main, args=(r, nproc, port, logs, args, timeout))
+             for r in range(nproc)]
+    for p in ranks:
+        p.start()
+    for p in ranks:
+        p.join(timeout)
+    read = lambda name: "".join(open(f"{logs}/{r}.{name}").read() for r in range(nproc))
+    for p in ranks:
+        if p.exitcode is None:
+            p.kill()
+            raise TimeoutError(f"torchrun_here{args} ran past {timeout} s: " + read("err")[-3000:])
+    code = next((p.exitcode for p in ranks if p.exitcode), 0)  # as torchrun: one rank's failure
+    return subprocess.CompletedProcess(["torchrun", "distar.py", *args], code, read("out"), read("err"))
+
+
 # -----------------------------------------------------------------------------
 # the loss math against exact answers, in float64
 
@@ -1127,8 +1182,8 @@ def _stop_and_resume(cmd, args, out, sig):
         assert "KeyboardInterrupt" not in err and 'distar.py", line' not in err, err  # no rank's trace
     assert not (out / f"checkpoint-{steps:06d}").exists()
     stopped = sorted(p.name for p in ckpt.rglob("*"))
-    p = subprocess.run([*cmd, *args, f"--out_dir={out}", "--resume"], cwd=HERE, env=ENV,
-                       capture_output=True, text=True, timeout=300)
+    # the resumed run reads what the stopped one left: the same main, started without the imports
+    p = (torchrun_here if cmd == TORCHRUN else run_here)(*args, f"--out_dir={out}", "--resume")
     assert p.returncode == 0, p.stderr[-2000:]
     assert "resumed from" in p.stdout
     logged = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -1229,8 +1284,7 @@ def ddp_and_fsdp(tmp_path_factory):
     d = tmp_path_factory.mktemp("ddp_fsdp")
     args = ["--tiny", "--max_steps=2", "--assistant_steps=1", "--ckpt_interval=2", "--sample_interval=2"]
     for name, extra in (("ddp", []), ("fsdp", ["--fsdp"])):
-        p = subprocess.run([*TORCHRUN, *args, *extra, f"--out_dir={d / name}"], cwd=HERE, env=ENV,
-                           capture_output=True, text=True, timeout=300)
+        p = torchrun_here(*args, *extra, f"--out_dir={d / name}")
         assert p.returncode == 0, p.stderr[-2000:]
         assert ("weights sharded over the ranks" in p.stdout) == bool(extra), p.stdout
     return d
@@ -1329,8 +1383,7 @@ def fsdp_lora_runs(tmp_path_factory):
     after each: once uninterrupted (a), once SIGKILLed after checkpoint 1 and resumed (b)."""
     d = tmp_path_factory.mktemp("fsdp_lora")
     args = FSDP_LORA_ARGS
-    p = subprocess.run([*TORCHRUN, *args, f"--out_dir={d / 'a'}"], cwd=HERE, env=ENV,
-                       capture_output=True, text=True, timeout=300)
+    p = torchrun_here(*args, f"--out_dir={d / 'a'}")  # the real torchrun: b
     assert p.returncode == 0, p.stderr[-2000:]
     killed = _stop_and_resume(TORCHRUN, args, d / "b", "SIGKILL")
     return d / "a", d / "b", killed
@@ -1419,9 +1472,9 @@ def test_toy_without_reward_or_cfg_converges_to_the_reference(tmp_path):
 @pytest.fixture(scope="module")
 def toy_reward_run(tmp_path_factory):
     """python distar.py --toy with the reward, 50 steps, a log line every 10, stdout and stderr
-    pipes (as in a log file): the reward's effect, and the lines printed without a bar."""
+    not terminals (as in a log file): the reward's effect, and the lines printed without a bar."""
     d = tmp_path_factory.mktemp("toy_reward")
-    p = run("--toy", "--alpha_rew=300", "--alpha_cfg=0", "--max_steps=50", "--log_interval=10",
+    p = run_here("--toy", "--alpha_rew=300", "--alpha_cfg=0", "--max_steps=50", "--log_interval=10",
             f"--out_dir={d}")
     assert p.returncode == 0, p.stderr[-2000:]
     return d, p.stdout
@@ -1441,7 +1494,7 @@ def test_without_a_progress_bar_every_log_step_is_a_plain_line(toy_reward_run, t
                                                                 capsys):
     """Under SLURM or nohup, or with stdout in a file (python distar.py --toy > log.txt), no bar
     shows there: a 20-hour run still says where it is, a line per --log_interval."""
-    d, stdout = toy_reward_run  # stdout and stderr: pipes, as in a log file
+    d, stdout = toy_reward_run  # stdout and stderr: not terminals, as in a log file
     lines = [line for line in stdout.splitlines() if line.startswith("step ")]
     rows = [json.loads(r) for r in (d / "metrics.jsonl").read_text().splitlines()]
     assert [line.split()[1] for line in lines] == ["10/50", "20/50", "30/50", "40/50", "50/50"]
@@ -2130,16 +2183,28 @@ def test_bad_dry_run_or_bench_config_is_one_line(args, words, capsys):
 
 
 @pytest.mark.xdist_group("dry")
-def test_dry_run_command_line_without_a_gpu_prints_the_plan(tmp_path):
+def test_dry_run_command_line_without_a_gpu_prints_the_plan(tmp_path, monkeypatch):
+    """The plan's rows and the step's FLOPs. The count itself (step_flops, ~20 s on meta at full
+    size) is test_step_flops_on_meta_equal_the_flops_of_real_tensors': here it gets the
+    full-size world, in fp32 without checkpointing, at batch 2, and its numbers are printed."""
+    asked = []
+
+    def step_flops(world, batch_size):
+        asked.append((world.latent_shape, world.cfg.precision, world.cfg.grad_checkpointing,
+                      world.s_ref.device.type, batch_size))
+        return dict(assistant=54.2e12, generator=170.4e12)
+
+    monkeypatch.setattr(distar, "step_flops", step_flops)
     p = run_here("--dry_run", "--world_size_plan=8", "--fsdp", f"--out_dir={tmp_path / 'o'}")
+    assert asked == [((4, 128, 128), "fp32", False, "meta", 2)]
     assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr[-2000:]
     assert f"SDXL-base UNet {UNET:,} parameters" in p.stdout and f"reward CLIP-H {PICKSCORE:,}" in p.stdout
     total = (2 * UNET * 4 // 8 + 2 * UNET * 8 // 8 + UNET * 4 // 8 + UNET * 2 // 8 + PICKSCORE * 2
              + (TEXT_1 + TEXT_2 + VAE) * 4 + 4 * (2 * ROOT + 3 * BLOCK)) / GIB
     assert re.search(rf"^  total +{total:.2f}$", p.stdout, re.M), p.stdout
     assert re.search(rf"^  total on the card +{total + 1.2:.2f}$", p.stdout, re.M), p.stdout
-    flops = re.search(r"step \(5 \+ 1 updates\) ([\d.]+) TFLOP", p.stdout)
-    assert flops and float(flops.group(1)) > 100, p.stdout  # at 1024x1024, batch 2: hundreds of TFLOP
+    assert ("model FLOPs per GPU, batch 2, 1024x1024: assistant update 54.2 TFLOP, generator update "
+            "170.4 TFLOP, step (5 + 1 updates) 441.4 TFLOP") in p.stdout, p.stdout
     assert "no GPU here" in p.stdout and not os.path.exists(tmp_path / "o")
 
 
@@ -3523,10 +3588,8 @@ def sd3_runs(tmp_path_factory):
     """The same 2-rank tiny SD3 run (2 steps, a checkpoint at step 2) under DDP and --fsdp."""
     d = tmp_path_factory.mktemp("sd3_runs")
     for name, extra in (("ddp", []), ("fsdp", ["--fsdp"])):
-        p = subprocess.run([*TORCHRUN, "--tiny", "--model=sd3", "--max_steps=2", "--assistant_steps=1",
-                            "--sample_interval=100",
-                            *extra, f"--out_dir={d / name}"], cwd=HERE, env=ENV, capture_output=True,
-                           text=True, timeout=300)
+        p = torchrun_here("--tiny", "--model=sd3", "--max_steps=2", "--assistant_steps=1",
+                          "--sample_interval=100", *extra, f"--out_dir={d / name}")
         assert p.returncode == 0, p.stderr[-2000:]
         assert ("weights sharded over the ranks" in p.stdout) == bool(extra), p.stdout
     return d
