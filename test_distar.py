@@ -2,6 +2,8 @@
 exact answers, a toy whose gradients are known in closed form, and subprocess runs of the real
 command lines (torchrun too). CPU only, no download. Run: python -m pytest -q test_distar.py"""
 
+import builtins
+import functools
 import json
 import math
 import os
@@ -65,9 +67,9 @@ RANK_IMPORTS = ["test_distar", "diffusers.models.unets.unet_2d_condition", "diff
                 "torch.distributed.fsdp", "torch.distributed.checkpoint"]
 
 
-def _rank_main(rank, nproc, port, logs, args, timeout):
-    """One rank of torchrun_here: torchrun's variables, its own stdout/stderr files, main's code
-    as its exit status, and its stack in the err file if it hangs."""
+def _rank_main(rank, nproc, port, logs, args, timeout, setup):
+    """One rank of torchrun_here: torchrun's variables, its own stdout/stderr files, setup(rank)
+    if given, main's code as its exit status, and its stack in the err file if it hangs."""
     import faulthandler
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc),
@@ -77,13 +79,15 @@ def _rank_main(rank, nproc, port, logs, args, timeout):
     sys.stdout = open(1, "w", buffering=1, closefd=False)
     sys.stderr = open(2, "w", buffering=1, closefd=False)
     faulthandler.dump_traceback_later(timeout - 5, exit=True)
+    if setup:
+        setup(rank)
     code = distar.main(list(args))
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
 
 
-def torchrun_here(*args, nproc=2, timeout=120):
+def torchrun_here(*args, nproc=2, timeout=120, setup=None):
     """torchrun's command line on nproc CPU ranks started by multiprocessing's fork server, which
     has imported torch and diffusers once (RANK_IMPORTS): each rank runs distar.main with the
     variables torchrun sets, without the ~5 s a rank spends on imports. For runs whose outputs a
@@ -97,7 +101,7 @@ def torchrun_here(*args, nproc=2, timeout=120):
         port = s.getsockname()[1]
     ctx, logs = multiprocessing.get_context("forkserver"), tempfile.mkdtemp()
     ctx.set_forkserver_preload(RANK_IMPORTS)
-    ranks = [ctx.Process(target=_rank_main, args=(r, nproc, port, logs, args, timeout))
+    ranks = [ctx.Process(target=_rank_main, args=(r, nproc, port, logs, args, timeout, setup))
              for r in range(nproc)]
     for p in ranks:
         p.start()
@@ -109,7 +113,9 @@ def torchrun_here(*args, nproc=2, timeout=120):
             p.kill()
             raise TimeoutError(f"torchrun_here{args} ran past {timeout} s: " + read("err")[-3000:])
     code = next((p.exitcode for p in ranks if p.exitcode), 0)  # as torchrun: one rank's failure
-    return subprocess.CompletedProcess(["torchrun", "distar.py", *args], code, read("out"), read("err"))
+    done = subprocess.CompletedProcess(["torchrun", "distar.py", *args], code, read("out"), read("err"))
+    done.rank_codes = [p.exitcode for p in ranks]
+    return done
 
 
 # -----------------------------------------------------------------------------
@@ -907,26 +913,28 @@ def test_an_error_on_some_ranks_stops_every_rank_in_one_line_per_node(monkeypatc
                      "denied\n", failed, "", failed, ""]
 
 
+def _deny_open_on_rank_1(path, rank):
+    if rank == 1:
+        real = builtins.open
+
+        def denied(file, *args, **kwargs):
+            if str(file) == path:
+                raise PermissionError(13, "Permission denied", str(file))
+            return real(file, *args, **kwargs)
+
+        builtins.open = denied
+
+
 @pytest.mark.xdist_group("stops")
 def test_torchrun_rank_1_that_cannot_read_the_prompts_stops_both_ranks_in_one_line(tmp_path):
     """A real cause on one rank only (its node cannot read the prompts file: a shim denies rank 1
     the open): both ranks stop at once, rank 1 prints its error and rank 0 nothing more."""
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a cat\n")
-    (tmp_path / "sitecustomize.py").write_text(
-        "import builtins, os\n"
-        "if os.environ.get('RANK') == '1':\n"
-        "    real = builtins.open\n"
-        "    def open(file, *a, **k):\n"
-        f"        if str(file) == {str(prompts)!r}:\n"
-        "            raise PermissionError(13, 'Permission denied', str(file))\n"
-        "        return real(file, *a, **k)\n"
-        "    builtins.open = open\n")
-    env = {**ENV, "PYTHONPATH": os.pathsep.join([str(tmp_path), ENV.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(HERE, "distar.py"), "--tiny", f"--prompts={prompts}",
-           f"--out_dir={tmp_path / 'o'}"]
-    p = subprocess.run(cmd, cwd=HERE, env=env, capture_output=True, text=True, timeout=120)
+    p = torchrun_here("--tiny", f"--prompts={prompts}", f"--out_dir={tmp_path / 'o'}",
+                      setup=functools.partial(_deny_open_on_rank_1, str(prompts)))
+    # each rank leaves on its own (no launcher stops rank 0): it learnt of rank 1's error
+    assert p.rank_codes == [1, 2], p.stderr[-3000:]
     errors = [line for line in p.stderr.splitlines() if "distar: error:" in line]
     assert p.returncode != 0 and errors == [
         f"distar: error: --prompts={prompts}: cannot read it: [Errno 13] Permission denied: "
