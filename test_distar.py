@@ -2229,8 +2229,8 @@ def test_a_lora_dry_run_without_a_gpu_suggests_the_lora_run_on_one_gpu(tmp_path,
     assert distar.main([*args, "--lora_rank=4"]) == 0
     assert capsys.readouterr().out.endswith(
         "on one GPU, e.g.:\n  python distar.py --prompts=prompts.txt --lora_rank=4 --batch_size=1\n")
-    # full fine-tuning: on several GPUs. Its FLOP count on meta (seconds even at tiny size) is the
-    # dry-run command's and test_step_flops_on_meta_equal_the_flops_of_real_tensors'
+    # full fine-tuning: on several GPUs. Its FLOP count on meta (seconds even at tiny size) is
+    # test_step_flops_on_meta_equal_the_flops_of_real_tensors'
     monkeypatch.setattr(distar, "step_flops", lambda world, batch_size: dict(assistant=1, generator=1))
     assert distar.main(args) == 0
     assert "--lora_rank" not in capsys.readouterr().out.splitlines()[-1]
