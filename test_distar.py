@@ -63,8 +63,8 @@ def run_here(*args):
 # rank forked from it starts in milliseconds, with none of this process's state (caches, threads)
 RANK_IMPORTS = ["test_distar", "diffusers.models.unets.unet_2d_condition", "diffusers.schedulers",
                 "diffusers.models.autoencoders.autoencoder_kl", "diffusers.models.transformers",
-                "transformers.models.clip.modeling_clip", "transformers.models.t5.modeling_t5", "peft",
-                "torch.distributed.fsdp", "torch.distributed.checkpoint"]
+                "transformers.models.clip.modeling_clip", "transformers.models.t5.modeling_t5",
+                "peft", "torch.distributed.fsdp", "torch.distributed.checkpoint"]
 
 
 def _rank_main(rank, nproc, port, logs, args, timeout, setup):
@@ -99,21 +99,22 @@ def torchrun_here(*args, nproc=2, timeout=120, setup=None):
     with socket.socket() as s:  # a free port for the rendezvous
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    ctx, logs = multiprocessing.get_context("forkserver"), tempfile.mkdtemp()
+    ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(RANK_IMPORTS)
-    ranks = [ctx.Process(target=_rank_main, args=(r, nproc, port, logs, args, timeout, setup))
-             for r in range(nproc)]
-    for p in ranks:
-        p.start()
-    for p in ranks:
-        p.join(timeout)
-    read = lambda name: "".join(open(f"{logs}/{r}.{name}").read() for r in range(nproc))
-    for p in ranks:
-        if p.exitcode is None:
-            p.kill()
-            raise TimeoutError(f"torchrun_here{args} ran past {timeout} s: " + read("err")[-3000:])
+    with tempfile.TemporaryDirectory() as logs:
+        ranks = [ctx.Process(target=_rank_main, args=(r, nproc, port, logs, args, timeout, setup))
+                 for r in range(nproc)]
+        for p in ranks:
+            p.start()
+        for p in ranks:
+            p.join(timeout)
+        hung = [p.kill() or p.join() or p for p in ranks if p.exitcode is None]
+        out, err = ("".join(open(f).read() for r in range(nproc)
+                            if os.path.exists(f := f"{logs}/{r}.{name}")) for name in ("out", "err"))
+    if hung:
+        raise TimeoutError(f"torchrun_here{args} ran past {timeout} s: " + err[-3000:])
     code = next((p.exitcode for p in ranks if p.exitcode), 0)  # as torchrun: one rank's failure
-    done = subprocess.CompletedProcess(["torchrun", "distar.py", *args], code, read("out"), read("err"))
+    done = subprocess.CompletedProcess(["torchrun", "distar.py", *args], code, out, err)
     done.rank_codes = [p.exitcode for p in ranks]
     return done
 
@@ -1151,9 +1152,10 @@ def _generator_weights(ckpt, net="generator"):
 
 def _stop_and_resume(cmd, args, out, sig):
     """Run cmd until its first checkpoint (step --ckpt_interval) is complete, stop it with sig, then
-    run it again with --resume to the end. SIGKILL: the launcher and every rank (torchrun starts each
-    in a session of its own); SIGINT (Ctrl-C): one line for the run, not a traceback per rank: the
-    step reached, the newest complete checkpoint and --resume. Returns the first checkpoint's files."""
+    resume it to the end (--resume, as distar.main here or as torchrun_here's ranks). SIGKILL: the
+    launcher and every rank (torchrun starts each in a session of its own); SIGINT (Ctrl-C): one
+    line for the run, not a traceback per rank: the step reached, the newest complete checkpoint
+    and --resume. Returns the first checkpoint's files."""
     import signal
     import time
 
