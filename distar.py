@@ -39,6 +39,7 @@ import contextlib
 import copy
 import datetime
 import difflib
+import glob
 import inspect
 import json
 import math
@@ -1099,9 +1100,10 @@ def save_checkpoint(cfg, step, world, opt_g, opt_psi, dist_info):
         dist.all_gather_object(rngs, rng)
     tmp = os.path.join(cfg.out_dir, f".tmp-checkpoint-{step:06d}")
     # all_ok in place of barriers: a write that fails (a full disk) stops every rank at once
-    with all_ok(dist_info):  # an empty folder
+    with all_ok(dist_info):  # an empty folder; a crashed save's or prune's leftovers go
         if rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
+            for left in glob.glob(os.path.join(cfg.out_dir, ".tmp-checkpoint-" + "[0-9]" * 6)):
+                shutil.rmtree(left, ignore_errors=True)
             os.makedirs(tmp)
     # --fsdp: every rank writes its own AdamW shards (DCP: a collective, so outside all_ok; it
     # reports one rank's failure on every rank), and takes part in gathering the weights
@@ -1128,7 +1130,10 @@ def save_checkpoint(cfg, step, world, opt_g, opt_psi, dist_info):
             fsync(cfg.out_dir)  # the rename itself
             shutil.rmtree(tmp + ".old", ignore_errors=True)
             for old in list_checkpoints(cfg.out_dir)[:-cfg.keep_checkpoints]:
-                shutil.rmtree(old)
+                # renamed out of the complete ones first: a delete cut short leaves no half of one
+                gone = os.path.join(cfg.out_dir, ".tmp-" + os.path.basename(old))
+                os.rename(old, gone)
+                shutil.rmtree(gone)
 
 def load_checkpoint(cfg, world, opt_g, opt_psi, dist_info):
     """Restore the newest complete checkpoint in out_dir that loads (one whose weights do not,

@@ -1124,6 +1124,32 @@ def test_only_the_newest_keep_checkpoints_checkpoints_stay(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["checkpoint-000003", "checkpoint-000004"]
 
 
+def test_a_pruned_checkpoint_is_out_of_the_complete_ones_before_its_files_go(tmp_path, monkeypatch):
+    """keep_checkpoints' delete, cut short (a kill), leaves no half checkpoint that looks complete;
+    the next save clears what it left."""
+    cfg = distar.parse_args(["--toy", f"--out_dir={tmp_path}", "--keep_checkpoints=1"])
+    world = distar.make_toy_world()
+    opts = [distar.make_optimizer(cfg, net.parameters(), 1e-3)
+            for net in (world.generator, world.assistant)]
+    save = lambda step: distar.save_checkpoint(cfg, step, world, *opts, (0, 1, torch.device("cpu")))
+    save(1)
+    rmtree = distar.shutil.rmtree
+
+    def cut_short(path, *args, **kwargs):  # the pruned one: one file deleted, then the kill
+        if path.endswith("checkpoint-000001"):
+            os.remove(os.path.join(path, "state.pt"))
+            raise KeyboardInterrupt
+        return rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(distar.shutil, "rmtree", cut_short)
+    with pytest.raises(KeyboardInterrupt):
+        save(2)
+    assert distar.list_checkpoints(str(tmp_path)) == [str(tmp_path / "checkpoint-000002")]
+    monkeypatch.setattr(distar.shutil, "rmtree", rmtree)
+    save(3)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-000003"]
+
+
 def test_resume_on_another_number_of_ranks_starts_new_random_streams(tmp_path, monkeypatch,
                                                                      capsys):
     """A checkpoint holds one RNG state per rank: on a different number of ranks no rank takes
