@@ -44,7 +44,7 @@ class SampleConfig:
     seed: int = 0  # batch i uses seed + i; the bootstrap uses it too
     resolution: int = 1024  # image side in pixels, a multiple of 8
     dtype: str = "fp16"  # fp16 (the releases') | bf16 | fp32 on a GPU; always fp32 on the CPU
-    t5: bool = True  # SD3: its T5 text encoder; false: zeros, as a --t5=false run trained
+    t5: bool = True  # SD3: its T5 text encoder; false: zeros (a --t5=false run's default)
     out_dir: str = "samples"  # 000.png, 001.png, ... (a/ and b/ with --compare)
     score: bool = False  # PickScore and CLIP score of every image; means with intervals
     reward_model: str = "yuvalkirstain/PickScore_v1"  # PickScore's CLIPModel
@@ -110,6 +110,16 @@ def checkpoint_generator(flag, path):
     return generator
 
 
+def run_config(path):
+    """The command line of the distar run whose checkpoint holds the generator at path (its
+    state.json beside it), {} for any other generator."""
+    state = os.path.join(os.path.dirname(os.path.normpath(path)), "state.json")  # not via a link
+    if not (path and os.path.isdir(path) and os.path.isfile(state)):
+        return {}
+    with open(state) as f:
+        return json.load(f).get("config", {})
+
+
 def run_pretrained(path):
     """The --pretrained of the distar run that saved the generator at path, "" for any other
     generator: a LoRA checkpoint's from its lora_base.json, a whole UNet's from the state.json
@@ -118,11 +128,7 @@ def run_pretrained(path):
     base = distar.lora_base(path)
     if base is not None:
         return base["pretrained"]
-    state = os.path.join(path, os.pardir, "state.json")
-    if not (os.path.isfile(os.path.join(path, "config.json")) and os.path.isfile(state)):
-        return ""
-    with open(state) as f:
-        config = json.load(f).get("config", {})
+    config = run_config(path) if os.path.isfile(os.path.join(path, "config.json")) else {}
     value, out_dir = config.get("pretrained", ""), config.get("out_dir", "")
     inside = os.path.relpath(value, out_dir) if value and out_dir else os.pardir
     moved = os.path.abspath(os.path.join(path, os.pardir, os.pardir, inside))
@@ -307,6 +313,10 @@ def main(argv):
         distar.quiet_libraries()
         cfg.generator = checkpoint_generator("generator", cfg.generator)  # a run's folder: its
         cfg.compare = checkpoint_generator("compare", cfg.compare)  # newest checkpoint's
+        if run_config(cfg.generator).get("t5") is False and not any(
+                a.split("=")[0] == "--t5" for a in argv):  # SD3 without T5: as its run trained
+            cfg.t5 = False
+            print(f"--t5=false: {cfg.generator}'s run trained without T5")
         toy = os.path.isfile(os.path.join(cfg.generator, "model.safetensors"))  # diffusers' differ
         sample_toy(cfg) if toy else sample(cfg)
     except (distar.ConfigError, distar.LoadError) as e:

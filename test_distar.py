@@ -3670,3 +3670,36 @@ def test_sample_py_knows_an_sd3_run_and_samples_diffusers_one_step_sd3_pipeline(
     expect = pipe("a red fox", num_inference_steps=1, guidance_scale=0.0, height=64, width=64,
                   generator=torch.Generator("cpu").manual_seed(3)).images[0]
     assert np.array_equal(np.asarray(Image.open(tmp_path / "000.png")), np.asarray(expect))
+
+
+@pytest.mark.xdist_group("sd3_runs")
+def test_sample_py_drops_t5_where_the_run_trained_without_it(sd3_runs, tmp_path, capsys, monkeypatch):
+    """A --t5=false run's generator saw zeros for T5's tokens: sample.py gives it the same (its
+    state.json says so) unless --t5 is on the command line. The PNG is StableDiffusion3Pipeline's
+    without T5 (text_encoder_3=None), which differs from the pipeline's with T5."""
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    saved = sd3_runs / "fsdp" / "checkpoint-000002"
+    ckpt = tmp_path / "run" / "checkpoint-000002"  # the same weights, from a run with --t5=false
+    ckpt.mkdir(parents=True)
+    os.symlink(saved / "generator", ckpt / "generator")
+    state = json.loads((saved / "state.json").read_text())
+    state["config"]["t5"] = False
+    (ckpt / "state.json").write_text(json.dumps(state))
+    args = [f"--generator={ckpt / 'generator'}", "--resolution=64", "--prompt=a red fox", "--seed=3"]
+    assert sample.main([*args, f"--out_dir={tmp_path / 'o'}"]) == 0
+    assert f"--t5=false: {ckpt / 'generator'}'s run trained without T5" in capsys.readouterr().out
+    unet = SD3Transformer2DModel.from_pretrained(str(saved / "generator"))
+    images = {}
+    for t5, no_t5 in ((True, {}), (False, dict(text_encoder_3=None, tokenizer_3=None))):
+        pipe = StableDiffusion3Pipeline.from_pretrained(str(sd3_runs / "fsdp" / "tiny" / "sd3"),
+                                                        transformer=unet, **no_t5)
+        pipe.set_progress_bar_config(disable=True)
+        images[t5] = np.asarray(pipe("a red fox", num_inference_steps=1, guidance_scale=0.0,
+                                     height=64, width=64,
+                                     generator=torch.Generator("cpu").manual_seed(3)).images[0])
+    got = np.asarray(Image.open(tmp_path / "o" / "000.png"))
+    assert np.array_equal(got, images[False]) and not np.array_equal(got, images[True])
+    seen = []  # the command line's --t5 wins
+    monkeypatch.setattr(sample, "sample", lambda cfg: seen.append(cfg.t5))
+    assert sample.main([*args, "--t5=true", f"--out_dir={tmp_path / 'p'}"]) == 0 and seen == [True]
