@@ -274,7 +274,7 @@ class ToyWorld(VPProcess):
         return -(resp * diff / var).sum(1)
 
     def velocity(self, x, a, s, c):
-        """E[eps - x_0 | x_t = x] under q(. | c), from each mode's posterior means, not the score"""
+        """E[eps - x_0 | x_t = x] under q(. | c), from each mode's posterior mean: not the score."""
         diff, var, resp = self._diffused(x, a, s, c)
         a, s = a.view(-1, 1, 1), s.view(-1, 1, 1)
         x0 = (x[:, None] - diff) / a + a * self.std**2 / var * diff  # E[x_0 | x_t, mode]
@@ -341,7 +341,8 @@ def gradient_check(n=2**17, n_batches=16, t=300, c_huber=0.5, alpha_cfg=7.5, see
         return -torch.linalg.solve(cov(A), (x - a * mu).T).T
 
     ref_score = lambda x, c, to_eps=eps_from_velocity: (  # s_ref(x | c); c None: empty
-        world.score(x, a, s, c) if process == "vp" else -to_eps(x, world.velocity(x, a, s, c), s)/s)
+        world.score(x, a, s, c) if process == "vp"
+        else -to_eps(x, world.velocity(x, a, s, c), s) / s)
 
     omega = 1 + alpha_cfg
     s_c = lambda x: ref_score(x, 0)  # s_ref(x | c = 0)
@@ -2013,12 +2014,6 @@ def random_sd3_parts(sizes, device="cpu", t5=True):
         text_encoder=te, tokenizer=tok, text_encoder_2=te2, tokenizer_2=tok, text_encoder_3=te3,
         tokenizer_3=t5_tok if t5 else None)
     return (pipe, *random_reward(sizes, device))
-
-def build_tiny_sd3(root, t5=True):
-    return build_tiny(root, "sd3", t5)
-
-def dry_run_sd3_parts(device, t5=True):
-    return dry_run_parts(device, Config(model="sd3", t5=t5))
 
 # -----------------------------------------------------------------------------
 # speed options, opt-in until timed on a GPU: --compile and --fast_backends

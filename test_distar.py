@@ -1127,11 +1127,10 @@ def test_only_the_newest_keep_checkpoints_checkpoints_stay(tmp_path):
 def test_a_pruned_checkpoint_is_out_of_the_complete_ones_before_its_files_go(tmp_path, monkeypatch):
     """keep_checkpoints' delete, cut short (a kill), leaves no half checkpoint that looks complete;
     the next save clears what it left."""
-    cfg = distar.parse_args(["--toy", f"--out_dir={tmp_path}", "--keep_checkpoints=1"])
-    world = distar.make_toy_world()
-    opts = [distar.make_optimizer(cfg, net.parameters(), 1e-3)
-            for net in (world.generator, world.assistant)]
-    save = lambda step: distar.save_checkpoint(cfg, step, world, *opts, (0, 1, torch.device("cpu")))
+    world = _toy([f"--out_dir={tmp_path}", "--keep_checkpoints=1"])
+    opts = _toy_optimizers(world.cfg, world)
+    save = lambda step: distar.save_checkpoint(world.cfg, step, world, *opts,
+                                               (0, 1, torch.device("cpu")))
     save(1)
     rmtree = distar.shutil.rmtree
 
@@ -3450,8 +3449,8 @@ def tiny_sd3(tmp_path_factory):
     """Tiny random SD3 pipelines, with T5 and without (text_encoder_3 None), and the reward."""
     distar.quiet_libraries()
     root = str(tmp_path_factory.mktemp("tiny_sd3"))
-    sd3, reward = distar.build_tiny_sd3(root)
-    return dict(sd3=sd3, no_t5=distar.build_tiny_sd3(root, t5=False)[0], reward=reward)
+    sd3, reward = distar.build_tiny(root, "sd3")
+    return dict(sd3=sd3, no_t5=distar.build_tiny(root, "sd3", t5=False)[0], reward=reward)
 
 
 def _sd3_world(tiny_sd3, *args, t5=True):
@@ -3527,15 +3526,12 @@ def test_a_large_alpha_rew_raises_the_reward_and_alpha_rew_0_does_not(tiny, tiny
     """4 steps (generator lr 1e-2, no CFG): the reward of fixed noise and prompts rises with
     alpha_rew 1000 (measured: sdxl +0.039, sd3 +0.100), and by under a quarter of that with
     alpha_rew 0 (-0.012, +0.012)."""
-    gain = {}
+    gain, (pipe, reward_model) = {}, tiny if model == "sdxl" else (tiny_sd3["sd3"], tiny_sd3["reward"])
     for alpha in (1000, 0):
-        torch.manual_seed(0)
-        args = [f"--alpha_rew={alpha}", "--alpha_cfg=0", "--lr_g=1e-2", "--lr_psi=1e-3", "--assistant_steps=1",
-                "--log_interval=100"]
-        if model == "sd3":
-            cfg = _sd3_world(tiny_sd3, *args).cfg
-        else:
-            cfg = _sdxl_world(tiny, *args).cfg
+        cfg = distar.parse_args(["--tiny", f"--model={model}", f"--pretrained={pipe}", "--generator_init=",
+                                 f"--reward_model={reward_model}", f"--reward_processor={reward_model}",
+                                 f"--alpha_rew={alpha}", "--alpha_cfg=0", "--lr_g=1e-2", "--lr_psi=1e-3",
+                                 "--assistant_steps=1", "--log_interval=100"])
         torch.manual_seed(0)
         world = distar.WORLDS[model](cfg, torch.device("cpu"))
         cond = world.encode(distar.BUILTIN_PROMPTS[:4])
@@ -3608,7 +3604,7 @@ def test_an_sd3_lora_round_trips_through_diffusers_load_lora_weights(tiny_sd3, t
 
 
 def test_sd35_medium_on_meta_has_its_published_parameter_counts():
-    parts = distar.dry_run_sd3_parts("meta")
+    parts = distar.dry_run_parts("meta", distar.Config(model="sd3"))
     n = lambda net: sum(p.numel() for p in net.parameters())
     assert n(parts["s_ref"]) == 2_243_171_520 and n(parts["pipe"].text_encoder_3) == 4_762_310_656
     assert n(parts["reward_fn"].model) == PICKSCORE
