@@ -3386,6 +3386,191 @@ def test_a_lora_without_its_base_record_is_one_line_naming_what_to_pass(lora_run
     assert err.count("\n") == 1 and "no lora_base.json" in err and "--lora" in err, err
     assert not os.path.exists(tmp_path / "o")
 
+# the paper's per-image metrics against golden outputs of the official code (.ci/eval_golden: tiny
+# random models in the official key formats, made by its make_golden.py in a separate venv)
+GOLDEN = os.path.join(HERE, ".ci", "eval_golden")
+
+
+@pytest.fixture(scope="module")
+def golden(tmp_path_factory):
+    """The fixtures as the real files are: ImageReward.pt (a plain state dict), HPS.pt
+    ({'state_dict': ...}), the aesthetic head, a CLIP-H-like tokenizer folder (pad "!", as laion's
+    processor), a BERT vocab folder, and the tiny OpenAI CLIP as a CLIPModel (--clip_model)."""
+    import shutil
+    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+
+    g = json.load(open(os.path.join(GOLDEN, "golden.json")))
+    d = tmp_path_factory.mktemp("golden")
+    w = np.load(os.path.join(GOLDEN, "weights.npz"))
+    sds = {}
+    for k in w.files:  # fp16 on disk, exact: the official run used these values in fp32
+        model, key = k.split("/", 1)
+        sds.setdefault(model, {})[key] = torch.from_numpy(w[k]).float() if w[k].dtype == np.float16 else torch.from_numpy(w[k])
+    torch.save(sds["image_reward"], d / "ImageReward.pt")
+    torch.save({"state_dict": sds["hps"]}, d / "HPS.pt")
+    torch.save(sds["aesthetic_head"], d / "aesthetic.pth")
+    shutil.copy(os.path.join(GOLDEN, "ir_med_config.json"), d / "med_config.json")
+    (d / "bert").mkdir()
+    shutil.copy(os.path.join(GOLDEN, "ir_vocab.txt"), d / "bert" / "vocab.txt")
+    CLIPTokenizer(os.path.join(GOLDEN, "clip_vocab.json"), os.path.join(GOLDEN, "clip_merges.txt"),
+                  pad_token="!").save_pretrained(d / "cliph")
+    clip = CLIPModel(CLIPConfig(projection_dim=16, vision_config=dict(
+        hidden_size=32, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, patch_size=14,
+        hidden_act="quick_gelu"), text_config=dict(hidden_size=16, intermediate_size=64, num_hidden_layers=1,
+                                                    num_attention_heads=2, hidden_act="quick_gelu")))
+    assert clip.load_state_dict(sample.open_clip_to_hf(sds["aesthetic_clip"]), strict=False).missing_keys == []
+    clip.save_pretrained(d / "clip")
+    cfg = sample.SampleConfig(image_reward_model=str(d / "ImageReward.pt"), image_reward_config=str(d / "med_config.json"),
+                              image_reward_tokenizer=str(d / "bert"), hps_model=str(d / "HPS.pt"),
+                              reward_processor=str(d / "cliph"), aesthetic_head=str(d / "aesthetic.pth"),
+                              clip_model=str(d / "clip"))
+    images = {f: Image.open(os.path.join(GOLDEN, f)) for f in set(g["images"] + g["aesthetic_images"])}
+    return g, cfg, images, sds
+
+
+def _tiny_scorer_configs(monkeypatch, g):
+    """The official code's fixed sizes (BLIP's ViT-L/16, open_clip's ViT-H-14) as the golden run shrank them."""
+    vit, hps = g["image_reward_vit"], g["hps_config"]
+    monkeypatch.setattr(sample, "IR_VISION", dict(sample.IR_VISION, hidden_size=vit["hidden"],
+                        intermediate_size=4 * vit["hidden"], num_hidden_layers=vit["layers"],
+                        num_attention_heads=vit["heads"]))
+    v, t = hps["vision_cfg"], hps["text_cfg"]
+    monkeypatch.setattr(sample, "HPS_CLIP", dict(projection_dim=hps["embed_dim"], vision_config=dict(
+        sample.HPS_CLIP["vision_config"], hidden_size=v["width"], intermediate_size=4 * v["width"],
+        num_hidden_layers=v["layers"], num_attention_heads=v["width"] // v["head_width"]), text_config=dict(
+        sample.HPS_CLIP["text_config"], hidden_size=t["width"], intermediate_size=4 * t["width"],
+        num_hidden_layers=t["layers"], num_attention_heads=t["heads"])))
+
+
+def _torch_resize_pixels(images, size, long_side=False):
+    """A mutant of sample.pixels: the short side resized in torch (bicubic, antialiased, as
+    ClipReward), not in PIL on uint8."""
+    out = []
+    for im in images:
+        im = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1)[None].float() / 255
+        h, w = im.shape[-2:]
+        s = size / min(h, w)
+        im = torch.nn.functional.interpolate(im, size=(int(h * s), int(w * s)), mode="bicubic", antialias=True)
+        top, left = int(round((im.shape[-2] - size) / 2)), int(round((im.shape[-1] - size) / 2))
+        out.append(im[0, :, top:top + size, left:left + size])
+    return (torch.stack(out) - sample.CLIP_MEAN) / sample.CLIP_STD
+
+
+def _scores(name, g, cfg, images, **kw):
+    scorer = sample.PAPER_METRICS[name](cfg, "cpu", **kw)
+    names = g["aesthetic_images"] if name == "aesthetic" else g["images"]
+    return scorer([images[f] for f in names], g["prompts"][:len(names)])
+
+
+@pytest.mark.parametrize("name", ["image_reward", "hps", "aesthetic"])
+def test_paper_metrics_reproduce_the_official_code_and_its_mutants_do_not(golden, monkeypatch, name):
+    """Each scorer gives the official implementation's number (image-reward 1.5; hpsv2x 1.2.0's
+    open_clip fork, x100 as Table 3; openai-clip 1.0.1 + LAION's head) on tiny random models, from
+    the official files, uint8 PIL images and prompts with "!", capitals and 120 words. A converter
+    with one rename wrong, and PIL's resize replaced by torch's, each miss them."""
+    g, cfg, images, _ = golden
+    _tiny_scorer_configs(monkeypatch, g)
+    expect = torch.tensor(g[name]) * (100 if name == "hps" else 1)
+    off = lambda: (_scores(name, *golden[:3]) - expect).abs().max().item()  # noqa: E731
+    tol = 1e-5 * expect.abs().max().item()  # reached: 0.0 (HPS), 7e-7 (ImageReward), 1e-7 (aesthetic)
+    got = _scores(name, *golden[:3])
+    assert got.shape == expect.shape and got.dtype == torch.float32
+    assert (got - expect).abs().max() <= tol, (got, expect)
+    swap = {"image_reward": ("IR_TO_HF", r"\.norm1\.", r"\.norm2\."),
+            "hps": ("OPEN_CLIP_TO_HF", r"\.ln_1\.", r"\.ln_2\.")}.get(name)
+    if swap:  # the two layer norms of every block swapped: same shapes, so only the numbers tell
+        table, a, b = swap
+        old = getattr(sample, table)
+        monkeypatch.setattr(sample, table, [(b if k == a else a if k == b else k, v) for k, v in old])
+        assert off() > 10 * tol  # 0.07 (ImageReward), 13 (HPS)
+        monkeypatch.setattr(sample, table, old)
+    if name != "hps":  # HPSv2 itself resizes in torch
+        monkeypatch.setattr(sample, "pixels", _torch_resize_pixels)
+        assert off() > 10 * tol  # 2e-3 (ImageReward), 3e-4 (aesthetic)
+
+
+def test_paper_metric_tokenizers_give_the_official_token_ids(golden):
+    """ImageReward: BERT's ids, 35 long, [CLS] first. HPS: open_clip's ids, a "!" included, which
+    the CLIP-H processor's own tokenizer (pad "!") gets wrong."""
+    from transformers import AutoTokenizer
+
+    g, cfg, _, _ = golden
+    tok = sample.image_reward_tokenizer(cfg.image_reward_tokenizer)
+    assert tok(g["prompts"], padding="max_length", truncation=True, max_length=35).input_ids == g["image_reward_ids"]
+    assert sample.hps_tokenizer(cfg.reward_processor)(g["prompts"]).tolist() == g["hps_ids"]
+    own = AutoTokenizer.from_pretrained(cfg.reward_processor)
+    assert own.pad_token == "!"
+    ids = own(g["prompts"], padding="max_length", truncation=True, max_length=77).input_ids
+    assert [a == b for a, b in zip(ids, g["hps_ids"])] == ["!" not in p for p in g["prompts"]]
+
+
+@pytest.mark.skipif(not os.path.isfile(os.path.join(HERE, "..", "shared", "eval_data",
+                                                    "sac+logos+ava1-l14-linearMSE.pth")),
+                    reason="the real LAION aesthetic head is in ../shared/eval_data, absent here")
+def test_the_real_aesthetic_head_loads_strictly_and_gives_the_official_formula():
+    """LAION's sac+logos+ava1-l14-linearMSE.pth (768-1024-128-64-16-1, no activations) on a random
+    CLIP with ViT-L/14's 768-d embedding: the head is one affine map, W normalize(f) + b, computed
+    here from the file's layers in float64."""
+    from transformers import CLIPConfig, CLIPModel
+
+    path = os.path.join(HERE, "..", "shared", "eval_data", "sac+logos+ava1-l14-linearMSE.pth")
+    torch.manual_seed(0)
+    clip = CLIPModel(CLIPConfig(projection_dim=768, vision_config=dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, patch_size=14),
+        text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)))
+    scorer = sample.load_aesthetic(sample.SampleConfig(aesthetic_head=path), "cpu", clip=clip)
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((300, 200), (224, 224))]
+    got = scorer(images, ["", ""])
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    W, b = torch.eye(768, dtype=f64), torch.zeros(768, dtype=f64)
+    for i in (0, 2, 4, 6, 7):
+        W, b = sd[f"layers.{i}.weight"].double() @ W, sd[f"layers.{i}.weight"].double() @ b + sd[f"layers.{i}.bias"].double()
+    with torch.no_grad():
+        f = clip.get_image_features(pixel_values=sample.pixels(images, 224)).pooler_output.double()
+    expect = torch.nn.functional.normalize(f, dim=-1) @ W.T + b
+    assert W.shape == (1, 768) and torch.allclose(got.double(), expect[:, 0], rtol=0, atol=1e-5), (got, expect)
+
+
+@pytest.mark.parametrize("case", ["ir_as_hps", "hps_as_ir", "ir_as_aesthetic", "aesthetic_as_hps",
+                                  "missing_key", "extra_key", "wrong_shape", "not_a_state_dict", "no_file"])
+def test_a_scorer_checkpoint_of_the_wrong_kind_is_one_line_naming_a_key(golden, monkeypatch, tmp_path, case):
+    g, cfg, _, sds = golden
+    _tiny_scorer_configs(monkeypatch, g)
+    ir = dict(sds["image_reward"])
+    bad = {"missing_key": {k: v for k, v in ir.items() if k != "blip.visual_encoder.blocks.1.norm2.bias"},
+           "extra_key": {**ir, "blip.text_decoder.cls.bias": torch.zeros(3)},
+           "wrong_shape": {**ir, "mlp.layers.7.bias": torch.zeros(2)}, "not_a_state_dict": torch.zeros(3)}
+    if case in bad:
+        torch.save(bad[case], tmp_path / "bad.pt")
+    flag, load, path, word = {
+        "ir_as_hps": ("hps_model", "hps", cfg.image_reward_model, "unexpected key blip.visual_encoder."),
+        "hps_as_ir": ("image_reward_model", "image_reward", cfg.hps_model, "unexpected key state_dict"),
+        "ir_as_aesthetic": ("aesthetic_head", "aesthetic", cfg.image_reward_model, "unexpected key blip."),
+        "aesthetic_as_hps": ("hps_model", "hps", cfg.aesthetic_head, "unexpected key layers.0.weight"),
+        "missing_key": ("image_reward_model", "image_reward", tmp_path / "bad.pt",
+                        "missing key blip.vision_model.encoder.layers.1.layer_norm2.bias"),
+        "extra_key": ("image_reward_model", "image_reward", tmp_path / "bad.pt", "unexpected key blip.text_decoder"),
+        "wrong_shape": ("image_reward_model", "image_reward", tmp_path / "bad.pt",
+                        "wrong shape mlp.layers.7.bias (2,), not (1,)"),
+        "not_a_state_dict": ("image_reward_model", "image_reward", tmp_path / "bad.pt", "not a state dict"),
+        "no_file": ("hps_model", "hps", tmp_path / "nope.pt", "No such file")}[case]
+    with pytest.raises(distar.LoadError) as e:
+        sample.PAPER_METRICS[load](replace(cfg, **{flag: str(path)}), "cpu")
+    msg = str(e.value)
+    assert msg.startswith(f"cannot load --{flag}={path}: ") and "\n" not in msg and word in msg, msg
+
+
+def test_dry_run_lists_each_scorers_parameters_and_memory_without_a_download(capsys):
+    """At full size on meta: the counts of the official nets (open_clip's ViT-H-14 986,109,441;
+    ImageReward's state dict 446,666,465 less BLIP's two 256-d projections and its position_ids;
+    openai's CLIP ViT-L/14 427,616,513 + LAION's head 927,969)."""
+    assert sample.main(["--dry_run"]) == 0
+    out = capsys.readouterr().out
+    for name, n in (("image_reward", 446_666_465 - (1024 + 768 + 2) * 256 - 512),
+                    ("aesthetic", 427_616_513 + 927_969), ("hps", 986_109_441)):
+        assert re.search(rf"^{name} .* {n:,d} parameters +{4 * n / 2**30:.2f} GiB$", out, re.M), out
+
 
 # -----------------------------------------------------------------------------
 # SD3/SD3.5 (--model=sd3): the flow process x_s = (1 - s) x_0 + s eps through the same losses,
