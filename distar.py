@@ -1451,7 +1451,12 @@ def load(flag, value, fn, *args, **kwargs):
         first = first_line(e)
         if hub_unreachable(e):
             local = "/path/to/" + dict(pretrained="sdxl", lora="lora", reward_model="clip",
-                                       reward_processor="clip", clip_model="clip").get(flag, "unet")
+                                       reward_processor="clip", clip_model="clip",
+                                       image_reward_model="ImageReward.pt",
+                                       image_reward_config="med_config.json",
+                                       image_reward_tokenizer="bert-base-uncased",
+                                       aesthetic_head="head.pth",
+                                       hps_model="HPS_v2.1_compressed.pt").get(flag, "unet")
             first = ("no such local path, the Hugging Face hub could not be reached and the model "
                      f"is not in the local cache; pass a local folder (--{flag}={local})")
         raise LoadError(f"cannot load --{flag}={value}: {first}") from None
@@ -1557,6 +1562,85 @@ def quiet_libraries():
         lib.disable_progress_bar()  # transformers' also turns off the hub's bars
     if hub_bars:
         enable_progress_bars()
+
+# -----------------------------------------------------------------------------
+# Scorers' official files (sample.py's ImageReward, aesthetic and HPSv2.1): read strictly into
+# transformers' classes, each key renamed, none left over or missing but the listed unused.
+
+# key renames in order: ImageReward.pt's BLIP ViT (timm's names) -> BlipForImageTextRetrieval, as
+# transformers' convert_blip_original_pytorch_to_hf.py; open_clip / OpenAI CLIP -> CLIPModel
+IR_TO_HF = [(r"^blip\.visual_encoder\.", "blip.vision_model.encoder."), (r"\.blocks\.", ".layers."),
+            (r"\.attn\.qkv\.", ".self_attn.qkv."), (r"\.attn\.proj\.", ".self_attn.projection."),
+            (r"\.norm1\.", ".layer_norm1."), (r"\.norm2\.", ".layer_norm2."),
+            (r"encoder\.norm\.", "post_layernorm."), (r"encoder\.cls_token", "embeddings.class_"
+             "embedding"), (r"encoder\.patch_embed\.proj\.", "embeddings.patch_embedding."),
+            (r"encoder\.pos_embed", "embeddings.position_embedding")]
+OPEN_CLIP_TO_HF = [
+    (r"^visual\.transformer\.resblocks\.", "vision_model.encoder.layers."),
+    (r"^transformer\.resblocks\.", "text_model.encoder.layers."), (r"\.ln_1\.", ".layer_norm1."),
+    (r"\.ln_2\.", ".layer_norm2."), (r"\.attn\.out_proj\.", ".self_attn.out_proj."),
+    (r"\.mlp\.c_fc\.", ".mlp.fc1."), (r"\.mlp\.c_proj\.", ".mlp.fc2."),
+    (r"^visual\.conv1\.", "vision_model.embeddings.patch_embedding."),
+    (r"^visual\.class_embedding", "vision_model.embeddings.class_embedding"),
+    (r"^visual\.positional_embedding", "vision_model.embeddings.position_embedding.weight"),
+    (r"^visual\.ln_pre\.", "vision_model.pre_layrnorm."), (r"^visual\.proj$", "visual_projection"),
+    (r"^visual\.ln_post\.", "vision_model.post_layernorm."), (r"^ln_final\.", "text_model.final_"
+     "layer_norm."), (r"^token_embedding\.", "text_model.embeddings.token_embedding."),
+    (r"^positional_embedding", "text_model.embeddings.position_embedding.weight")]
+
+def open_clip_to_hf(sd):
+    """An open_clip (OpenAI CLIP) state dict in CLIPModel's names: each fused in_proj split into q,
+    k, v; the projections (x @ P there) transposed to Linear weights. Unknown keys keep theirs."""
+    out = {}
+    for k, v in sd.items():
+        for old, new in OPEN_CLIP_TO_HF:
+            k = re.sub(old, new, k)
+        for i, part in enumerate(v.chunk(3) if ".attn.in_proj_" in k else [v]):  # q, k, v stacked
+            key = k.replace("attn.in_proj_", f"self_attn.{'qkv'[i]}_proj.")
+            proj = key.endswith("projection")  # (width, dim) there, a Linear's (dim, width) here
+            out[key + ".weight" * proj] = part.T if proj else part
+    return out
+
+def load_file(flag, path, reader=lambda f: torch.load(f, map_location="cpu", weights_only=True)):
+    """reader(file) of a local file or of owner/repo/path/in/repo on the hub (fetched into its
+    cache): a state dict, or a dict. Any failure is one line naming the flag."""
+    def get():
+        if os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") < 2:
+            out = reader(path)
+        else:
+            from huggingface_hub import hf_hub_download
+            owner, repo, file = path.split("/", 2)
+            out = reader(hf_hub_download(f"{owner}/{repo}", file))
+        if not isinstance(out, dict):
+            raise ValueError("not a state dict")
+        return out
+    return load(flag, path, get)
+
+def strict_load(flag, path, kind, model, sd, unused=r"$^"):
+    """sd's tensors become model's (built on meta), in fp32, every key matched both ways but those
+    `unused` matches: else one line naming the first key out of place (a file of another kind)."""
+    own = model.state_dict()
+    for what, keys in (("unexpected key", [k for k in sd if k not in own]),
+                       ("missing key", [k for k in own if k not in sd]),
+                       ("wrong shape", [f"{k} {tuple(sd[k].shape)}, not {tuple(own[k].shape)}"
+                                        for k in sd if k in own and sd[k].shape != own[k].shape])):
+        keys = [k for k in keys if not re.match(unused, k)]
+        if keys:
+            raise LoadError(f"cannot load --{flag}={path}: not {kind}: {what} {keys[0]}"
+                                   + f" (and {len(keys) - 1} more)" * (len(keys) > 1))
+    model.load_state_dict({k: v.float() for k, v in sd.items() if k in own}, False, True)
+    return model.eval().requires_grad_(False)
+
+def mlp_head(sd, prefix=""):
+    """ImageReward's MLP and LAION's aesthetic head alike: Linear layers at 0, 2, 4, 6, 7 with
+    dropouts between, no activation; 768-1024-128-64-16-1, or the file's widths."""
+    ws = [sd.get(f"{prefix}layers.{i}.weight") for i in (0, 2, 4, 6, 7)]
+    ok = all(isinstance(w, torch.Tensor) and w.dim() == 2 for w in ws)
+    dims = [ws[0].shape[1]] + [w.shape[0] for w in ws] if ok else [768, 1024, 128, 64, 16, 1]
+    lin = [nn.Linear(a, b) for a, b in zip(dims, dims[1:])]
+    head = nn.Module()
+    head.layers = nn.Sequential(*[m for x in lin[:3] for m in (x, nn.Dropout())], *lin[3:])
+    return head
 
 # -----------------------------------------------------------------------------
 # LoRA (--lora_rank): diffusers' peft integration. Each trained net is its own frozen base plus an

@@ -246,171 +246,71 @@ def cluster_bootstrap(scores, n_boot=1000, ci=0.95, seed=0):
     return mean, float(lo), float(hi)
 
 
-# ---- the paper's per-image metrics: ImageReward, the LAION aesthetic score and HPSv2.1, each from
-# its official weights with transformers' classes, preprocessed as its official code does (PIL or
-# torch, as they do: the two resizes differ by up to 0.14 in normalised units). Golden outputs of
-# the official code on tiny models are in .ci/eval_golden; the tests reproduce them.
+# ---- the paper's per-image metrics: ImageReward, LAION's aesthetic score and HPSv2.1 from their
+# official files in transformers' classes, preprocessed as their official code does (PIL's and
+# torch's resizes differ by up to 0.14 in normalised units). load_<name>(cfg, device, clip) -> a
+# scorer: (PIL images, prompts) -> (B,) on the paper's scale. Tests: the official code's outputs
+# on tiny models (.ci/eval_golden).
 CLIP_MEAN = torch.tensor((0.48145466, 0.4578275, 0.40821073)).view(3, 1, 1)  # BLIP and HPS too
 CLIP_STD = torch.tensor((0.26862954, 0.26130258, 0.27577711)).view(3, 1, 1)
 IR_MEAN, IR_STD = 0.16717362830052426, 1.0333394966054072  # ImageReward's reward normalisation
-# ImageReward's ViT is BLIP's ViT-L/16 (fixed in its code); its BERT is --image_reward_config's
 IR_VISION = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, image_size=224,
-                 num_attention_heads=16, patch_size=16, layer_norm_eps=1e-6)
-BERT_BASE = dict(vocab_size=30524, hidden_size=768, intermediate_size=3072,  # its med_config.json
+                 num_attention_heads=16, patch_size=16, layer_norm_eps=1e-6)  # BLIP's ViT-L/16
+BERT_BASE = dict(vocab_size=30524, hidden_size=768, intermediate_size=3072,  # med_config.json's
                  num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=512)
-HPS_CLIP = dict(projection_dim=1024, vision_config=dict(  # open_clip's ViT-H-14 (exact GELU)
-    hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
-    image_size=224, patch_size=14, layer_norm_eps=1e-5, hidden_act="gelu"), text_config=dict(
-    hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-    vocab_size=49408, max_position_embeddings=77, layer_norm_eps=1e-5, hidden_act="gelu"))
-CLIP_L = dict(projection_dim=768, vision_config=dict(  # openai/clip-vit-large-patch14 (--dry_run)
-    hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-    patch_size=14, hidden_act="quick_gelu"), text_config=dict(hidden_size=768,
-    intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, hidden_act="quick_gelu"))
-# key renames, in order: ImageReward.pt (BLIP's timm ViT) -> BlipForImageTextRetrieval, as in
-# transformers' convert_blip_original_pytorch_to_hf.py; open_clip (or OpenAI CLIP) -> CLIPModel
-IR_TO_HF = [(r"^blip\.visual_encoder\.", "blip.vision_model.encoder."), (r"\.blocks\.", ".layers."),
-            (r"\.attn\.qkv\.", ".self_attn.qkv."), (r"\.attn\.proj\.", ".self_attn.projection."),
-            (r"\.norm1\.", ".layer_norm1."), (r"\.norm2\.", ".layer_norm2."),
-            (r"encoder\.norm\.", "post_layernorm."),
-            (r"encoder\.patch_embed\.proj\.", "embeddings.patch_embedding."),
-            (r"encoder\.pos_embed$", "embeddings.position_embedding"),
-            (r"encoder\.cls_token$", "embeddings.class_embedding")]
-OPEN_CLIP_TO_HF = [
-    (r"^visual\.transformer\.resblocks\.", "vision_model.encoder.layers."),
-    (r"^transformer\.resblocks\.", "text_model.encoder.layers."), (r"\.ln_1\.", ".layer_norm1."),
-    (r"\.ln_2\.", ".layer_norm2."), (r"\.attn\.out_proj\.", ".self_attn.out_proj."),
-    (r"\.mlp\.c_fc\.", ".mlp.fc1."), (r"\.mlp\.c_proj\.", ".mlp.fc2."),
-    (r"^visual\.conv1\.", "vision_model.embeddings.patch_embedding."),
-    (r"^visual\.class_embedding$", "vision_model.embeddings.class_embedding"),
-    (r"^visual\.positional_embedding$", "vision_model.embeddings.position_embedding.weight"),
-    (r"^visual\.ln_pre\.", "vision_model.pre_layrnorm."),
-    (r"^visual\.ln_post\.", "vision_model.post_layernorm."), (r"^visual\.proj$", "visual_projection"),
-    (r"^token_embedding\.", "text_model.embeddings.token_embedding."),
-    (r"^positional_embedding$", "text_model.embeddings.position_embedding.weight"),
-    (r"^ln_final\.", "text_model.final_layer_norm.")]
-
-
-def open_clip_to_hf(sd):
-    """An open_clip / OpenAI CLIP state dict in CLIPModel's names: the fused in_proj split into q,
-    k, v; the projections (x @ P there) transposed into Linear weights. Unknown keys keep theirs."""
-    out = {}
-    for k, v in sd.items():
-        for old, new in OPEN_CLIP_TO_HF:
-            k = re.sub(old, new, k)
-        if ".attn.in_proj_" in k:  # (3 * width, ...): q, k, v stacked
-            for name, part in zip("qkv", v.chunk(3)):
-                out[k.replace("attn.in_proj_", f"self_attn.{name}_proj.")] = part
-        else:
-            out[k + ".weight" * k.endswith("projection")] = v.T if k.endswith("projection") else v
-    return out
-
-
-def read(flag, path, reader):
-    """reader(file) of a local file, or of owner/repo/path/in/repo fetched by huggingface_hub into
-    its cache; any failure is one line naming the flag."""
-    def get():
-        if os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") < 2:
-            return reader(path)
-        from huggingface_hub import hf_hub_download
-        return reader(hf_hub_download("/".join(path.split("/")[:2]), path.split("/", 2)[2]))
-    return distar.load(flag, path, get)
-
-
-def state_dict(flag, path):
-    sd = read(flag, path, lambda f: torch.load(f, map_location="cpu", weights_only=True))
-    if not isinstance(sd, dict):
-        raise distar.LoadError(f"cannot load --{flag}={path}: not a state dict")
-    return sd
-
-
-def strict_load(flag, path, kind, model, sd, unused=r"$^"):
-    """sd's tensors become model's (built on meta), fp32, every key matched both ways except those
-    `unused` matches: else one line naming the first key out of place (a file of another kind)."""
-    own = model.state_dict()
-    for what, keys in (("unexpected key", [k for k in sd if k not in own]),
-                       ("missing key", [k for k in own if k not in sd]),
-                       ("wrong shape", [f"{k} {tuple(sd[k].shape)}, not {tuple(own[k].shape)}"
-                                        for k in sd if k in own and sd[k].shape != own[k].shape])):
-        keys = [k for k in keys if not re.match(unused, k)]
-        if keys:
-            raise distar.LoadError(f"cannot load --{flag}={path}: not {kind}: {what} {keys[0]}"
-                                   + f" (and {len(keys) - 1} more)" * (len(keys) > 1))
-    model.load_state_dict({k: v.float() for k, v in sd.items() if k in own}, assign=True,
-                          strict=False)
-    return model.eval().requires_grad_(False)
-
-
-def mlp_head(sd, prefix=""):
-    """ImageReward's MLP and LAION's aesthetic head alike: Linear layers at 0, 2, 4, 6, 7 with
-    dropouts between and no activation (768-1024-128-64-16-1; widths read from the file)."""
-    ws = [sd.get(f"{prefix}layers.{i}.weight") for i in (0, 2, 4, 6, 7)]
-    ok = all(isinstance(w, torch.Tensor) and w.dim() == 2 for w in ws)
-    dims = [ws[0].shape[1]] + [w.shape[0] for w in ws] if ok else [768, 1024, 128, 64, 16, 1]
-    lin = [nn.Linear(a, b) for a, b in zip(dims, dims[1:])]
-    head = nn.Module()
-    head.layers = nn.Sequential(lin[0], nn.Dropout(), lin[1], nn.Dropout(), lin[2], nn.Dropout(),
-                                *lin[3:])
-    return head
-
-
+tower = lambda w, n, h, act: dict(hidden_size=w, intermediate_size=4 * w, num_hidden_layers=n,
+                                  num_attention_heads=h, hidden_act=act, layer_norm_eps=1e-5)
+HPS_CLIP = dict(projection_dim=1024, vision_config=dict(tower(1280, 32, 16, "gelu"), patch_size=14),
+                text_config=tower(1024, 24, 16, "gelu"))  # open_clip's ViT-H-14 (exact GELU)
+CLIP_L = dict(projection_dim=768, vision_config=dict(tower(1024, 24, 16, "quick_gelu"),
+              patch_size=14), text_config=tower(768, 12, 12, "quick_gelu"))  # --dry_run's
 def pixels(images, size, long_side=False):
-    """PIL images -> (B, 3, size, size), CLIP mean/std. As CLIP's and BLIP's transforms (ImageReward,
-    aesthetic): bicubic resize of the short side in PIL, on uint8 (the long side truncated, as
-    torchvision), centre crop. long_side, as HPSv2's: [0, 1] first, then the long side resized in
-    torch (bicubic, antialiased), zero padding to a square around it."""
+    """PIL images -> (B, 3, size, size), CLIP mean/std. As CLIP's and BLIP's transforms: bicubic
+    resize of the short side in PIL, on uint8 (the long side truncated, as torchvision), centre
+    crop. long_side, as HPSv2's: [0, 1] first, the long side resized in torch (bicubic,
+    antialiased), then zeros around it to a square."""
     out = []
-    for im in images:
-        im = im.convert("RGB")
+    for im in (im.convert("RGB") for im in images):
         w, h = im.size
-        if long_side:
-            x = torch.from_numpy(np.array(im)).permute(2, 0, 1).float() / 255
-            s = size / max(h, w)
-            if s != 1:
-                x = F.interpolate(x[None], size=(round(h * s), round(w * s)), mode="bicubic",
-                                  antialias=True)[0]
-            ph, pw = size - x.shape[1], size - x.shape[2]
-            out.append(F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2)))
-            continue
         new = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
-        im = im.resize(new, Image.BICUBIC) if new != (w, h) else im
-        top, left = int(round((new[1] - size) / 2)), int(round((new[0] - size) / 2))
-        im = im.crop((left, top, left + size, top + size))
-        out.append(torch.from_numpy(np.array(im)).permute(2, 0, 1).float() / 255)
+        if not long_side:
+            im = im.resize(new, Image.BICUBIC) if new != (w, h) else im
+            top, left = int(round((new[1] - size) / 2)), int(round((new[0] - size) / 2))
+            im = im.crop((left, top, left + size, top + size))
+        x = torch.from_numpy(np.array(im)).permute(2, 0, 1).float() / 255  # (3, h, w)
+        if long_side and max(h, w) != size:
+            s = size / max(h, w)
+            x = F.interpolate(x[None], size=(round(h * s), round(w * s)), mode="bicubic",
+                              antialias=True)[0]
+        ph, pw = size - x.shape[1], size - x.shape[2]
+        out.append(F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2)))
     return (torch.stack(out) - CLIP_MEAN) / CLIP_STD
 
 
-def image_reward_tokenizer(path):
-    from transformers import BertTokenizer
-    tok = distar.load("image_reward_tokenizer", path, BertTokenizer.from_pretrained, path)
-    tok.add_special_tokens({"bos_token": "[DEC]", "additional_special_tokens": ["[ENC]"]})
-    return tok  # as BLIP's init_tokenizer; prompts keep [CLS] first, as ImageReward.score
-
-
 def load_image_reward(cfg, device, clip=None):
-    """ImageReward: BLIP's ViT-L/16 image tokens, cross-attended by its BERT over the prompt (35
-    tokens), an MLP on the [CLS] output, normalised as ImageReward.score does."""
+    """ImageReward: BLIP's BERT over the prompt (35 tokens) cross-attending to its ViT-L/16's
+    image tokens; an MLP on the [CLS] output, normalised as ImageReward.score does."""
     from accelerate import init_empty_weights
-    from transformers import BlipConfig, BlipForImageTextRetrieval
+    from transformers import BertTokenizer, BlipConfig, BlipForImageTextRetrieval
 
-    flag, path = "image_reward_model", cfg.image_reward_model
-    sd = state_dict(flag, path)
-    med = read("image_reward_config", cfg.image_reward_config, lambda f: json.load(open(f)))
+    sd = distar.load_file("image_reward_model", cfg.image_reward_model)
+    med = distar.load_file("image_reward_config", cfg.image_reward_config,
+                           lambda f: json.load(open(f)))
     text = {k: med[k] for k in ("hidden_act", "layer_norm_eps", "pad_token_id", *BERT_BASE)
             if k in med}
     with init_empty_weights():  # parameters on meta; buffers (position_ids) made as usual
-        blip = BlipForImageTextRetrieval(BlipConfig(
-            vision_config=IR_VISION, image_text_hidden_size=256,
-            text_config=dict(text, encoder_hidden_size=IR_VISION["hidden_size"])))
-        net = nn.ModuleDict(dict(blip=blip, mlp=mlp_head(sd, "mlp.")))
-    for old, new in IR_TO_HF:
+        blip = BlipForImageTextRetrieval(BlipConfig(vision_config=IR_VISION, text_config=dict(
+            text, encoder_hidden_size=IR_VISION["hidden_size"]), image_text_hidden_size=256))
+        net = nn.ModuleDict(dict(blip=blip, mlp=distar.mlp_head(sd, "mlp.")))
+    for old, new in distar.IR_TO_HF:
         sd = {re.sub(old, new, k): v for k, v in sd.items()}
     # BLIP's ITM head is not in ImageReward; its own BERT saved position_ids, an arange
-    strict_load(flag, path, "ImageReward", net, sd,
+    distar.strict_load("image_reward_model", cfg.image_reward_model, "ImageReward", net, sd,
                 r"blip\.itm_head\.|blip\.text_encoder\.embeddings\.position_ids$")
-    vision, text, head = blip.vision_model.to(device), blip.text_encoder.to(device), net.mlp.to(
-        device)
-    tok = image_reward_tokenizer(cfg.image_reward_tokenizer)
+    vision, text, head = (m.to(device) for m in (blip.vision_model, blip.text_encoder, net.mlp))
+    path = cfg.image_reward_tokenizer  # as BLIP's init_tokenizer; [CLS] stays first, as .score
+    tok = distar.load("image_reward_tokenizer", path, BertTokenizer.from_pretrained, path)
+    tok.add_special_tokens({"bos_token": "[DEC]", "additional_special_tokens": ["[ENC]"]})
 
     @torch.no_grad()
     def scorer(images, prompts):
@@ -418,72 +318,68 @@ def load_image_reward(cfg, device, clip=None):
         t = tok(prompts, padding="max_length", truncation=True, max_length=35,
                 return_tensors="pt").to(device)
         out = text(input_ids=t.input_ids, attention_mask=t.attention_mask,
-                   encoder_hidden_states=img, encoder_attention_mask=torch.ones(
-                       img.shape[:-1], dtype=torch.long, device=device))[0]  # (B, 35, 768)
-        return ((head.layers(out[:, 0]) - IR_MEAN) / IR_STD).squeeze(-1).float().cpu()
+                   encoder_hidden_states=img)[0]  # (B, 35, 768); every image token attended
+        return ((head.layers(out[:, 0]) - IR_MEAN) / IR_STD)[:, 0].float().cpu()
+    scorer.tokenizer = tok
     return scorer
 
 
 def load_aesthetic(cfg, device, clip=None):
-    """LAION's aesthetic predictor: its head on the L2-normalised image embedding of CLIP ViT-L/14
-    (clip: CLIP score's CLIPModel, or a (model, processor) pair; None: --clip_model's)."""
+    """LAION's aesthetic head on CLIP ViT-L/14's L2-normalised image embedding; clip: CLIP score's
+    CLIPModel (or its (model, processor)), else --clip_model's."""
     from accelerate import init_empty_weights
     from transformers import CLIPModel
 
     model = clip[0] if isinstance(clip, (list, tuple)) else clip
-    if model is None:
-        model = distar.load("clip_model", cfg.clip_model, CLIPModel.from_pretrained, cfg.clip_model)
-    model = model.to(device).eval()
-    sd = state_dict("aesthetic_head", cfg.aesthetic_head)
+    model = (model or distar.load("clip_model", cfg.clip_model, CLIPModel.from_pretrained,
+                                  cfg.clip_model)).to(device).eval()
+    sd = distar.load_file("aesthetic_head", cfg.aesthetic_head)
     with init_empty_weights():
-        head = mlp_head(sd)
-    strict_load("aesthetic_head", cfg.aesthetic_head, "an aesthetic head", head, sd).to(device)
+        head = distar.mlp_head(sd)
+    distar.strict_load("aesthetic_head", cfg.aesthetic_head, "an aesthetic head", head, sd)
+    head.to(device)
 
     @torch.no_grad()
     def scorer(images, prompts):
         x = pixels(images, model.config.vision_config.image_size).to(device, model.dtype)
         f = model.get_image_features(pixel_values=x).pooler_output.float()  # (B, 768)
-        return head.layers(F.normalize(f, dim=-1)).squeeze(-1).cpu()
+        return head.layers(F.normalize(f, dim=-1))[:, 0].cpu()
     return scorer
 
 
-def hps_tokenizer(path):
-    """CLIP-H's tokenizer from its vocab and merges, with open_clip's padding. laion's processor
-    pads with "!": transformers then splits every "!" of a prompt out as that special token (id
-    0), where open_clip reads it as text ("!</w>", 256). So: the default pad, and after the first
-    end token ids 0 (open_clip's), the pads that CLIP's causal attention never reads."""
-    from transformers import AutoTokenizer, CLIPTokenizer
-    tok = distar.load("reward_processor", path, AutoTokenizer.from_pretrained, path)
-    bpe = json.loads(tok.backend_tokenizer.to_str())["model"]
-    tok = CLIPTokenizer(vocab=bpe["vocab"], merges=[
-        tuple(m.split(" ") if isinstance(m, str) else m) for m in bpe["merges"]])
-
-    def ids(prompts):
-        ids = tok(prompts, padding="max_length", truncation=True, max_length=77,
-                  return_tensors="pt").input_ids  # (B, 77): truncated ones keep their end token
-        end = ids.eq(tok.eos_token_id).int().argmax(1)
-        return ids.masked_fill(torch.arange(77)[None] > end[:, None], 0)
-    return ids
-
-
 def load_hps(cfg, device, clip=None):
-    """HPSv2.1: 100 cos(image, prompt) of an open_clip ViT-H-14, as HPSv2's evaluation prints it."""
+    """HPSv2.1: 100 cos(image, prompt) of an open_clip ViT-H-14, as HPSv2's evaluation prints it.
+    Its tokens are open_clip's: laion's CLIP-H processor pads with "!", so transformers splits each
+    "!" of a prompt out as that special token (id 0) where open_clip reads text ("!</w>", 256).
+    So: a tokenizer from its vocab and merges with the default pad, and ids 0 after the end token
+    (open_clip's pads, which CLIP's causal attention never reads)."""
     from accelerate import init_empty_weights
-    from transformers import CLIPConfig, CLIPModel
+    from transformers import AutoTokenizer, CLIPConfig, CLIPModel, CLIPTokenizer
 
-    sd = state_dict("hps_model", cfg.hps_model)
+    sd = distar.load_file("hps_model", cfg.hps_model)
     with init_empty_weights():
         model = CLIPModel(CLIPConfig(**HPS_CLIP))
-    strict_load("hps_model", cfg.hps_model, "HPSv2 (open_clip ViT-H-14)", model,
-                open_clip_to_hf(sd.get("state_dict", sd))).to(device)
-    tokens = hps_tokenizer(cfg.reward_processor)
+    distar.strict_load("hps_model", cfg.hps_model, "HPSv2 (open_clip ViT-H-14)", model,
+                distar.open_clip_to_hf(sd.get("state_dict", sd))).to(device)
+    path = cfg.reward_processor
+    bpe = json.loads(distar.load("reward_processor", path, AutoTokenizer.from_pretrained, path)
+                     .backend_tokenizer.to_str())["model"]
+    tok = CLIPTokenizer(vocab=bpe["vocab"], merges=[tuple(m.split(" ") if isinstance(m, str)
+                                                          else m) for m in bpe["merges"]])
+
+    def tokens(prompts):  # (B, 77); a truncated prompt keeps its end token
+        ids = tok(prompts, padding="max_length", truncation=True, max_length=77,
+                  return_tensors="pt").input_ids
+        return ids.masked_fill(torch.arange(77) > ids.eq(tok.eos_token_id).int().argmax(
+            1, keepdim=True), 0)
 
     @torch.no_grad()
     def scorer(images, prompts):
-        x = pixels(images, HPS_CLIP["vision_config"]["image_size"], long_side=True).to(device)
-        img = model.get_image_features(pixel_values=x).pooler_output
+        x = pixels(images, model.config.vision_config.image_size, long_side=True).to(device)
+        img = F.normalize(model.get_image_features(pixel_values=x).pooler_output, dim=-1)
         txt = model.get_text_features(input_ids=tokens(prompts).to(device)).pooler_output
-        return 100 * (F.normalize(img, dim=-1) * F.normalize(txt, dim=-1)).sum(-1).float().cpu()
+        return 100 * (img * F.normalize(txt, dim=-1)).sum(-1).float().cpu()
+    scorer.tokens = tokens
     return scorer
 
 
@@ -491,19 +387,19 @@ PAPER_METRICS = dict(image_reward=load_image_reward, aesthetic=load_aesthetic, h
 
 
 def scorer_sizes():
-    """Each scorer's nets at full size, built on meta (no download): {name: (what, parameters)}."""
+    """{metric: (its nets, parameters)} at full size, built on meta: nothing downloaded."""
     from transformers import BlipConfig, BlipForImageTextRetrieval, CLIPConfig, CLIPModel
 
     with torch.device("meta"):
         blip = BlipForImageTextRetrieval(BlipConfig(vision_config=IR_VISION, text_config=dict(
             BERT_BASE, encoder_hidden_size=IR_VISION["hidden_size"])))
-        ir = [blip.vision_model, blip.text_encoder, mlp_head({})]
-        aes, hps = [CLIPModel(CLIPConfig(**CLIP_L)), mlp_head({})], [CLIPModel(CLIPConfig(**HPS_CLIP))]
-    count = lambda nets: sum(p.numel() for n in nets for p in n.parameters())
-    return dict(image_reward=("BLIP ViT-L/16 + BERT-base + MLP", count(ir)),
-                aesthetic=("CLIP ViT-L/14 (--clip_model's) + LAION head", count(aes)),
-                hps=("open_clip ViT-H-14 as CLIPModel", count(hps)))
-
+        nets = dict(image_reward=("BLIP ViT-L/16 + BERT-base + MLP", blip.vision_model,
+                                  blip.text_encoder, distar.mlp_head({})),
+                    aesthetic=("CLIP ViT-L/14 (--clip_model's) + LAION head",
+                               CLIPModel(CLIPConfig(**CLIP_L)), distar.mlp_head({})),
+                    hps=("open_clip ViT-H-14 as CLIPModel", CLIPModel(CLIPConfig(**HPS_CLIP))))
+    return {k: (what, sum(p.numel() for n in ns for p in n.parameters()))
+            for k, (what, *ns) in nets.items()}
 
 @torch.no_grad()
 def sample(cfg):
