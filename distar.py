@@ -1627,8 +1627,9 @@ def strict_load(flag, path, kind, model, sd, unused=r"$^"):
         keys = [k for k in keys if not re.match(unused, k)]
         if keys:
             raise LoadError(f"cannot load --{flag}={path}: not {kind}: {what} {keys[0]}"
-                                   + f" (and {len(keys) - 1} more)" * (len(keys) > 1))
-    model.load_state_dict({k: v.float() for k, v in sd.items() if k in own}, False, True)
+                            + f" (and {len(keys) - 1} more)" * (len(keys) > 1))
+    model.load_state_dict({k: v.float() for k, v in sd.items() if k in own}, strict=False,
+                          assign=True)
     return model.eval().requires_grad_(False)
 
 def mlp_head(sd, prefix=""):

@@ -296,17 +296,17 @@ def load_image_reward(cfg, device, clip=None):
     sd = distar.load_file("image_reward_model", cfg.image_reward_model)
     med = distar.load_file("image_reward_config", cfg.image_reward_config,
                            lambda f: json.load(open(f)))
-    text = {k: med[k] for k in ("hidden_act", "layer_norm_eps", "pad_token_id", *BERT_BASE)
+    bert = {k: med[k] for k in ("hidden_act", "layer_norm_eps", "pad_token_id", *BERT_BASE)
             if k in med}
     with init_empty_weights():  # parameters on meta; buffers (position_ids) made as usual
         blip = BlipForImageTextRetrieval(BlipConfig(vision_config=IR_VISION, text_config=dict(
-            text, encoder_hidden_size=IR_VISION["hidden_size"]), image_text_hidden_size=256))
+            bert, encoder_hidden_size=IR_VISION["hidden_size"]), image_text_hidden_size=256))
         net = nn.ModuleDict(dict(blip=blip, mlp=distar.mlp_head(sd, "mlp.")))
     for old, new in distar.IR_TO_HF:
         sd = {re.sub(old, new, k): v for k, v in sd.items()}
     # BLIP's ITM head is not in ImageReward; its own BERT saved position_ids, an arange
     distar.strict_load("image_reward_model", cfg.image_reward_model, "ImageReward", net, sd,
-                r"blip\.itm_head\.|blip\.text_encoder\.embeddings\.position_ids$")
+                       r"blip\.itm_head\.|blip\.text_encoder\.embeddings\.position_ids$")
     vision, text, head = (m.to(device) for m in (blip.vision_model, blip.text_encoder, net.mlp))
     path = cfg.image_reward_tokenizer  # as BLIP's init_tokenizer; [CLS] stays first, as .score
     tok = distar.load("image_reward_tokenizer", path, BertTokenizer.from_pretrained, path)
@@ -360,7 +360,7 @@ def load_hps(cfg, device, clip=None):
     with init_empty_weights():
         model = CLIPModel(CLIPConfig(**HPS_CLIP))
     distar.strict_load("hps_model", cfg.hps_model, "HPSv2 (open_clip ViT-H-14)", model,
-                distar.open_clip_to_hf(sd.get("state_dict", sd))).to(device)
+                       distar.open_clip_to_hf(sd.get("state_dict", sd))).to(device)
     path = cfg.reward_processor
     bpe = json.loads(distar.load("reward_processor", path, AutoTokenizer.from_pretrained, path)
                      .backend_tokenizer.to_str())["model"]
@@ -400,6 +400,7 @@ def scorer_sizes():
                     hps=("open_clip ViT-H-14 as CLIPModel", CLIPModel(CLIPConfig(**HPS_CLIP))))
     return {k: (what, sum(p.numel() for n in ns for p in n.parameters()))
             for k, (what, *ns) in nets.items()}
+
 
 @torch.no_grad()
 def sample(cfg):
