@@ -3405,7 +3405,8 @@ def golden(tmp_path_factory):
     sds = {}
     for k in w.files:  # fp16 on disk, exact: the official run used these values in fp32
         model, key = k.split("/", 1)
-        sds.setdefault(model, {})[key] = torch.from_numpy(w[k]).float() if w[k].dtype == np.float16 else torch.from_numpy(w[k])
+        t = torch.from_numpy(w[k])
+        sds.setdefault(model, {})[key] = t.float() if t.dtype == torch.float16 else t
     torch.save(sds["image_reward"], d / "ImageReward.pt")
     torch.save({"state_dict": sds["hps"]}, d / "HPS.pt")
     torch.save(sds["aesthetic_head"], d / "aesthetic.pth")
@@ -3420,7 +3421,8 @@ def golden(tmp_path_factory):
                                                     num_attention_heads=2, hidden_act="quick_gelu")))
     assert clip.load_state_dict(distar.open_clip_to_hf(sds["aesthetic_clip"]), strict=False).missing_keys == []
     clip.save_pretrained(d / "clip")
-    cfg = sample.SampleConfig(image_reward_model=str(d / "ImageReward.pt"), image_reward_config=str(d / "med_config.json"),
+    cfg = sample.SampleConfig(image_reward_model=str(d / "ImageReward.pt"),
+                              image_reward_config=str(d / "med_config.json"),
                               image_reward_tokenizer=str(d / "bert"), hps_model=str(d / "HPS.pt"),
                               reward_processor=str(d / "cliph"), aesthetic_head=str(d / "aesthetic.pth"),
                               clip_model=str(d / "clip"))
@@ -3526,7 +3528,8 @@ def test_the_real_aesthetic_head_loads_strictly_and_gives_the_official_formula()
     sd = torch.load(path, map_location="cpu", weights_only=True)
     W, b = torch.eye(768, dtype=f64), torch.zeros(768, dtype=f64)
     for i in (0, 2, 4, 6, 7):
-        W, b = sd[f"layers.{i}.weight"].double() @ W, sd[f"layers.{i}.weight"].double() @ b + sd[f"layers.{i}.bias"].double()
+        w = sd[f"layers.{i}.weight"].double()
+        W, b = w @ W, w @ b + sd[f"layers.{i}.bias"].double()
     with torch.no_grad():
         f = clip.get_image_features(pixel_values=sample.pixels(images, 224)).pooler_output.double()
     expect = torch.nn.functional.normalize(f, dim=-1) @ W.T + b
