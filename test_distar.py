@@ -3080,6 +3080,18 @@ def test_cluster_bootstrap_is_exact_for_constants_seeded_and_open_for_one_prompt
     assert sample.cluster_bootstrap(x[:1]) == (x[0].mean(), None, None)  # one prompt: nothing to resample
 
 
+def printed_table(stdout):
+    """sample.py's table (a header of metrics, a row per generator, then its CI line) -> ({label:
+    {metric: (mean, lo, hi)}}, the CI line)."""
+    lines = stdout.splitlines()
+    end = next(i for i, line in enumerate(lines) if re.match(r"[\d.]+% CI, ", line))
+    top = max(i for i in range(end) if lines[i].startswith(" "))
+    metrics = re.split(r"  +", lines[top].strip())
+    cell = lambda c: tuple(float(v) for v in re.fullmatch(r"(\S+) \[(\S+), (\S+)\]", c).groups())
+    rows = [re.split(r"  +", line) for line in lines[top + 1:end]]
+    return {r[0]: dict(zip(metrics, map(cell, r[1:]))) for r in rows}, lines[end]
+
+
 def test_score_writes_pickscore_clip_score_and_prompt_bootstrap_intervals(tiny, tmp_path, capsys):
     sdxl, reward = tiny
     prompts = ["a cat", "a dog", "a red cab"]
@@ -3103,14 +3115,14 @@ def test_score_writes_pickscore_clip_score_and_prompt_bootstrap_intervals(tiny, 
     assert np.allclose(pick, expect, atol=1e-5)
     assert np.allclose(clip, 100 * np.maximum(expect, 0), atol=1e-3)  # the same CLIP here: CLIP score's scale
     summary = json.loads((out / "scores.json").read_text())
-    stdout = capsys.readouterr().out
+    table, ci = printed_table(capsys.readouterr().out)
+    (label,) = table  # one row: the generator, here --pretrained's UNet
+    assert label.endswith("sdxl") and ci == "95% CI, 3 prompts, 6 images (2 per prompt)"
     for metric, s in (("pickscore", pick), ("clip_score", clip)):
         mean, lo, hi = sample.cluster_bootstrap(s.reshape(3, 2), 1000, 0.95, 0)  # prompts are the rows
         assert summary[metric] == dict(mean=mean, lo=lo, hi=hi)
         assert abs(mean - s.mean()) < 1e-12 and lo < mean < hi
-        line = re.search(rf"^{metric} +(\S+) \[(\S+), (\S+)\]  95% CI, 3 prompts, 6 images \(2 per prompt\)$",
-                         stdout, re.M)
-        assert np.allclose([float(v) for v in line.groups()], [mean, lo, hi], rtol=1e-3, atol=1e-6)
+        assert np.allclose(table[label][metric], [mean, lo, hi], rtol=1e-3, atol=1e-6)
 
 
 @pytest.fixture(scope="module")
@@ -3192,8 +3204,11 @@ def test_compare_two_generators_uses_the_same_prompts_and_seeds(compare_runs):
     assert [r["image"] for r in rows if r["generator"] == "b"] == [f"b/{i:03d}.png" for i in range(6)]
     printed = (compare_runs / "ab.txt").read_text()  # 6 images of each generator, not 6 in all
     assert "wrote 6 images per generator to" in printed
-    assert re.search(r"^pickscore +A .*  95% CI, 3 prompts, 6 images per generator \(2 per prompt\)$",
-                     printed, re.M), printed
+    table, ci = printed_table(printed)  # a row per generator and the difference, a column per metric
+    assert list(table) == ["A", "B", "B-A"] and ci == "95% CI, 3 prompts, 6 images per generator (2 per prompt)"
+    for metric in ("pickscore", "clip_score"):
+        for label, sub in (("A", "a"), ("B", "b"), ("B-A", "b_minus_a")):
+            assert np.allclose(table[label][metric], list(summary[metric][sub].values()), rtol=1e-3, atol=1e-6)
 
 
 @pytest.mark.parametrize("case", ["missing_pretrained", "missing_generator", "missing_prompts",
