@@ -11,8 +11,6 @@ $ python sample.py --generator=out/checkpoint-000500/generator \\
 $ python sample.py --generator=out/checkpoint-000500/generator   # a LoRA one: its base + the LoRA
 $ python sample.py --generator=out_toy/checkpoint-001000/generator   # a toy checkpoint: a scatter
 $ python sample.py --generator=out_tiny   # a run folder: its newest complete checkpoint
-$ python sample.py --generator=out/checkpoint-002000/generator --prompts=PartiPrompts.tsv \\
-    --metrics=image_reward,aesthetic,pickscore,clip_score   # as the paper: README says how
 """
 
 import csv
@@ -259,35 +257,26 @@ def clip_scorer(metric, model, processor, device):
 
 
 def read_prompt_set(path):
-    """--prompts: (prompts, each one's category or None). Parti's PartiPrompts.tsv as it is (its
-    Prompt and Category columns, quotes as written), the HPSv2 benchmark's {style}.json files (a
-    folder of them, or one: lists of prompts; the style is the file's name), or a text file of one
-    prompt per line (COCO captions)."""
-    if not path or not (path.endswith((".tsv", ".json")) or os.path.isdir(path)):
+    """--prompts: (prompts, each one's category or None): Parti's PartiPrompts.tsv as it is (Prompt
+    and Category columns, quotes as written), HPSv2's benchmark (a folder of {style}.json files, or
+    one: lists of prompts), or a text file of one prompt per line (COCO captions)."""
+    folder = os.path.isdir(path)
+    if not (folder or path.endswith((".tsv", ".json"))):
         return distar.read_prompts(path), None
-    files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".json")) if \
-        os.path.isdir(path) else [path]
     rows = []
-    for file in files or [path]:
+    for file in sorted(os.path.join(path, f) for f in os.listdir(path)
+                       if f.endswith(".json")) if folder else [path]:
         try:
             with open(file, encoding="utf-8") as f:
-                if file.endswith(".json"):  # a style's prompts, as hpsv2's evaluation reads them
-                    style = os.path.basename(file)[:-5]
-                    data = json.load(f)
-                    if not all(isinstance(p, str) for p in data):
-                        raise TypeError("not a list of strings")
-                    rows += [(p, style) for p in data]
-                else:
-                    rows += [(r["Prompt"], r.get("Category")) for r in
-                             csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)]
+                rows += [(p, os.path.basename(file)[:-5]) for p in json.load(f)] if file.endswith(
+                    ".json") else [(r["Prompt"], r.get("Category") or "") for r in
+                                   csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)]
         except (OSError, ValueError, KeyError, TypeError) as e:
-            what = "its .json files" if os.path.isdir(path) else "the file"
-            raise distar.LoadError(f"--prompts={path}: cannot read {what} as Parti's TSV (a Prompt "
-                                   f"column) or HPSv2's JSON (a list of prompts): "
-                                   f"{distar.first_line(e)}") from None
-    if not rows:
-        raise distar.LoadError(f"--prompts={path}: no prompts in it")
-    return [p for p, _ in rows], [c or "" for _, c in rows]
+            raise distar.LoadError(f"--prompts={file}: not Parti's TSV (a Prompt column) nor HPSv2's "
+                                   f"JSON (a list of prompts): {distar.first_line(e)}") from None
+    if not rows or not all(isinstance(p, str) for p, _ in rows):
+        raise distar.LoadError(f"--prompts={path}: no prompts in it, or not all strings")
+    return [p for p, _ in rows], [c for _, c in rows] if any(c for _, c in rows) else None
 
 
 # ---- FID as SiD-LSG and DMD2 score COCO-30K: GigaGAN's evaluation (clean-fid, "clean" mode, with
@@ -319,6 +308,7 @@ class FidStats:
     def __init__(self, net, eval_res, device):
         self.net, self.res, self.device, self.n, self.sum, self.outer = net, eval_res, device, 0, 0, 0
 
+    @torch.no_grad()
     def add(self, images):
         x = torch.from_numpy(np.stack([fid_pixels(im, self.res) for im in images]))
         f = self.net(x.to(self.device)).double().cpu().numpy()  # (B, d)
@@ -340,59 +330,53 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
 
 
 def load_fid(cfg, device, n_images):
-    """FidStats' Inception (clean-fid's use of the torchscript: its layers on (x - 128) / 128, the
-    pool features), from --inception or torch's cache (fetched there once), and --fid_ref's (mu,
-    sigma, n): its saved .npz, or its images (subfolders too, as clean-fid), read once and saved
-    as {out_dir}/fid_ref_{eval_res}.npz. Each generator's n_images must exceed the features'
-    dimension (a full-rank covariance), and so must the reference's."""
+    """(net, (mu, sigma, n) of --fid_ref). net: NVIDIA's Inception as clean-fid runs it, its layers
+    on (x - 128) / 128, from --inception or torch's cache (fetched there once). --fid_ref: saved
+    statistics, or a folder's images (subfolders too, as clean-fid) read once and saved as
+    {out_dir}/fid_ref_{eval_res}.npz. Each side needs more images than features (a full-rank
+    covariance)."""
     from PIL import Image
     name = os.path.basename(INCEPTION_URL)
     path = cfg.inception or os.path.join(torch.hub.get_dir(), "checkpoints", name)
-    if not os.path.isfile(path):
-        try:  # download_url_to_file writes a temporary file and renames it when complete
+    if not os.path.isfile(path) and not cfg.inception:
+        try:  # to a temporary file, renamed when complete
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            torch.hub.download_url_to_file(INCEPTION_URL, path, progress=False)
+            torch.hub.download_url_to_file(INCEPTION_URL, path)
         except Exception as e:  # offline: URLError
-            raise distar.LoadError(f"cannot load FID's Inception: {name} is not in "
-                                   f"{os.path.dirname(path)} and could not be fetched ("
-                                   f"{distar.first_line(e)}): download {INCEPTION_URL} there, or "
-                                   f"pass --inception=/path/to/{name}") from None
-    base = distar.load("inception", path, torch.jit.load, path, map_location=device)
-    if not hasattr(base, "layers"):
-        raise distar.LoadError(f"cannot load --inception={path}: not NVIDIA's Inception "
-                               "torchscript (no layers)")
-    net = lambda x: base.eval().layers((x - 128) / 128).flatten(1)  # (B, 2048)
+            raise distar.LoadError(f"cannot load FID's Inception: {path} is not there and cannot "
+                                   f"be fetched ({distar.first_line(e)}): download "
+                                   f"{INCEPTION_URL} there, or pass --inception=PATH") from None
+    base = distar.load("inception", path, torch.jit.load, path, map_location=device).eval()
+    if not isinstance(getattr(base, "layers", None), torch.nn.Module):
+        raise distar.LoadError(f"cannot load --inception={path}: not NVIDIA's Inception (no layers)")
+    net = lambda x: base.layers((x - 128) / 128).flatten(1)  # (B, 2048)
     dim = net(torch.zeros(1, 3, 299, 299, device=device)).shape[1]
-    few = lambda n, what: distar.ConfigError(f"FID needs more images than its {dim} features, for "
-                                             f"a full-rank covariance: {what} has {n}")
-    if n_images <= dim:
-        raise few(n_images, "each generator")
-    if os.path.isfile(cfg.fid_ref):
-        try:
-            with np.load(cfg.fid_ref) as z:  # arrays only: no pickles
-                mu, sigma, n, res = (z[k] for k in ("mu", "sigma", "n", "eval_res"))
-        except (OSError, ValueError, KeyError) as e:
-            raise distar.LoadError(f"cannot load --fid_ref={cfg.fid_ref}: not a folder of images "
-                                   f"nor sample.py's saved statistics ({distar.first_line(e)})")
-        if res != cfg.eval_res or mu.shape != (dim,):
-            raise distar.LoadError(f"--fid_ref={cfg.fid_ref}: statistics at eval_res {res}, "
-                                   f"{mu.shape[0]} features, not --eval_res={cfg.eval_res}, {dim}")
-        return net, (mu, sigma, int(n))
-    files = sorted(os.path.join(r, f) for r, _, fs in os.walk(cfg.fid_ref) for f in fs
-                   if f.lower().endswith(IMAGE_FILES))
-    if len(files) <= dim:
-        raise few(len(files), f"--fid_ref={cfg.fid_ref} ({', '.join(IMAGE_FILES)})") if files \
-            else distar.LoadError(f"--fid_ref={cfg.fid_ref}: no images in it")
+    stats = os.path.isfile(cfg.fid_ref)  # else a folder
+    files = [] if stats else sorted(os.path.join(r, f) for r, _, fs in os.walk(cfg.fid_ref)
+                                    for f in fs if f.lower().endswith(IMAGE_FILES))
+    if not (stats or files):
+        raise distar.LoadError(f"--fid_ref={cfg.fid_ref}: no images in it")
+    for n, what in [(n_images, "each generator")] + [(len(files), cfg.fid_ref)] * bool(files):
+        if n <= dim:
+            raise distar.ConfigError(f"FID needs more images than its {dim} features, for a "
+                                     f"full-rank covariance: {what} has {n}")
+    if stats:  # np.load: arrays only, no pickles
+        z = distar.load("fid_ref", cfg.fid_ref, lambda: dict(np.load(cfg.fid_ref)))
+        if sorted(z) != ["eval_res", "mu", "n", "sigma"] or z["eval_res"] != cfg.eval_res \
+                or z["mu"].shape != (dim,):
+            raise distar.LoadError(f"--fid_ref={cfg.fid_ref}: not the FID statistics that "
+                                   f"sample.py saves, at --eval_res={cfg.eval_res}, {dim} features")
+        return net, (z["mu"], z["sigma"], int(z["n"]))
     ref = FidStats(net, cfg.eval_res, device)
     for i in range(0, len(files), FID_BATCH):
         ref.add([distar.load("fid_ref", f, lambda f=f: Image.open(f).convert("RGB"))
                  for f in files[i:i + FID_BATCH]])
+    mu, sigma = ref.mean_cov()
     os.makedirs(cfg.out_dir, exist_ok=True)
     saved = os.path.join(cfg.out_dir, f"fid_ref_{cfg.eval_res}.npz")
-    np.savez(saved, **dict(zip(("mu", "sigma"), ref.mean_cov())), n=ref.n, eval_res=cfg.eval_res)
-    print(f"wrote {saved}: the Inception statistics of {ref.n} images in {cfg.fid_ref}; next "
-          f"time pass --fid_ref={saved}")
-    return net, (*ref.mean_cov(), ref.n)
+    np.savez(saved, mu=mu, sigma=sigma, n=ref.n, eval_res=cfg.eval_res)
+    print(f"wrote {saved}, the statistics of {ref.n} images in {cfg.fid_ref}: pass it as --fid_ref")
+    return net, (mu, sigma, ref.n)
 
 
 def cluster_bootstrap(scores, n_boot=1000, ci=0.95, seed=0):
@@ -472,27 +456,27 @@ def sample(cfg):
     fmt = lambda m, lo, hi: f"{m:.4g}" + (f" [{lo:.4g}, {hi:.4g}]" if lo is not None else "")
     groups = {"": list(range(len(prompts))), **{c: [p for p, x in enumerate(cats) if x == c]
                                                  for c in dict.fromkeys(cats or [])}}
-    names, table = [m for m in metric_names(cfg) if m != "fid"], {}  # {(category, sub): cells}
+    names, table, per = [m for m in metric_names(cfg) if m != "fid"], {}, {g: {} for g in groups}
     for metric in names:  # mean [lo, hi]; with --compare: A, B and the paired difference B - A
         S = {sub: np.reshape([r[metric] for r in records if r.get("generator", "") == sub], (-1, k))
              for sub in unets}  # (P, k): a row per prompt
         if cfg.compare:  # per image pair (same prompt and seed): the bootstrap keeps the pairs
             S["b_minus_a"] = S["b"] - S["a"]
-        for g, rows in groups.items():  # all prompts, then each category's (Parti) or style's
-            stats = {sub: cluster_bootstrap(s[rows], cfg.bootstrap, cfg.ci, cfg.seed)
+        for g, idx in groups.items():  # all prompts, then each category's (Parti) or style's
+            stats = {sub: cluster_bootstrap(s[idx], cfg.bootstrap, cfg.ci, cfg.seed)
                      for sub, s in S.items()}
             for sub, v in stats.items():
                 table.setdefault((g, sub), {})[metric] = fmt(*v)
             stats = {sub: dict(zip(("mean", "lo", "hi"), v)) for sub, v in stats.items()}
-            (summary.setdefault("categories", {}).setdefault(g, {}) if g else summary)[metric] = \
-                stats if cfg.compare else stats[""]
+            per[g][metric] = stats if cfg.compare else stats[""]
+    summary.update(per.pop(""), **{"categories": per} if per else {})
     row = dict(a="A", b="B", b_minus_a="B-A", **{"": short(cfg.generator or plan[0])})
-    labels = {key: f"{row[key[1]]} {key[0]}".strip() for key in table}
-    width, cols = max(map(len, labels.values()), default=0), {
-        m: max(len(m), *(len(cells[m]) for cells in table.values())) for m in names}
-    for label, cells in [("", dict(zip(names, names)))] * bool(table) + [
-            (labels[key], cells) for key, cells in table.items()]:  # the paper's layout
-        print(f"{label:{width}}  " + "  ".join(f"{cells[m]:{cols[m]}}" for m in names).rstrip())
+    lines = [[""] + names] + [[f"{row[sub] * (not g or sub != '')} {g}".strip()] +
+                              [cells[m] for m in names]
+                              for (g, sub), cells in table.items()]  # the paper's layout
+    widths = [max(map(len, column)) for column in zip(*lines)]
+    for line in lines if table else []:
+        print("  ".join(f"{c:{w}}" for c, w in zip(line, widths)).rstrip())
     if table:
         print(f"{100 * cfg.ci:g}% CI, {len(prompts)} prompts, {len(jobs)} images"
               + " per generator" * bool(cfg.compare) + f" ({k} per prompt)")
