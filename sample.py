@@ -268,14 +268,19 @@ def read_prompt_set(path):
                        if f.endswith(".json")) if folder else [path]:
         try:
             with open(file, encoding="utf-8") as f:
-                rows += [(p, os.path.basename(file)[:-5]) for p in json.load(f)] if file.endswith(
-                    ".json") else [(r["Prompt"], r.get("Category") or "") for r in
-                                   csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)]
+                if file.endswith(".tsv"):
+                    rows += [(r["Prompt"], r.get("Category") or "") for r in
+                             csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)]
+                    continue
+                data = json.load(f)  # a style's prompts, as hpsv2's evaluation reads them
+            if not (isinstance(data, list) and all(isinstance(p, str) for p in data)):
+                raise TypeError("not a list of strings")
+            rows += [(p, os.path.basename(file)[:-5]) for p in data]
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise distar.LoadError(f"--prompts={file}: not Parti's TSV (a Prompt column) nor HPSv2's "
                                    f"JSON (a list of prompts): {distar.first_line(e)}") from None
-    if not rows or not all(isinstance(p, str) for p, _ in rows):
-        raise distar.LoadError(f"--prompts={path}: no prompts in it, or not all strings")
+    if not rows:
+        raise distar.LoadError(f"--prompts={path}: no prompts in it")
     return [p for p, _ in rows], [c for _, c in rows] if any(c for _, c in rows) else None
 
 

@@ -3378,6 +3378,50 @@ def test_prompt_sets_parti_tsv_hpsv2_json_folder_and_coco_lines(tmp_path):
     assert len(prompts) == 1632 and len(set(cats)) == 12 and sum(p.startswith('"G I G G L E"') for p in prompts) == 1
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit")
+@pytest.mark.parametrize("case", ["unknown_metric", "fid_without_ref", "missing_ref", "empty_ref", "few_ref",
+                                  "few_images", "offline", "not_inception", "other_eval_res", "bad_json"])
+def test_bad_metric_input_is_one_line_exit_2_and_writes_nothing(tiny, fid_files, tmp_path, capsys,
+                                                                monkeypatch, case):
+    import urllib.error
+
+    sdxl, _ = tiny
+    files, inception = fid_files
+    real = files["real"][0].parent
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no images")
+    (tmp_path / "eight").mkdir()  # as many images as TinyInception has features
+    for f in files["real"][:8]:
+        (tmp_path / "eight" / f.name).write_bytes(f.read_bytes())
+    np.savez(tmp_path / "ref.npz", mu=np.zeros(8), sigma=np.eye(8), n=10, eval_res=256)
+    (tmp_path / "p.json").write_text('{"a": 1}')
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))  # no Inception there
+
+    def offline(url, path, *args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    fid = ["--metrics=fid", "--images_per_prompt=9", f"--inception={inception}"]
+    args, words = {"unknown_metric": (["--metrics=pickscore,imagereward"], "--metrics: no metric imagereward"),
+                   "fid_without_ref": (["--metrics=fid"], "--metrics=fid needs --fid_ref"),
+                   "missing_ref": ([*fid, f"--fid_ref={tmp_path / 'nope'}"], "--fid_ref=" + str(tmp_path / "nope")),
+                   "empty_ref": ([*fid, f"--fid_ref={tmp_path / 'empty'}"], "no images in it"),
+                   "few_ref": ([*fid, f"--fid_ref={tmp_path / 'eight'}"], "its 8 features, for a full-rank "
+                               f"covariance: {tmp_path / 'eight'} has 8"),
+                   "few_images": ([*fid, f"--fid_ref={real}", "--images_per_prompt=8"], "each generator has 8"),
+                   "offline": ([*fid, f"--fid_ref={real}", "--inception="], "inception-2015-12-05.pt is not "
+                               "there and cannot be fetched (<urlopen error [Errno -3]"),
+                   "not_inception": ([*fid, f"--fid_ref={real}", f"--inception={tmp_path / 'p.json'}"],
+                                     f"cannot load --inception={tmp_path / 'p.json'}"),
+                   "other_eval_res": ([*fid, f"--fid_ref={tmp_path / 'ref.npz'}", "--eval_res=512"],
+                                      "not the FID statistics that sample.py saves, at --eval_res=512"),
+                   "bad_json": (["--prompt=", f"--prompts={tmp_path / 'p.json'}"], "not Parti's TSV")}[case]
+    out = tmp_path / "o"
+    assert sample.main([f"--pretrained={sdxl}", "--prompt=a cat", "--resolution=64", f"--out_dir={out}", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sample: error: ") and err.count("\n") == 1 and words in err, err
+    assert not out.exists() and not (tmp_path / "hub" / "checkpoints" / "inception-2015-12-05.pt").exists()
+
+
 @pytest.mark.parametrize("case", ["missing_pretrained", "missing_generator", "missing_prompts",
                                   "empty_prompts", "missing_reward", "missing_clip", "missing_compare",
                                   "unknown_flag", "bad_value", "bad_ci", "bad_type", "bad_bool", "bad_dtype",
