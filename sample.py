@@ -18,6 +18,7 @@ import json
 import os
 import sys
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -196,8 +197,7 @@ def family(pipe):
 def sample_toy(cfg):
     """A toy checkpoint's generator: samples of every class over the reference, in one PNG."""
     if metric_names(cfg) or cfg.compare:
-        raise distar.ConfigError("--score, --metrics and --compare are for SDXL generators, not "
-                                 "a toy one")
+        raise distar.ConfigError("--metrics and --compare are for SDXL generators, not a toy one")
     torch.manual_seed(cfg.seed)
     world = distar.make_toy_world()
     distar.load("generator", cfg.generator, distar.load_net, world.generator, cfg.generator)
@@ -249,8 +249,7 @@ def load_models(cfg, plan, device, dtype):
 
 
 def clip_scorer(metric, model, processor, device):
-    """PickScore or CLIP score as scorer(images, prompts) -> (B,) on its scale: ClipReward on the
-    PNGs' pixels (PIL RGB images)."""
+    """PickScore or CLIP score as scorer(images, prompts) -> (B,): ClipReward on PIL images."""
     r = distar.ClipReward(model, processor).to(device)
     return lambda images, prompts: SCALE[metric](r(torch.from_numpy(np.stack(images)).permute(
         0, 3, 1, 2).to(device) / 255, r.text_features(prompts)))
@@ -277,8 +276,9 @@ def read_prompt_set(path):
                 raise TypeError("not a list of strings")
             rows += [(p, os.path.basename(file)[:-5]) for p in data]
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise distar.LoadError(f"--prompts={file}: not Parti's TSV (a Prompt column) nor HPSv2's "
-                                   f"JSON (a list of prompts): {distar.first_line(e)}") from None
+            e = distar.first_line(e)
+            raise distar.LoadError(f"--prompts={file}: not Parti's TSV (a Prompt column) nor "
+                                   f"HPSv2's JSON (a list of prompts): {e}") from None
     if not rows:
         raise distar.LoadError(f"--prompts={path}: no prompts in it")
     return [p for p, _ in rows], [c for _, c in rows] if any(c for _, c in rows) else None
@@ -311,12 +311,14 @@ class FidStats:
     products): 30K images in d + d^2 numbers. net: (B, 3, 299, 299) in [0, 255] -> (B, d)."""
 
     def __init__(self, net, eval_res, device):
-        self.net, self.res, self.device, self.n, self.sum, self.outer = net, eval_res, device, 0, 0, 0
+        self.net, self.res, self.device = net, eval_res, device
+        self.n, self.sum, self.outer = 0, 0, 0
 
     @torch.no_grad()
     def add(self, images):
-        x = torch.from_numpy(np.stack([fid_pixels(im, self.res) for im in images]))
-        f = self.net(x.to(self.device)).double().cpu().numpy()  # (B, d)
+        with ThreadPoolExecutor() as pool:  # PIL resizes without the GIL
+            x = np.stack(list(pool.map(fid_pixels, images, [self.res] * len(images))))
+        f = self.net(torch.from_numpy(x).to(self.device)).double().cpu().numpy()  # (B, d)
         self.n, self.sum, self.outer = self.n + len(f), self.sum + f.sum(0), self.outer + f.T @ f
 
     def mean_cov(self):
@@ -341,8 +343,8 @@ def load_fid(cfg, device, n_images):
     {out_dir}/fid_ref_{eval_res}.npz. Each side needs more images than features (a full-rank
     covariance)."""
     from PIL import Image
-    name = os.path.basename(INCEPTION_URL)
-    path = cfg.inception or os.path.join(torch.hub.get_dir(), "checkpoints", name)
+    path = cfg.inception or os.path.join(torch.hub.get_dir(), "checkpoints",
+                                         os.path.basename(INCEPTION_URL))
     if not os.path.isfile(path) and not cfg.inception:
         try:  # to a temporary file, renamed when complete
             os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -352,10 +354,9 @@ def load_fid(cfg, device, n_images):
                                    f"be fetched ({distar.first_line(e)}): download "
                                    f"{INCEPTION_URL} there, or pass --inception=PATH") from None
     base = distar.load("inception", path, torch.jit.load, path, map_location=device).eval()
-    if not isinstance(getattr(base, "layers", None), torch.nn.Module):
-        raise distar.LoadError(f"cannot load --inception={path}: not NVIDIA's Inception (no layers)")
     net = lambda x: base.layers((x - 128) / 128).flatten(1)  # (B, 2048)
-    dim = net(torch.zeros(1, 3, 299, 299, device=device)).shape[1]
+    dim = distar.load("inception", path, lambda: net(torch.zeros(1, 3, 299, 299, device=device))
+                      .shape[1])  # another torchscript: no layers
     stats = os.path.isfile(cfg.fid_ref)  # else a folder
     files = [] if stats else sorted(os.path.join(r, f) for r, _, fs in os.walk(cfg.fid_ref)
                                     for f in fs if f.lower().endswith(IMAGE_FILES))
