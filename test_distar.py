@@ -3305,7 +3305,6 @@ def test_frechet_distance_is_float64_exact_against_closed_forms_and_an_independe
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit")
-@pytest.mark.xdist_group("sample_cli")
 def test_sample_metrics_per_category_with_a_paper_metric_and_fid(tiny, fid_files, tmp_path, monkeypatch,
                                                                  capsys):
     """--metrics: a paper metric (a stand-in in PAPER_METRICS) loaded once with CLIP score's CLIP,
