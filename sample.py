@@ -13,11 +13,13 @@ $ python sample.py --generator=out_toy/checkpoint-001000/generator   # a toy che
 $ python sample.py --generator=out_tiny   # a run folder: its newest complete checkpoint
 """
 
+import csv
 import json
 import os
 import re
 import sys
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,10 +52,14 @@ class SampleConfig:
     dtype: str = "fp16"  # fp16 (the releases') | bf16 | fp32 on a GPU; always fp32 on the CPU
     t5: bool = True  # SD3: its T5 text encoder; false: zeros (a --t5=false run's default)
     out_dir: str = "samples"  # 000.png, 001.png, ... (a/ and b/ with --compare)
-    score: bool = False  # PickScore and CLIP score of every image; means with intervals
+    score: bool = False  # PickScore and CLIP score of every image (see --metrics); intervals
     reward_model: str = "yuvalkirstain/PickScore_v1"  # PickScore's CLIPModel
     reward_processor: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"  # PickScore's processor
     clip_model: str = "openai/clip-vit-large-patch14"  # CLIP score's CLIPModel and processor
+    metrics: str = ""  # comma-separated: pickscore,clip_score,image_reward,aesthetic,hps,fid
+    fid_ref: str = ""  # FID's real images: a folder (COCO val2014), or its saved fid_ref_*.npz
+    eval_res: int = 256  # FID: centre square resized to this (256 as SiD-LSG, 512 as DMD2 SDXL)
+    inception: str = ""  # FID's inception-2015-12-05.pt; empty: torch's cache, fetched once
     bootstrap: int = 1000  # bootstrap resamples of the prompts
     ci: float = 0.95  # confidence level of the percentile interval
     compare: str = ""  # a second generator B, as --generator: same prompts and seeds, grids
@@ -69,13 +75,24 @@ class SampleConfig:
 def parse_args(argv):
     c = SampleConfig(**vars(distar.make_parser(SampleConfig, "sample.py").parse_args(argv)))
     distar.check_at_least(c, dict(resolution=8, batch_size=1, images_per_prompt=1, bootstrap=1,
-                                  grid_rows=1))
+                                  grid_rows=1, eval_res=1))
+    known = [*SCALE, *PAPER_METRICS, "fid"]
+    bad = [m for m in metric_names(c) if m not in known] + [None]
     for ok, msg in ((c.resolution % 8 == 0, "--resolution must be a multiple of 8"),
+                    (not bad[0], f"--metrics: no metric {bad[0]}; choose from {','.join(known)}"),
+                    ("fid" not in metric_names(c) or c.fid_ref, "--metrics=fid needs --fid_ref: "
+                     "a folder of real images (COCO-2014 val2014) or its saved statistics"),
                     (0 < c.ci < 1, f"--ci is a confidence level in (0, 1), not {c.ci}"),
                     (not (c.prompt and c.prompts), "give --prompt or --prompts, not both")):
         if not ok:
             raise distar.ConfigError(msg)
     return c
+
+
+def metric_names(cfg):
+    """--metrics as a list, in the order given; --score adds PickScore and CLIP score."""
+    names = ["pickscore", "clip_score"] * cfg.score + cfg.metrics.replace(" ", "").split(",")
+    return list(dict.fromkeys(m for m in names if m))
 
 
 def on_hub(path, files=False):
@@ -89,11 +106,14 @@ def on_hub(path, files=False):
 def check_paths(cfg):
     """Before anything loads: a local path that is not there is named as typed (else the default
     --pretrained loads first, and fails on an unreachable hub)."""
+    names = metric_names(cfg)
     flags = ("pretrained", "generator", "compare", "lora") + (
-        "reward_model", "reward_processor", "clip_model") * cfg.score
-    for flag in flags:
-        path = getattr(cfg, flag)
-        if path and not on_hub(path, flag in ("generator", "compare")) and not os.path.exists(path):
+        "reward_model", "reward_processor") * ("pickscore" in names) + ("clip_model",) * bool(
+        {"clip_score", "aesthetic"} & set(names)) + ("fid_ref", "inception") * ("fid" in names)
+    for flag in flags:  # FID's files are never on the hub
+        path, local = getattr(cfg, flag), flag in ("fid_ref", "inception")
+        if path and (local or not on_hub(path, flag in ("generator", "compare"))) and \
+                not os.path.exists(path):
             raise distar.LoadError(f"cannot load --{flag}={path}: no such file or folder")
     if os.path.isdir(cfg.pretrained) and not os.path.isfile(os.path.join(cfg.pretrained,
                                                                          "model_index.json")):
@@ -186,8 +206,8 @@ def family(pipe):
 
 def sample_toy(cfg):
     """A toy checkpoint's generator: samples of every class over the reference, in one PNG."""
-    if cfg.score or cfg.compare:
-        raise distar.ConfigError("--score and --compare are for SDXL generators, not a toy one")
+    if metric_names(cfg) or cfg.compare:
+        raise distar.ConfigError("--metrics and --compare are for SDXL generators, not a toy one")
     torch.manual_seed(cfg.seed)
     world = distar.make_toy_world()
     distar.load("generator", cfg.generator, distar.load_net, world.generator, cfg.generator)
@@ -226,11 +246,153 @@ def load_models(cfg, plan, device, dtype):
     if model == "sdxl":  # SD3 keeps its own: one Euler step from noise
         pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)  # a bar for a one-step call says nothing
+    names = metric_names(cfg)  # each scorer loaded once; the aesthetic head reuses CLIP score's
     clip = [distar.load("clip_model", cfg.clip_model, cls.from_pretrained, cfg.clip_model)
-            for cls in (CLIPModel, AutoProcessor) if cfg.score]
-    scorers = dict(pickscore=distar.ClipReward(cfg.reward_model, cfg.reward_processor).to(device),
-                   clip_score=distar.ClipReward(*clip).to(device)) if cfg.score else {}
+            for cls in (CLIPModel, AutoProcessor) if {"clip_score", "aesthetic"} & set(names)]
+    loaders = dict(pickscore=lambda: clip_scorer("pickscore", cfg.reward_model,
+                                                 cfg.reward_processor, device),
+                   clip_score=lambda: clip_scorer("clip_score", *clip, device),
+                   **{m: lambda f=f: f(cfg, device, clip=tuple(clip) or None)
+                      for m, f in PAPER_METRICS.items()})
+    scorers = {m: loaders[m]() for m in names if m != "fid"}
     return pipe.to(device), {sub: u.to(device) for sub, u in unets.items()}, scorers
+
+
+def clip_scorer(metric, model, processor, device):
+    """PickScore or CLIP score as scorer(images, prompts) -> (B,): ClipReward on PIL images."""
+    r = distar.ClipReward(model, processor).to(device)
+    return lambda images, prompts: SCALE[metric](r(torch.from_numpy(np.stack(images)).permute(
+        0, 3, 1, 2).to(device) / 255, r.text_features(prompts)))
+
+
+def read_prompt_set(path):
+    """--prompts: (prompts, each one's category or None): Parti's PartiPrompts.tsv as it is (Prompt
+    and Category columns, quotes as written), HPSv2's benchmark (a folder of {style}.json files, or
+    one: lists of prompts), or a text file of one prompt per line (COCO captions)."""
+    folder = os.path.isdir(path)
+    if not (folder or path.endswith((".tsv", ".json"))):
+        return distar.read_prompts(path), None
+    rows = []
+    for file in sorted(os.path.join(path, f) for f in os.listdir(path)
+                       if f.endswith(".json")) if folder else [path]:
+        try:
+            with open(file, encoding="utf-8") as f:
+                if file.endswith(".tsv"):
+                    rows += [(r["Prompt"], r.get("Category") or "") for r in
+                             csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)]
+                    continue
+                data = json.load(f)  # a style's prompts, as hpsv2's evaluation reads them
+            if not (isinstance(data, list) and all(isinstance(p, str) for p in data)):
+                raise TypeError("not a list of strings")
+            rows += [(p, os.path.basename(file)[:-5]) for p in data]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            e = distar.first_line(e)
+            raise distar.LoadError(f"--prompts={file}: not Parti's TSV (a Prompt column) nor "
+                                   f"HPSv2's JSON (a list of prompts): {e}") from None
+    if not rows:
+        raise distar.LoadError(f"--prompts={path}: no prompts in it")
+    return [p for p, _ in rows], [c for _, c in rows] if any(c for _, c in rows) else None
+
+
+# ---- FID as SiD-LSG and DMD2 score COCO-30K: GigaGAN's evaluation (clean-fid, "clean" mode, with
+# NVIDIA's Inception torchscript), each generator's images against --fid_ref's real ones
+INCEPTION_URL = ("https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/"
+                 "inception-2015-12-05.pt")  # clean-fid's and StyleGAN's download
+IMAGE_FILES = (".bmp", ".jpg", ".jpeg", ".png", ".ppm", ".tif", ".tiff", ".webp")  # clean-fid's
+FID_BATCH = 50  # images through Inception at a time
+
+
+def fid_pixels(image, eval_res):
+    """A PIL image -> (3, 299, 299) float32 in [0, 255], Inception's input as GigaGAN and clean-fid
+    make it: the centre square (torchvision's center_crop rounding), PIL Lanczos to eval_res in
+    uint8, then clean-fid's "clean" resize: each channel in float32, PIL bicubic, clipped."""
+    from PIL import Image
+    image = image.convert("RGB")
+    (w, h), s = image.size, min(image.size)
+    left, top = int(round((w - s) / 2)), int(round((h - s) / 2))
+    x = np.asarray(image.crop((left, top, left + s, top + s)).resize((eval_res, eval_res),
+                                                                    Image.LANCZOS))
+    return np.stack([np.asarray(Image.fromarray(x[..., c].astype(np.float32)).resize(
+        (299, 299), Image.BICUBIC)).clip(0, 255) for c in range(3)])
+
+
+class FidStats:
+    """The Inception features of a stream of images as float64 sums (count, sum, sum of outer
+    products): 30K images in d + d^2 numbers. net: (B, 3, 299, 299) in [0, 255] -> (B, d)."""
+
+    def __init__(self, net, eval_res, device):
+        self.net, self.res, self.device = net, eval_res, device
+        self.n, self.sum, self.outer = 0, 0, 0
+
+    @torch.no_grad()
+    def add(self, images):
+        with ThreadPoolExecutor() as pool:  # PIL resizes without the GIL
+            x = np.stack(list(pool.map(fid_pixels, images, [self.res] * len(images))))
+        f = self.net(torch.from_numpy(x).to(self.device)).double().cpu().numpy()  # (B, d)
+        self.n, self.sum, self.outer = self.n + len(f), self.sum + f.sum(0), self.outer + f.T @ f
+
+    def mean_cov(self):
+        mu = self.sum / self.n
+        return mu, (self.outer - self.n * np.outer(mu, mu)) / (self.n - 1)  # (d,), (d, d)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    """|mu1 - mu2|^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)), in float64. S1 S2 has the spectrum of the
+    symmetric S1^(1/2) S2 S1^(1/2), so its root's trace is a sum of square roots of eigh's
+    eigenvalues (clean-fid: scipy's sqrtm of S1 S2)."""
+    w, v = np.linalg.eigh(sigma1)
+    root = (v * np.sqrt(w.clip(min=0))) @ v.T  # S1^(1/2)
+    tr = np.sqrt(np.linalg.eigvalsh(root @ sigma2 @ root).clip(min=0)).sum()
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(sigma1) + np.trace(sigma2) - 2 * tr)
+
+
+def load_fid(cfg, device, n_images):
+    """(net, (mu, sigma, n) of --fid_ref). net: NVIDIA's Inception as clean-fid runs it, its layers
+    on (x - 128) / 128, from --inception or torch's cache (fetched there once). --fid_ref: saved
+    statistics, or a folder's images (subfolders too, as clean-fid) read once and saved as
+    {out_dir}/fid_ref_{eval_res}.npz. Each side needs more images than features (a full-rank
+    covariance)."""
+    from PIL import Image
+    path = cfg.inception or os.path.join(torch.hub.get_dir(), "checkpoints",
+                                         os.path.basename(INCEPTION_URL))
+    if not os.path.isfile(path) and not cfg.inception:
+        try:  # to a temporary file, renamed when complete
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            torch.hub.download_url_to_file(INCEPTION_URL, path)
+        except Exception as e:  # offline: URLError
+            raise distar.LoadError(f"cannot load FID's Inception: {path} is not there and cannot "
+                                   f"be fetched ({distar.first_line(e)}): download "
+                                   f"{INCEPTION_URL} there, or pass --inception=PATH") from None
+    base = distar.load("inception", path, torch.jit.load, path, map_location=device).eval()
+    net = lambda x: base.layers((x - 128) / 128).flatten(1)  # (B, 2048)
+    dim = distar.load("inception", path, lambda: net(torch.zeros(1, 3, 299, 299, device=device))
+                      .shape[1])  # another torchscript: no layers
+    stats = os.path.isfile(cfg.fid_ref)  # else a folder
+    files = [] if stats else sorted(os.path.join(r, f) for r, _, fs in os.walk(cfg.fid_ref)
+                                    for f in fs if f.lower().endswith(IMAGE_FILES))
+    if not (stats or files):
+        raise distar.LoadError(f"--fid_ref={cfg.fid_ref}: no images in it")
+    for n, what in [(n_images, "each generator")] + [(len(files), cfg.fid_ref)] * bool(files):
+        if n <= dim:
+            raise distar.ConfigError(f"FID needs more images than its {dim} features, for a "
+                                     f"full-rank covariance: {what} has {n}")
+    if stats:  # np.load: arrays only, no pickles
+        z = distar.load("fid_ref", cfg.fid_ref, lambda: dict(np.load(cfg.fid_ref)))
+        if sorted(z) != ["eval_res", "mu", "n", "sigma"] or z["eval_res"] != cfg.eval_res \
+                or z["mu"].shape != (dim,):
+            raise distar.LoadError(f"--fid_ref={cfg.fid_ref}: not the FID statistics that "
+                                   f"sample.py saves, at --eval_res={cfg.eval_res}, {dim} features")
+        return net, (z["mu"], z["sigma"], int(z["n"]))
+    ref = FidStats(net, cfg.eval_res, device)
+    for i in range(0, len(files), FID_BATCH):
+        ref.add([distar.load("fid_ref", f, lambda f=f: Image.open(f).convert("RGB"))
+                 for f in files[i:i + FID_BATCH]])
+    mu, sigma = ref.mean_cov()
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    saved = os.path.join(cfg.out_dir, f"fid_ref_{cfg.eval_res}.npz")
+    np.savez(saved, mu=mu, sigma=sigma, n=ref.n, eval_res=cfg.eval_res)
+    print(f"wrote {saved}, the statistics of {ref.n} images in {cfg.fid_ref}: pass it as --fid_ref")
+    return net, (mu, sigma, ref.n)
 
 
 def cluster_bootstrap(scores, n_boot=1000, ci=0.95, seed=0):
@@ -409,11 +571,13 @@ def sample(cfg):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = getattr(torch, dict(fp16="float16", bf16="bfloat16", fp32="float32")[cfg.dtype])
     dtype = dtype if device == "cuda" else torch.float32  # half precision is for GPUs
-    prompts = [cfg.prompt] if cfg.prompt else distar.read_prompts(cfg.prompts)
+    prompts, cats = ([cfg.prompt], None) if cfg.prompt else read_prompt_set(cfg.prompts)
     k, records = cfg.images_per_prompt, []
     jobs = [(p, text) for p, text in enumerate(prompts) for _ in range(k)]
     plan = plan_models(cfg)  # the recorded bases are here, before anything loads
     pipe, unets, scorers = load_models(cfg, plan, device, dtype)  # before anything is written
+    fid = load_fid(cfg, device, len(jobs)) if "fid" in metric_names(cfg) else None
+    fids = {sub: FidStats(fid[0], cfg.eval_res, device) for sub in unets} if fid else {}
     for b, i in enumerate(range(0, len(jobs), cfg.batch_size)):
         batch = jobs[i:i + cfg.batch_size]
         texts = [text for _, text in batch]
@@ -424,14 +588,16 @@ def sample(cfg):
             images = pipe(prompt=texts, num_inference_steps=1, **lcm, guidance_scale=0.0,
                           height=cfg.resolution, width=cfg.resolution,
                           generator=torch.Generator(device).manual_seed(cfg.seed + b)).images
-            x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).to(device) / 255
-            vals = {m: SCALE[m](c(x, c.text_features(texts))).tolist() for m, c in scorers.items()}
+            vals = {m: score(images, texts).tolist() for m, score in scorers.items()}
+            if fids:
+                fids[sub].add(images)
             os.makedirs(os.path.join(cfg.out_dir, sub), exist_ok=True)
             for j, (im, (p, text)) in enumerate(zip(images, batch)):
                 name = os.path.join(sub, f"{i + j:03d}.png")
                 im.save(os.path.join(cfg.out_dir, name))
                 records.append(dict(image=name, prompt_index=p, prompt=text, seed=cfg.seed + b,
-                                    **tag, **{m: v[j] for m, v in vals.items()}))
+                                    **tag, **({"category": cats[p]} if cats else {}),
+                                    **{m: v[j] for m, v in vals.items()}))
     # the grids read the PNGs back, one grid at a time: thousands of images do not fit in memory
     n_grids, rows = (-(-len(prompts) // cfg.grid_rows) if cfg.compare else 0), cfg.grid_rows
     short = lambda path: "/".join(os.path.normpath(path).split(os.sep)[-2:])  # checkpoint-*/...
@@ -448,7 +614,7 @@ def sample(cfg):
         grid.save(os.path.join(cfg.out_dir, f"compare_{g:03d}.png"))
     print(f"wrote {len(jobs)} image{'s' * (len(jobs) > 1)}{' per generator' * bool(cfg.compare)} "
           f"to {cfg.out_dir}" + (f", and {n_grids} compare_*.png" if n_grids else ""))
-    if not cfg.score:
+    if not metric_names(cfg):
         return
     with open(os.path.join(cfg.out_dir, "scores.jsonl"), "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
@@ -456,17 +622,41 @@ def sample(cfg):
                    seed=cfg.seed, generator=cfg.generator or plan[0], lora=cfg.lora,
                    compare=cfg.compare)
     fmt = lambda m, lo, hi: f"{m:.4g}" + (f" [{lo:.4g}, {hi:.4g}]" if lo is not None else "")
-    for metric in SCALE:  # mean [lo, hi]; with --compare: A, B and the paired difference B - A
+    groups = {"": list(range(len(prompts))), **{c: [p for p, x in enumerate(cats) if x == c]
+                                                 for c in dict.fromkeys(cats or [])}}
+    names, table, per = [m for m in metric_names(cfg) if m != "fid"], {}, {g: {} for g in groups}
+    for metric in names:  # mean [lo, hi]; with --compare: A, B and the paired difference B - A
         S = {sub: np.reshape([r[metric] for r in records if r.get("generator", "") == sub], (-1, k))
              for sub in unets}  # (P, k): a row per prompt
         if cfg.compare:  # per image pair (same prompt and seed): the bootstrap keeps the pairs
             S["b_minus_a"] = S["b"] - S["a"]
-        stats = {sub: cluster_bootstrap(s, cfg.bootstrap, cfg.ci, cfg.seed) for sub, s in S.items()}
-        print(f"{metric:<10s} {'  '.join(TAGS[sub] + fmt(*v) for sub, v in stats.items())}  "
-              f"{100 * cfg.ci:g}% CI, {len(prompts)} prompts, {len(jobs)} images"
+        for g, idx in groups.items():  # all prompts, then each category's (Parti) or style's
+            stats = {sub: cluster_bootstrap(s[idx], cfg.bootstrap, cfg.ci, cfg.seed)
+                     for sub, s in S.items()}
+            for sub, v in stats.items():
+                table.setdefault((g, sub), {})[metric] = fmt(*v)
+            stats = {sub: dict(zip(("mean", "lo", "hi"), v)) for sub, v in stats.items()}
+            per[g][metric] = stats if cfg.compare else stats[""]
+    summary.update(per.pop(""), **{"categories": per} if per else {})
+    row = dict(a="A", b="B", b_minus_a="B-A", **{"": short(cfg.generator or plan[0])})
+    lines = [[""] + names] + [[f"{row[sub] * (not g or sub != '')} {g}".strip()] +
+                              [cells[m] for m in names]
+                              for (g, sub), cells in table.items()]  # the paper's layout
+    widths = [max(map(len, column)) for column in zip(*lines)]
+    for line in lines if table else []:
+        print("  ".join(f"{c:{w}}" for c, w in zip(line, widths)).rstrip())
+    if table:
+        print(f"{100 * cfg.ci:g}% CI, {len(prompts)} prompts, {len(jobs)} images"
               + " per generator" * bool(cfg.compare) + f" ({k} per prompt)")
-        stats = {sub: dict(zip(("mean", "lo", "hi"), v)) for sub, v in stats.items()}
-        summary[metric] = stats if cfg.compare else stats[""]
+    if fids:  # no per-image value: a row of its own
+        mu, sigma, n_ref = fid[1]
+        fid = {sub: frechet_distance(*stats.mean_cov(), mu, sigma) for sub, stats in fids.items()}
+        summary["fid"] = dict(fid if cfg.compare else dict(value=fid[""]), n_images=len(jobs),
+                              eval_res=cfg.eval_res, reference=cfg.fid_ref, n_reference=n_ref)
+        print("FID  " + "  ".join(f"{row[sub]} {v:.4g}" for sub, v in fid.items())
+              + f"  ({len(jobs)} images{' each' * bool(cfg.compare)} at {cfg.eval_res} px against "
+              f"{n_ref} real ones" + "; fewer than COCO-30K's 30,000: biased upward, not comparable"
+              " with 30K numbers" * (len(jobs) < 30000) + ")")
     with open(os.path.join(cfg.out_dir, "scores.json"), "w") as f:
         json.dump(summary, f, indent=1)
     print(f"wrote {cfg.out_dir}/scores.jsonl (every image) and scores.json (the intervals)")

@@ -3080,6 +3080,18 @@ def test_cluster_bootstrap_is_exact_for_constants_seeded_and_open_for_one_prompt
     assert sample.cluster_bootstrap(x[:1]) == (x[0].mean(), None, None)  # one prompt: nothing to resample
 
 
+def printed_table(stdout):
+    """sample.py's table (a header of metrics, a row per generator, then its CI line) -> ({label:
+    {metric: (mean, lo, hi)}}, the CI line)."""
+    lines = stdout.splitlines()
+    end = next(i for i, line in enumerate(lines) if re.match(r"[\d.]+% CI, ", line))
+    top = max(i for i in range(end) if lines[i].startswith(" "))
+    metrics = re.split(r"  +", lines[top].strip())
+    cell = lambda c: tuple(float(v) for v in re.fullmatch(r"(\S+) \[(\S+), (\S+)\]", c).groups())
+    rows = [re.split(r"  +", line) for line in lines[top + 1:end]]
+    return {r[0]: dict(zip(metrics, map(cell, r[1:]))) for r in rows}, lines[end]
+
+
 def test_score_writes_pickscore_clip_score_and_prompt_bootstrap_intervals(tiny, tmp_path, capsys):
     sdxl, reward = tiny
     prompts = ["a cat", "a dog", "a red cab"]
@@ -3103,14 +3115,14 @@ def test_score_writes_pickscore_clip_score_and_prompt_bootstrap_intervals(tiny, 
     assert np.allclose(pick, expect, atol=1e-5)
     assert np.allclose(clip, 100 * np.maximum(expect, 0), atol=1e-3)  # the same CLIP here: CLIP score's scale
     summary = json.loads((out / "scores.json").read_text())
-    stdout = capsys.readouterr().out
+    table, ci = printed_table(capsys.readouterr().out)
+    (label,) = table  # one row: the generator, here --pretrained's UNet
+    assert label.endswith("sdxl") and ci == "95% CI, 3 prompts, 6 images (2 per prompt)"
     for metric, s in (("pickscore", pick), ("clip_score", clip)):
         mean, lo, hi = sample.cluster_bootstrap(s.reshape(3, 2), 1000, 0.95, 0)  # prompts are the rows
         assert summary[metric] == dict(mean=mean, lo=lo, hi=hi)
         assert abs(mean - s.mean()) < 1e-12 and lo < mean < hi
-        line = re.search(rf"^{metric} +(\S+) \[(\S+), (\S+)\]  95% CI, 3 prompts, 6 images \(2 per prompt\)$",
-                         stdout, re.M)
-        assert np.allclose([float(v) for v in line.groups()], [mean, lo, hi], rtol=1e-3, atol=1e-6)
+        assert np.allclose(table[label][metric], [mean, lo, hi], rtol=1e-3, atol=1e-6)
 
 
 @pytest.fixture(scope="module")
@@ -3192,8 +3204,221 @@ def test_compare_two_generators_uses_the_same_prompts_and_seeds(compare_runs):
     assert [r["image"] for r in rows if r["generator"] == "b"] == [f"b/{i:03d}.png" for i in range(6)]
     printed = (compare_runs / "ab.txt").read_text()  # 6 images of each generator, not 6 in all
     assert "wrote 6 images per generator to" in printed
-    assert re.search(r"^pickscore +A .*  95% CI, 3 prompts, 6 images per generator \(2 per prompt\)$",
-                     printed, re.M), printed
+    table, ci = printed_table(printed)  # a row per generator and the difference, a column per metric
+    assert list(table) == ["A", "B", "B-A"] and ci == "95% CI, 3 prompts, 6 images per generator (2 per prompt)"
+    for metric in ("pickscore", "clip_score"):
+        for label, sub in (("A", "a"), ("B", "b"), ("B-A", "b_minus_a")):
+            assert np.allclose(table[label][metric], list(summary[metric][sub].values()), rtol=1e-3, atol=1e-6)
+
+
+# the paper's metrics: FID as GigaGAN's evaluation and clean-fid score COCO (golden numbers from
+# .ci/golden/fid_official.py, run with the official code), the Parti/HPSv2 prompt sets, the table
+
+def fid_folders(root):
+    """fid_official.py's: noise PNGs of 10 sizes per folder, image 0 97 x 144 (a 23.5 px margin)."""
+    rng, files = np.random.default_rng(31), {}
+    for name, low in (("real", 0), ("fake", 60)):
+        for i in range(10):
+            h, w = (97, 144) if i == 0 else rng.integers(90, 200, 2)
+            (root / name).mkdir(parents=True, exist_ok=True)
+            files.setdefault(name, []).append(root / name / f"{i:02d}.png")
+            Image.fromarray(rng.integers(low, 256, (h, w, 3), dtype=np.uint8)).save(files[name][-1])
+    return files
+
+
+class TinyInception(torch.nn.Module):
+    """fid_official.py's extractor (numpy's weights) as NVIDIA's torchscript is called: .layers on
+    (x - 128) / 128 -> (B, 8)."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(13), torch.nn.Flatten(),
+                                          torch.nn.Linear(3 * 13 * 13, 8))
+        w = np.random.default_rng(32).normal(0, 0.05, (8, 3 * 13 * 13)).astype(np.float32)
+        with torch.no_grad():
+            self.layers[2].weight.copy_(torch.from_numpy(w))
+            self.layers[2].bias.copy_(torch.linspace(-1, 1, 8))
+
+    def forward(self, x):
+        return self.layers((x - 128) / 128)
+
+
+@pytest.fixture(scope="module")
+def fid_files(tmp_path_factory):
+    """(fid_folders' {real, fake: [PNG]}, a torchscript file of TinyInception)."""
+    import warnings
+
+    tmp = tmp_path_factory.mktemp("fid")
+    with warnings.catch_warnings():  # torch.jit is deprecated, but NVIDIA's Inception is one
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.trace(TinyInception(), torch.zeros(1, 3, 299, 299)).save(tmp / "inception.pt")
+    return fid_folders(tmp), tmp / "inception.pt"
+
+
+def fid_oracle(a, b):
+    """FID of feature rows a, b: np.cov and the eigenvalues of the non-symmetric S_a S_b (as
+    torchmetrics), not sample.py's sums and symmetric root."""
+    sa, sb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    root = np.sqrt(np.linalg.eigvals(sa @ sb).astype(complex)).real.sum()
+    return ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(sa) + np.trace(sb) - 2 * root
+
+
+# clean-fid's Inception input for image 0 (sum, sum of squares, pixel (150, 7)) and the FID
+GOLDEN_FID = {256: (34305770.06304492, 5496652618.377134,
+                    [61.028743743896484, 205.11521911621094, 84.62406158447266], 0.8204400967783237),
+              64: (34311773.42375995, 4750824663.948706,
+                   [124.44550323486328, 143.15821838378906, 171.51470947265625], 0.8355429705566303)}
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit")
+def test_fid_equals_clean_fid_with_gigagans_transform(fid_files, tmp_path):
+    """clean-fid 0.1.35's compute_fid with GigaGAN's centre crop and Lanczos resize, at eval_res 256
+    and 64: Inception's input pixels (torchvision's rounding of the crop: 24 px, not 23) and the FID
+    of the two folders, through load_fid's reading of --fid_ref and --inception."""
+    files, inception = fid_files
+    for res, (total, squares, pixel, fid) in GOLDEN_FID.items():
+        x = sample.fid_pixels(Image.open(files["real"][0]), res).astype(np.float64)
+        assert x.shape == (3, 299, 299) and np.allclose(x[:, 150, 7], pixel, rtol=0, atol=1e-9)
+        assert np.allclose([x.sum(), (x ** 2).sum()], [total, squares], rtol=1e-12, atol=0)
+        cfg = sample.parse_args(["--metrics=fid", f"--fid_ref={files['real'][0].parent}",
+                                 f"--inception={inception}", f"--eval_res={res}",
+                                 f"--out_dir={tmp_path / str(res)}"])
+        net, (mu, sigma, n) = sample.load_fid(cfg, "cpu", 10)
+        fake = sample.FidStats(net, res, "cpu")
+        fake.add([Image.open(f) for f in files["fake"]])
+        assert n == 10 and abs(sample.frechet_distance(*fake.mean_cov(), mu, sigma) / fid - 1) < 1e-6
+
+
+def test_frechet_distance_is_float64_exact_against_closed_forms_and_an_independent_computation():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(40, 6)), rng.normal(size=(50, 6)) @ rng.normal(size=(6, 6)) + 0.3
+    got = sample.frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
+    assert got > 1 and abs(got / fid_oracle(a, b) - 1) < 1e-12
+    # a Gaussian and its shift by delta: the same covariance, FID = |delta|^2
+    delta = np.array([0.5, -1, 0, 2, 0, 0.1])
+    s = np.cov(a, rowvar=False)
+    assert abs(sample.frechet_distance(a.mean(0), s, a.mean(0) + delta, s) - (delta ** 2).sum()) < 1e-12
+    # diagonal covariances: |mu1 - mu2|^2 + sum (sqrt(a_i) - sqrt(b_i))^2
+    va, vb = rng.uniform(0.1, 3, 6), rng.uniform(0.1, 3, 6)
+    expect = 1.0 + ((np.sqrt(va) - np.sqrt(vb)) ** 2).sum()
+    assert abs(sample.frechet_distance(np.zeros(6), np.diag(va), np.eye(6)[0], np.diag(vb)) - expect) < 1e-12
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit")
+def test_sample_metrics_per_category_with_a_paper_metric_and_fid(tiny, fid_files, tmp_path, monkeypatch,
+                                                                 capsys):
+    """--metrics: a paper metric (a stand-in in PAPER_METRICS) loaded once with CLIP score's CLIP,
+    scoring batches of PIL images with their prompts, per Parti category; FID of the PNGs against
+    the real folder equals an independent float64 computation, its saved statistics give the same
+    FID, and a reference folder of the very images gives 0."""
+    from transformers import CLIPModel
+
+    sdxl, reward = tiny
+    files, inception = fid_files
+    loads, batches = [], []
+
+    def load_stand_in(cfg, device, clip=None):
+        loads.append(clip)
+
+        def scorer(images, prompts):
+            batches.append(len(images))
+            assert all(im.mode == "RGB" for im in images) and len(prompts) == len(images)
+            return torch.tensor([np.asarray(im).mean() + len(p) for im, p in zip(images, prompts)])
+        return scorer
+
+    monkeypatch.setattr(sample, "PAPER_METRICS", {"aesthetic": load_stand_in})
+    prompts = ['"cat" on a mat', "a dog", "a red cab", "a tree", "a cow"]
+    (tmp_path / "p.tsv").write_text("Prompt\tCategory\tChallenge\tNote\n" + "".join(
+        f"{p}\t{'AB'[i % 2]}\tBasic\t\n" for i, p in enumerate(prompts)))
+    args = [f"--pretrained={sdxl}", f"--prompts={tmp_path / 'p.tsv'}", "--images_per_prompt=2",
+            "--batch_size=4", "--resolution=64", f"--inception={inception}", f"--clip_model={reward}"]
+    out, real = tmp_path / "o", files["real"][0].parent
+    assert sample.main([*args, "--metrics=aesthetic,fid", f"--fid_ref={real}", f"--out_dir={out}"]) == 0
+    assert len(loads) == 1 and isinstance(loads[0][0], CLIPModel) and batches == [4, 4, 2]
+    rows = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
+    images = pngs(out, 10)
+    assert [r["category"] for r in rows] == [c for c in "ABABA" for _ in range(2)]
+    assert np.allclose([r["aesthetic"] for r in rows],
+                       [im.mean() + len(p) for im, p in zip(images, [p for p in prompts for _ in "12"])])
+    summary = json.loads((out / "scores.json").read_text())
+    S = np.array([r["aesthetic"] for r in rows]).reshape(5, 2)
+    for cat, idx in (("A", [0, 2, 4]), ("B", [1, 3])):
+        assert summary["categories"][cat]["aesthetic"] == dict(zip(("mean", "lo", "hi"),
+                                                               sample.cluster_bootstrap(S[idx])))
+    printed = capsys.readouterr().out
+    table, ci = printed_table(printed)  # a row for all prompts, then one per category
+    assert list(table)[1:] == ["A", "B"] and ci == "95% CI, 5 prompts, 10 images (2 per prompt)"
+    # FID: the same pixels, TinyInception, np.cov and a non-symmetric eigensolver
+    feats = lambda ims: TinyInception()(torch.from_numpy(np.stack(
+        [sample.fid_pixels(im, 256) for im in ims]))).detach().double().numpy()
+    expect = fid_oracle(feats([Image.fromarray(im) for im in images]), feats(map(Image.open, files["real"])))
+    assert summary["fid"]["n_images"] == 10 and abs(summary["fid"]["value"] / expect - 1) < 1e-9
+    assert re.search(r"^FID  \S+ \S+  \(10 images at 256 px against 10 real ones; fewer than", printed, re.M)
+    for name, ref in (("saved", out / "fid_ref_256.npz"), ("same", out)):  # out: the PNGs, a .npz, .json
+        assert sample.main([*args, "--metrics=fid", f"--fid_ref={ref}", f"--out_dir={tmp_path / name}"]) == 0
+        fid = json.loads((tmp_path / name / "scores.json").read_text())["fid"]["value"]
+        assert fid == summary["fid"]["value"] if name == "saved" else abs(fid) < 1e-9
+
+
+def test_prompt_sets_parti_tsv_hpsv2_json_folder_and_coco_lines(tmp_path):
+    (tmp_path / "p.tsv").write_text('Prompt\tCategory\tChallenge\tNote\n"G" on a wall\tArts\tBasic\t\n'
+                                    "a cat\tAnimals\tBasic\tnote\n")
+    assert sample.read_prompt_set(str(tmp_path / "p.tsv")) == (['"G" on a wall', "a cat"], ["Arts", "Animals"])
+    (tmp_path / "hps").mkdir()
+    for style, ps in (("photo", ["a", "b"]), ("anime", ["c"])):
+        (tmp_path / "hps" / f"{style}.json").write_text(json.dumps(ps))
+    assert sample.read_prompt_set(str(tmp_path / "hps")) == (["c", "a", "b"], ["anime", "photo", "photo"])
+    (tmp_path / "coco.txt").write_text("a man on a horse\n\nA bus.\n")
+    assert sample.read_prompt_set(str(tmp_path / "coco.txt")) == (["a man on a horse", "A bus."], None)
+    parti = os.path.join(HERE, os.pardir, "shared", "eval_data", "PartiPrompts.tsv")
+    if not os.path.isfile(parti):
+        pytest.skip(f"{parti} (the real PartiPrompts.tsv) is not here")
+    prompts, cats = sample.read_prompt_set(parti)
+    assert len(prompts) == 1632 and len(set(cats)) == 12 and sum(p.startswith('"G I G G L E"') for p in prompts) == 1
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit")
+@pytest.mark.parametrize("case", ["unknown_metric", "fid_without_ref", "missing_ref", "empty_ref", "few_ref",
+                                  "few_images", "offline", "not_inception", "other_eval_res", "bad_json"])
+def test_bad_metric_input_is_one_line_exit_2_and_writes_nothing(tiny, fid_files, tmp_path, capsys,
+                                                                monkeypatch, case):
+    import urllib.error
+
+    sdxl, _ = tiny
+    files, inception = fid_files
+    real = files["real"][0].parent
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no images")
+    (tmp_path / "eight").mkdir()  # as many images as TinyInception has features
+    for f in files["real"][:8]:
+        (tmp_path / "eight" / f.name).write_bytes(f.read_bytes())
+    np.savez(tmp_path / "ref.npz", mu=np.zeros(8), sigma=np.eye(8), n=10, eval_res=256)
+    (tmp_path / "p.json").write_text('{"a": 1}')
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))  # no Inception there
+
+    def offline(url, path, *args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    fid = ["--metrics=fid", "--images_per_prompt=9", f"--inception={inception}"]
+    args, words = {"unknown_metric": (["--metrics=pickscore,imagereward"], "--metrics: no metric imagereward"),
+                   "fid_without_ref": (["--metrics=fid"], "--metrics=fid needs --fid_ref"),
+                   "missing_ref": ([*fid, f"--fid_ref={tmp_path / 'nope'}"], "--fid_ref=" + str(tmp_path / "nope")),
+                   "empty_ref": ([*fid, f"--fid_ref={tmp_path / 'empty'}"], "no images in it"),
+                   "few_ref": ([*fid, f"--fid_ref={tmp_path / 'eight'}"], "its 8 features, for a full-rank "
+                               f"covariance: {tmp_path / 'eight'} has 8"),
+                   "few_images": ([*fid, f"--fid_ref={real}", "--images_per_prompt=8"], "each generator has 8"),
+                   "offline": ([*fid, f"--fid_ref={real}", "--inception="], "inception-2015-12-05.pt is not "
+                               "there and cannot be fetched (<urlopen error [Errno -3]"),
+                   "not_inception": ([*fid, f"--fid_ref={real}", f"--inception={tmp_path / 'p.json'}"],
+                                     f"cannot load --inception={tmp_path / 'p.json'}"),
+                   "other_eval_res": ([*fid, f"--fid_ref={tmp_path / 'ref.npz'}", "--eval_res=512"],
+                                      "not the FID statistics that sample.py saves, at --eval_res=512"),
+                   "bad_json": (["--prompt=", f"--prompts={tmp_path / 'p.json'}"], "not Parti's TSV")}[case]
+    out = tmp_path / "o"
+    assert sample.main([f"--pretrained={sdxl}", "--prompt=a cat", "--resolution=64", f"--out_dir={out}", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sample: error: ") and err.count("\n") == 1 and words in err, err
+    assert not out.exists() and not (tmp_path / "hub" / "checkpoints" / "inception-2015-12-05.pt").exists()
 
 
 @pytest.mark.parametrize("case", ["missing_pretrained", "missing_generator", "missing_prompts",
