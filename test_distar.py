@@ -3212,7 +3212,7 @@ def test_compare_two_generators_uses_the_same_prompts_and_seeds(compare_runs):
 
 
 # the paper's metrics: FID as GigaGAN's evaluation and clean-fid score COCO (golden numbers from
-# .ci/golden/fid_official.py, run with the official code), the Parti/HPSv2 prompt sets, the table
+# .ci/eval_golden/fid_official.py, run with the official code), the Parti/HPSv2 prompt sets, the table
 
 def fid_folders(root):
     """fid_official.py's: noise PNGs of 10 sizes per folder, image 0 97 x 144 (a 23.5 px margin)."""
