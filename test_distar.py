@@ -3818,6 +3818,53 @@ def test_dry_run_lists_each_scorers_parameters_and_memory_without_a_download(cap
         assert re.search(rf"^{name} .* {n:,d} parameters +{4 * n / 2**30:.2f} GiB$", out, re.M), out
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit")
+def test_every_metric_runs_from_sample_and_scores_the_pngs_it_wrote(tiny, golden, fid_files, monkeypatch,
+                                                                   tmp_path, capsys):
+    """All six metrics in one sample.py run on the tiny pipeline, with the golden fixtures' scorers
+    (a CLIP-H-like PickScore, CLIP score's CLIP shared with the aesthetic head) and the tiny
+    Inception: each image's paper metric equals its scorer's on the PNG written, in batches of 5
+    and 4; the table has a column per metric, in --metrics' order, and FID its row."""
+    import shutil
+
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    sdxl, _ = tiny
+    g, cfg, _, sds = golden
+    files, inception = fid_files
+    _tiny_scorer_configs(monkeypatch, g)
+    processor = CLIPProcessor(CLIPImageProcessor(size={"shortest_edge": 224}, crop_size=224),
+                              CLIPTokenizer.from_pretrained(cfg.reward_processor))
+    pick = CLIPModel(CLIPConfig(**sample.HPS_CLIP))  # PickScore is a CLIP-H too: here HPS's weights
+    pick.load_state_dict(distar.open_clip_to_hf(sds["hps"]), strict=False)
+    pick.save_pretrained(tmp_path / "pick")
+    shutil.copytree(cfg.clip_model, tmp_path / "clip")
+    for path in ("pick", "clip"):
+        processor.save_pretrained(tmp_path / path)
+    cfg = replace(cfg, reward_model=str(tmp_path / "pick"), reward_processor=str(tmp_path / "pick"),
+                  clip_model=str(tmp_path / "clip"))
+    names = ["image_reward", "aesthetic", "pickscore", "clip_score", "hps"]
+    flags = [f"--{f.name}={getattr(cfg, f.name)}" for f in fields(cfg) if f.name.endswith(
+        ("_model", "_processor", "_config", "_tokenizer", "_head"))]
+    out, prompts = tmp_path / "o", ["a red cab!", "a cat", "two dogs"]
+    (tmp_path / "p.txt").write_text("\n".join(prompts))
+    assert sample.main([f"--pretrained={sdxl}", f"--prompts={tmp_path / 'p.txt'}", "--images_per_prompt=3",
+                        "--batch_size=5", "--resolution=64", f"--metrics={','.join(names)},fid",
+                        f"--fid_ref={files['real'][0].parent}", f"--inception={inception}",
+                        *flags, f"--out_dir={out}"]) == 0
+    rows = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
+    images = [Image.open(out / f"{i:03d}.png").convert("RGB") for i in range(9)]
+    for name in ("image_reward", "aesthetic", "hps"):
+        expect = sample.PAPER_METRICS[name](cfg, "cpu")(images, [p for p in prompts for _ in "abc"])
+        got = torch.tensor([r[name] for r in rows])
+        assert expect.std() > 0 and torch.allclose(got, expect.float(), rtol=1e-4, atol=1e-5), name
+    printed = capsys.readouterr().out
+    table, _ = printed_table(printed)
+    assert [list(cells) for cells in table.values()] == [names]
+    assert json.loads((out / "scores.json").read_text())["fid"]["n_images"] == 9
+    assert re.search(r"^FID  \S+ \S+  \(9 images at 256 px", printed, re.M)
+
+
 # -----------------------------------------------------------------------------
 # SD3/SD3.5 (--model=sd3): the flow process x_s = (1 - s) x_0 + s eps through the same losses,
 # the velocity read as eps, a tiny SD3 world against diffusers' pipeline, runs, plan and counts
