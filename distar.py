@@ -1819,16 +1819,23 @@ def random_reward(sizes, device="cpu"):
         clip = CLIPModel(CLIPConfig(**clip_sizes))
     return clip, CLIPProcessor(CLIPImageProcessor(**sizes["image"]), tokenizer=tok)
 
+def tiny_paths(root, model="sdxl", t5=True):
+    """Where build_tiny puts a family's pipeline and reward: each its own reward, drawn after its
+    pipeline from the same seed, so that building one family never changes another's numbers."""
+    name = "sdxl" if model == "sdxl" else "sd3" if t5 else "sd3_no_t5"
+    return os.path.join(root, name), os.path.join(root, "reward" if name == "sdxl" else
+                                                  "reward_" + name)
+
 def build_tiny(root, model="sdxl", t5=True):
     """Tiny random models laid out as the real ones, the same ones every time: {root}/sdxl, a
     StableDiffusionXLPipeline folder (model sd3: {root}/sd3, or sd3_no_t5 without T5, a
-    StableDiffusion3Pipeline one), and {root}/reward, a CLIPModel with its processor."""
+    StableDiffusion3Pipeline one), and {root}/reward (reward_sd3, reward_sd3_no_t5), a CLIPModel
+    with its processor."""
     with torch.random.fork_rng():  # the caller's RNG untouched
         torch.manual_seed(0)
         pipe, clip, processor = (random_parts(TINY) if model == "sdxl"
                                  else random_sd3_parts(TINY_SD3, t5=t5))
-    path = os.path.join(root, "sdxl" if model == "sdxl" else "sd3" if t5 else "sd3_no_t5")
-    reward = os.path.join(root, "reward")
+    path, reward = tiny_paths(root, model, t5)
     pipe.save_pretrained(path)
     clip.save_pretrained(reward)
     processor.save_pretrained(reward)
@@ -1838,10 +1845,9 @@ def tiny_config(cfg, dist_info):
     """--tiny: cfg's models become tiny random ones in {out_dir}/tiny, built once by rank 0 and
     then loaded through the same from_pretrained code as the real ones."""
     root = os.path.join(cfg.out_dir, "tiny")
-    reward = os.path.join(root, "reward")
-    pretrained = os.path.join(root, "sdxl" if cfg.model == "sdxl" else "sd3" if cfg.t5
-                              else "sd3_no_t5")
-    if dist_info[0] == 0 and not os.path.isfile(os.path.join(pretrained, "model_index.json")):
+    pretrained, reward = tiny_paths(root, cfg.model, cfg.t5)
+    if dist_info[0] == 0 and not all(os.path.isfile(os.path.join(p, f)) for p, f in
+                                     ((pretrained, "model_index.json"), (reward, "config.json"))):
         build_tiny(root, cfg.model, cfg.t5)
     barrier(dist_info[1])
     return replace(cfg, pretrained=pretrained, generator_init="", reward_model=reward,

@@ -1751,6 +1751,28 @@ def test_a_fresh_run_starts_the_out_dir_over(tiny, trained_dir, tmp_path, mode):
     assert _tree_digest(d / "tiny") == tiny_models
 
 
+@pytest.mark.xdist_group("tiny_runs")
+def test_an_sd3_tiny_run_leaves_the_sdxl_numbers_alone(trained_dir, tmp_path):
+    """The tiny models are the same whatever ran before: SD3's tiny parts (with T5 and without),
+    built in an out_dir between two SDXL --tiny runs, leave the second run's numbers the first's."""
+    import shutil
+
+    d = tmp_path / "out"
+    shutil.copytree(trained_dir, d)  # the first SDXL run
+    sdxl = _tree_digest(d / "tiny")
+    for t5 in (True, False):  # what an SD3 --tiny run does to the out_dir before it trains
+        cfg = distar.parse_args(["--tiny", "--model=sd3", f"--t5={t5}", f"--out_dir={d}"])
+        cfg = distar.tiny_config(cfg, (0, 1))
+        assert os.path.isfile(os.path.join(cfg.reward_model, "config.json"))
+    assert {k: v for k, v in _tree_digest(d / "tiny").items() if k in sdxl} == sdxl
+    p = run_here("--tiny", "--max_steps=1", f"--out_dir={d}")
+    assert p.returncode == 0, p.stderr[-2000:]
+    first, second = (json.loads((r / "metrics.jsonl").read_text().splitlines()[0])
+                     for r in (trained_dir, d))
+    keys = ("loss_g", "loss_div", "loss_psi", "reward", "grad_norm")
+    assert second["step"] == 1 and {k: second[k] for k in keys} == {k: first[k] for k in keys}
+
+
 def test_every_rank_must_see_the_same_out_dir(tmp_path, monkeypatch):
     """On nodes without a shared filesystem each has its own out_dir, and --resume or --fsdp would
     fail at the first checkpoint: it is one line at the start instead, on every rank."""
@@ -3446,11 +3468,13 @@ def test_toy_with_model_sd3_prints_the_flow_gradient_check_too(monkeypatch, caps
 
 @pytest.fixture(scope="module")
 def tiny_sd3(tmp_path_factory):
-    """Tiny random SD3 pipelines, with T5 and without (text_encoder_3 None), and the reward."""
+    """Tiny random SD3 pipelines, with T5 and without (text_encoder_3 None), and a reward (the
+    one built with the pipeline without T5, which the figures in these tests were measured with)."""
     distar.quiet_libraries()
     root = str(tmp_path_factory.mktemp("tiny_sd3"))
-    sd3, reward = distar.build_tiny(root, "sd3")
-    return dict(sd3=sd3, no_t5=distar.build_tiny(root, "sd3", t5=False)[0], reward=reward)
+    sd3 = distar.build_tiny(root, "sd3")[0]
+    no_t5, reward = distar.build_tiny(root, "sd3", t5=False)
+    return dict(sd3=sd3, no_t5=no_t5, reward=reward)
 
 
 def _sd3_world(tiny_sd3, *args, t5=True):
