@@ -93,7 +93,7 @@ def torchrun_here(*args, nproc=2, timeout=600, setup=None):
     variables torchrun sets, without the ~5 s a rank spends on imports. For runs whose outputs a
     test reads; the launcher itself (its exit code, signals, rank start-up) keeps TORCHRUN.
     timeout: a guard against a hang, not a speed check, so far above a run's time on a busy
-    machine (the longest call: 46 s on 2 cores at load average 15; 120 s once cut a run short)."""
+    machine (the longest call measured: 46 s on 2 cores at load average 15, 2.6x under 120 s)."""
     import multiprocessing
     import socket
     import tempfile
