@@ -883,7 +883,7 @@ def run_toy(cfg, dist_info):
 def run_sdxl(cfg, dist_info):
     rank, world_size, device = dist_info
     with all_ok(dist_info):  # one rank's error (a file, a hub, memory) stops every rank (all_ok)
-        check_sdxl_run(cfg, device)  # a GPU, the out_dir, the prompts: before anything loads
+        check_sdxl_run(cfg, device)  # the prompts, the out_dir, a GPU: before anything loads
     if cfg.tiny:
         cfg = tiny_config(cfg, dist_info)
     elif rank == 0 and not cfg.bench:
@@ -892,6 +892,11 @@ def run_sdxl(cfg, dist_info):
               f"{cfg.pretrained}, {cfg.generator_init or 'its ' + NETS[cfg.model][1]} and "
               f"{cfg.reward_model}; prompts: {prompts}", flush=True)
     with all_ok(dist_info):
+        if not cfg.tiny:  # a hub id: reached once, quickly, or offline (a local index: checked)
+            offline_unless_reachable(cfg.pretrained, cfg.generator_init, cfg.reward_model,
+                                     cfg.reward_processor)
+            if not os.path.isdir(cfg.pretrained):
+                check_pipeline(cfg)
         world = maybe_compile(WORLDS[cfg.model](cfg, device, rank, world_size))  # --compile
     world = shard_nets(world, dist_info)  # --fsdp
     if cfg.bench:  # the cost table instead of training
@@ -1207,17 +1212,19 @@ RUN_OUTPUTS = (CKPT_RE, r"\.tmp-checkpoint-\d{6}(\.old)?", r"metrics\.jsonl", r"
                r"toy\.png", r"toy_samples\.safetensors")  # {out_dir}/tiny, a cache, stays
 
 def check_sdxl_run(cfg, device):
-    """Before anything loads (tens of GB on a first run): a GPU unless asked for the CPU, an
-    out_dir this run may write to, prompts."""
-    if device.type != "cuda" and not (cfg.tiny or cfg.allow_cpu):
-        raise ConfigError("training SDXL needs a GPU and none is visible: try --toy (2-D, seconds),"
-                          " --tiny (tiny random SDXL-shaped models) or --dry_run (the memory plan);"
-                          " --allow_cpu runs it here anyway")
+    """Before anything loads (tens of GB on a first run): the user's own files first (prompts, an
+    out_dir this run may write to, a local --pretrained), free to fix, then a GPU unless asked for
+    the CPU. A hub id's pipeline is checked after the start line says what loads (run_sdxl)."""
+    read_prompts(cfg.prompts)
     if not cfg.bench:  # --bench writes no checkpoints
         check_out_dir(cfg)
-    read_prompts(cfg.prompts)
-    if not cfg.tiny:  # --tiny builds its own
+    if not cfg.tiny and os.path.isdir(cfg.pretrained):  # --tiny builds its own
         check_pipeline(cfg)
+    if device.type != "cuda" and not (cfg.tiny or cfg.allow_cpu):
+        name = cfg.model.upper()
+        raise ConfigError(f"training {name} needs a GPU and none is visible: try --toy (2-D, "
+                          f"seconds), --tiny (tiny random {name}-shaped models) or --dry_run (the "
+                          "memory plan); --allow_cpu runs it here anyway")
 
 def check_out_dir(cfg):
     """A fresh SDXL run must not prune or later resume another run's checkpoints, each of which
@@ -1441,6 +1448,22 @@ def hub_unreachable(e):
         e = e.__cause__ or e.__context__
     return False
 
+def offline_unless_reachable(*paths, timeout=5):
+    """Before anything loads from the hub (paths that are not local; none: nothing to do): one
+    quick request (HF_ENDPOINT, proxies: the hub client's own) says whether the hub answers. If
+    not, huggingface_hub goes offline, as HF_HUB_OFFLINE=1 would: every load then reads the local
+    cache or fails at once in one line (load), instead of retrying each request for ~25 s."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    hub = [p for p in paths if p and not os.path.isabs(p) and not os.path.exists(p)]
+    if not hub or constants.HF_HUB_OFFLINE:
+        return
+    try:
+        get_session().head(constants.ENDPOINT, timeout=timeout)  # any answer will do
+    except Exception:  # no DNS, refused, timed out, a proxy that fails: not reachable
+        constants.HF_HUB_OFFLINE = True
+
 def load(flag, value, fn, *args, **kwargs):
     """Run a from_pretrained-style loader; a failure becomes one line naming the flag."""
     try:
@@ -1449,14 +1472,8 @@ def load(flag, value, fn, *args, **kwargs):
         raise
     except Exception as e:  # OSError, ValueError, HFValidationError, ...: report, do not trace
         first = first_line(e)
-        if hub_unreachable(e):
-            local = "/path/to/" + dict(pretrained="sdxl", lora="lora", reward_model="clip",
-                                       reward_processor="clip", clip_model="clip",
-                                       image_reward_model="ImageReward.pt",
-                                       image_reward_config="med_config.json",
-                                       image_reward_tokenizer="bert-base-uncased",
-                                       aesthetic_head="head.pth",
-                                       hps_model="HPS_v2.1_compressed.pt").get(flag, "unet")
+        if hub_unreachable(e):  # the hint names what the user asked for, as a local path
+            local = "/path/to/" + os.path.basename(value.rstrip("/"))
             first = ("no such local path, the Hugging Face hub could not be reached and the model "
                      f"is not in the local cache; pass a local folder (--{flag}={local})")
         raise LoadError(f"cannot load --{flag}={value}: {first}") from None
@@ -1552,11 +1569,13 @@ def quiet_libraries():
     huggingface_hub's download bars: a first run shows its tens of GB arriving."""
     from diffusers.utils import logging as diffusers_logging
     from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
+    from huggingface_hub.utils import logging as hub_logging
     from transformers.utils import logging as transformers_logging
 
     # diffusers still passes an argument huggingface_hub deprecated: a warning per hub UNet load
     warnings.filterwarnings("ignore", message="The `local_dir_use_symlinks` argument is deprecated")
     hub_bars = not are_progress_bars_disabled()  # HF_HUB_DISABLE_PROGRESS_BARS=1 still wins
+    hub_logging.set_verbosity_error()  # its "Retrying in 8s" lines: a failure is one line
     for lib in (diffusers_logging, transformers_logging):
         lib.set_verbosity(lib.CRITICAL)
         lib.disable_progress_bar()  # transformers' also turns off the hub's bars
@@ -1904,16 +1923,23 @@ def random_reward(sizes, device="cpu"):
         clip = CLIPModel(CLIPConfig(**clip_sizes))
     return clip, CLIPProcessor(CLIPImageProcessor(**sizes["image"]), tokenizer=tok)
 
+def tiny_paths(root, model="sdxl", t5=True):
+    """Where build_tiny puts a family's pipeline and reward: each its own reward, drawn after its
+    pipeline from the same seed, so that building one family never changes another's numbers."""
+    name = "sdxl" if model == "sdxl" else "sd3" if t5 else "sd3_no_t5"
+    return os.path.join(root, name), os.path.join(root, "reward" if name == "sdxl" else
+                                                  "reward_" + name)
+
 def build_tiny(root, model="sdxl", t5=True):
     """Tiny random models laid out as the real ones, the same ones every time: {root}/sdxl, a
     StableDiffusionXLPipeline folder (model sd3: {root}/sd3, or sd3_no_t5 without T5, a
-    StableDiffusion3Pipeline one), and {root}/reward, a CLIPModel with its processor."""
+    StableDiffusion3Pipeline one), and {root}/reward (reward_sd3, reward_sd3_no_t5), a CLIPModel
+    with its processor."""
     with torch.random.fork_rng():  # the caller's RNG untouched
         torch.manual_seed(0)
         pipe, clip, processor = (random_parts(TINY) if model == "sdxl"
                                  else random_sd3_parts(TINY_SD3, t5=t5))
-    path = os.path.join(root, "sdxl" if model == "sdxl" else "sd3" if t5 else "sd3_no_t5")
-    reward = os.path.join(root, "reward")
+    path, reward = tiny_paths(root, model, t5)
     pipe.save_pretrained(path)
     clip.save_pretrained(reward)
     processor.save_pretrained(reward)
@@ -1923,10 +1949,9 @@ def tiny_config(cfg, dist_info):
     """--tiny: cfg's models become tiny random ones in {out_dir}/tiny, built once by rank 0 and
     then loaded through the same from_pretrained code as the real ones."""
     root = os.path.join(cfg.out_dir, "tiny")
-    reward = os.path.join(root, "reward")
-    pretrained = os.path.join(root, "sdxl" if cfg.model == "sdxl" else "sd3" if cfg.t5
-                              else "sd3_no_t5")
-    if dist_info[0] == 0 and not os.path.isfile(os.path.join(pretrained, "model_index.json")):
+    pretrained, reward = tiny_paths(root, cfg.model, cfg.t5)
+    if dist_info[0] == 0 and not all(os.path.isfile(os.path.join(p, f)) for p, f in
+                                     ((pretrained, "model_index.json"), (reward, "config.json"))):
         build_tiny(root, cfg.model, cfg.t5)
     barrier(dist_info[1])
     return replace(cfg, pretrained=pretrained, generator_init="", reward_model=reward,

@@ -575,6 +575,8 @@ def sample(cfg):
     k, records = cfg.images_per_prompt, []
     jobs = [(p, text) for p, text in enumerate(prompts) for _ in range(k)]
     plan = plan_models(cfg)  # the recorded bases are here, before anything loads
+    distar.offline_unless_reachable(plan[0], *(u[1] for u in plan[1].values()), cfg.lora, *(
+        cfg.reward_model, cfg.reward_processor, cfg.clip_model) * cfg.score)  # or fail at once
     pipe, unets, scorers = load_models(cfg, plan, device, dtype)  # before anything is written
     fid = load_fid(cfg, device, len(jobs)) if "fid" in metric_names(cfg) else None
     fids = {sub: FidStats(fid[0], cfg.eval_res, device) for sub in unets} if fid else {}
