@@ -21,7 +21,8 @@ $ torchrun --standalone --nproc_per_node=8 distar.py --prompts=prompts.txt --fsd
 $ torchrun --nnodes=8 --nproc_per_node=8 --node_rank=$NODE_RANK --master_addr=$MASTER_ADDR \\
     --master_port=29500 distar.py --prompts=prompts.txt --fsdp  # --out_dir on a shared filesystem
 Continue a stopped run: the same command with --resume (a scheduler's requeue: --resume_if_any).
-SD3/SD3.5 (flow matching; SD3.5-medium, one Euler step from noise): --model=sd3 on any of these.
+SD3/SD3.5 (flow matching; SD3.5-medium, one Euler step from noise): --model=sd3 on any of these;
+SD1.5/SD2.1 (512/768 px, eps or v-prediction; one 48 GB GPU, planned): --model=sd.
 
 Extras: tiny random SDXL-shaped models on CPU, the real code path (--tiny); the real
 architectures with random weights, nothing downloaded: the memory plan and FLOPs per step, and
@@ -74,7 +75,7 @@ class Config:
     ablation: bool = False  # with --toy: one generator per row of the paper's Table 2
     bench: bool = False  # time a step per divergence instead of training: {out_dir}/bench.json
     allow_cpu: bool = False  # train SDXL without a GPU (downloads tens of GB; very slow)
-    model: str = "sdxl"  # sdxl | sd3: SD3/SD3.5 (flow) | sd: SD1.x/2.x; with --toy: their checks too
+    model: str = "sdxl"  # sdxl | sd3: SD3/SD3.5 (flow) | sd: SD1.x/2.x; --toy: their checks too
     t5: bool = True  # sd3: the T5-XXL text encoder (4.76 B frozen); false: zeros in its place
     # models: hub ids or local folders
     pretrained: str = "stabilityai/stable-diffusion-xl-base-1.0"  # s_ref, s_psi's init, VAE, text
@@ -347,7 +348,7 @@ def gradient_check(n=2**17, n_batches=16, t=300, c_huber=0.5, alpha_cfg=7.5, see
     ref_score = lambda x, c, to_eps=eps_from_velocity: (  # s_ref(x | c); c None: empty
         world.score(x, a, s, c) if process == "vp"
         else -to_eps(x, world.velocity(x, a, s, c), s) / s)
-    if process == "v":  # VP read as from a v-net (SD2.1): v = a eps - s x_0, exactly (eps - s x) / a
+    if process == "v":  # VP read as from a v-net (SD2.1): v = a eps - s x_0 = (eps - s x) / a
         a, s = world.coefficients(t)  # by Tweedie (eps = -s score), back to eps by eps_from_v
         ref_score = lambda x, c, to_eps=eps_from_v: -to_eps(
             x, (-s * world.score(x, a, s, c) - s * x) / a, a, s) / s
@@ -962,7 +963,8 @@ def main(argv):
 # -----------------------------------------------------------------------------
 # the command line: argparse built from Config; a bad value is one line naming its flag
 
-CHOICES = dict(model=("sdxl", "sd3", "sd"), cfg=("in", "out"), divergence=("pseudo_huber", "l2", "kl"),
+CHOICES = dict(model=("sdxl", "sd3", "sd"), cfg=("in", "out"),
+               divergence=("pseudo_huber", "l2", "kl"),
                precision=("bf16", "fp32"), dtype=("fp16", "bf16", "fp32"),  # dtype: sample.py
                lora_targets=("all", "attn_ff", "attn"))
 AT_LEAST = dict(batch_size=1, max_steps=0, assistant_steps=0, lr_g=0, lr_psi=0, beta1=0, beta2=0,
@@ -2042,11 +2044,9 @@ def random_sd3_parts(sizes, device="cpu", t5=True):
     return (pipe, *random_reward(sizes, device))
 
 # -----------------------------------------------------------------------------
-# SD1.x/2.x (--model=sd): a UNet on one CLIP text encoder, under SDXL's VP schedule (the same
-# betas). SD2.1 (768 px) predicts v = a_t eps - sigma_t x_0 (its scheduler config says
-# v_prediction), and reaches the losses as eps = sigma_t x_t + a_t v (eps_from_v); SD1.5 and
-# SD2.1-base predict eps. Then the models from configs: tiny SD1.5- and SD2.1-shaped ones (the
-# tests), and SD1.5 and SD2.1 at full size (--dry_run).
+# SD1.x/2.x (--model=sd): a UNet on one CLIP text encoder, SDXL's VP schedule. SD2.1 (768 px)
+# predicts v = a_t eps - sigma_t x_0 (its scheduler says v_prediction), handed to the losses as eps
+# (eps_from_v); SD1.5, SD2.1-base: eps. Models from configs: tiny (tests), full size (--dry_run).
 
 SD_DEFAULTS = dict(pretrained="stable-diffusion-v1-5/stable-diffusion-v1-5", generator_init="",
                    conditioning_t=999,  # pure noise but 0.5%, as DMD2's and SwiftBrush's SD ones
@@ -2130,13 +2130,12 @@ SD15 = dict(  # parameters: UNet 859,520,964, text 123,060,480 (CLIP ViT-L, SDXL
     name="SD1.5 UNet", unet=dict(sample_size=64, cross_attention_dim=768),  # else the defaults
     vae=dict(SDXL["vae"], scaling_factor=0.18215), text_encoder=SDXL["text_encoder"],
     clip=SDXL["clip"], image=SDXL["image"], prediction_type="epsilon")
-SD21 = dict(  # UNet 865,910,724; text: OpenCLIP ViT-H's 23 of 24 layers, 340,387,840
-    SD15, name="SD2.1 UNet", unet=dict(sample_size=96, cross_attention_dim=1024,
-                                       attention_head_dim=(5, 10, 20, 20), upcast_attention=True,
-                                       use_linear_projection=True),
-    text_encoder=dict(vocab_size=49408, hidden_size=1024, intermediate_size=4096,
-                      num_hidden_layers=23, num_attention_heads=16, projection_dim=512,
-                      hidden_act="gelu"), prediction_type="v_prediction")
+SD21 = dict(SD15, name="SD2.1 UNet", prediction_type="v_prediction",  # UNet 865,910,724
+            unet=dict(sample_size=96, cross_attention_dim=1024, use_linear_projection=True,
+                      attention_head_dim=(5, 10, 20, 20), upcast_attention=True),
+            text_encoder=dict(  # OpenCLIP ViT-H's first 23 layers: 340,387,840
+                vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
+                num_attention_heads=16, projection_dim=512, hidden_act="gelu"))
 SD_DRY_RUN = {"stable-diffusion-v1-5/stable-diffusion-v1-5": SD15,
               "stabilityai/stable-diffusion-2-1": SD21}
 
@@ -2254,7 +2253,8 @@ def memory_plan(world, n_gpus, fsdp):
     t5 = getattr(world.pipe, "text_encoder_3", None)  # SD3's, unless --t5=false
     clips = [e for e in (world.pipe.text_encoder, getattr(world.pipe, "text_encoder_2", None))
              if e is not None]  # SD1.x/2.x: one
-    others = (("text encoder" + "s" * (len(clips) > 1) if t5 is None else "CLIP text encoders", clips),
+    others = (("CLIP text encoders" if t5 is not None else "text encoders" if clips[1:]
+               else "text encoder", clips),
               *((("T5-XXL text encoder", [t5]),) if t5 is not None else ()),
               ("reward CLIP", [world.reward_fn.model]), ("VAE", [world.vae]))
     rows += [(f"{name} ({dt(frozen(*nets))})", size(frozen(*nets))) for name, nets in others]
@@ -2335,7 +2335,7 @@ def run_dry_run(cfg, dist_info):
     elif rank == 0 and cfg.lora_rank and not cfg.fsdp:  # one GPU's plan: what to run on it next
         print(f"no GPU here, so no seconds per step, images per second, peak memory or MFU; on "
               f"one GPU, e.g.:\n  python distar.py{sd3} --prompts=prompts.txt "
-              f"--lora_rank={cfg.lora_rank} --batch_size=1")
+              f"--lora_rank={cfg.lora_rank}" + " --batch_size=1" * (cfg.model != "sd"))
     elif rank == 0:
         print("no GPU here, so no seconds per step, images per second, peak memory, MFU or cost "
               f"table; on GPUs, e.g.:\n  torchrun --standalone --nproc_per_node=8 distar.py{sd3} "

@@ -3751,7 +3751,8 @@ def test_the_sd_generators_x0_and_the_eps_it_hands_the_losses_are_diffusers_own(
 
 def test_the_assistants_dsm_on_a_v_net_is_the_eps_mse_not_the_v_mse(tiny_sd, monkeypatch):
     """The choice (SDWorld's docstring): the DSM stays the eps MSE, a_t^2 |v_psi - v|^2 / D per
-    sample, v = a_t eps - sigma_t x_0 (diffusers' get_velocity); SD2.1's own v MSE is not it."""
+    sample, v = a_t eps - sigma_t x_0 (diffusers' get_velocity); SD2.1's own v MSE is not it. The
+    text: StableDiffusionPipeline.encode_prompt's, its negative "" the unconditional input."""
     from diffusers import DDPMScheduler
 
     world = distar.SDWorld(distar.parse_args(_sd_args(tiny_sd, v=True)), torch.device("cpu"))
@@ -3766,6 +3767,10 @@ def test_the_assistants_dsm_on_a_v_net_is_the_eps_mse_not_the_v_mse(tiny_sd, mon
         v_mse = (world.output(world.assistant, x_t, t, cond) - v).square().mean((1, 2, 3))
     a2 = world.alphas_cumprod[t]
     assert world.v and torch.allclose(loss, (a2 * v_mse).mean(), rtol=1e-4), (loss, (a2 * v_mse).mean())
+    # and the unconditional input is the pipeline's own for guidance: "" encoded, not zeros
+    emb, neg = world.pipe.encode_prompt(["a cat", "a dog"], "cpu", 1, True)
+    assert torch.equal(world.uncond(2)["embeds"], neg) and neg.abs().max() > 0.1
+    assert torch.equal(world.encode(["a cat", "a dog"])["embeds"], emb)
     assert v_mse.mean() > 2 * loss  # the v MSE: a_t^2 <= 0.6 at these t (277 to 634)
 
 
@@ -3896,3 +3901,25 @@ def test_a_pipeline_of_another_family_or_a_v_net_read_as_eps_is_one_line(tiny, t
     out, err = capsys.readouterr()
     assert code == 2 and out == "" and err == f"distar: error: --pretrained={folder} {words}\n"
     assert not (tmp_path / "out").exists()
+
+
+def test_an_sd_v_lora_is_the_generator_for_stable_diffusion_pipelines_load_lora_weights(tiny_sd, tmp_path):
+    """--lora_rank on an SD2.1-shaped world: the saved adapter on its base, in StableDiffusionPipeline
+    with LCMScheduler at t = 999, gives the world's x_0."""
+    from diffusers import LCMScheduler, StableDiffusionPipeline
+
+    world = distar.SDWorld(distar.parse_args(_sd_args(tiny_sd, v=True) + LORA_ARGS), torch.device("cpu"))
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        base = world.generate(world.generator, world.encode(["a red fox"]), z)  # lora_B = 0: the base
+        for p in distar.trained(world.generator):
+            p.add_(0.1 * torch.randn_like(p))
+        x0 = world.generate(world.generator, world.encode(["a red fox"]), z)
+    distar.save_net(world.generator, str(tmp_path / "g"))
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd["sd_v"], **distar.NO_CHECKER)
+    pipe.load_lora_weights(str(tmp_path / "g"))
+    pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe("a red fox", num_inference_steps=1, timesteps=[999], guidance_scale=0, latents=z.clone(),
+               height=64, width=64, output_type="latent").images
+    assert torch.allclose(out, x0, atol=1e-5) and (x0 - base).abs().max() > 1e-3
