@@ -1028,8 +1028,8 @@ def parse_args(argv):
     mode = make_parser(Config, "distar.py", add_help=False).parse_known_args(argv)[0]
     defaults = (TOY_DEFAULTS if mode.toy else TINY_DEFAULTS if mode.tiny
                 else DRY_RUN_DEFAULTS if mode.dry_run else {})
-    model = {} if mode.toy else dict(sd3=SD3_DEFAULTS, sd=SD_DEFAULTS).get(mode.model, {})  # the
-    defaults = {**(LORA_DEFAULTS if mode.lora_rank else {}), **model,  # toy keeps its own problem
+    model = {} if mode.toy else dict(sd3=SD3_DEFAULTS, sd=SD_DEFAULTS).get(mode.model, {})
+    defaults = {**(LORA_DEFAULTS if mode.lora_rank else {}), **model,  # the toy keeps its own
                 **defaults, **(ABLATION_DEFAULTS if mode.ablation else {})}
     parser = make_parser(Config, "distar.py", defaults, epilog=modes_help())
     cfg = Config(**vars(parser.parse_args(argv)))
