@@ -3840,7 +3840,8 @@ def test_sd_trains_eps_under_ddp_and_v_under_fsdp_and_resumes(sd_runs):
 def test_sample_py_samples_an_sd_run_at_its_conditioning_t_as_diffusers_and_distar_do(sd_runs, tmp_path, name, t):
     """sample.py on an SD run folder: StableDiffusionPipeline with LCMScheduler, timesteps=[t], t
     read from the run (v: 900, not a default), no guidance: the same PNG as that pipeline, and
-    within 1/255 of distar's own generator and decoder on the pipeline's noise."""
+    within 1/255 of distar's own generator (loaded from a state-dict file, as DMD2's SD1.5 one)
+    and decoder on the pipeline's noise."""
     from diffusers import LCMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
     run, ckpt = sd_runs / name, sd_runs / name / "checkpoint-000002"
@@ -3855,8 +3856,9 @@ def test_sample_py_samples_an_sd_run_at_its_conditioning_t_as_diffusers_and_dist
     expect = pipe("a red fox", num_inference_steps=1, timesteps=[t], guidance_scale=0.0, height=64, width=64,
                   generator=torch.Generator("cpu").manual_seed(3)).images[0]
     assert np.array_equal(got, np.asarray(expect))
+    torch.save(unet.state_dict(), tmp_path / "pytorch_model.bin")  # as DMD2's SD1.5 generator
     cfg = distar.parse_args(_sd_args(dict(sd=config["pretrained"], reward=config["reward_model"]))
-                            + [f"--generator_init={ckpt / 'generator'}", f"--conditioning_t={t}"])
+                            + [f"--generator_init={tmp_path / 'pytorch_model.bin'}", f"--conditioning_t={t}"])
     world = distar.SDWorld(cfg, torch.device("cpu"))
     assert world.v == (name == "v")
     z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))  # the pipeline's latents
