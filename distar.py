@@ -21,7 +21,8 @@ $ torchrun --standalone --nproc_per_node=8 distar.py --prompts=prompts.txt --fsd
 $ torchrun --nnodes=8 --nproc_per_node=8 --node_rank=$NODE_RANK --master_addr=$MASTER_ADDR \\
     --master_port=29500 distar.py --prompts=prompts.txt --fsdp  # --out_dir on a shared filesystem
 Continue a stopped run: the same command with --resume (a scheduler's requeue: --resume_if_any).
-SD3/SD3.5 (flow matching; SD3.5-medium, one Euler step from noise): --model=sd3 on any of these.
+SD3/SD3.5 (flow matching; SD3.5-medium, one Euler step from noise): --model=sd3 on any of these;
+SD1.5/SD2.1 (512/768 px, eps or v-prediction; one 48 GB GPU, planned): --model=sd.
 
 Extras: tiny random SDXL-shaped models on CPU, the real code path (--tiny); the real
 architectures with random weights, nothing downloaded: the memory plan and FLOPs per step, and
@@ -74,7 +75,7 @@ class Config:
     ablation: bool = False  # with --toy: one generator per row of the paper's Table 2
     bench: bool = False  # time a step per divergence instead of training: {out_dir}/bench.json
     allow_cpu: bool = False  # train SDXL without a GPU (downloads tens of GB; very slow)
-    model: str = "sdxl"  # sdxl | sd3: SD3/SD3.5 (flow matching); with --toy: the flow check too
+    model: str = "sdxl"  # sdxl | sd3: SD3/SD3.5 (flow) | sd: SD1.x/2.x; --toy: their checks too
     t5: bool = True  # sd3: the T5-XXL text encoder (4.76 B frozen); false: zeros in its place
     # models: hub ids or local folders
     pretrained: str = "stabilityai/stable-diffusion-xl-base-1.0"  # s_ref, s_psi's init, VAE, text
@@ -225,6 +226,10 @@ def eps_from_velocity(x_s, v, s):
     """A flow net's v = eps - x_0 as the eps the losses take (x_0 = x_s - s v); score -eps / s."""
     return x_s + (1 - s) * v
 
+def eps_from_v(x_t, v, a, s):
+    """A VP v-prediction net's v = a_t eps - sigma_t x_0 (SD2.1) as eps (x_0 = a_t x_t - s v)."""
+    return s * x_t + a * v
+
 class ToyNet(nn.Module):
     """MLP f(x, c[, t]): the generator g_theta(z, c) (no t) or the assistant eps_psi(x_t, t, c)."""
 
@@ -343,6 +348,10 @@ def gradient_check(n=2**17, n_batches=16, t=300, c_huber=0.5, alpha_cfg=7.5, see
     ref_score = lambda x, c, to_eps=eps_from_velocity: (  # s_ref(x | c); c None: empty
         world.score(x, a, s, c) if process == "vp"
         else -to_eps(x, world.velocity(x, a, s, c), s) / s)
+    if process == "v":  # VP read as from a v-net (SD2.1): v = a eps - s x_0 = (eps - s x) / a
+        a, s = world.coefficients(t)  # by Tweedie (eps = -s score), back to eps by eps_from_v
+        ref_score = lambda x, c, to_eps=eps_from_v: -to_eps(
+            x, (-s * world.score(x, a, s, c) - s * x) / a, a, s) / s
 
     omega = 1 + alpha_cfg
     s_c = lambda x: ref_score(x, 0)  # s_ref(x | c = 0)
@@ -395,7 +404,9 @@ def gradient_check(n=2**17, n_batches=16, t=300, c_huber=0.5, alpha_cfg=7.5, see
          lambda x: div_33(x, s_cfg_exact, "pseudo_huber"), False),
     ] + [("  wrong: v to eps as x_s + s v", lambda x, e: score_divergence_loss(
         x, e, s_sg, lambda y: ref_score(y, 0, lambda x_s, v, s: x_s + s * v), **ph), div_ph,
-        False)] * (process == "flow")
+        False)] * (process == "flow") + [("  wrong: v to eps as x_0, a x_t - s v", lambda x, e:
+        score_divergence_loss(x, e, s_sg, lambda y: ref_score(
+            y, 0, lambda x_t, v, a, s: a * x_t - s * v), **ph), div_ph, False)] * (process == "v")
     flat = lambda grads: torch.cat([g.flatten() for g in grads])  # (6,): 2 for mu, 4 for A
     results = []
     for name, tractable, exact, should_match in rows:
@@ -418,7 +429,8 @@ def gradient_check(n=2**17, n_batches=16, t=300, c_huber=0.5, alpha_cfg=7.5, see
 
 def print_gradient_check(results, process="vp"):
     print("gradient check: relative error of each loss's theta-gradient vs the exact one (2-D "
-          f"Gaussians, float64{', the flow process (1 - s, s): SD3' * (process == 'flow')})")
+          f"Gaussians, float64{', the flow process (1 - s, s): SD3' * (process == 'flow')}"
+          f"{', the reference read through v-prediction: SD2.1' * (process == 'v')})")
     print(f"{'loss':38s} {'mu':>8s} {'A':>8s} {'all':>8s} {'MC tol':>8s}  verdict")
     for r in results:
         verdict = "matches" if r["should_match"] else "differs, as it should"
@@ -562,7 +574,7 @@ class SDXLWorld(VPProcess):
     def eps_ref_both(self, x_t, t, cond):
         """(eps_c, eps_u), one call on [x_t; x_t], [c; empty]: larger matmuls, half the launches."""
         empty = self.uncond(len(x_t))
-        both = {k: torch.cat([cond[k], empty[k]]) for k in ("embeds", "pooled")}
+        both = {k: torch.cat([cond[k], empty[k]]) for k in empty}  # embeds[, pooled]
         t = torch.as_tensor(t, device=x_t.device).expand(len(x_t))
         return self.unet(self.s_ref, torch.cat([x_t, x_t]), torch.cat([t, t]), both).chunk(2)
 
@@ -869,6 +881,9 @@ def run_toy(cfg, dist_info):
         if cfg.model == "sd3":  # on request: the same check under SD3's flow process
             print_gradient_check(flow := gradient_check(process="flow"), "flow")
             results += flow
+        if cfg.model == "sd":  # on request: the reference read through v-prediction (SD2.1)
+            print_gradient_check(v := gradient_check(process="v"), "v")
+            results += v
         ok[0] = all(r["ok"] for r in results)
     if world_size > 1:
         dist.broadcast(ok, 0)
@@ -953,7 +968,8 @@ def main(argv):
 # -----------------------------------------------------------------------------
 # the command line: argparse built from Config; a bad value is one line naming its flag
 
-CHOICES = dict(model=("sdxl", "sd3"), cfg=("in", "out"), divergence=("pseudo_huber", "l2", "kl"),
+CHOICES = dict(model=("sdxl", "sd3", "sd"), cfg=("in", "out"),
+               divergence=("pseudo_huber", "l2", "kl"),
                precision=("bf16", "fp32"), dtype=("fp16", "bf16", "fp32"),  # dtype: sample.py
                lora_targets=("all", "attn_ff", "attn"))
 AT_LEAST = dict(batch_size=1, max_steps=0, assistant_steps=0, lr_g=0, lr_psi=0, beta1=0, beta2=0,
@@ -1006,7 +1022,8 @@ def modes_help():
     """--help's last lines: the defaults each mode replaces (each flag's line shows SDXL's unless
     the command line names a mode)."""
     modes = {"toy": TOY_DEFAULTS, "tiny": TINY_DEFAULTS, "dry_run": DRY_RUN_DEFAULTS,
-             "ablation": ABLATION_DEFAULTS, "lora_rank": LORA_DEFAULTS, "model=sd3": SD3_DEFAULTS}
+             "ablation": ABLATION_DEFAULTS, "lora_rank": LORA_DEFAULTS, "model=sd3": SD3_DEFAULTS,
+             "model=sd": SD_DEFAULTS}
     lines = [textwrap.fill(" ".join(f"--{k}={v}" for k, v in d.items()), 100,
                            initial_indent=f"  {'--' + m:13s}", subsequent_indent=" " * 15)
              for m, d in modes.items()]
@@ -1016,8 +1033,8 @@ def parse_args(argv):
     mode = make_parser(Config, "distar.py", add_help=False).parse_known_args(argv)[0]
     defaults = (TOY_DEFAULTS if mode.toy else TINY_DEFAULTS if mode.tiny
                 else DRY_RUN_DEFAULTS if mode.dry_run else {})
-    sd3 = mode.model == "sd3" and not mode.toy  # the toy keeps its own problem
-    defaults = {**(LORA_DEFAULTS if mode.lora_rank else {}), **(SD3_DEFAULTS if sd3 else {}),
+    model = {} if mode.toy else dict(sd3=SD3_DEFAULTS, sd=SD_DEFAULTS).get(mode.model, {})
+    defaults = {**(LORA_DEFAULTS if mode.lora_rank else {}), **model,  # the toy keeps its own
                 **defaults, **(ABLATION_DEFAULTS if mode.ablation else {})}
     parser = make_parser(Config, "distar.py", defaults, epilog=modes_help())
     cfg = Config(**vars(parser.parse_args(argv)))
@@ -1490,7 +1507,8 @@ def load_parts(cfg, device, frozen):
     get = lambda cls, **kw: load("pretrained", cfg.pretrained, cls.from_pretrained, cfg.pretrained,
                                  **kw).to(device)
     no_t5 = {} if cfg.t5 else dict(text_encoder_3=None, tokenizer_3=None)
-    pipe_kw = (dict(unet=None, dtype=torch.float32) if cfg.model == "sdxl" else dict(
+    pipe_kw = (dict(unet=None, **(NO_CHECKER if cfg.model == "sd" else {}), dtype=torch.float32)
+               if cfg.model != "sd3" else dict(
         transformer=None, **no_t5, dtype=dict(default=torch.float32, text_encoder_3=frozen)))
     return dict(pipe=get(pipe, **pipe_kw), s_ref=get(net, subfolder=sub, dtype=frozen),
                 assistant=get(net, subfolder=sub, dtype=trained),
@@ -1499,7 +1517,8 @@ def load_parts(cfg, device, frozen):
                 reward_fn=ClipReward(cfg.reward_model, cfg.reward_processor, frozen).to(device))
 
 STATE_DICTS = (".bin", ".pt", ".pth", ".safetensors")  # a UNet's weights as one file
-NETS = dict(sdxl=("UNet2DConditionModel", "unet"), sd3=("SD3Transformer2DModel", "transformer"))
+NETS = dict(sdxl=("UNet2DConditionModel", "unet"), sd3=("SD3Transformer2DModel", "transformer"),
+            sd=("UNet2DConditionModel", "unet"))
 
 def load_generator(path, pretrained, variant=None, dtype=None, flag="generator_init", model="sdxl"):
     """A one-step generator's UNet (--model=sd3: transformer) in `dtype` (default fp32), in any form
@@ -1923,23 +1942,24 @@ def random_reward(sizes, device="cpu"):
         clip = CLIPModel(CLIPConfig(**clip_sizes))
     return clip, CLIPProcessor(CLIPImageProcessor(**sizes["image"]), tokenizer=tok)
 
-def tiny_paths(root, model="sdxl", t5=True):
+def tiny_paths(root, model="sdxl", t5=True, v=False):
     """Where build_tiny puts a family's pipeline and reward: each its own reward, drawn after its
     pipeline from the same seed, so that building one family never changes another's numbers."""
-    name = "sdxl" if model == "sdxl" else "sd3" if t5 else "sd3_no_t5"
+    name = dict(sdxl="sdxl", sd="sd_v" if v else "sd", sd3="sd3" if t5 else "sd3_no_t5")[model]
     return os.path.join(root, name), os.path.join(root, "reward" if name == "sdxl" else
                                                   "reward_" + name)
 
-def build_tiny(root, model="sdxl", t5=True):
+def build_tiny(root, model="sdxl", t5=True, v=False):
     """Tiny random models laid out as the real ones, the same ones every time: {root}/sdxl, a
     StableDiffusionXLPipeline folder (model sd3: {root}/sd3, or sd3_no_t5 without T5, a
-    StableDiffusion3Pipeline one), and {root}/reward (reward_sd3, reward_sd3_no_t5), a CLIPModel
-    with its processor."""
+    StableDiffusion3Pipeline one; model sd: {root}/sd, SD1.5-shaped, or with v sd_v, SD2.1-shaped,
+    a StableDiffusionPipeline one), and {root}/reward (reward_sd3, reward_sd, ...: one a family),
+    a CLIPModel with its processor."""
     with torch.random.fork_rng():  # the caller's RNG untouched
         torch.manual_seed(0)
-        pipe, clip, processor = (random_parts(TINY) if model == "sdxl"
-                                 else random_sd3_parts(TINY_SD3, t5=t5))
-    path, reward = tiny_paths(root, model, t5)
+        pipe, clip, processor = (random_parts(TINY) if model == "sdxl" else random_sd_parts(
+            TINY_SD_V if v else TINY_SD) if model == "sd" else random_sd3_parts(TINY_SD3, t5=t5))
+    path, reward = tiny_paths(root, model, t5, v)
     pipe.save_pretrained(path)
     clip.save_pretrained(reward)
     processor.save_pretrained(reward)
@@ -1960,13 +1980,20 @@ def tiny_config(cfg, dist_info):
 def dry_run_parts(device, cfg=None):
     """SDXLWorld's components at full size with random weights: no download, no CPU init, and
     nothing at all on meta. The three UNets start equal, as with --generator_init="". cfg with
-    --model=sd3: SD3World's, at SD3.5-medium's size."""
-    sd3 = cfg is not None and cfg.model == "sd3"
-    pipe, clip, processor = (random_sd3_parts(SD35_MEDIUM, device, cfg.t5) if sd3
-                             else random_parts(SDXL, device))
+    --model=sd3: SD3World's, at SD3.5-medium's size; --model=sd: SDWorld's, SD1.5's or SD2.1's
+    (--pretrained names which)."""
+    model = "sdxl" if cfg is None else cfg.model
+    sizes = dict(sdxl=SDXL, sd3=SD35_MEDIUM).get(model) or SD_DRY_RUN.get(cfg.pretrained)
+    if sizes is None:
+        raise ConfigError(f"--dry_run --model=sd builds SD1.5 or SD2.1 from their configs: "
+                          f"--pretrained={' or '.join(SD_DRY_RUN)}, not {cfg.pretrained}")
+    sd3 = model == "sd3"
+    pipe, clip, processor = (random_sd3_parts(sizes, device, cfg.t5) if sd3 else random_sd_parts(
+        sizes, device) if model == "sd" else random_parts(sizes, device))
     net = pipe.transformer if sd3 else pipe.unet
     return dict(pipe=pipe, s_ref=net, assistant=copy.deepcopy(net), generator=copy.deepcopy(net),
-                reward_fn=ClipReward(clip, processor))
+                reward_fn=ClipReward(clip, processor),
+                name=sizes.get("name", "SD3.5-medium transformer" if sd3 else "SDXL-base UNet"))
 
 # -----------------------------------------------------------------------------
 # SD3/SD3.5 (--model=sd3): a flow-matching transformer in the same loop. The world's process is
@@ -1974,7 +2001,8 @@ def dry_run_parts(device, cfg=None):
 # the losses as eps (eps_from_velocity); everything else is SDXLWorld's. Then the pipeline check,
 # the loader, and the models from configs: tiny (--tiny) and SD3.5-medium (--dry_run).
 
-PIPELINES = dict(sdxl="StableDiffusionXLPipeline", sd3="StableDiffusion3Pipeline")
+PIPELINES = dict(sdxl="StableDiffusionXLPipeline", sd3="StableDiffusion3Pipeline",
+                 sd="StableDiffusionPipeline")
 SD3_DEFAULTS = dict(pretrained="stabilityai/stable-diffusion-3.5-medium", generator_init="",
                     conditioning_t=1000,  # the generator reads pure noise: s = 1
                     alpha_cfg=3.5)  # omega = 4.5, SD3.5-medium's guidance scale (its model card)
@@ -2044,7 +2072,6 @@ class SD3World(SDXLWorld):
                                   + self.vae.config.shift_factor).sample
         return (img.float() / 2 + 0.5).clamp(0, 1)
 
-WORLDS = dict(sdxl=SDXLWorld, sd3=SD3World)
 
 def check_pipeline(cfg):
     """Before any weights load: --pretrained's model_index.json (a few hundred bytes) names the
@@ -2064,6 +2091,8 @@ def check_pipeline(cfg):
     if cfg.model == "sd3" and cfg.t5 and not (index.get("text_encoder_3") or [None])[-1]:
         raise LoadError(f"--pretrained={cfg.pretrained} has no T5 text encoder (text_encoder_3):"
                         " pass --t5=false (zeros in its place, as the pipeline does)")
+    if cfg.model == "sd":
+        check_sd_prediction_type(cfg.pretrained)
 
 _T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
                feed_forward_proj="gated-gelu", relative_attention_num_buckets=32)
@@ -2123,6 +2152,124 @@ def random_sd3_parts(sizes, device="cpu", t5=True):
         transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
         text_encoder=te, tokenizer=tok, text_encoder_2=te2, tokenizer_2=tok, text_encoder_3=te3,
         tokenizer_3=t5_tok if t5 else None)
+    return (pipe, *random_reward(sizes, device))
+
+# -----------------------------------------------------------------------------
+# SD1.x/2.x (--model=sd): a UNet on one CLIP text encoder, SDXL's VP schedule. SD2.1 (768 px)
+# predicts v = a_t eps - sigma_t x_0 (its scheduler says v_prediction), handed to the losses as eps
+# (eps_from_v); SD1.5, SD2.1-base: eps. Models from configs: tiny (tests), full size (--dry_run).
+
+SD_DEFAULTS = dict(pretrained="stable-diffusion-v1-5/stable-diffusion-v1-5", generator_init="",
+                   conditioning_t=999,  # pure noise but 0.5%, as DMD2's and SwiftBrush's SD ones
+                   resolution=512, batch_size=4)  # 4: what the plan fits on a 48 GB card (README)
+NO_CHECKER = dict(safety_checker=None, requires_safety_checker=False)  # it blacks images out
+
+class SDWorld(SDXLWorld):
+    """Algorithm 1 on Stable Diffusion 1.x/2.x, SDXLWorld's interface and precisions: one CLIP
+    text encoder, its last hidden state (B, 77, 768 | 1024), no pooled embedding or time ids;
+    unconditional: the empty prompt encoded, as the SD pipelines' negative "" (not zeros). The
+    assistant's DSM on a v-net stays the eps MSE, a_t^2 times SD2.1's v MSE: the losses read the
+    assistant only as eps, so its DSM weighs the errors they see (the loss code stays one)."""
+
+    def __init__(self, cfg, device, rank=0, world_size=1, parts=None):
+        super().__init__(cfg, device, rank, world_size, parts)
+        self.v = self.pipe.scheduler.config.prediction_type == "v_prediction"
+        self.empty = self.encode([""])
+
+    @torch.no_grad()
+    def encode(self, prompts):
+        """The SD pipelines' own encode_prompt: the text encoder's last hidden state."""
+        emb, _ = self.pipe.encode_prompt(prompts, self.device, 1, False)
+        return dict(prompts=prompts, embeds=emb.float())
+
+    def uncond(self, B):
+        return dict(embeds=self.empty["embeds"].expand(B, -1, -1))
+
+    def output(self, net, x, t, cond):
+        """The net's own prediction, eps or v, at (x_t, t, c); cond None: the empty prompt's."""
+        cond = self.uncond(len(x)) if cond is None else cond
+        t = torch.as_tensor(t, device=x.device).expand(len(x))
+        with torch.autocast(**self.autocast):
+            return net(x, t, encoder_hidden_states=cond["embeds"]).sample.float()
+
+    def unet(self, net, x, t, cond):  # eps_hat, as SDXL's nets give it
+        out, t = self.output(net, x, t, cond), torch.as_tensor(t, device=x.device).expand(len(x))
+        a, s = (c.view(-1, *([1] * (x.ndim - 1))) for c in self.coefficients(t))
+        return eps_from_v(x, out, a, s) if self.v else out
+
+    def generate(self, g, cond, z=None):
+        """x_0 = g_theta(z, c) at conditioning_t: (z - s eps_hat) / a (SDXLWorld's), and a v-net's
+        a z - s v, directly: through eps, dividing by a_999 = 0.068 would amplify rounding 15x."""
+        if not self.v:
+            return super().generate(g, cond, z)
+        if z is None:  # (B, 4, R/8, R/8)
+            z = torch.randn(len(cond["prompts"]), *self.latent_shape, device=self.device)
+        a, s = self.coefficients(torch.tensor([self.cfg.conditioning_t], device=z.device))
+        return a * z - s * self.output(g, z, self.cfg.conditioning_t, cond)
+
+WORLDS = dict(sdxl=SDXLWorld, sd3=SD3World, sd=SDWorld)
+
+def check_sd_prediction_type(pretrained):
+    """diffusers' converter makes SD2.x at 768 px (UNet sample_size 96, cross-attention 1024) a
+    v-prediction model: a folder with that UNet whose scheduler says otherwise (an older config,
+    without the key) would train its v as eps. Configs only, before any weights load."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    try:
+        unet = UNet2DConditionModel.load_config(pretrained, subfolder="unet")
+        sched = DDPMScheduler.load_config(pretrained, subfolder="scheduler")
+    except Exception:  # left to the loader, which says why in one line
+        return
+    said = sched.get("prediction_type", "epsilon")
+    if (unet.get("sample_size"), unet.get("cross_attention_dim")) == (96, 1024) and (
+            said != "v_prediction"):
+        raise LoadError(f"--pretrained={pretrained} has SD2.x's 768 px UNet, a v-prediction net, "
+                        f"but its scheduler says prediction_type={said}: set \"prediction_type\": "
+                        "\"v_prediction\" in its scheduler/scheduler_config.json")
+
+_SD_TINY_UNET = dict(sample_size=8, layers_per_block=1, block_out_channels=(32, 64),
+                     norm_num_groups=8, cross_attention_dim=32, attention_head_dim=4,
+                     down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+TINY_SD = dict(unet=_SD_TINY_UNET, vae=dict(TINY["vae"], scaling_factor=0.18215),
+               text_encoder=dict(_TINY_TEXT, hidden_act="quick_gelu"), clip=TINY["clip"],
+               image=TINY["image"], prediction_type="epsilon")
+TINY_SD_V = dict(TINY_SD, unet=dict(_SD_TINY_UNET, attention_head_dim=(2, 4), upcast_attention=True,
+                                    use_linear_projection=True),
+                 text_encoder=dict(_TINY_TEXT, hidden_act="gelu"), prediction_type="v_prediction")
+SD15 = dict(  # parameters: UNet 859,520,964, text 123,060,480 (CLIP ViT-L, SDXL's first)
+    name="SD1.5 UNet", unet=dict(sample_size=64, cross_attention_dim=768),  # else the defaults
+    vae=dict(SDXL["vae"], scaling_factor=0.18215), text_encoder=SDXL["text_encoder"],
+    clip=SDXL["clip"], image=SDXL["image"], prediction_type="epsilon")
+SD21 = dict(SD15, name="SD2.1 UNet", prediction_type="v_prediction",  # UNet 865,910,724
+            unet=dict(sample_size=96, cross_attention_dim=1024, use_linear_projection=True,
+                      attention_head_dim=(5, 10, 20, 20), upcast_attention=True),
+            text_encoder=dict(  # OpenCLIP ViT-H's first 23 layers: 340,387,840
+                vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
+                num_attention_heads=16, projection_dim=512, hidden_act="gelu"))
+SD_DRY_RUN = {"stable-diffusion-v1-5/stable-diffusion-v1-5": SD15,
+              "stabilityai/stable-diffusion-2-1": SD21}
+
+def random_sd_parts(sizes, device="cpu"):
+    """Random-weight SD1.x/2.x from config dicts, built on `device`: a StableDiffusionPipeline
+    with SD1.5's scheduler (PNDM, epsilon) or SD2.1's (DDIM, v_prediction), no safety checker,
+    and the reward's CLIPModel and processor."""
+    from diffusers import (AutoencoderKL, DDIMScheduler, PNDMScheduler, StableDiffusionPipeline,
+                           UNet2DConditionModel)
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tok = offline_tokenizer()
+    ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+               pad_token_id=tok.pad_token_id)
+    with torch.device(device):
+        unet, vae = UNet2DConditionModel(**sizes["unet"]), AutoencoderKL(**sizes["vae"])
+        te = CLIPTextModel(CLIPTextConfig(**sizes["text_encoder"], **ids))
+    kw = dict(SDXL_BETAS, steps_offset=1, set_alpha_to_one=False, clip_sample=False)
+    sched = (DDIMScheduler(**kw, prediction_type="v_prediction")
+             if sizes["prediction_type"] == "v_prediction"
+             else PNDMScheduler.from_config(dict(kw, skip_prk_steps=True)))  # no clip_sample arg
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet,
+                                   scheduler=sched, feature_extractor=None, **NO_CHECKER)
     return (pipe, *random_reward(sizes, device))
 
 # -----------------------------------------------------------------------------
@@ -2215,8 +2362,10 @@ def memory_plan(world, n_gpus, fsdp):
                  f"({dt(frozen(world.s_ref))}{each})",
                  size(frozen(world.s_ref)) // n))
     t5 = getattr(world.pipe, "text_encoder_3", None)  # SD3's, unless --t5=false
-    others = (("text encoders" if t5 is None else "CLIP text encoders",
-               [world.pipe.text_encoder, world.pipe.text_encoder_2]),
+    clips = [e for e in (world.pipe.text_encoder, getattr(world.pipe, "text_encoder_2", None))
+             if e is not None]  # SD1.x/2.x: one
+    others = (("CLIP text encoders" if t5 is not None else "text encoders" if clips[1:]
+               else "text encoder", clips),
               *((("T5-XXL text encoder", [t5]),) if t5 is not None else ()),
               ("reward CLIP", [world.reward_fn.model]), ("VAE", [world.vae]))
     rows += [(f"{name} ({dt(frozen(*nets))})", size(frozen(*nets))) for name, nets in others]
@@ -2256,7 +2405,7 @@ def step_flops(world, batch_size):
 
 def run_dry_run(cfg, dist_info):
     rank, world_size, device = dist_info
-    per_step, sd3 = 0, " --model=sd3" * (cfg.model == "sd3")
+    per_step, sd3 = 0, f" --model={cfg.model}" * (cfg.model != "sdxl")
     if rank == 0:  # the plan and the FLOPs on meta; no checkpointing: recompute is not model FLOPs
         parts = dry_run_parts("meta", cfg)
         World = WORLDS[cfg.model]
@@ -2264,10 +2413,11 @@ def run_dry_run(cfg, dist_info):
         n_gpus = cfg.world_size_plan or world_size
         n = lambda net: f"{sum(p.numel() for p in net.parameters()):,}"
         t5 = getattr(meta.pipe, "text_encoder_3", None)
-        print(f"dry run: {'SD3.5-medium transformer' if cfg.model == 'sd3' else 'SDXL-base UNet'} "
-              f"{n(meta.s_ref)} parameters (x3: generator, assistant, reference), VAE "
-              f"{n(meta.vae)}, text encoders {n(meta.pipe.text_encoder)} + "
-              f"{n(meta.pipe.text_encoder_2)}" + (f" + T5-XXL {n(t5)}" if t5 is not None else "")
+        te2 = getattr(meta.pipe, "text_encoder_2", None)  # SD1.x/2.x: one
+        print(f"dry run: {parts['name']} {n(meta.s_ref)} parameters (x3: generator, assistant, "
+              f"reference), VAE {n(meta.vae)}, text encoder{'s' * bool(te2)} "
+              f"{n(meta.pipe.text_encoder)}" + (f" + {n(te2)}" if te2 else "")
+              + (f" + T5-XXL {n(t5)}" if t5 is not None else "")
               + f", reward CLIP-H {n(meta.reward_fn.model)}"
               + (f", LoRA adapters {sum(p.numel() for p in trained(meta.generator)):,} "
                  f"parameters each (rank {cfg.lora_rank})" if cfg.lora_rank else "")
@@ -2296,7 +2446,7 @@ def run_dry_run(cfg, dist_info):
     elif rank == 0 and cfg.lora_rank and not cfg.fsdp:  # one GPU's plan: what to run on it next
         print(f"no GPU here, so no seconds per step, images per second, peak memory or MFU; on "
               f"one GPU, e.g.:\n  python distar.py{sd3} --prompts=prompts.txt "
-              f"--lora_rank={cfg.lora_rank} --batch_size=1")
+              f"--lora_rank={cfg.lora_rank}" + " --batch_size=1" * (cfg.model != "sd"))
     elif rank == 0:
         print("no GPU here, so no seconds per step, images per second, peak memory, MFU or cost "
               f"table; on GPUs, e.g.:\n  torchrun --standalone --nproc_per_node=8 distar.py{sd3} "

@@ -1,6 +1,7 @@
 """
 sample.py: one-step SDXL images from a DI* generator (diffusers' SDXL pipeline, LCM scheduler, one
-step at t=399, as DMD2 and DI*), their PickScore and CLIP score, two generators side by side. An
+step at t=399, as DMD2 and DI*; an SD1.x/2.x one: its pipeline, at its run's --conditioning_t, 999
+by default), their PickScore and CLIP score, two generators side by side. An
 SD3/SD3.5 pipeline (its model_index.json says so) samples one Euler step from noise instead, with
 its own scheduler: StableDiffusion3Pipeline(num_inference_steps=1, guidance_scale=0).
 
@@ -195,13 +196,19 @@ def plan_models(cfg):
 
 
 def family(pipe):
-    """sdxl or sd3: a pipeline's (or a pipeline folder's / hub id's model_index.json) class."""
-    from diffusers import DiffusionPipeline, StableDiffusion3Pipeline
+    """sdxl, sd3 or sd: a pipeline's (or a pipeline folder's / hub id's model_index.json) class."""
+    from diffusers import DiffusionPipeline
 
-    if not isinstance(pipe, str):
-        return "sd3" if isinstance(pipe, StableDiffusion3Pipeline) else "sdxl"
-    index = distar.load("pretrained", pipe, DiffusionPipeline.load_config, pipe)
-    return "sd3" if index.get("_class_name") == distar.PIPELINES["sd3"] else "sdxl"
+    name = type(pipe).__name__ if not isinstance(pipe, str) else distar.load(
+        "pretrained", pipe, DiffusionPipeline.load_config, pipe).get("_class_name")
+    return next((m for m, p in distar.PIPELINES.items() if p == name), "sdxl")
+
+
+def conditioning_t(path, model):
+    """The timestep a generator reads its noise at: its distar run's (state.json), else distar's
+    default for the family (SDXL 399, as DMD2's; SD 999, as DMD2's and SwiftBrush's)."""
+    return run_config(path).get("conditioning_t",
+                                distar.parse_args([f"--model={model}"]).conditioning_t)
 
 
 def sample_toy(cfg):
@@ -231,7 +238,8 @@ def load_models(cfg, plan, device, dtype):
     no_t5 = {} if model == "sdxl" or cfg.t5 else dict(text_encoder_3=None, tokenizer_3=None)
     pipe = distar.load("pretrained", pretrained,
                        getattr(diffusers, distar.PIPELINES[model]).from_pretrained, pretrained,
-                       **{net: None}, **no_t5, dtype=dtype, variant=cfg.variant or None)
+                       **{net: None}, **no_t5, **(distar.NO_CHECKER if model == "sd" else {}),
+                       dtype=dtype, variant=cfg.variant or None)
     unets = {sub: distar.load_generator(path, own, variant or None, dtype, flag, model)
              for sub, (flag, path, own, variant) in plan.items()}
     for sub, unet in unets.items():  # load_lora_weights puts a LoRA on pipe.unet
@@ -243,7 +251,7 @@ def load_models(cfg, plan, device, dtype):
         if len(loras[sub]) > 1:  # a LoRA loaded after another is the only one active
             unet.set_adapters([f"lora{i}" for i in range(len(loras[sub]))])
     pipe.register_modules(**{net: next(iter(unets.values()))})
-    if model == "sdxl":  # SD3 keeps its own: one Euler step from noise
+    if model != "sd3":  # SD3 keeps its own: one Euler step from noise
         pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)  # a bar for a one-step call says nothing
     names = metric_names(cfg)  # each scorer loaded once; the aesthetic head reuses CLIP score's
@@ -586,7 +594,8 @@ def sample(cfg):
         for sub, unet in unets.items():  # the same prompts and seed for every generator
             tag = {"generator": sub} if sub else {}
             pipe.register_modules(**{distar.NETS[family(pipe)][1]: unet})
-            lcm = dict(timesteps=[399]) if family(pipe) == "sdxl" else {}  # SD3: its own step
+            lcm = {} if family(pipe) == "sd3" else dict(timesteps=[conditioning_t(  # SD3: its own
+                cfg.compare if sub == "b" else cfg.generator, family(pipe))])  # LCM: x_0 at t
             images = pipe(prompt=texts, num_inference_steps=1, **lcm, guidance_scale=0.0,
                           height=cfg.resolution, width=cfg.resolution,
                           generator=torch.Generator(device).manual_seed(cfg.seed + b)).images

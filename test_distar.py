@@ -4264,3 +4264,229 @@ def test_sample_py_drops_t5_where_the_run_trained_without_it(sd3_runs, tmp_path,
     seen = []  # the command line's --t5 wins
     monkeypatch.setattr(sample, "sample", lambda cfg: seen.append(cfg.t5))
     assert sample.main([*args, "--t5=true", f"--out_dir={tmp_path / 'p'}"]) == 0 and seen == [True]
+
+
+# -----------------------------------------------------------------------------
+# SD1.x/2.x (--model=sd): SD1.5-shaped (eps) and SD2.1-shaped (v-prediction) tiny worlds: x_0 and
+# eps as diffusers' schedulers give them, the DSM on a v-net, the gradient check read through v,
+# 2-rank runs that resume (eps under DDP, v under --fsdp), sample.py's image, plans, bad input
+
+
+@pytest.fixture(scope="module")
+def tiny_sd(tmp_path_factory):
+    """Tiny random SD pipelines, SD1.5-shaped (PNDM, epsilon) and SD2.1-shaped (DDIM, v)."""
+    distar.quiet_libraries()
+    root = str(tmp_path_factory.mktemp("tiny_sd"))
+    sd, reward = distar.build_tiny(root, "sd")
+    return dict(sd=sd, sd_v=distar.build_tiny(root, "sd", v=True)[0], reward=reward)
+
+
+def _sd_args(tiny_sd, v=False):
+    """The command line of a tiny SD run on a given pipeline folder (--tiny builds SD1.5's)."""
+    return ["--model=sd", "--allow_cpu", f"--pretrained={tiny_sd['sd_v' if v else 'sd']}", "--generator_init=",
+            f"--reward_model={tiny_sd['reward']}", f"--reward_processor={tiny_sd['reward']}"] + [
+        f"--{k}={v}" for k, v in distar.TINY_DEFAULTS.items() if k != "out_dir"]
+
+
+@pytest.mark.parametrize("v", [False, True], ids=["eps", "v"])
+def test_the_sd_generators_x0_and_the_eps_it_hands_the_losses_are_diffusers_own(v):
+    """float64, several t: SDWorld.generate's x_0 is DDPMScheduler.step's pred_original_sample for
+    the net's eps or v (clip_sample off), and a v-net's eps_hat (what the losses get) is the eps
+    that DDPMScheduler.add_noise and get_velocity made x_t and v from."""
+    from diffusers import DDPMScheduler
+
+    kind = "v_prediction" if v else "epsilon"
+    sched = DDPMScheduler(**distar.SDXL_BETAS, prediction_type=kind, clip_sample=False)
+    sched.alphas_cumprod = sched.alphas_cumprod.to(f64)
+    world = object.__new__(distar.SDWorld)  # the formulas alone: the net's output is given
+    world.v, world.alphas_cumprod, world.latent_shape = v, sched.alphas_cumprod, (4, 8, 8)
+    torch.manual_seed(0)
+    z, out, x0, eps = (torch.randn(3, 4, 8, 8, dtype=f64) for _ in range(4))
+    world.output = lambda net, x, t, cond: out
+    for t in (999, 980, 625, 399, 20):
+        world.cfg = distar.Config(model="sd", conditioning_t=t)
+        expect = sched.step(out, t, z).pred_original_sample
+        assert torch.allclose(world.generate(None, None, z), expect, rtol=1e-12, atol=1e-12), t
+        if v:
+            x_t, vel = sched.add_noise(x0, eps, torch.tensor([t])), sched.get_velocity(x0, eps, torch.tensor([t]))
+            world.output = lambda net, x, tt, cond: vel
+            assert torch.allclose(world.unet(None, x_t, t, None), eps, atol=1e-12), t
+            world.output = lambda net, x, tt, cond: out
+
+
+def test_the_assistants_dsm_on_a_v_net_is_the_eps_mse_not_the_v_mse(tiny_sd, monkeypatch):
+    """The choice (SDWorld's docstring): the DSM stays the eps MSE, a_t^2 |v_psi - v|^2 / D per
+    sample, v = a_t eps - sigma_t x_0 (diffusers' get_velocity); SD2.1's own v MSE is not it. The
+    text: StableDiffusionPipeline.encode_prompt's, its negative "" the unconditional input."""
+    from diffusers import DDPMScheduler
+
+    world = distar.SDWorld(distar.parse_args(_sd_args(tiny_sd, v=True)), torch.device("cpu"))
+    drawn, diffuse = [], distar.diffuse
+    monkeypatch.setattr(distar, "diffuse", lambda w, x0: drawn.append((x0, *diffuse(w, x0))) or drawn[-1][1:])
+    torch.manual_seed(0)
+    cond = world.sample_cond(4)
+    with torch.no_grad():
+        loss = distar.assistant_loss(world, world.assistant, cond)
+        x0, t, x_t, eps, _ = drawn[0]
+        v = DDPMScheduler.from_config(world.pipe.scheduler.config).get_velocity(x0, eps, t)
+        v_mse = (world.output(world.assistant, x_t, t, cond) - v).square().mean((1, 2, 3))
+    a2 = world.alphas_cumprod[t]
+    assert world.v and torch.allclose(loss, (a2 * v_mse).mean(), rtol=1e-4), (loss, (a2 * v_mse).mean())
+    # and the unconditional input is the pipeline's own for guidance: "" encoded, not zeros
+    emb, neg = world.pipe.encode_prompt(["a cat", "a dog"], "cpu", 1, True)
+    assert torch.equal(world.uncond(2)["embeds"], neg) and neg.abs().max() > 0.1
+    assert torch.equal(world.encode(["a cat", "a dog"])["embeds"], emb)
+    assert v_mse.mean() > 2 * loss  # the v MSE: a_t^2 <= 0.6 at these t (277 to 634)
+
+
+@pytest.mark.xdist_group("flow_check")
+def test_the_gradient_check_holds_with_the_reference_read_through_v_prediction(monkeypatch):
+    """process "v": the VP reference read as from a v-net (SD2.1) through eps_from_v; the matching
+    losses match; a wrong conversion (x_0's a x_t - s v; s x_t - a v as a mutant) fails them."""
+    rows = {r["name"].strip(): r for r in distar.gradient_check(process="v", n=2**15)}
+    for name in ("eq 3.4 pseudo-Huber (Thm 3.1)", "eq 3.4 l2 (Thm 3.1)", "kl_loss vs closed-form KL",
+                 "cfg_reward_loss (Thm 3.2, sign -)", "choice 2: cfg_score reference"):
+        assert rows[name]["should_match"] and rows[name]["ok"], rows[name]
+    r = rows["wrong: v to eps as x_0, a x_t - s v"]
+    assert not r["should_match"] and r["ok"] and r["rel"]["all"] > 5 * r["tol"], r
+    monkeypatch.setattr(distar, "eps_from_v", lambda x_t, v, a, s: s * x_t - a * v)
+    bad = {r["name"].strip(): r for r in distar.gradient_check(process="v", n=2**14)}
+    assert not any(bad[name]["ok"] for name in ("eq 3.4 pseudo-Huber (Thm 3.1)", "eq 3.4 l2 (Thm 3.1)",
+                                                 "choice 2: cfg_score reference"))
+
+
+def test_sd_mode_defaults_per_model_and_the_toys_v_check(monkeypatch, capsys, tmp_path):
+    cfg = distar.parse_args(["--model=sd"])
+    assert (cfg.pretrained, cfg.generator_init, cfg.conditioning_t, cfg.resolution, cfg.batch_size) == (
+        "stable-diffusion-v1-5/stable-diffusion-v1-5", "", 999, 512, 4)
+    assert distar.parse_args(["--model=sd", "--conditioning_t=500"]).conditioning_t == 500  # the flag wins
+    assert distar.parse_args([]).conditioning_t == 399  # SDXL keeps DMD2's
+    assert (distar.parse_args(["--tiny", "--model=sd"]).resolution, distar.parse_args(["--tiny", "--model=sd"]).conditioning_t) == (64, 999)
+    assert "--model=sd " in distar.modes_help() and "stable-diffusion-v1-5/stable-diffusion-v1-5" in distar.modes_help()
+    calls = []
+    monkeypatch.setattr(distar, "gradient_check", lambda **kw: calls.append(kw) or [])
+    monkeypatch.setattr(distar, "fit", lambda *a, **k: [])
+    monkeypatch.setattr(distar, "evaluate_toy", lambda *a: None)
+    distar.run_toy(distar.parse_args(["--toy", "--model=sd", f"--out_dir={tmp_path}"]), (0, 1, torch.device("cpu")))
+    assert calls == [{}, {"process": "v"}] and "read through v-prediction: SD2.1" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def sd_runs(tiny_sd, tmp_path_factory):
+    """2-rank runs that stop at step 1 and resume to step 2: SD1.5-shaped (eps, --tiny) under DDP,
+    SD2.1-shaped (v, t = 900) under --fsdp."""
+    d = tmp_path_factory.mktemp("sd_runs")
+    runs = dict(eps=["--tiny", "--model=sd"], v=[*_sd_args(tiny_sd, v=True), "--conditioning_t=900", "--fsdp"])
+    for name, args in runs.items():
+        for steps in (["--max_steps=1"], ["--max_steps=2", "--resume"]):
+            p = torchrun_here(*args, *steps, "--assistant_steps=1", "--batch_size=2", "--ckpt_interval=1",
+                              "--sample_interval=100", f"--out_dir={d / name}")
+            assert p.returncode == 0, p.stderr[-2000:]
+        assert "resumed from" in p.stdout and ("weights sharded" in p.stdout) == (name == "v"), p.stdout
+    return d
+
+
+@pytest.mark.xdist_group("sd_runs")
+def test_sd_trains_eps_under_ddp_and_v_under_fsdp_and_resumes(sd_runs):
+    from diffusers import UNet2DConditionModel
+
+    for name in ("eps", "v"):
+        state = json.loads((sd_runs / name / "checkpoint-000002" / "state.json").read_text())
+        assert state["step"] == 2 and state["config"]["model"] == "sd"
+        for net in ("generator", "assistant"):
+            w1, w2 = (_unet_weights(str(sd_runs / name / f"checkpoint-00000{i}" / net)) for i in (1, 2))
+            assert UNet2DConditionModel.from_pretrained(str(sd_runs / name / "checkpoint-000002" / net))
+            assert all(torch.isfinite(w).all() for w in w2.values())
+            assert sum((w2[k] - w1[k]).norm() for k in w1) > 0, (name, net)  # the resumed step trained
+
+
+@pytest.mark.xdist_group("sd_runs")
+@pytest.mark.parametrize("name, t", [("eps", 999), ("v", 900)])
+def test_sample_py_samples_an_sd_run_at_its_conditioning_t_as_diffusers_and_distar_do(sd_runs, tmp_path, name, t):
+    """sample.py on an SD run folder: StableDiffusionPipeline with LCMScheduler, timesteps=[t], t
+    read from the run (v: 900, not a default), no guidance: the same PNG as that pipeline, and
+    within 1/255 of distar's own generator (loaded from a state-dict file, as DMD2's SD1.5 one)
+    and decoder on the pipeline's noise."""
+    from diffusers import LCMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    run, ckpt = sd_runs / name, sd_runs / name / "checkpoint-000002"
+    assert sample.main([f"--generator={run}", "--resolution=64", "--prompt=a red fox", "--seed=3",
+                        f"--out_dir={tmp_path}"]) == 0
+    got = np.asarray(Image.open(tmp_path / "000.png")).astype(np.int16)
+    config = json.loads((ckpt / "state.json").read_text())["config"]
+    unet = UNet2DConditionModel.from_pretrained(str(ckpt / "generator"))
+    pipe = StableDiffusionPipeline.from_pretrained(config["pretrained"], unet=unet, **distar.NO_CHECKER)
+    pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    expect = pipe("a red fox", num_inference_steps=1, timesteps=[t], guidance_scale=0.0, height=64, width=64,
+                  generator=torch.Generator("cpu").manual_seed(3)).images[0]
+    assert np.array_equal(got, np.asarray(expect))
+    torch.save(unet.state_dict(), tmp_path / "pytorch_model.bin")  # as DMD2's SD1.5 generator
+    cfg = distar.parse_args(_sd_args(dict(sd=config["pretrained"], reward=config["reward_model"]))
+                            + [f"--generator_init={tmp_path / 'pytorch_model.bin'}", f"--conditioning_t={t}"])
+    world = distar.SDWorld(cfg, torch.device("cpu"))
+    assert world.v == (name == "v")
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))  # the pipeline's latents
+    with torch.no_grad():
+        img = world.decode(world.generate(world.generator, world.encode(["a red fox"]), z))[0]
+    assert np.abs(img.permute(1, 2, 0).numpy() * 255 - got).max() <= 1.0
+
+
+@pytest.mark.xdist_group("dry")
+def test_sd15_and_sd21_on_meta_have_their_published_parameter_counts_and_plan():
+    """The dry run's SD1.5 and SD2.1 (--pretrained names which); the one-GPU plan by hand: one
+    text encoder in fp32, PickScore in bf16, the three UNets as SDXL's rows."""
+    counts = {}
+    for pretrained, v in (("stable-diffusion-v1-5/stable-diffusion-v1-5", False), ("stabilityai/stable-diffusion-2-1", True)):
+        cfg = distar.parse_args(["--dry_run", "--model=sd", f"--pretrained={pretrained}"])
+        world = distar.SDWorld(cfg, torch.device("meta"), parts=distar.dry_run_parts("meta", cfg))
+        unet, text = _numel(world.s_ref), _numel(world.pipe.text_encoder)
+        counts[pretrained] = unet, text
+        assert world.v == v and world.latent_shape == (4, 64, 64) and _numel(world.vae) == VAE
+        expect = [2 * unet * 4, 2 * 2 * unet * 4, unet * 4, unet * 2, text * 4, PICKSCORE * 2, VAE * 4]
+        assert [b for _, b in distar.memory_plan(world, 1, False)] == expect
+    assert list(counts.values()) == [(859_520_964, 123_060_480), (865_910_724, 340_387_840)]
+    assert distar.main(["--dry_run", "--model=sd", "--pretrained=runwayml/stable-diffusion-v1-5"]) == 2
+
+
+@pytest.mark.parametrize("case", ["sdxl_as_sd", "sd_as_sdxl", "v_said_epsilon"])
+def test_a_pipeline_of_another_family_or_a_v_net_read_as_eps_is_one_line(tiny, tiny_sd, tmp_path, capsys, case):
+    folder = tmp_path / "sd21"  # SD2.1's 768 px UNet config, its scheduler's prediction_type gone
+    for sub, name in (("", "model_index.json"), ("unet", "config.json"), ("scheduler", "scheduler_config.json")):
+        config = json.loads(open(os.path.join(tiny_sd["sd_v"], sub, name)).read())
+        config = {**config, "sample_size": 96, "cross_attention_dim": 1024} if sub == "unet" else config
+        config.pop("prediction_type", None)
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+        (folder / sub / name).write_text(json.dumps(config))
+    folder, args, words = dict(
+        sdxl_as_sd=(tiny[0], ["--model=sd"], "is a StableDiffusionXLPipeline, not a StableDiffusionPipeline: pass --model=sdxl"),
+        sd_as_sdxl=(tiny_sd["sd"], [], "is a StableDiffusionPipeline, not a StableDiffusionXLPipeline: pass --model=sd"),
+        v_said_epsilon=(folder, ["--model=sd"], "has SD2.x's 768 px UNet, a v-prediction net, but its scheduler says "
+                        'prediction_type=epsilon: set "prediction_type": "v_prediction" in its scheduler/scheduler_config.json'),
+    )[case]
+    code = distar.main([*args, "--allow_cpu", f"--pretrained={folder}", f"--out_dir={tmp_path / 'out'}"])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == "" and err == f"distar: error: --pretrained={folder} {words}\n"
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_sd_v_lora_is_the_generator_for_stable_diffusion_pipelines_load_lora_weights(tiny_sd, tmp_path):
+    """--lora_rank on an SD2.1-shaped world: the saved adapter on its base, in StableDiffusionPipeline
+    with LCMScheduler at t = 999, gives the world's x_0."""
+    from diffusers import LCMScheduler, StableDiffusionPipeline
+
+    world = distar.SDWorld(distar.parse_args(_sd_args(tiny_sd, v=True) + LORA_ARGS), torch.device("cpu"))
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        base = world.generate(world.generator, world.encode(["a red fox"]), z)  # lora_B = 0: the base
+        for p in distar.trained(world.generator):
+            p.add_(0.1 * torch.randn_like(p))
+        x0 = world.generate(world.generator, world.encode(["a red fox"]), z)
+    distar.save_net(world.generator, str(tmp_path / "g"))
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd["sd_v"], **distar.NO_CHECKER)
+    pipe.load_lora_weights(str(tmp_path / "g"))
+    pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe("a red fox", num_inference_steps=1, timesteps=[999], guidance_scale=0, latents=z.clone(),
+               height=64, width=64, output_type="latent").images
+    assert torch.allclose(out, x0, atol=1e-5) and (x0 - base).abs().max() > 1e-3
