@@ -1683,7 +1683,21 @@ def shard_nets(world, dist_info):
             if type(block).__name__ in FSDP_UNITS:
                 fully_shard(block, mesh=mesh)
         fully_shard(net, mesh=mesh)
+        net.register_forward_hook(reshard_unless_backward)  # after FSDP's own post-forward hook
     return world
+
+def reshard_unless_backward(net, args, out):
+    """FSDP2 keeps a root's weights (conv_in/out, embeddings, proj_in/out) gathered after its
+    forward, for the backward that follows; the blocks are resharded. Where none follows (the
+    generator's samples for the assistant phase, KL's and choice 1's no_grad scores, the sample
+    grid), they would stay gathered until the net's next backward, and FSDP copies requires_grad
+    into gathered weights only when it gathers: the assistant, frozen for the generator phase,
+    would then run its next update with its root frozen, no gradient for 42 of its 212 tensors
+    (tiny UNet). Reshard them now; the next forward gathers them anew."""
+    from torch.utils._pytree import tree_leaves
+
+    if not any(isinstance(t, torch.Tensor) and t.requires_grad for t in tree_leaves(out)):
+        net.reshard()
 
 def gather_state_dict(net):
     """A sharded net's trained weights (the whole UNet, or with --lora_rank its adapter) on rank
@@ -1720,8 +1734,6 @@ def save_sharded_optimizers(opts, path):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-    for net, _ in opts.values():  # a forward without backward (the sample grid, the generator in
-        net.reshard()  # the assistant phase) leaves the root's weights gathered, not the shards
     dcp.save({k: get_optimizer_state_dict(net, opt) for k, (net, opt) in opts.items()},
              checkpoint_id=path)
 
