@@ -1675,14 +1675,25 @@ def shard_nets(world, dist_info):
         raise ConfigError("--fsdp shards the UNets over torchrun's processes: launch it with "
                           "torchrun (--nproc_per_node=1 works too)")
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = init_device_mesh(dist_info[2].type, (dist_info[1],))
+    # --precision=bf16: the fp32 masters are gathered as bf16 (half the traffic), so autocast has
+    # no fp32 weight to cast and cache per forward (~4.8 GiB at SDXL size, whatever the GPU
+    # count); gradients are reduce-scattered in fp32 into the fp32 masters. The inputs stay as the
+    # world makes them (SD3's float timestep, fp32 latents): autocast picks each op's dtype as
+    # without --fsdp. torch issue 186998 (fixed after 2.13): a net whose first forward runs with
+    # all its weights frozen keeps no fp32 gradient type, and its first update fails. train's
+    # assistant phase comes first; with --assistant_steps=0 the assistant's first forward is the
+    # generator phase's, frozen, but it is then never trained.
+    mp = MixedPrecisionPolicy(**dict(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                     cast_forward_inputs=False) if world.cfg.precision == "bf16"
+                              else {})
     for net in (world.generator, world.assistant, world.s_ref):
         for block in net.modules():
             if type(block).__name__ in FSDP_UNITS:
-                fully_shard(block, mesh=mesh)
-        fully_shard(net, mesh=mesh)
+                fully_shard(block, mesh=mesh, mp_policy=mp)
+        fully_shard(net, mesh=mesh, mp_policy=mp)
         net.register_forward_hook(reshard_unless_backward)  # after FSDP's own post-forward hook
     return world
 
