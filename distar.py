@@ -1745,8 +1745,10 @@ def save_sharded_optimizers(opts, path):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
+    # its plans and the wait for the slowest rank's write go through the hour-long gloo group:
+    # tens of GB on a shared filesystem may take longer than training's 10-minute collectives
     dcp.save({k: get_optimizer_state_dict(net, opt) for k, (net, opt) in opts.items()},
-             checkpoint_id=path)
+             checkpoint_id=path, process_group=SLOW_GROUP)
 
 def load_sharded_optimizers(opts, path):
     """save_sharded_optimizers' inverse; DCP reshards, so another number of ranks resumes too."""
@@ -1755,7 +1757,7 @@ def load_sharded_optimizers(opts, path):
                                                          set_optimizer_state_dict)
 
     state = {k: get_optimizer_state_dict(net, opt) for k, (net, opt) in opts.items()}
-    dcp.load(state, checkpoint_id=path)  # in place, into this rank's shards
+    dcp.load(state, checkpoint_id=path, process_group=SLOW_GROUP)  # in place, into the shards
     for k, (net, opt) in opts.items():
         set_optimizer_state_dict(net, opt, state[k])
 

@@ -818,7 +818,7 @@ def test_collectives_time_out_in_minutes_and_the_waits_for_rank_0s_writes_in_an_
         tmp_path, monkeypatch):
     """A rank that stopped is found out within training's 10-minute timeout; the waits while rank 0
     writes a ~60 GB checkpoint (and loading) go through a gloo group of their own with an hour:
-    barrier, and all_ok, which each checkpoint waits in."""
+    barrier, all_ok, which each checkpoint waits in, and --fsdp's DCP save and load."""
     import datetime
     got, groups, waits = {}, [], []
     monkeypatch.setenv("RANK", "0")
@@ -841,6 +841,16 @@ def test_collectives_time_out_in_minutes_and_the_waits_for_rank_0s_writes_in_an_
     distar.save_checkpoint(world.cfg, 1, world, *_toy_optimizers(world.cfg, world),
                            (0, 2, torch.device("cpu")))  # rank 0 of 2
     assert waits == ["slow"] * 4 and (tmp_path / "checkpoint-000001" / "state.pt").is_file()
+    import torch.distributed.checkpoint as dcp  # --fsdp's AdamW shards: DCP's plans and its waits
+    import torch.distributed.checkpoint.state_dict as dcp_state
+    for name in ("save", "load"):
+        monkeypatch.setattr(dcp, name, lambda sd, checkpoint_id, process_group=None: waits.append(process_group))
+    monkeypatch.setattr(dcp_state, "get_optimizer_state_dict", lambda net, opt: {})
+    monkeypatch.setattr(dcp_state, "set_optimizer_state_dict", lambda net, opt, sd: None)
+    waits.clear()
+    distar.save_sharded_optimizers(dict(opt_g=(None, None)), str(tmp_path / "optimizer"))
+    distar.load_sharded_optimizers(dict(opt_g=(None, None)), str(tmp_path / "optimizer"))
+    assert waits == ["slow"] * 2
 
 
 def test_the_toy_runs_on_the_cpu_and_torchrun_needs_a_gpu_per_process(monkeypatch, capsys):
