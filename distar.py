@@ -1667,8 +1667,9 @@ def is_sharded(net):
 
 def shard_nets(world, dist_info):
     """--fsdp (else the world as it was): fully_shard each UNet as torchtitan does, one unit per
-    transformer and resnet block, then the root (embeddings, conv_in/out, norms). After activation
-    checkpointing and --compile are set up, before the optimizers exist: they hold the shards."""
+    transformer and resnet block, then the root (embeddings, conv_in/out, norms), over the ranks
+    or, on several nodes, over each node's (mesh_shape). After activation checkpointing and
+    --compile are set up, before the optimizers exist: they hold the shards."""
     if not world.cfg.fsdp:
         return world
     if not dist.is_initialized():
@@ -1677,7 +1678,9 @@ def shard_nets(world, dist_info):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    mesh = init_device_mesh(dist_info[2].type, (dist_info[1],))
+    shape = mesh_shape(dist_info[1], int(os.environ.get("LOCAL_WORLD_SIZE", dist_info[1])))
+    mesh = init_device_mesh(dist_info[2].type, shape,
+                            mesh_dim_names=("replicate", "shard") if len(shape) == 2 else None)
     # --precision=bf16: the fp32 masters are gathered as bf16 (half the traffic), so autocast has
     # no fp32 weight to cast and cache per forward (~4.8 GiB at SDXL size, whatever the GPU
     # count); gradients are reduce-scattered in fp32 into the fp32 masters. The inputs stay as the
@@ -1696,6 +1699,21 @@ def shard_nets(world, dist_info):
         fully_shard(net, mesh=mesh, mp_policy=mp)
         net.register_forward_hook(reshard_unless_backward)  # after FSDP's own post-forward hook
     return world
+
+def mesh_shape(world_size, per_node):
+    """FSDP's device mesh. One node: (world_size,), every net sharded over all its GPUs. Several
+    nodes of per_node GPUs: (nodes, per_node), HSDP as torchtitan: each node holds a whole copy of
+    each net, sharded over its own GPUs, so the all-gathers of every forward and backward stay on
+    the node's links and only the gradients cross the network (all-reduced between the nodes'
+    shards, 1/per_node of a net per GPU per update). torchrun numbers ranks node by node, so a
+    row of the mesh is a node."""
+    if 1 < per_node < world_size and world_size % per_node == 0:
+        return (world_size // per_node, per_node)
+    return (world_size,)
+
+def plan_gpus_per_node(n_gpus):
+    """The memory plan's GPUs per node: torchrun's, else nodes of 8 (--world_size_plan=64: 8 x 8)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", 0)) or min(n_gpus, 8)
 
 def reshard_unless_backward(net, args, out):
     """FSDP2 keeps a root's weights (conv_in/out, embeddings, proj_in/out) gathered after its
@@ -2109,15 +2127,16 @@ def memory_plan(world, n_gpus, fsdp):
     """Memory per GPU before activations, [(item, bytes)], for train on n_gpus ranks. AdamW keeps
     two fp32 states per trained weight (fused: no scratch). Gradients: one net's at a time (train
     frees them); under DDP both nets' buckets. --lora_rank: the adapters train, the bases are
-    frozen. --fsdp divides the three UNets' weights, gradients and AdamW states by n_gpus and adds
-    the units it gathers in the largest net: the root's own weights (its forward spans the net's),
-    two blocks (running and prefetched) and their gradients before the reduce-scatter."""
+    frozen. --fsdp divides the three UNets' weights, gradients and AdamW states by the GPUs of a
+    node (mesh_shape; plan_gpus_per_node) and adds the units it gathers in the largest net: the
+    root's own weights (its forward spans the net's), two blocks (running and prefetched) and their
+    gradients before the reduce-scatter."""
     size = lambda params: sum(p.numel() * p.element_size() for p in params)
     dt = lambda params: str(params[0].dtype).removeprefix("torch.")
     frozen = lambda *nets: [p for n in nets for p in n.parameters() if not p.requires_grad]
     g, psi = world.generator, world.assistant
     both, bases = trained(g) + trained(psi), frozen(g, psi)  # bases: only with --lora_rank
-    n = n_gpus if fsdp else 1  # each rank's share of a sharded tensor
+    n = mesh_shape(n_gpus, plan_gpus_per_node(n_gpus))[-1] if fsdp else 1  # ranks a tensor spans
     ddp, each = n_gpus > 1 and not fsdp, f", 1/{n} each" if n > 1 else ""
     rows = [(f"generator + assistant {'adapters' if bases else 'weights'} ({dt(both)} masters"
              f"{each})", size(both) // n),
@@ -2188,7 +2207,8 @@ def run_dry_run(cfg, dist_info):
                  f"parameters each (rank {cfg.lora_rank})" if cfg.lora_rank else "")
               + f"; random weights, nothing downloaded\nmemory per GPU before activations, "
               f"{n_gpus} GPU(s), --precision={cfg.precision}"
-              + (", --fsdp" if cfg.fsdp else "") + " (GiB = 2^30 bytes):")
+              + (f", --fsdp over mesh {mesh_shape(n_gpus, plan_gpus_per_node(n_gpus))}"
+                 if cfg.fsdp else "") + " (GiB = 2^30 bytes):")
         plan = memory_plan(meta, n_gpus, cfg.fsdp)
         total, extra = sum(b for _, b in plan), gpu_overhead(n_gpus)
         overhead = "CUDA context" + (", NCCL buffers" if n_gpus > 1 else "") + " (estimate)"

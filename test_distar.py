@@ -1596,6 +1596,55 @@ def test_fsdp_bf16_gathers_bf16_weights_and_gives_autocasts_gradients_to_bf16_ro
         assert ga.norm() > 0 and rel < 0.02, (role, rel)  # bf16 autocast vs fp32: 0.05 and 0.02
 
 
+
+def _hsdp_step(path, cfg, dist_info):
+    """run_sdxl's stand-in on each rank (test_fsdp_on_2_nodes_...): shard_nets on three small MLPs,
+    one step of the first on this rank's slice of a batch; the mesh, the groups and the gradient,
+    gathered whole, to path.{rank}."""
+    import torch.distributed as dist
+    from types import SimpleNamespace
+
+    rank = dist_info[0]
+    torch.manual_seed(0)  # the same nets and batch on every rank
+    nets = [torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2)) for _ in range(3)]
+    whole, x = copy.deepcopy(nets[0]), torch.randn(4, 3, 4)  # rank r trains on x[r]
+    world = distar.shard_nets(SimpleNamespace(cfg=cfg, generator=nets[0], assistant=nets[1], s_ref=nets[2]),
+                              dist_info)
+    world.generator(x[rank]).square().sum().backward()
+    torch.stack([whole(x[r]).square().sum() for r in range(4)]).mean().backward()  # the ranks' mean
+    p = world.generator[0].weight
+    mesh = p.device_mesh
+    with open(f"{path}.{rank}", "w") as f:
+        json.dump(dict(shape=list(mesh.shape), names=list(mesh.mesh_dim_names), placements=[repr(q) for q in p.placements],
+                       groups={k: dist.get_process_group_ranks(mesh.get_group(k)) for k in mesh.mesh_dim_names},
+                       local=list(p.to_local().shape),
+                       grad_diff=max((q.grad.full_tensor() - w.grad).abs().max().item()
+                                     for q, w in zip(world.generator.parameters(), whole.parameters()))), f)
+
+
+def _run_as_2_nodes(path, rank):  # torchrun_here's setup: nodes of 2 ranks, run_sdxl is _hsdp_step
+    os.environ.update(LOCAL_WORLD_SIZE="2", LOCAL_RANK=str(rank % 2))
+    distar.run_sdxl = functools.partial(_hsdp_step, path)
+
+
+@pytest.mark.xdist_group("stops")
+def test_fsdp_on_2_nodes_of_2_gpus_shards_within_a_node_and_replicates_across(tmp_path):
+    """4 gloo ranks as torchrun numbers 2 nodes of 2 (LOCAL_WORLD_SIZE=2): a (2, 2) mesh,
+    (replicate, shard); rank r's weights are sharded with its node's other rank (r // 2's pair)
+    and replicated on the other node's rank of its column, each holding half a tensor; the
+    gradient is the mean of the 4 ranks' as one process computes it."""
+    p = torchrun_here("--tiny", "--fsdp", f"--out_dir={tmp_path}", nproc=4,
+                      setup=functools.partial(_run_as_2_nodes, str(tmp_path / "mesh")))
+    assert p.returncode == 0, p.stderr[-3000:]
+    for r in range(4):
+        got = json.loads((tmp_path / f"mesh.{r}").read_text())
+        node = r // 2
+        assert got["shape"] == [2, 2] and got["names"] == ["replicate", "shard"]
+        assert got["placements"] == ["Replicate()", "Shard(dim=0)"] and got["local"] == [4, 4]  # of (8, 4)
+        assert got["groups"] == dict(shard=[2 * node, 2 * node + 1], replicate=[r % 2, r % 2 + 2])
+        assert got["grad_diff"] < 1e-6
+
+
 # -----------------------------------------------------------------------------
 # main: the real command lines end to end (the toy converges, tiny SDXL in fp32 and bf16, torchrun)
 
@@ -2226,7 +2275,7 @@ def test_memory_plan_is_the_hand_computation_from_parameter_counts(dry_parts, pr
     cfg = distar.parse_args(["--dry_run", f"--precision={precision}"])
     world = distar.SDXLWorld(cfg, torch.device("meta"), parts=dry_parts)
     frozen = 2 if precision == "bf16" else 4  # bytes per frozen weight; trained nets and VAE fp32
-    n = n_gpus if fsdp else 1  # --fsdp shards the three UNets n ways
+    n = min(n_gpus, 8) if fsdp else 1  # --fsdp shards the three UNets over a node's 8 GPUs (HSDP)
     expect = [2 * UNET * 4 // n,  # generator + assistant fp32 masters
               2 * (2 * UNET * 4) // n,  # AdamW m and v of both
               (2 * UNET * 4) if n_gpus > 1 and not fsdp else UNET * 4 // n,  # DDP's buckets, or one net's
