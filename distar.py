@@ -1080,13 +1080,33 @@ def save_net(net, path, sd=None):
                   os.path.join(path, "model.safetensors"))
 
 def load_net(net, path):
+    """A saved net's weights into net, on one process (a sharded net: restore_checkpoint)."""
+    load_state_dict(net, read_net(net, path), strict=not getattr(net, "peft_config", None))
+
+def read_net(net, path):
+    """save_net's folder as net's own state dict on the CPU (a LoRA: its adapter, under peft's
+    names), checked against net's names and shapes: a misfit is a LoadError on the rank that reads,
+    not a failure inside the collective that loads a sharded net."""
     from safetensors.torch import load_file
 
-    if getattr(net, "peft_config", None):
-        return load_lora(net, path)
-    sd = {k: v for name in sorted(os.listdir(path)) if name.endswith(".safetensors")
-          for k, v in load_file(os.path.join(path, name)).items()}
-    load_state_dict(net, sd)
+    if lora := getattr(net, "peft_config", None):
+        file = os.path.join(path, LORA_FILE)
+        if not os.path.isfile(file):
+            raise LoadError(f"--resume: {path} holds no {LORA_FILE} (the run was not a LoRA run)")
+        # the file's keys are diffusers' (prefix unet. or transformer.); peft's name the adapter
+        # after lora_A / lora_B: ...to_q.lora_A.weight is ...to_q.lora_A.default.weight
+        prefix = lora_prefix(net)[0] + "."
+        sd = {re.sub(r"\.(lora_[AB])\.", r".\1.default.", k.removeprefix(prefix)): v
+              for k, v in load_file(file).items()}
+        want = {k: p.shape for k, p in net.named_parameters() if ".lora_" in k}
+    else:
+        sd = {k: v for name in sorted(os.listdir(path)) if name.endswith(".safetensors")
+              for k, v in load_file(os.path.join(path, name)).items()}
+        want = {k: v.shape for k, v in net.state_dict().items()}
+    if {k: v.shape for k, v in sd.items()} != want:
+        what = f"--lora_targets (another layer set) or --lora_rank" if lora else "this run's net"
+        raise LoadError(f"--resume: {path} does not fit {what}")
+    return sd
 
 def save_checkpoint(cfg, step, world, opt_g, opt_psi, dist_info):
     rank, world_size, device = dist_info
@@ -1172,15 +1192,23 @@ def restore_checkpoint(cfg, world, opt_g, opt_psi, dist_info, path):
                                      opt_psi=(world.assistant, opt_psi))
     if not os.path.isfile(os.path.join(path, "state.pt")):
         raise LoadError(f"--resume: {path} has no state.pt, so it cannot be resumed")
+    nets, full = dict(generator=world.generator, assistant=world.assistant), {}
+    sharded = is_sharded(world.generator)  # --fsdp
     with all_ok(dist_info):  # each rank's own reads: the collectives below only if all succeeded
-        load_net(world.generator, os.path.join(path, "generator"))
-        load_net(world.assistant, os.path.join(path, "assistant"))
+        for k, net in nets.items():
+            if not sharded:
+                load_net(net, os.path.join(path, k))
+            elif rank == 0:  # --fsdp: one read off the filesystem, not one per rank
+                full[k] = read_net(net, os.path.join(path, k))
         # on the CPU and memory-mapped: a page is read only when its tensor is copied. AdamW's
         # load_state_dict puts every state on its parameter's device, fused AdamW's step too
         state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=True,
                            mmap=True)
-    if is_sharded(world.generator):  # --fsdp: each rank reads its shards (resharded if need be)
-        load_sharded_optimizers(opts, os.path.join(path, "optimizer"))
+    if sharded:  # rank 0's weights, broadcast, each rank keeping its shards; then its AdamW shards
+        for k, net in nets.items():
+            load_state_dict(net, full.pop(k, {}), strict=not getattr(net, "peft_config", None),
+                            from_rank0=True)
+        load_sharded_optimizers(opts, os.path.join(path, "optimizer"))  # resharded if need be
     for name, (_, opt) in opts.items():
         if name in state:
             opt.load_state_dict(state[name])
@@ -1618,20 +1646,6 @@ def save_lora(unet, path, sd=None):
         json.dump({k: os.path.relpath(v, here) if inside(v) else v
                    for k, v in unet.lora_base.items()}, f, indent=1)
 
-def load_lora(unet, path):
-    """--resume: the adapter's weights from save_lora's file into unet's own (fp32) adapter."""
-    from peft.utils import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    file = os.path.join(path, LORA_FILE)
-    if not os.path.isfile(file):
-        raise LoadError(f"--resume: {path} holds no {LORA_FILE} (the run was not a LoRA run)")
-    sd = {k.removeprefix(lora_prefix(unet)[0] + "."): v for k, v in load_file(file).items()}
-    result = set_peft_model_state_dict(unet, sd, adapter_name="default")
-    missing = [k for k in result.missing_keys if ".lora_" in k]
-    if result.unexpected_keys or missing:
-        raise LoadError(f"--resume: {file} does not fit --lora_targets (another layer set)")
-
 def lora_prefix(net):
     """The LoRA file's key prefix for net and the pipeline class that saves and loads it."""
     sd3 = hasattr(net.config, "joint_attention_dim")  # an SD3Transformer2DModel
@@ -1748,14 +1762,15 @@ def unsharded(net, sd):
     copy.load_state_dict(sd, assign=True)
     return copy
 
-def load_state_dict(net, sd, strict=True):
-    """A whole state dict into net; a sharded net's ranks each keep their own shards of it."""
+def load_state_dict(net, sd, strict=True, from_rank0=False):
+    """A whole state dict into net; a sharded net's ranks each keep their own shards of it.
+    from_rank0: rank 0's sd, broadcast (a collective: every rank calls it, the others with {})."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     if not is_sharded(net):
         return net.load_state_dict(sd, strict=strict)
-    return set_model_state_dict(net, sd, options=StateDictOptions(full_state_dict=True,
-                                                                  strict=strict))
+    return set_model_state_dict(net, sd, options=StateDictOptions(
+        full_state_dict=True, strict=strict, broadcast_from_rank0=from_rank0))
 
 def save_sharded_optimizers(opts, path):
     """--fsdp: the AdamW states, each rank writing its own shards (torch.distributed.checkpoint);

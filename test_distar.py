@@ -1388,7 +1388,8 @@ def test_an_fsdp_checkpoint_is_what_diffusers_and_sample_py_read(ddp_and_fsdp, t
 def test_an_fsdp_checkpoint_of_2_ranks_resumes_on_1_with_the_adam_states_resharded(ddp_and_fsdp,
                                                                                   tmp_path, monkeypatch):
     """DCP reshards: one rank (in-process, gloo) resumes the 2-rank checkpoint with every AdamW
-    moment whole, each equal to the two saved shards joined (read back by DCP's own converter)."""
+    moment whole, each equal to the two saved shards joined (read back by DCP's own converter),
+    and the generator's weights those saved."""
     import torch.distributed as dist
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
@@ -1406,6 +1407,10 @@ def test_an_fsdp_checkpoint_of_2_ranks_resumes_on_1_with_the_adam_states_reshard
         world = distar.shard_nets(distar.SDXLWorld(cfg, torch.device("cpu")), (0, 1, torch.device("cpu")))
         opts = [distar.make_optimizer(cfg, distar.trained(n), 1e-4) for n in (world.generator, world.assistant)]
         assert distar.load_checkpoint(cfg, world, *opts, (0, 1, torch.device("cpu"))) == 2
+        weights = distar.gather_state_dict(world.generator)  # rank 0's read, broadcast into the shards
+        saved_weights = _unet_weights(str(run / "checkpoint-000002" / "generator"))
+        assert weights.keys() == saved_weights.keys()
+        assert all(torch.equal(weights[k], saved_weights[k]) for k in weights)
         for name, net, opt in (("opt_g", world.generator, opts[0]), ("opt_psi", world.assistant, opts[1])):
             got = get_optimizer_state_dict(net, opt)["state"]
             assert got.keys() == saved[name]["state"].keys() and len(got) > 100
@@ -1415,6 +1420,44 @@ def test_an_fsdp_checkpoint_of_2_ranks_resumes_on_1_with_the_adam_states_reshard
                     assert torch.equal(whole, saved[name]["state"][fqn][k]) and whole.abs().sum() > 0
     finally:
         dist.destroy_process_group()
+
+
+def _deny_checkpoint_weights_on_rank_1(rank):  # torchrun_here's setup
+    import safetensors.torch
+
+    real = safetensors.torch.load_file
+
+    def load_file(path, *args, **kwargs):
+        if rank == 1 and "checkpoint-" in str(path):
+            raise PermissionError(f"rank 1 read {path}")
+        return real(path, *args, **kwargs)
+    safetensors.torch.load_file = load_file
+
+
+@pytest.mark.xdist_group("ddp_fsdp")
+def test_fsdp_resume_reads_the_weights_on_rank_0_alone_and_a_bad_read_falls_back_on_every_rank(
+        ddp_and_fsdp, tmp_path):
+    """--fsdp --resume on 2 ranks: rank 0 alone reads the nets' weights (rank 1 may not: a shim
+    denies it) and broadcasts them; the newest checkpoint's generator is truncated, which rank 0's
+    read finds before any collective: both ranks go back to the one before, said once, and resume
+    it. Its AdamW shards load too (DCP), and the run has nothing left to train."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(ddp_and_fsdp / "fsdp", run)  # its checkpoint-000002 and tiny models
+    shutil.copytree(run / "checkpoint-000002", run / "checkpoint-000003")
+    state = json.loads((run / "checkpoint-000003" / "state.json").read_text())
+    (run / "checkpoint-000003" / "state.json").write_text(json.dumps(dict(state, step=3)))
+    weights = run / "checkpoint-000003" / "generator" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:weights.stat().st_size // 2])
+    p = torchrun_here("--tiny", "--fsdp", "--max_steps=2", "--assistant_steps=1", "--resume",
+                      f"--out_dir={run}", setup=_deny_checkpoint_weights_on_rank_1)
+    assert p.returncode == 0, p.stderr[-3000:]
+    fell_back = [line for line in p.stdout.splitlines() if "does not load" in line]
+    assert len(fell_back) == 1 and fell_back[0].startswith("resume: checkpoint-000003 does not load (")
+    assert fell_back[0].endswith("; using checkpoint-000002"), fell_back
+    assert f"resumed from {run / 'checkpoint-000002'} (step 2)" in p.stdout
+    assert "nothing to train" in p.stdout
 
 
 # FSDP on gloo costs ~1 s a step and ~2 s a checkpoint: 2 steps (one assistant update each), a
@@ -3748,7 +3791,7 @@ def test_a_pipeline_of_another_family_or_without_t5_is_one_line(tiny, tiny_sd3, 
 @pytest.mark.xdist_group("sd3_tiny")
 def test_an_sd3_lora_round_trips_through_diffusers_load_lora_weights(tiny_sd3, tmp_path):
     """save_lora writes what StableDiffusion3Pipeline.load_lora_weights reads (transformer_lora_layers,
-    alpha kept), and load_lora reads it back: the same one-step image, exactly."""
+    alpha kept), and load_net reads it back: the same one-step image, exactly."""
     from diffusers import StableDiffusion3Pipeline
 
     world = _sd3_world(tiny_sd3, *LORA_ARGS)
