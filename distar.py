@@ -2143,9 +2143,9 @@ def memory_plan(world, n_gpus, fsdp):
     two fp32 states per trained weight (fused: no scratch). Gradients: one net's at a time (train
     frees them); under DDP both nets' buckets. --lora_rank: the adapters train, the bases are
     frozen. --fsdp divides the three UNets' weights, gradients and AdamW states by the GPUs of a
-    node (mesh_shape; plan_gpus_per_node) and adds the units it gathers in the largest net: the
-    root's own weights (its forward spans the net's), two blocks (running and prefetched) and their
-    gradients before the reduce-scatter."""
+    node (mesh_shape; plan_gpus_per_node) and adds the units it gathers: the three roots' own
+    weights (a root's forward spans its net's), two blocks (running and prefetched) and a root's
+    and a block's gradients before the reduce-scatter."""
     size = lambda params: sum(p.numel() * p.element_size() for p in params)
     dt = lambda params: str(params[0].dtype).removeprefix("torch.")
     frozen = lambda *nets: [p for n in nets for p in n.parameters() if not p.requires_grad]
@@ -2170,15 +2170,23 @@ def memory_plan(world, n_gpus, fsdp):
               ("reward CLIP", [world.reward_fn.model]), ("VAE", [world.vae]))
     rows += [(f"{name} ({dt(frozen(*nets))})", size(frozen(*nets))) for name, nets in others]
     if n > 1:
-        def in_flight(net):  # root's own weights and two blocks; and their trained gradients
+        # gathered as the forward sees them: bf16 under --precision=bf16 (shard_nets' policy);
+        # a unit's gradients in that dtype, and in fp32 for its reduce-scatter
+        bf16 = world.cfg.precision == "bf16"
+        seen = lambda ps: sum(p.numel() * (2 if bf16 else p.element_size()) for p in ps)
+        grad = lambda ps: sum(p.numel() * (6 if bf16 else 4) for p in ps if p.requires_grad)
+
+        def units(net):  # (the root's own weights, the largest block's)
             blocks = [m for m in net.modules() if type(m).__name__ in FSDP_UNITS]
             inside = {id(p) for b in blocks for p in b.parameters()}
-            root = [p for p in net.parameters() if id(p) not in inside]
-            block = max((list(b.parameters()) for b in blocks), key=size)
-            grads = size([p for p in root + block if p.requires_grad])
-            return size(root) + 2 * size(block) + grads
-        rows.append(("FSDP's gathered units in flight (root, 2 blocks, gradients)",
-                     max(in_flight(net) for net in (g, psi, world.s_ref))))
+            return ([p for p in net.parameters() if id(p) not in inside],
+                    max((list(b.parameters()) for b in blocks), key=size))
+        nets = [units(net) for net in (g, psi, world.s_ref)]
+        # the generator phase holds the three roots at once (a backward follows each forward),
+        # runs one block and prefetches the next; the generator's root and block gradients
+        rows.append(("FSDP: 3 roots and 2 blocks gathered, 2 units' gradients",
+                     sum(seen(root) for root, _ in nets) + 2 * max(seen(b) for _, b in nets)
+                     + max(grad(root + b) for root, b in nets)))
     return rows
 
 def gpu_overhead(n_gpus):

@@ -2323,8 +2323,11 @@ def test_memory_plan_is_the_hand_computation_from_parameter_counts(dry_parts, pr
               2 * (2 * UNET * 4) // n,  # AdamW m and v of both
               (2 * UNET * 4) if n_gpus > 1 and not fsdp else UNET * 4 // n,  # DDP's buckets, or one net's
               UNET * frozen // n, (TEXT_1 + TEXT_2) * 4, PICKSCORE * frozen, VAE * 4]  # text encoders fp32
-    if n > 1:  # FSDP's gathered units: the root's own fp32 weights and two blocks, root and one block's grads
-        expect.append(4 * (ROOT + 2 * BLOCK) + 4 * (ROOT + BLOCK))
+    if n > 1:  # FSDP's units as the forward sees them (bf16 under the policy): the 3 roots' own weights,
+        # two blocks, a root's and a block's gradients (bf16 ones also as fp32 for the reduce-scatter)
+        seen, grad = (2, 6) if precision == "bf16" else (4, 4)
+        expect.append(3 * seen * ROOT + 2 * seen * BLOCK + grad * (ROOT + BLOCK))
+
     assert [b for _, b in distar.memory_plan(world, n_gpus, fsdp)] == expect
     assert distar.gpu_overhead(n_gpus) == int((0.5 + 0.7 * (n_gpus > 1)) * GIB)  # CUDA context, NCCL
 
