@@ -1102,13 +1102,33 @@ def save_net(net, path, sd=None):
                   os.path.join(path, "model.safetensors"))
 
 def load_net(net, path):
+    """A saved net's weights into net, on one process (a sharded net: restore_checkpoint)."""
+    load_state_dict(net, read_net(net, path), strict=not getattr(net, "peft_config", None))
+
+def read_net(net, path):
+    """save_net's folder as net's own state dict on the CPU (a LoRA: its adapter, under peft's
+    names), checked against net's names and shapes: a misfit is a LoadError on the rank that reads,
+    not a failure inside the collective that loads a sharded net."""
     from safetensors.torch import load_file
 
-    if getattr(net, "peft_config", None):
-        return load_lora(net, path)
-    sd = {k: v for name in sorted(os.listdir(path)) if name.endswith(".safetensors")
-          for k, v in load_file(os.path.join(path, name)).items()}
-    load_state_dict(net, sd)
+    if lora := getattr(net, "peft_config", None):
+        file = os.path.join(path, LORA_FILE)
+        if not os.path.isfile(file):
+            raise LoadError(f"--resume: {path} holds no {LORA_FILE} (the run was not a LoRA run)")
+        # the file's keys are diffusers' (prefix unet. or transformer.); peft's name the adapter
+        # after lora_A / lora_B: ...to_q.lora_A.weight is ...to_q.lora_A.default.weight
+        prefix = lora_prefix(net)[0] + "."
+        sd = {re.sub(r"\.(lora_[AB])\.", r".\1.default.", k.removeprefix(prefix)): v
+              for k, v in load_file(file).items()}
+        want = {k: p.shape for k, p in net.named_parameters() if ".lora_" in k}
+    else:
+        sd = {k: v for name in sorted(os.listdir(path)) if name.endswith(".safetensors")
+              for k, v in load_file(os.path.join(path, name)).items()}
+        want = {k: v.shape for k, v in net.state_dict().items()}
+    if {k: v.shape for k, v in sd.items()} != want:
+        what = f"--lora_targets (another layer set) or --lora_rank" if lora else "this run's net"
+        raise LoadError(f"--resume: {path} does not fit {what}")
+    return sd
 
 def save_checkpoint(cfg, step, world, opt_g, opt_psi, dist_info):
     rank, world_size, device = dist_info
@@ -1194,15 +1214,23 @@ def restore_checkpoint(cfg, world, opt_g, opt_psi, dist_info, path):
                                      opt_psi=(world.assistant, opt_psi))
     if not os.path.isfile(os.path.join(path, "state.pt")):
         raise LoadError(f"--resume: {path} has no state.pt, so it cannot be resumed")
+    nets, full = dict(generator=world.generator, assistant=world.assistant), {}
+    sharded = is_sharded(world.generator)  # --fsdp
     with all_ok(dist_info):  # each rank's own reads: the collectives below only if all succeeded
-        load_net(world.generator, os.path.join(path, "generator"))
-        load_net(world.assistant, os.path.join(path, "assistant"))
+        for k, net in nets.items():
+            if not sharded:
+                load_net(net, os.path.join(path, k))
+            elif rank == 0:  # --fsdp: one read off the filesystem, not one per rank
+                full[k] = read_net(net, os.path.join(path, k))
         # on the CPU and memory-mapped: a page is read only when its tensor is copied. AdamW's
         # load_state_dict puts every state on its parameter's device, fused AdamW's step too
         state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=True,
                            mmap=True)
-    if is_sharded(world.generator):  # --fsdp: each rank reads its shards (resharded if need be)
-        load_sharded_optimizers(opts, os.path.join(path, "optimizer"))
+    if sharded:  # rank 0's weights, broadcast, each rank keeping its shards; then its AdamW shards
+        for k, net in nets.items():
+            load_state_dict(net, full.pop(k, {}), strict=not getattr(net, "peft_config", None),
+                            from_rank0=True)
+        load_sharded_optimizers(opts, os.path.join(path, "optimizer"))  # resharded if need be
     for name, (_, opt) in opts.items():
         if name in state:
             opt.load_state_dict(state[name])
@@ -1741,20 +1769,6 @@ def save_lora(unet, path, sd=None):
         json.dump({k: os.path.relpath(v, here) if inside(v) else v
                    for k, v in unet.lora_base.items()}, f, indent=1)
 
-def load_lora(unet, path):
-    """--resume: the adapter's weights from save_lora's file into unet's own (fp32) adapter."""
-    from peft.utils import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    file = os.path.join(path, LORA_FILE)
-    if not os.path.isfile(file):
-        raise LoadError(f"--resume: {path} holds no {LORA_FILE} (the run was not a LoRA run)")
-    sd = {k.removeprefix(lora_prefix(unet)[0] + "."): v for k, v in load_file(file).items()}
-    result = set_peft_model_state_dict(unet, sd, adapter_name="default")
-    missing = [k for k in result.missing_keys if ".lora_" in k]
-    if result.unexpected_keys or missing:
-        raise LoadError(f"--resume: {file} does not fit --lora_targets (another layer set)")
-
 def lora_prefix(net):
     """The LoRA file's key prefix for net and the pipeline class that saves and loads it."""
     sd3 = hasattr(net.config, "joint_attention_dim")  # an SD3Transformer2DModel
@@ -1790,23 +1804,66 @@ def is_sharded(net):
 
 def shard_nets(world, dist_info):
     """--fsdp (else the world as it was): fully_shard each UNet as torchtitan does, one unit per
-    transformer and resnet block, then the root (embeddings, conv_in/out, norms). After activation
-    checkpointing and --compile are set up, before the optimizers exist: they hold the shards."""
+    transformer and resnet block, then the root (embeddings, conv_in/out, norms), over the ranks
+    or, on several nodes, over each node's (mesh_shape). After activation checkpointing and
+    --compile are set up, before the optimizers exist: they hold the shards."""
     if not world.cfg.fsdp:
         return world
     if not dist.is_initialized():
         raise ConfigError("--fsdp shards the UNets over torchrun's processes: launch it with "
                           "torchrun (--nproc_per_node=1 works too)")
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    mesh = init_device_mesh(dist_info[2].type, (dist_info[1],))
+    shape = mesh_shape(dist_info[1], int(os.environ.get("LOCAL_WORLD_SIZE", dist_info[1])))
+    mesh = init_device_mesh(dist_info[2].type, shape,
+                            mesh_dim_names=("replicate", "shard") if len(shape) == 2 else None)
+    # --precision=bf16: the fp32 masters are gathered as bf16 (half the traffic), so autocast has
+    # no fp32 weight to cast and cache per forward (~4.8 GiB at SDXL size, whatever the GPU
+    # count); gradients are reduce-scattered in fp32 into the fp32 masters. The inputs stay as the
+    # world makes them (SD3's float timestep, fp32 latents): autocast picks each op's dtype as
+    # without --fsdp. torch issue 186998 (fixed after 2.13): a net whose first forward runs with
+    # all its weights frozen keeps no fp32 gradient type, and its first update fails. train's
+    # assistant phase comes first; with --assistant_steps=0 the assistant's first forward is the
+    # generator phase's, frozen, but it is then never trained.
+    mp = MixedPrecisionPolicy(**dict(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                     cast_forward_inputs=False) if world.cfg.precision == "bf16"
+                              else {})
     for net in (world.generator, world.assistant, world.s_ref):
         for block in net.modules():
             if type(block).__name__ in FSDP_UNITS:
-                fully_shard(block, mesh=mesh)
-        fully_shard(net, mesh=mesh)
+                fully_shard(block, mesh=mesh, mp_policy=mp)
+        fully_shard(net, mesh=mesh, mp_policy=mp)
+        net.register_forward_hook(reshard_unless_backward)  # after FSDP's own post-forward hook
     return world
+
+def mesh_shape(world_size, per_node):
+    """FSDP's device mesh. One node: (world_size,), every net sharded over all its GPUs. Several
+    nodes of per_node GPUs: (nodes, per_node), HSDP as torchtitan: each node holds a whole copy of
+    each net, sharded over its own GPUs, so the all-gathers of every forward and backward stay on
+    the node's links and only the gradients cross the network (all-reduced between the nodes'
+    shards, 1/per_node of a net per GPU per update). torchrun numbers ranks node by node, so a
+    row of the mesh is a node."""
+    if 1 < per_node < world_size and world_size % per_node == 0:
+        return (world_size // per_node, per_node)
+    return (world_size,)
+
+def plan_gpus_per_node(n_gpus):
+    """The memory plan's GPUs per node: torchrun's, else nodes of 8 (--world_size_plan=64: 8 x 8)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", 0)) or min(n_gpus, 8)
+
+def reshard_unless_backward(net, args, out):
+    """FSDP2 keeps a root's weights (conv_in/out, embeddings, proj_in/out) gathered after its
+    forward, for the backward that follows; the blocks are resharded. Where none follows (the
+    generator's samples for the assistant phase, KL's and choice 1's no_grad scores, the sample
+    grid), they would stay gathered until the net's next backward, and FSDP copies requires_grad
+    into gathered weights only when it gathers: the assistant, frozen for the generator phase,
+    would then run its next update with its root frozen, no gradient for 42 of its 212 tensors
+    (tiny UNet). Reshard them now; the next forward gathers them anew."""
+    from torch.utils._pytree import tree_leaves
+
+    if not any(isinstance(t, torch.Tensor) and t.requires_grad for t in tree_leaves(out)):
+        net.reshard()
 
 def gather_state_dict(net):
     """A sharded net's trained weights (the whole UNet, or with --lora_rank its adapter) on rank
@@ -1828,14 +1885,15 @@ def unsharded(net, sd):
     copy.load_state_dict(sd, assign=True)
     return copy
 
-def load_state_dict(net, sd, strict=True):
-    """A whole state dict into net; a sharded net's ranks each keep their own shards of it."""
+def load_state_dict(net, sd, strict=True, from_rank0=False):
+    """A whole state dict into net; a sharded net's ranks each keep their own shards of it.
+    from_rank0: rank 0's sd, broadcast (a collective: every rank calls it, the others with {})."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     if not is_sharded(net):
         return net.load_state_dict(sd, strict=strict)
-    return set_model_state_dict(net, sd, options=StateDictOptions(full_state_dict=True,
-                                                                  strict=strict))
+    return set_model_state_dict(net, sd, options=StateDictOptions(
+        full_state_dict=True, strict=strict, broadcast_from_rank0=from_rank0))
 
 def save_sharded_optimizers(opts, path):
     """--fsdp: the AdamW states, each rank writing its own shards (torch.distributed.checkpoint);
@@ -1843,10 +1901,10 @@ def save_sharded_optimizers(opts, path):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-    for net, _ in opts.values():  # a forward without backward (the sample grid, the generator in
-        net.reshard()  # the assistant phase) leaves the root's weights gathered, not the shards
+    # its plans and the wait for the slowest rank's write go through the hour-long gloo group:
+    # tens of GB on a shared filesystem may take longer than training's 10-minute collectives
     dcp.save({k: get_optimizer_state_dict(net, opt) for k, (net, opt) in opts.items()},
-             checkpoint_id=path)
+             checkpoint_id=path, process_group=SLOW_GROUP)
 
 def load_sharded_optimizers(opts, path):
     """save_sharded_optimizers' inverse; DCP reshards, so another number of ranks resumes too."""
@@ -1855,7 +1913,7 @@ def load_sharded_optimizers(opts, path):
                                                          set_optimizer_state_dict)
 
     state = {k: get_optimizer_state_dict(net, opt) for k, (net, opt) in opts.items()}
-    dcp.load(state, checkpoint_id=path)  # in place, into this rank's shards
+    dcp.load(state, checkpoint_id=path, process_group=SLOW_GROUP)  # in place, into the shards
     for k, (net, opt) in opts.items():
         set_optimizer_state_dict(net, opt, state[k])
 
@@ -2341,15 +2399,16 @@ def memory_plan(world, n_gpus, fsdp):
     """Memory per GPU before activations, [(item, bytes)], for train on n_gpus ranks. AdamW keeps
     two fp32 states per trained weight (fused: no scratch). Gradients: one net's at a time (train
     frees them); under DDP both nets' buckets. --lora_rank: the adapters train, the bases are
-    frozen. --fsdp divides the three UNets' weights, gradients and AdamW states by n_gpus and adds
-    the units it gathers in the largest net: the root's own weights (its forward spans the net's),
-    two blocks (running and prefetched) and their gradients before the reduce-scatter."""
+    frozen. --fsdp divides the three UNets' weights, gradients and AdamW states by the GPUs of a
+    node (mesh_shape; plan_gpus_per_node) and adds the units it gathers: the three roots' own
+    weights (a root's forward spans its net's), two blocks (running and prefetched) and a root's
+    and a block's gradients before the reduce-scatter."""
     size = lambda params: sum(p.numel() * p.element_size() for p in params)
     dt = lambda params: str(params[0].dtype).removeprefix("torch.")
     frozen = lambda *nets: [p for n in nets for p in n.parameters() if not p.requires_grad]
     g, psi = world.generator, world.assistant
     both, bases = trained(g) + trained(psi), frozen(g, psi)  # bases: only with --lora_rank
-    n = n_gpus if fsdp else 1  # each rank's share of a sharded tensor
+    n = mesh_shape(n_gpus, plan_gpus_per_node(n_gpus))[-1] if fsdp else 1  # ranks a tensor spans
     ddp, each = n_gpus > 1 and not fsdp, f", 1/{n} each" if n > 1 else ""
     rows = [(f"generator + assistant {'adapters' if bases else 'weights'} ({dt(both)} masters"
              f"{each})", size(both) // n),
@@ -2370,15 +2429,23 @@ def memory_plan(world, n_gpus, fsdp):
               ("reward CLIP", [world.reward_fn.model]), ("VAE", [world.vae]))
     rows += [(f"{name} ({dt(frozen(*nets))})", size(frozen(*nets))) for name, nets in others]
     if n > 1:
-        def in_flight(net):  # root's own weights and two blocks; and their trained gradients
+        # gathered as the forward sees them: bf16 under --precision=bf16 (shard_nets' policy);
+        # a unit's gradients in that dtype, and in fp32 for its reduce-scatter
+        bf16 = world.cfg.precision == "bf16"
+        seen = lambda ps: sum(p.numel() * (2 if bf16 else p.element_size()) for p in ps)
+        grad = lambda ps: sum(p.numel() * (6 if bf16 else 4) for p in ps if p.requires_grad)
+
+        def units(net):  # (the root's own weights, the largest block's)
             blocks = [m for m in net.modules() if type(m).__name__ in FSDP_UNITS]
             inside = {id(p) for b in blocks for p in b.parameters()}
-            root = [p for p in net.parameters() if id(p) not in inside]
-            block = max((list(b.parameters()) for b in blocks), key=size)
-            grads = size([p for p in root + block if p.requires_grad])
-            return size(root) + 2 * size(block) + grads
-        rows.append(("FSDP's gathered units in flight (root, 2 blocks, gradients)",
-                     max(in_flight(net) for net in (g, psi, world.s_ref))))
+            return ([p for p in net.parameters() if id(p) not in inside],
+                    max((list(b.parameters()) for b in blocks), key=size))
+        nets = [units(net) for net in (g, psi, world.s_ref)]
+        # the generator phase holds the three roots at once (a backward follows each forward),
+        # runs one block and prefetches the next; the generator's root and block gradients
+        rows.append(("FSDP: 3 roots and 2 blocks gathered, 2 units' gradients",
+                     sum(seen(root) for root, _ in nets) + 2 * max(seen(b) for _, b in nets)
+                     + max(grad(root + b) for root, b in nets)))
     return rows
 
 def gpu_overhead(n_gpus):
@@ -2423,7 +2490,8 @@ def run_dry_run(cfg, dist_info):
                  f"parameters each (rank {cfg.lora_rank})" if cfg.lora_rank else "")
               + f"; random weights, nothing downloaded\nmemory per GPU before activations, "
               f"{n_gpus} GPU(s), --precision={cfg.precision}"
-              + (", --fsdp" if cfg.fsdp else "") + " (GiB = 2^30 bytes):")
+              + (f", --fsdp over mesh {mesh_shape(n_gpus, plan_gpus_per_node(n_gpus))}"
+                 if cfg.fsdp else "") + " (GiB = 2^30 bytes):")
         plan = memory_plan(meta, n_gpus, cfg.fsdp)
         total, extra = sum(b for _, b in plan), gpu_overhead(n_gpus)
         overhead = "CUDA context" + (", NCCL buffers" if n_gpus > 1 else "") + " (estimate)"
