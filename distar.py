@@ -1126,7 +1126,7 @@ def read_net(net, path):
               for k, v in load_file(os.path.join(path, name)).items()}
         want = {k: v.shape for k, v in net.state_dict().items()}
     if {k: v.shape for k, v in sd.items()} != want:
-        what = f"--lora_targets (another layer set) or --lora_rank" if lora else "this run's net"
+        what = "--lora_targets (another layer set) or --lora_rank" if lora else "this run's net"
         raise LoadError(f"--resume: {path} does not fit {what}")
     return sd
 
@@ -1849,7 +1849,7 @@ def mesh_shape(world_size, per_node):
     return (world_size,)
 
 def plan_gpus_per_node(n_gpus):
-    """The memory plan's GPUs per node: torchrun's, else nodes of 8 (--world_size_plan=64: 8 x 8)."""
+    """The memory plan's GPUs per node: torchrun's, else nodes of 8 (--world_size_plan=64: 8x8)."""
     return int(os.environ.get("LOCAL_WORLD_SIZE", 0)) or min(n_gpus, 8)
 
 def reshard_unless_backward(net, args, out):

@@ -2537,7 +2537,7 @@ def test_dry_run_command_line_without_a_gpu_prints_the_plan(tmp_path, monkeypatc
     assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr[-2000:]
     assert f"SDXL-base UNet {UNET:,} parameters" in p.stdout and f"reward CLIP-H {PICKSCORE:,}" in p.stdout
     total = (2 * UNET * 4 // 8 + 2 * UNET * 8 // 8 + UNET * 4 // 8 + UNET * 2 // 8 + PICKSCORE * 2
-             + (TEXT_1 + TEXT_2 + VAE) * 4 + 4 * (2 * ROOT + 3 * BLOCK)) / GIB
+             + (TEXT_1 + TEXT_2 + VAE) * 4 + 2 * 3 * ROOT + 2 * 2 * BLOCK + 6 * (ROOT + BLOCK)) / GIB
     assert re.search(rf"^  total +{total:.2f}$", p.stdout, re.M), p.stdout
     assert re.search(rf"^  total on the card +{total + 1.2:.2f}$", p.stdout, re.M), p.stdout
     assert ("model FLOPs per GPU, batch 2, 1024x1024: assistant update 54.2 TFLOP, generator update "
