@@ -3556,6 +3556,33 @@ def test_the_sd3_world_draws_logit_normal_shifted_levels_and_hands_the_loop_eps(
     assert torch.allclose(eps_hat, x + torch.tensor([0.7, 0.3]).view(-1, 1, 1, 1) * v, atol=1e-6)
 
 
+@pytest.mark.xdist_group("sd3_tiny")
+@pytest.mark.parametrize("t5", [True, False])
+def test_the_sd3_cfg_reference_reads_the_pipelines_encoded_empty_prompt_not_zeros(tiny_sd3, monkeypatch,
+                                                                                  t5):
+    """Both CFG choices read s_ref(x_t | empty) (choice 1: eps_ref(.., None); choice 2: the second
+    half of eps_ref_both) with SD3's unconditional input: StableDiffusion3Pipeline's encoded negative
+    prompt "" (without T5, T5's part zeros), not zeros as SDXL's. The mutant (zeros) fails here."""
+    world = _sd3_world(tiny_sd3, t5=t5)
+    _, neg, _, neg_pooled = world.pipe.encode_prompt("a cat", None, None, negative_prompt="",
+                                                     do_classifier_free_guidance=True)
+    torch.manual_seed(0)
+    x, t = torch.randn(2, *world.latent_shape), torch.tensor([300.0, 700.0])
+    s = (t / 1000).view(-1, 1, 1, 1)
+    with torch.no_grad():
+        v = world.s_ref(hidden_states=x, encoder_hidden_states=neg.expand(2, -1, -1),
+                        pooled_projections=neg_pooled.expand(2, -1), timestep=t).sample
+        want = distar.eps_from_velocity(x, v, s)  # the pipeline's unconditional eps
+
+        def read():  # (choice 1's, choice 2's) s_ref(x_t | empty), as eps
+            return world.eps_ref(x, t, None), world.eps_ref_both(x, t, world.encode(["a cat"] * 2))[1]
+        assert all(torch.allclose(eps_u, want, atol=1e-5) for eps_u in read())
+        zeros = lambda self, B: {k: torch.zeros_like(v).expand(B, *v.shape[1:])
+                                 for k, v in self.empty.items() if k != "prompts"}
+        monkeypatch.setattr(distar.SD3World, "uncond", zeros)  # the mutant
+        assert not any(torch.allclose(eps_u, want, atol=1e-3) for eps_u in read())
+
+
 def test_the_toys_and_sdxls_noise_levels_are_the_same_randint_draw_as_before(tiny):
     """The process moved into the world; the VP draw did not change (resumes and figures hold)."""
     for world in (_toy([]), _sdxl_world(tiny)):
