@@ -131,7 +131,7 @@ class Config:
     bench_warmup: int = 5  # --bench: untimed repetitions first
 
 # each world's problem size replaces the defaults; flags on the command line still win
-TOY_DEFAULTS = dict(batch_size=256, max_steps=1000, lr_g=1e-3, lr_psi=3e-3, assistant_steps=4,
+TOY_DEFAULTS = dict(batch_size=256, max_steps=500, lr_g=1e-3, lr_psi=3e-3, assistant_steps=4,
                     weight_decay=0.0, log_interval=100, ckpt_interval=1000, out_dir="out_toy")
 ABLATION_DEFAULTS = dict(max_steps=500)  # twelve toy runs in under 2 minutes on 2 CPU cores
 TINY_DEFAULTS = dict(resolution=64, max_steps=4, lr_g=1e-4, lr_psi=1e-4, assistant_steps=2,
@@ -202,9 +202,11 @@ def dsm_loss(score_pred, cond_score, weight=1.0):
 SDXL_BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 
 def sdxl_alphas_cumprod():
-    from diffusers import DDPMScheduler
-
-    return DDPMScheduler(num_train_timesteps=1000, **SDXL_BETAS).alphas_cumprod  # alphabar_t
+    """alphabar_t as diffusers' schedulers compute SDXL_BETAS (tested equal), written out: importing
+    diffusers would be a tenth of the toy's run."""
+    start, end = SDXL_BETAS["beta_start"] ** 0.5, SDXL_BETAS["beta_end"] ** 0.5  # scaled_linear
+    betas = torch.linspace(start, end, 1000, dtype=torch.float32) ** 2
+    return torch.cumprod(1 - betas, 0)  # alphabar_t
 
 class VPProcess:
     """The toy's and SDXL's x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, t in 0..999. A world's
@@ -373,7 +375,7 @@ def gradient_check(n=2**17, n_batches=16, t=300, c_huber=0.5, alpha_cfg=7.5, see
 
     def div_33(x_t, ref, distance, c=c_huber):  # (3.3): d(s_theta - s_ref) at frozen x ~ pi_t
         x = x_t.detach()
-        y = gen_score(x, mu, A) - ref(x)
+        y = gen_score(x, mu, A) - batch[ref]  # s_ref(x): the batch's, computed once
         return _dot(y, y) if distance == "l2" else torch.sqrt(_dot(y, y) + c**2) - c
 
     def detached(x_t, cond, where):  # eq 3.4 pseudo-Huber with x_t detached in one place: wrong
@@ -393,20 +395,13 @@ def gradient_check(n=2**17, n_batches=16, t=300, c_huber=0.5, alpha_cfg=7.5, see
     world.sample_t = lambda n, device: t.expand(n)
     world.assistant, world.eps_fake = nn.Module(), lambda s_psi, x, t, cond: -s * s_sg(x)
 
-    def backward(objective):  # the theta-gradient generator_backward accumulates in (mu, A)
-        world.cfg, mu.grad, A.grad = replace(Config(), **objective), None, None
-        torch.manual_seed(batch["seed"])
-        generator_backward(world, None, 0)
-        return flat((mu.grad, A.grad))
-
-    q_c = lambda x: world.score(x, a, s, 0)  # the exact objectives' reference: the exact score
     pieces = {  # exact per-sample objectives of x_t; of x_0, the reward r(x_0, c) = scale x_0[0]
-        "ph": lambda x: div_33(x, q_c, "pseudo_huber"), "l2": lambda x: div_33(x, q_c, "l2"),
-        "ph cfg": lambda x: div_33(x, s_cfg_exact, "pseudo_huber"), "kl": kl_exact,
+        "ph": lambda x: div_33(x, "q_c", "pseudo_huber"), "l2": lambda x: div_33(x, "q_c", "l2"),
+        "ph cfg": lambda x: div_33(x, "q_cfg", "pseudo_huber"), "kl": kl_exact,
         "-r cfg": lambda x: world.log_prob(x, a, s, None) - world.log_prob(x, a, s, 0),  # -(3.7)
         "r": lambda x: world.reward(batch["x0"], 0),
-        "ph cfg c": lambda x: div_33(x, s_cfg_exact, "pseudo_huber", huber_c * D**0.5 / sig),
-        "ph cfg c_eps": lambda x: div_33(x, s_cfg_exact, "pseudo_huber", huber_c * D**0.5)}
+        "ph cfg c": lambda x: div_33(x, "q_cfg", "pseudo_huber", huber_c * D**0.5 / sig),
+        "ph cfg c_eps": lambda x: div_33(x, "q_cfg", "pseudo_huber", huber_c * D**0.5)}
     ph = dict(distance="pseudo_huber", c=c_huber)
     # generator_loss's weights on the score scale (the comment before diffuse); reward 100
     w_ph, w_l2, w_kl, w_cfg = sig / D**0.5, sig**2 / D, sig / D, alpha_cfg * sig / D
@@ -452,12 +447,18 @@ def gradient_check(n=2**17, n_batches=16, t=300, c_huber=0.5, alpha_cfg=7.5, see
             torch.manual_seed(batch["seed"])
             eps, x0 = torch.randn_like(z), mu + z @ A.T  # eps: diffuse's draw
             x_t, batch["x0"] = a * x0 + s * eps, x0  # reparameterised: carry the theta-gradient
+            # the exact objectives' references: q_t(. | c)'s score, the CFG-enhanced one's
+            batch.update(q_c=world.score(x_t.detach(), a, s, 0), q_cfg=s_cfg_exact(x_t))
             done = {}
 
             def grad(key, loss):  # its theta-gradient, once a batch
-                if key not in done:
-                    done[key] = backward(loss) if isinstance(loss, dict) else flat(
-                        torch.autograd.grad(loss().mean(), (mu, A), retain_graph=True))
+                if key not in done and isinstance(loss, dict):  # generator_backward's, in (mu, A)
+                    world.cfg, mu.grad, A.grad = replace(Config(), **loss), None, None
+                    torch.manual_seed(batch["seed"])
+                    generator_backward(world, None, 0)
+                    done[key] = flat((mu.grad, A.grad))
+                elif key not in done:
+                    done[key] = flat(torch.autograd.grad(loss().mean(), (mu, A), retain_graph=True))
                 return done[key]
             for i, (name, tractable, exact, _) in enumerate(rows):
                 g_ex = sum(w * grad(k, lambda: pieces[k](x_t)) for k, w in exact.items())
@@ -964,7 +965,8 @@ def main(argv):
     cfg = None
     try:
         cfg = parse_args(argv)
-        quiet_libraries()
+        if not cfg.toy:  # the toy loads no library's models: it does without their imports
+            quiet_libraries()
         # the toy's nets are so small that a GPU only adds launch latency: it runs on the CPU,
         # with one intra-op thread (threads competing for cores slow it down 10x)
         rank, world_size, _ = dist_info = setup_distributed(cuda=not cfg.toy)

@@ -234,6 +234,13 @@ GB_WRONG = ["wrong: ph weight sigma_t / D", "wrong: ph c = huber_c sqrt(D)", "wr
             "wrong: cfg weight a sigma_t^2 / D", "wrong: KL weight sigma_t^2 / D"]
 
 
+def test_the_toys_schedule_written_out_is_diffusers_sdxl_schedule():
+    from diffusers import DDPMScheduler
+
+    want = DDPMScheduler(num_train_timesteps=1000, **distar.SDXL_BETAS).alphas_cumprod
+    assert torch.equal(distar.sdxl_alphas_cumprod(), want)
+
+
 @pytest.fixture(scope="module")
 def grad_check():
     return {r["name"].strip(): r for r in distar.gradient_check()}
@@ -1533,7 +1540,7 @@ def _class_energy_ratios(path):
 @pytest.mark.xdist_group("toy")
 @pytest.mark.parametrize("model", ["sdxl", "sd3"])
 def test_toy_without_reward_or_cfg_converges_to_the_reference(tmp_path, model):
-    # 500 steps, not the toy's 1000: past ~400 the ratio sits at its noise floor (constant lr). Seeds
+    # 500 steps, the toy's: past ~400 the ratio sits at its noise floor (constant lr). Seeds
     # 0-11, largest of the 3 classes: at 500 steps 0.005-0.016 (seed 0: 0.007), at 1000 0.003-0.018
     # (seed 0: 0.006); spikes to 0.03 come at any step count (seed 6: 0.037 at 600). Under the flow
     # process (sd3, exact flow references), seeds 0-3 at 500 steps: 0.007-0.017 (printed ratios)
