@@ -231,6 +231,19 @@ def test_toy_scores_are_the_gradients_of_the_toy_log_densities():
                           atol=1e-10)
 
 
+GB_ROWS = ["generator_backward: ph, cfg in, reward", "generator_backward: l2, cfg out",
+           "generator_backward: KL, reward"]
+GB_WRONG = ["wrong: ph weight sigma_t / D", "wrong: ph c = huber_c sqrt(D)", "wrong: l2 weight sigma_t / D",
+            "wrong: cfg weight a sigma_t^2 / D", "wrong: KL weight sigma_t^2 / D"]
+
+
+def test_the_toys_schedule_written_out_is_diffusers_sdxl_schedule():
+    from diffusers import DDPMScheduler
+
+    want = DDPMScheduler(num_train_timesteps=1000, **distar.SDXL_BETAS).alphas_cumprod
+    assert torch.equal(distar.sdxl_alphas_cumprod(), want)
+
+
 @pytest.fixture(scope="module")
 def grad_check():
     return {r["name"].strip(): r for r in distar.gradient_check()}
@@ -239,7 +252,7 @@ def grad_check():
 @pytest.mark.xdist_group("grad_check")
 @pytest.mark.parametrize("name", ["eq 3.4 pseudo-Huber (Thm 3.1)", "eq 3.4 l2 (Thm 3.1)",
                                   "kl_loss vs closed-form KL", "cfg_reward_loss (Thm 3.2, sign -)",
-                                  "choice 2: cfg_score reference"])
+                                  "choice 2: cfg_score reference", *GB_ROWS])
 def test_tractable_losses_have_the_exact_gradient(grad_check, name):
     r = grad_check[name]
     assert r["should_match"] and r["ok"], r
@@ -250,10 +263,44 @@ def test_tractable_losses_have_the_exact_gradient(grad_check, name):
 
 @pytest.mark.xdist_group("grad_check")
 @pytest.mark.parametrize("name", ["wrong: x_t detached inside d'", "wrong: x_t detached in 2nd s_fake",
-                                  "printed sign + (eqs 3.5, 3.6)", "printed choice 2: s_c + a s_u"])
+                                  "printed sign + (eqs 3.5, 3.6)", "printed choice 2: s_c + a s_u",
+                                  *GB_WRONG])
 def test_wrong_gradient_variants_are_caught_with_margin(grad_check, name):
     r = grad_check[name]
     assert not r["should_match"] and r["ok"] and r["rel"]["all"] > 5 * r["tol"], r
+
+
+# generator_loss with one weight (or generator_backward with one step) changed, and the row that
+# must then fail: the check drives the code Algorithm 1 runs, not a copy of it
+GB_MUTANTS = [
+    ("generator_loss", "weight=sig / math.sqrt(D)", "weight=sig / D", GB_ROWS[0]),
+    ("generator_loss", "c = cfg.huber_c * math.sqrt(D) / sig", "c = cfg.huber_c * math.sqrt(D)",
+     GB_ROWS[0]),
+    ("generator_loss", "weight=sig**2 / D)", "weight=sig / D)", GB_ROWS[1]),
+    ("generator_loss", 's_u, weight=sig / D)', 's_u, weight=sig**2 / D)', GB_ROWS[1]),
+    ("generator_loss", "kl_loss(x_t, s_fake, s_ref, weight=sig / D)",
+     "kl_loss(x_t, s_fake, s_ref, weight=sig**2 / D)", GB_ROWS[2]),
+    ("generator_loss", 'lambda x: kept["c"], s_u', 'lambda x: s_u(x), s_u', GB_ROWS[1]),
+    ("generator_backward", 'grad["rew"] + grad["div"] + grad["cfg"]', 'grad["rew"] + grad["div"]',
+     GB_ROWS[1]),
+]
+
+
+@pytest.mark.xdist_group("grad_check")
+def test_each_weight_mutant_of_generator_loss_fails_its_generator_backward_row(monkeypatch):
+    import inspect
+    import textwrap
+
+    original = {f: getattr(distar, f) for f in ("generator_loss", "generator_backward")}
+    for fn, old, new, row in GB_MUTANTS:
+        src = textwrap.dedent(inspect.getsource(original[fn]))
+        assert src.count(old) == 1, (fn, old)
+        ns = {}
+        exec(src.replace(old, new), distar.__dict__, ns)
+        monkeypatch.setattr(distar, fn, ns[fn])
+        got = {r["name"].strip(): r for r in distar.gradient_check(n=2**14)}
+        assert not got[row]["ok"] and got[row]["rel"]["all"] > 2 * got[row]["tol"], (new, got[row])
+        monkeypatch.setattr(distar, fn, original[fn])
 
 
 @pytest.mark.xdist_group("grad_check")
@@ -1711,16 +1758,19 @@ def _class_energy_ratios(path):
 
 
 @pytest.mark.xdist_group("toy")
-def test_toy_without_reward_or_cfg_converges_to_the_reference(tmp_path):
-    # 500 steps, not the toy's 1000: past ~400 the ratio sits at its noise floor (constant lr). Seeds
+@pytest.mark.parametrize("model", ["sdxl", "sd3"])
+def test_toy_without_reward_or_cfg_converges_to_the_reference(tmp_path, model):
+    # 500 steps, the toy's: past ~400 the ratio sits at its noise floor (constant lr). Seeds
     # 0-11, largest of the 3 classes: at 500 steps 0.005-0.016 (seed 0: 0.007), at 1000 0.003-0.018
-    # (seed 0: 0.006); spikes to 0.03 come at any step count (seed 6: 0.037 at 600)
-    p = run_here("--toy", "--alpha_rew=0", "--alpha_cfg=0", "--max_steps=500", f"--out_dir={tmp_path}")
+    # (seed 0: 0.006); spikes to 0.03 come at any step count (seed 6: 0.037 at 600). Under the flow
+    # process (sd3, exact flow references), seeds 0-3 at 500 steps: 0.007-0.017 (printed ratios)
+    p = run_here("--toy", f"--model={model}", "--alpha_rew=0", "--alpha_cfg=0", "--max_steps=500",
+                 f"--out_dir={tmp_path}")
     assert p.returncode == 0, p.stderr[-2000:]
     assert p.stdout.startswith("gradient check")  # printed first
     assert "FAILED" not in p.stdout
     _, _, ratios = _class_energy_ratios(tmp_path / "toy_samples.safetensors")
-    assert max(ratios) < 0.02, ratios
+    assert max(ratios) < {"sdxl": 0.02, "sd3": 0.025}[model], ratios
     assert (tmp_path / "toy.png").stat().st_size > 1000
 
 
@@ -4202,29 +4252,31 @@ def flow_check():
 def test_the_gradient_check_holds_under_the_flow_process_and_catches_a_wrong_conversion(
         flow_check, monkeypatch):
     for name in ("eq 3.4 pseudo-Huber (Thm 3.1)", "eq 3.4 l2 (Thm 3.1)", "kl_loss vs closed-form KL",
-                 "cfg_reward_loss (Thm 3.2, sign -)", "choice 2: cfg_score reference"):
+                 "cfg_reward_loss (Thm 3.2, sign -)", "choice 2: cfg_score reference", *GB_ROWS):
         r = flow_check[name]
         assert r["should_match"] and r["ok"] and r["tol"] < 0.05, r
     for name in ("wrong: x_t detached inside d'", "printed sign + (eqs 3.5, 3.6)",
-                 "wrong: v to eps as x_s + s v"):
+                 "wrong: v to eps as x_s + s v", *GB_WRONG):
         r = flow_check[name]
         assert not r["should_match"] and r["ok"] and r["rel"]["all"] > 5 * r["tol"], r
     # the mutant: the reference read through a wrong conversion fails every matching row
     monkeypatch.setattr(distar, "eps_from_velocity", lambda x_s, v, s: x_s + s * v)
     bad = {r["name"].strip(): r for r in distar.gradient_check(process="flow", n=2**14)}
     assert not any(bad[name]["ok"] for name in ("eq 3.4 pseudo-Huber (Thm 3.1)", "eq 3.4 l2 (Thm 3.1)",
-                                                 "kl_loss vs closed-form KL", "choice 2: cfg_score reference"))
+                                                 "kl_loss vs closed-form KL", "choice 2: cfg_score reference",
+                                                 *GB_ROWS))
 
 
 def test_toy_with_model_sd3_prints_the_flow_gradient_check_too(monkeypatch, capsys, tmp_path):
-    calls = []
+    calls, worlds = [], []
     monkeypatch.setattr(distar, "gradient_check", lambda **kw: calls.append(kw) or [])
-    monkeypatch.setattr(distar, "fit", lambda *a, **k: [])
+    monkeypatch.setattr(distar, "fit", lambda cfg, world, *a, **k: worlds.append(type(world)) or [])
     monkeypatch.setattr(distar, "evaluate_toy", lambda *a: None)
     for model in ("sdxl", "sd3"):
         cfg = distar.parse_args(["--toy", f"--model={model}", f"--out_dir={tmp_path}"])
         distar.run_toy(cfg, (0, 1, torch.device("cpu")))
     assert calls == [{}, {}, {"process": "flow"}]
+    assert worlds == [distar.ToyWorld, distar.FlowToyWorld]  # and it trains under flow
     assert "the flow process (1 - s, s)" in capsys.readouterr().out
 
 
@@ -4295,6 +4347,33 @@ def test_the_sd3_world_draws_logit_normal_shifted_levels_and_hands_the_loop_eps(
                             pooled_projections=cond["pooled"], timestep=tt).sample
         eps_hat = world.eps_fake(world.assistant, x, tt, cond)
     assert torch.allclose(eps_hat, x + torch.tensor([0.7, 0.3]).view(-1, 1, 1, 1) * v, atol=1e-6)
+
+
+@pytest.mark.xdist_group("sd3_tiny")
+@pytest.mark.parametrize("t5", [True, False])
+def test_the_sd3_cfg_reference_reads_the_pipelines_encoded_empty_prompt_not_zeros(tiny_sd3, monkeypatch,
+                                                                                  t5):
+    """Both CFG choices read s_ref(x_t | empty) (choice 1: eps_ref(.., None); choice 2: the second
+    half of eps_ref_both) with SD3's unconditional input: StableDiffusion3Pipeline's encoded negative
+    prompt "" (without T5, T5's part zeros), not zeros as SDXL's. The mutant (zeros) fails here."""
+    world = _sd3_world(tiny_sd3, t5=t5)
+    _, neg, _, neg_pooled = world.pipe.encode_prompt("a cat", None, None, negative_prompt="",
+                                                     do_classifier_free_guidance=True)
+    torch.manual_seed(0)
+    x, t = torch.randn(2, *world.latent_shape), torch.tensor([300.0, 700.0])
+    s = (t / 1000).view(-1, 1, 1, 1)
+    with torch.no_grad():
+        v = world.s_ref(hidden_states=x, encoder_hidden_states=neg.expand(2, -1, -1),
+                        pooled_projections=neg_pooled.expand(2, -1), timestep=t).sample
+        want = distar.eps_from_velocity(x, v, s)  # the pipeline's unconditional eps
+
+        def read():  # (choice 1's, choice 2's) s_ref(x_t | empty), as eps
+            return world.eps_ref(x, t, None), world.eps_ref_both(x, t, world.encode(["a cat"] * 2))[1]
+        assert all(torch.allclose(eps_u, want, atol=1e-5) for eps_u in read())
+        zeros = lambda self, B: {k: torch.zeros_like(v).expand(B, *v.shape[1:])
+                                 for k, v in self.empty.items() if k != "prompts"}
+        monkeypatch.setattr(distar.SD3World, "uncond", zeros)  # the mutant
+        assert not any(torch.allclose(eps_u, want, atol=1e-3) for eps_u in read())
 
 
 def test_the_toys_and_sdxls_noise_levels_are_the_same_randint_draw_as_before(tiny):
