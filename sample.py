@@ -429,9 +429,8 @@ def pixels(images, size, long_side=False):
     return (torch.stack(out) - CLIP_MEAN) / CLIP_STD
 
 def load_weights(cfg, flag, kind, build, convert=dict, unused=r"$^"):
-    """build(sd)'s net, its parameters on meta (buffers, as BERT's position_ids, made as usual),
-    then convert(sd), the state dict of --flag's file in its names, in it: every key matched but
-    those `unused` matches (distar.strict_load), else one line naming a key out of place."""
+    """build(sd)'s net, parameters on meta (buffers, as BERT's position_ids, made as usual), with
+    convert(sd), --flag's state dict in its names: strictly but `unused` (distar.strict_load)."""
     from accelerate import init_empty_weights
     sd = distar.load_file(flag, getattr(cfg, flag))
     with init_empty_weights():
@@ -450,17 +449,15 @@ def load_image_reward(cfg, device, clip=None):
         return nn.ModuleDict(dict(blip=BlipForImageTextRetrieval(BlipConfig(
             vision_config=IR_VISION, text_config=dict(bert, encoder_hidden_size=IR_VISION[
                 "hidden_size"]), image_text_hidden_size=256)), mlp=distar.mlp_head(sd, "mlp.")))
-    rename = lambda sd: {reduce(lambda k, r: re.sub(*r, k), distar.IR_TO_HF, k): v
-                         for k, v in sd.items()}  # each (old, new) in turn
     # BLIP's ITM head is not in ImageReward; its own BERT saved position_ids, an arange
-    net = load_weights(cfg, "image_reward_model", "ImageReward", build, rename,
+    net = load_weights(cfg, "image_reward_model", "ImageReward", build, lambda sd: {reduce(
+        lambda k, r: re.sub(*r, k), distar.IR_TO_HF, k): v for k, v in sd.items()},  # in turn
                        r"blip\.itm_head\.|blip\.text_encoder\.embeddings\.position_ids$")
     vision, text, head = (m.to(device) for m in (net.blip.vision_model, net.blip.text_encoder,
                                                  net.mlp))
     path = cfg.image_reward_tokenizer  # as BLIP's init_tokenizer; [CLS] stays first, as .score
     tok = distar.load("image_reward_tokenizer", path, BertTokenizer.from_pretrained, path)
     tok.add_special_tokens({"bos_token": "[DEC]", "additional_special_tokens": ["[ENC]"]})
-
     @torch.no_grad()
     def scorer(images, prompts):
         img = vision(pixel_values=pixels(images, IR_VISION["image_size"]).to(device))[0]
@@ -480,7 +477,6 @@ def load_aesthetic(cfg, device, clip=None):
     model = (model or distar.load("clip_model", cfg.clip_model, CLIPModel.from_pretrained,
                                   cfg.clip_model)).to(device).eval()
     head = load_weights(cfg, "aesthetic_head", "an aesthetic head", distar.mlp_head).to(device)
-
     @torch.no_grad()
     def scorer(images, prompts):
         x = pixels(images, model.config.vision_config.image_size).to(device, model.dtype)
@@ -503,13 +499,11 @@ def load_hps(cfg, device, clip=None):
                      .backend_tokenizer.to_str())["model"]
     tok = CLIPTokenizer(vocab=bpe["vocab"], merges=[tuple(m.split(" ") if isinstance(m, str)
                                                           else m) for m in bpe["merges"]])
-
     def tokens(prompts):  # (B, 77); a truncated prompt keeps its end token
         ids = tok(prompts, padding="max_length", truncation=True, max_length=77,
                   return_tensors="pt").input_ids
         return ids.masked_fill(torch.arange(77) > ids.eq(tok.eos_token_id).int().argmax(
             1, keepdim=True), 0)
-
     @torch.no_grad()
     def scorer(images, prompts):
         x = pixels(images, model.config.vision_config.image_size, long_side=True).to(device)
