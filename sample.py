@@ -22,12 +22,14 @@ import sys
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import reduce
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw
 
 import distar
 
@@ -35,8 +37,7 @@ SDXL_BASE = distar.Config.pretrained  # --pretrained when nothing else names one
 HEADER, GAP = 20, 8  # px: the A/B labels (6 px a letter) above a compare grid; between A and B
 # CLIP cosine -> PickScore as the paper prints it (~0.22), CLIP score as torchmetrics has it (~33)
 SCALE = dict(pickscore=lambda cos: cos, clip_score=lambda cos: 100 * cos.clamp(min=0))
-TAGS = {"": "", "a": "A ", "b": "B ", "b_minus_a": "B-A "}  # a metric's line, per generator
-
+TAGS = {"a": "A ", "b": "B ", "b_minus_a": "B-A "}  # a metric's line, per generator
 
 @dataclass
 class SampleConfig:
@@ -72,7 +73,6 @@ class SampleConfig:
     hps_model: str = "xswu/HPSv2/HPS_v2.1_compressed.pt"  # HPSv2.1; tokens: --reward_processor's
     dry_run: bool = False  # print each scorer's parameters and memory (built on meta), then stop
 
-
 def parse_args(argv):
     c = SampleConfig(**vars(distar.make_parser(SampleConfig, "sample.py").parse_args(argv)))
     distar.check_at_least(c, dict(resolution=8, batch_size=1, images_per_prompt=1, bootstrap=1,
@@ -89,12 +89,10 @@ def parse_args(argv):
             raise distar.ConfigError(msg)
     return c
 
-
 def metric_names(cfg):
     """--metrics as a list, in the order given; --score adds PickScore and CLIP score."""
     names = ["pickscore", "clip_score"] * cfg.score + cfg.metrics.replace(" ", "").split(",")
     return list(dict.fromkeys(m for m in names if m))
-
 
 def on_hub(path, files=False):
     """Whether path names the hub: owner/name folders, and with files, owner/name/path/to/file.bin
@@ -102,7 +100,6 @@ def on_hub(path, files=False):
     n = path.count("/")
     file = files and path.endswith(distar.STATE_DICTS) and n >= 2
     return not path.startswith((".", "/", "~")) and (n == 1 or file)
-
 
 def check_paths(cfg):
     """Before anything loads: a local path that is not there is named as typed (else the default
@@ -116,11 +113,9 @@ def check_paths(cfg):
         if path and (local or not on_hub(path, flag in ("generator", "compare"))) and \
                 not os.path.exists(path):
             raise distar.LoadError(f"cannot load --{flag}={path}: no such file or folder")
-    if os.path.isdir(cfg.pretrained) and not os.path.isfile(os.path.join(cfg.pretrained,
-                                                                         "model_index.json")):
+    if os.path.isdir(cfg.pretrained) and not os.path.isfile(f"{cfg.pretrained}/model_index.json"):
         raise distar.LoadError(f"cannot load --pretrained={cfg.pretrained}: not a diffusers "
                                "pipeline folder (no model_index.json)")
-
 
 def checkpoint_generator(flag, path):
     """A distar checkpoint folder as --generator or --compare: its generator/; a run folder: that
@@ -140,16 +135,13 @@ def checkpoint_generator(flag, path):
         print(f"--{flag}={path}: its newest complete checkpoint's generator, {generator}")
     return generator
 
-
 def run_config(path):
     """The command line of the distar run whose checkpoint holds the generator at path (its
     state.json beside it), {} for any other generator."""
     state = os.path.join(os.path.dirname(os.path.normpath(path)), "state.json")  # not via a link
     if not (path and os.path.isdir(path) and os.path.isfile(state)):
         return {}
-    with open(state) as f:
-        return json.load(f).get("config", {})
-
+    return json.loads(Path(state).read_text()).get("config", {})
 
 def run_pretrained(path):
     """The --pretrained of the distar run that saved the generator at path, "" for any other
@@ -164,7 +156,6 @@ def run_pretrained(path):
     inside = os.path.relpath(value, out_dir) if value and out_dir else os.pardir
     moved = os.path.abspath(os.path.join(path, os.pardir, os.pardir, inside))
     return moved if not inside.startswith(os.pardir) and os.path.exists(moved) else value
-
 
 def plan_models(cfg):
     """Before anything loads: the pipeline's --pretrained, and each generator's UNet (path,
@@ -194,22 +185,18 @@ def plan_models(cfg):
             bool(cfg.lora) and sub != "b")
     return pretrained, unets, loras
 
-
 def family(pipe):
     """sdxl, sd3 or sd: a pipeline's (or a pipeline folder's / hub id's model_index.json) class."""
     from diffusers import DiffusionPipeline
-
     name = type(pipe).__name__ if not isinstance(pipe, str) else distar.load(
         "pretrained", pipe, DiffusionPipeline.load_config, pipe).get("_class_name")
     return next((m for m, p in distar.PIPELINES.items() if p == name), "sdxl")
-
 
 def conditioning_t(path, model):
     """The timestep a generator reads its noise at: its distar run's (state.json), else distar's
     default for the family (SDXL 399, as DMD2's; SD 999, as DMD2's and SwiftBrush's)."""
     return run_config(path).get("conditioning_t",
                                 distar.parse_args([f"--model={model}"]).conditioning_t)
-
 
 def sample_toy(cfg):
     """A toy checkpoint's generator: samples of every class over the reference, in one PNG."""
@@ -222,7 +209,6 @@ def sample_toy(cfg):
     os.makedirs(cfg.out_dir, exist_ok=True)
     distar.save_toy_png(os.path.join(cfg.out_dir, "toy_samples.png"), ref, gen)
     print(f"wrote {cfg.out_dir}/toy_samples.png: samples of each class (colour), reference (grey)")
-
 
 def load_models(cfg, plan, device, dtype):
     """The pipeline first, without a UNet (an unreachable hub fails there at once, not after the
@@ -244,9 +230,8 @@ def load_models(cfg, plan, device, dtype):
              for sub, (flag, path, own, variant) in plan.items()}
     for sub, unet in unets.items():  # load_lora_weights puts a LoRA on pipe.unet
         pipe.register_modules(**{net: unet})
-        for i, (flag, path) in enumerate(loras[sub]):
-            with warnings.catch_warnings():  # peft's on a second adapter: wanted here
-                warnings.simplefilter("ignore", UserWarning)
+        for i, (flag, path) in enumerate(loras[sub]):  # peft's warning on a second adapter:
+            with warnings.catch_warnings(action="ignore", category=UserWarning):  # wanted here
                 distar.load(flag, path, pipe.load_lora_weights, path, adapter_name=f"lora{i}")
         if len(loras[sub]) > 1:  # a LoRA loaded after another is the only one active
             unet.set_adapters([f"lora{i}" for i in range(len(loras[sub]))])
@@ -257,21 +242,17 @@ def load_models(cfg, plan, device, dtype):
     names = metric_names(cfg)  # each scorer loaded once; the aesthetic head reuses CLIP score's
     clip = [distar.load("clip_model", cfg.clip_model, cls.from_pretrained, cfg.clip_model)
             for cls in (CLIPModel, AutoProcessor) if {"clip_score", "aesthetic"} & set(names)]
-    loaders = dict(pickscore=lambda: clip_scorer("pickscore", cfg.reward_model,
-                                                 cfg.reward_processor, device),
-                   clip_score=lambda: clip_scorer("clip_score", *clip, device),
-                   **{m: lambda f=f: f(cfg, device, clip=tuple(clip) or None)
-                      for m, f in PAPER_METRICS.items()})
-    scorers = {m: loaders[m]() for m in names if m != "fid"}
+    scorers = {m: clip_scorer(m, cfg.reward_model, cfg.reward_processor, device) if m == "pickscore"
+               else clip_scorer(m, *clip, device) if m == "clip_score"
+               else PAPER_METRICS[m](cfg, device, clip=tuple(clip) or None)
+               for m in names if m != "fid"}
     return pipe.to(device), {sub: u.to(device) for sub, u in unets.items()}, scorers
-
 
 def clip_scorer(metric, model, processor, device):
     """PickScore or CLIP score as scorer(images, prompts) -> (B,): ClipReward on PIL images."""
     r = distar.ClipReward(model, processor).to(device)
     return lambda images, prompts: SCALE[metric](r(torch.from_numpy(np.stack(images)).permute(
         0, 3, 1, 2).to(device) / 255, r.text_features(prompts)))
-
 
 def read_prompt_set(path):
     """--prompts: (prompts, each one's category or None): Parti's PartiPrompts.tsv as it is (Prompt
@@ -301,7 +282,6 @@ def read_prompt_set(path):
         raise distar.LoadError(f"--prompts={path}: no prompts in it")
     return [p for p, _ in rows], [c for _, c in rows] if any(c for _, c in rows) else None
 
-
 # ---- FID as SiD-LSG and DMD2 score COCO-30K: GigaGAN's evaluation (clean-fid, "clean" mode, with
 # NVIDIA's Inception torchscript), each generator's images against --fid_ref's real ones
 INCEPTION_URL = ("https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/"
@@ -309,12 +289,10 @@ INCEPTION_URL = ("https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrai
 IMAGE_FILES = (".bmp", ".jpg", ".jpeg", ".png", ".ppm", ".tif", ".tiff", ".webp")  # clean-fid's
 FID_BATCH = 50  # images through Inception at a time
 
-
 def fid_pixels(image, eval_res):
     """A PIL image -> (3, 299, 299) float32 in [0, 255], Inception's input as GigaGAN and clean-fid
     make it: the centre square (torchvision's center_crop rounding), PIL Lanczos to eval_res in
     uint8, then clean-fid's "clean" resize: each channel in float32, PIL bicubic, clipped."""
-    from PIL import Image
     image = image.convert("RGB")
     (w, h), s = image.size, min(image.size)
     left, top = int(round((w - s) / 2)), int(round((h - s) / 2))
@@ -322,7 +300,6 @@ def fid_pixels(image, eval_res):
                                                                     Image.LANCZOS))
     return np.stack([np.asarray(Image.fromarray(x[..., c].astype(np.float32)).resize(
         (299, 299), Image.BICUBIC)).clip(0, 255) for c in range(3)])
-
 
 class FidStats:
     """The Inception features of a stream of images as float64 sums (count, sum, sum of outer
@@ -343,7 +320,6 @@ class FidStats:
         mu = self.sum / self.n
         return mu, (self.outer - self.n * np.outer(mu, mu)) / (self.n - 1)  # (d,), (d, d)
 
-
 def frechet_distance(mu1, sigma1, mu2, sigma2):
     """|mu1 - mu2|^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)), in float64. S1 S2 has the spectrum of the
     symmetric S1^(1/2) S2 S1^(1/2), so its root's trace is a sum of square roots of eigh's
@@ -353,14 +329,12 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     tr = np.sqrt(np.linalg.eigvalsh(root @ sigma2 @ root).clip(min=0)).sum()
     return float(((mu1 - mu2) ** 2).sum() + np.trace(sigma1) + np.trace(sigma2) - 2 * tr)
 
-
 def load_fid(cfg, device, n_images):
     """(net, (mu, sigma, n) of --fid_ref). net: NVIDIA's Inception as clean-fid runs it, its layers
     on (x - 128) / 128, from --inception or torch's cache (fetched there once). --fid_ref: saved
     statistics, or a folder's images (subfolders too, as clean-fid) read once and saved as
     {out_dir}/fid_ref_{eval_res}.npz. Each side needs more images than features (a full-rank
     covariance)."""
-    from PIL import Image
     path = cfg.inception or os.path.join(torch.hub.get_dir(), "checkpoints",
                                          os.path.basename(INCEPTION_URL))
     if not os.path.isfile(path) and not cfg.inception:
@@ -402,7 +376,6 @@ def load_fid(cfg, device, n_images):
     print(f"wrote {saved}, the statistics of {ref.n} images in {cfg.fid_ref}: pass it as --fid_ref")
     return net, (mu, sigma, ref.n)
 
-
 def cluster_bootstrap(scores, n_boot=1000, ci=0.95, seed=0):
     """Mean of scores (P prompts, k images each) and its percentile interval. A prompt's images
     are correlated (a model is good or bad at it), so prompts are resampled, n_boot times, not
@@ -414,7 +387,6 @@ def cluster_bootstrap(scores, n_boot=1000, ci=0.95, seed=0):
     idx = np.random.default_rng(seed).integers(len(per_prompt), size=(n_boot, len(per_prompt)))
     lo, hi = np.quantile(per_prompt[idx].mean(1), [(1 - ci) / 2, (1 + ci) / 2])
     return mean, float(lo), float(hi)
-
 
 # ---- the paper's per-image metrics: ImageReward, LAION's aesthetic score and HPSv2.1 from their
 # official files in transformers' classes, preprocessed as their official code does (PIL's and
@@ -456,32 +428,36 @@ def pixels(images, size, long_side=False):
         out.append(F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2)))
     return (torch.stack(out) - CLIP_MEAN) / CLIP_STD
 
+def load_weights(cfg, flag, kind, build, convert=dict, unused=r"$^"):
+    """build(sd)'s net, parameters on meta (buffers, as BERT's position_ids, made as usual), with
+    convert(sd), --flag's state dict in its names: strictly but `unused` (distar.strict_load)."""
+    from accelerate import init_empty_weights
+    sd = distar.load_file(flag, getattr(cfg, flag))
+    with init_empty_weights():
+        net = build(sd)
+    return distar.strict_load(flag, getattr(cfg, flag), kind, net, convert(sd), unused)
 
 def load_image_reward(cfg, device, clip=None):
     """ImageReward: BLIP's BERT over the prompt (35 tokens) cross-attending to its ViT-L/16's
     image tokens; an MLP on the [CLS] output, normalised as ImageReward.score does."""
-    from accelerate import init_empty_weights
     from transformers import BertTokenizer, BlipConfig, BlipForImageTextRetrieval
-
-    sd = distar.load_file("image_reward_model", cfg.image_reward_model)
-    med = distar.load_file("image_reward_config", cfg.image_reward_config,
-                           lambda f: json.load(open(f)))
-    bert = {k: med[k] for k in ("hidden_act", "layer_norm_eps", "pad_token_id", *BERT_BASE)
-            if k in med}
-    with init_empty_weights():  # parameters on meta; buffers (position_ids) made as usual
-        blip = BlipForImageTextRetrieval(BlipConfig(vision_config=IR_VISION, text_config=dict(
-            bert, encoder_hidden_size=IR_VISION["hidden_size"]), image_text_hidden_size=256))
-        net = nn.ModuleDict(dict(blip=blip, mlp=distar.mlp_head(sd, "mlp.")))
-    for old, new in distar.IR_TO_HF:
-        sd = {re.sub(old, new, k): v for k, v in sd.items()}
+    def build(sd):  # BLIP as its med_config.json (read after ImageReward.pt) and the MLP
+        med = distar.load_file("image_reward_config", cfg.image_reward_config,
+                               lambda f: json.loads(Path(f).read_text()))
+        bert = {k: med[k] for k in ("hidden_act", "layer_norm_eps", "pad_token_id", *BERT_BASE)
+                if k in med}
+        return nn.ModuleDict(dict(blip=BlipForImageTextRetrieval(BlipConfig(
+            vision_config=IR_VISION, text_config=dict(bert, encoder_hidden_size=IR_VISION[
+                "hidden_size"]), image_text_hidden_size=256)), mlp=distar.mlp_head(sd, "mlp.")))
     # BLIP's ITM head is not in ImageReward; its own BERT saved position_ids, an arange
-    distar.strict_load("image_reward_model", cfg.image_reward_model, "ImageReward", net, sd,
+    net = load_weights(cfg, "image_reward_model", "ImageReward", build, lambda sd: {reduce(
+        lambda k, r: re.sub(*r, k), distar.IR_TO_HF, k): v for k, v in sd.items()},  # in turn
                        r"blip\.itm_head\.|blip\.text_encoder\.embeddings\.position_ids$")
-    vision, text, head = (m.to(device) for m in (blip.vision_model, blip.text_encoder, net.mlp))
+    vision, text, head = (m.to(device) for m in (net.blip.vision_model, net.blip.text_encoder,
+                                                 net.mlp))
     path = cfg.image_reward_tokenizer  # as BLIP's init_tokenizer; [CLS] stays first, as .score
     tok = distar.load("image_reward_tokenizer", path, BertTokenizer.from_pretrained, path)
     tok.add_special_tokens({"bos_token": "[DEC]", "additional_special_tokens": ["[ENC]"]})
-
     @torch.no_grad()
     def scorer(images, prompts):
         img = vision(pixel_values=pixels(images, IR_VISION["image_size"]).to(device))[0]
@@ -493,22 +469,14 @@ def load_image_reward(cfg, device, clip=None):
     scorer.tokenizer = tok
     return scorer
 
-
 def load_aesthetic(cfg, device, clip=None):
     """LAION's aesthetic head on CLIP ViT-L/14's L2-normalised image embedding; clip: CLIP score's
     CLIPModel (or its (model, processor)), else --clip_model's."""
-    from accelerate import init_empty_weights
     from transformers import CLIPModel
-
     model = clip[0] if isinstance(clip, (list, tuple)) else clip
     model = (model or distar.load("clip_model", cfg.clip_model, CLIPModel.from_pretrained,
                                   cfg.clip_model)).to(device).eval()
-    sd = distar.load_file("aesthetic_head", cfg.aesthetic_head)
-    with init_empty_weights():
-        head = distar.mlp_head(sd)
-    distar.strict_load("aesthetic_head", cfg.aesthetic_head, "an aesthetic head", head, sd)
-    head.to(device)
-
+    head = load_weights(cfg, "aesthetic_head", "an aesthetic head", distar.mlp_head).to(device)
     @torch.no_grad()
     def scorer(images, prompts):
         x = pixels(images, model.config.vision_config.image_size).to(device, model.dtype)
@@ -516,33 +484,26 @@ def load_aesthetic(cfg, device, clip=None):
         return head.layers(F.normalize(f, dim=-1))[:, 0].cpu()
     return scorer
 
-
 def load_hps(cfg, device, clip=None):
     """HPSv2.1: 100 cos(image, prompt) of an open_clip ViT-H-14, as HPSv2's evaluation prints it.
     Its tokens are open_clip's: laion's CLIP-H processor pads with "!", so transformers splits each
     "!" of a prompt out as that special token (id 0) where open_clip reads text ("!</w>", 256).
     So: a tokenizer from its vocab and merges with the default pad, and ids 0 after the end token
     (open_clip's pads, which CLIP's causal attention never reads)."""
-    from accelerate import init_empty_weights
     from transformers import AutoTokenizer, CLIPConfig, CLIPModel, CLIPTokenizer
-
-    sd = distar.load_file("hps_model", cfg.hps_model)
-    with init_empty_weights():
-        model = CLIPModel(CLIPConfig(**HPS_CLIP))
-    distar.strict_load("hps_model", cfg.hps_model, "HPSv2 (open_clip ViT-H-14)", model,
-                       distar.open_clip_to_hf(sd.get("state_dict", sd))).to(device)
+    model = load_weights(cfg, "hps_model", "HPSv2 (open_clip ViT-H-14)", lambda sd: CLIPModel(
+        CLIPConfig(**HPS_CLIP)), lambda sd: distar.open_clip_to_hf(sd.get("state_dict", sd)))
+    model.to(device)
     path = cfg.reward_processor
     bpe = json.loads(distar.load("reward_processor", path, AutoTokenizer.from_pretrained, path)
                      .backend_tokenizer.to_str())["model"]
     tok = CLIPTokenizer(vocab=bpe["vocab"], merges=[tuple(m.split(" ") if isinstance(m, str)
                                                           else m) for m in bpe["merges"]])
-
     def tokens(prompts):  # (B, 77); a truncated prompt keeps its end token
         ids = tok(prompts, padding="max_length", truncation=True, max_length=77,
                   return_tensors="pt").input_ids
         return ids.masked_fill(torch.arange(77) > ids.eq(tok.eos_token_id).int().argmax(
             1, keepdim=True), 0)
-
     @torch.no_grad()
     def scorer(images, prompts):
         x = pixels(images, model.config.vision_config.image_size, long_side=True).to(device)
@@ -552,14 +513,11 @@ def load_hps(cfg, device, clip=None):
     scorer.tokens = tokens
     return scorer
 
-
 PAPER_METRICS = dict(image_reward=load_image_reward, aesthetic=load_aesthetic, hps=load_hps)
-
 
 def scorer_sizes():
     """{metric: (its nets, parameters)} at full size, built on meta: nothing downloaded."""
     from transformers import BlipConfig, BlipForImageTextRetrieval, CLIPConfig, CLIPModel
-
     with torch.device("meta"):
         blip = BlipForImageTextRetrieval(BlipConfig(vision_config=IR_VISION, text_config=dict(
             BERT_BASE, encoder_hidden_size=IR_VISION["hidden_size"])))
@@ -571,11 +529,9 @@ def scorer_sizes():
     return {k: (what, sum(p.numel() for n in ns for p in n.parameters()))
             for k, (what, *ns) in nets.items()}
 
-
 @torch.no_grad()
 def sample(cfg):
     from diffusers.utils import make_image_grid
-    from PIL import Image, ImageDraw
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = getattr(torch, dict(fp16="float16", bf16="bfloat16", fp32="float32")[cfg.dtype])
     dtype = dtype if device == "cuda" else torch.float32  # half precision is for GPUs
@@ -583,6 +539,7 @@ def sample(cfg):
     k, records = cfg.images_per_prompt, []
     jobs = [(p, text) for p, text in enumerate(prompts) for _ in range(k)]
     plan = plan_models(cfg)  # the recorded bases are here, before anything loads
+    gen_a = cfg.generator or plan[0]  # no --generator: the pipeline's own UNet
     distar.offline_unless_reachable(plan[0], *(u[1] for u in plan[1].values()), cfg.lora, *(
         cfg.reward_model, cfg.reward_processor, cfg.clip_model) * cfg.score)  # or fail at once
     pipe, unets, scorers = load_models(cfg, plan, device, dtype)  # before anything is written
@@ -612,8 +569,7 @@ def sample(cfg):
     # the grids read the PNGs back, one grid at a time: thousands of images do not fit in memory
     n_grids, rows = (-(-len(prompts) // cfg.grid_rows) if cfg.compare else 0), cfg.grid_rows
     short = lambda path: "/".join(os.path.normpath(path).split(os.sep)[-2:])  # checkpoint-*/...
-    labels = ["A: " + short(cfg.generator or plan[0]) + " + LoRA" * bool(cfg.lora),
-              "B: " + short(cfg.compare)]
+    labels = ["A: " + short(gen_a) + " + LoRA" * bool(cfg.lora), "B: " + short(cfg.compare)]
     for g in range(n_grids):  # a row per prompt: its images from A, a gap, its images from B
         names = [f"{n:03d}.png" for n in range(g * rows * k, min((g + 1) * rows * k, len(jobs)))]
         halves = [make_image_grid([Image.open(os.path.join(cfg.out_dir, s, n)) for n in names],
@@ -627,12 +583,10 @@ def sample(cfg):
           f"to {cfg.out_dir}" + (f", and {n_grids} compare_*.png" if n_grids else ""))
     if not metric_names(cfg):
         return
-    with open(os.path.join(cfg.out_dir, "scores.jsonl"), "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in records)
+    Path(cfg.out_dir, "scores.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     summary = dict(n_prompts=len(prompts), images_per_prompt=k, ci=cfg.ci, bootstrap=cfg.bootstrap,
-                   seed=cfg.seed, generator=cfg.generator or plan[0], lora=cfg.lora,
-                   compare=cfg.compare)
-    fmt = lambda m, lo, hi: f"{m:.4g}" + (f" [{lo:.4g}, {hi:.4g}]" if lo is not None else "")
+                   seed=cfg.seed, generator=gen_a, lora=cfg.lora, compare=cfg.compare)
+    fmt = lambda mean, lo, hi: f"{mean:.4g}" + (f" [{lo:.4g}, {hi:.4g}]" if lo is not None else "")
     groups = {"": list(range(len(prompts))), **{c: [p for p, x in enumerate(cats) if x == c]
                                                  for c in dict.fromkeys(cats or [])}}
     names, table, per = [m for m in metric_names(cfg) if m != "fid"], {}, {g: {} for g in groups}
@@ -642,17 +596,15 @@ def sample(cfg):
         if cfg.compare:  # per image pair (same prompt and seed): the bootstrap keeps the pairs
             S["b_minus_a"] = S["b"] - S["a"]
         for g, idx in groups.items():  # all prompts, then each category's (Parti) or style's
-            stats = {sub: cluster_bootstrap(s[idx], cfg.bootstrap, cfg.ci, cfg.seed)
-                     for sub, s in S.items()}
+            stats = {sub: dict(zip(("mean", "lo", "hi"), cluster_bootstrap(
+                s[idx], cfg.bootstrap, cfg.ci, cfg.seed))) for sub, s in S.items()}
             for sub, v in stats.items():
-                table.setdefault((g, sub), {})[metric] = fmt(*v)
-            stats = {sub: dict(zip(("mean", "lo", "hi"), v)) for sub, v in stats.items()}
+                table.setdefault((g, sub), {})[metric] = fmt(**v)
             per[g][metric] = stats if cfg.compare else stats[""]
     summary.update(per.pop(""), **{"categories": per} if per else {})
-    row = dict(a="A", b="B", b_minus_a="B-A", **{"": short(cfg.generator or plan[0])})
-    lines = [[""] + names] + [[f"{row[sub] * (not g or sub != '')} {g}".strip()] +
-                              [cells[m] for m in names]
-                              for (g, sub), cells in table.items()]  # the paper's layout
+    row = {**TAGS, "": short(gen_a) + " "}
+    lines = [[""] + names] + [[f"{row[sub] * (not g or sub != '')}{g}".strip()] + [
+        cells[m] for m in names] for (g, sub), cells in table.items()]  # the paper's layout
     widths = [max(map(len, column)) for column in zip(*lines)]
     for line in lines if table else []:
         print("  ".join(f"{c:{w}}" for c, w in zip(line, widths)).rstrip())
@@ -664,14 +616,12 @@ def sample(cfg):
         fid = {sub: frechet_distance(*stats.mean_cov(), mu, sigma) for sub, stats in fids.items()}
         summary["fid"] = dict(fid if cfg.compare else dict(value=fid[""]), n_images=len(jobs),
                               eval_res=cfg.eval_res, reference=cfg.fid_ref, n_reference=n_ref)
-        print("FID  " + "  ".join(f"{row[sub]} {v:.4g}" for sub, v in fid.items())
+        print("FID  " + "  ".join(f"{row[sub]}{v:.4g}" for sub, v in fid.items())
               + f"  ({len(jobs)} images{' each' * bool(cfg.compare)} at {cfg.eval_res} px against "
               f"{n_ref} real ones" + "; fewer than COCO-30K's 30,000: biased upward, not comparable"
               " with 30K numbers" * (len(jobs) < 30000) + ")")
-    with open(os.path.join(cfg.out_dir, "scores.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+    Path(cfg.out_dir, "scores.json").write_text(json.dumps(summary, indent=1))
     print(f"wrote {cfg.out_dir}/scores.jsonl (every image) and scores.json (the intervals)")
-
 
 def main(argv):
     try:
@@ -694,7 +644,6 @@ def main(argv):
         print(f"sample: error: {e}", file=sys.stderr)
         return 2
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
