@@ -4790,3 +4790,36 @@ def test_an_sd_v_lora_is_the_generator_for_stable_diffusion_pipelines_load_lora_
     out = pipe("a red fox", num_inference_steps=1, timesteps=[999], guidance_scale=0, latents=z.clone(),
                height=64, width=64, output_type="latent").images
     assert torch.allclose(out, x0, atol=1e-5) and (x0 - base).abs().max() > 1e-3
+
+
+@pytest.mark.skipif(not os.environ.get("DISTAR_BENCH"), reason="a benchmark, not a test: "
+                    "DISTAR_BENCH=1 python -m pytest -s test_distar.py -k bench_scorers")
+def test_bench_scorers_images_per_second(tiny, golden, fid_files, monkeypatch):
+    """Images per second of each metric's scorer on this machine's CPU: tiny random models (the
+    golden ones; FID's tiny Inception stand-in), 1024 px PNG-decoded images, batches of 16, the
+    median of 3 timed batches after one untimed. At these sizes the numbers are what each metric's
+    preprocessing costs; the real models' cost is the dry run's parameters times images."""
+    import statistics
+    import time
+
+    from transformers import CLIPModel
+
+    g, cfg, images, _ = golden
+    _tiny_scorer_configs(monkeypatch, g)
+    reward = tiny[1]
+    rng = np.random.default_rng(0)
+    batch = [Image.fromarray(rng.integers(0, 256, (1024, 1024, 3), dtype=np.uint8)) for _ in range(16)]
+    prompts = ["a photo of a cat sitting on a windowsill"] * len(batch)
+    clip = (CLIPModel.from_pretrained(cfg.clip_model), None)  # the aesthetic head's CLIP-L
+    scorers = dict(pickscore=sample.clip_scorer("pickscore", reward, reward, "cpu"),
+                   clip_score=sample.clip_scorer("clip_score", reward, reward, "cpu"),
+                   **{m: sample.PAPER_METRICS[m](cfg, "cpu", clip=clip) for m in sample.PAPER_METRICS})
+    stats = sample.FidStats(lambda x: TinyInception().layers((x - 128) / 128), 256, "cpu")
+    scorers["fid"] = lambda ims, _: stats.add(ims)
+    for name, scorer in scorers.items():
+        times = []
+        for rep in range(4):
+            t0 = time.perf_counter()
+            scorer(batch, prompts)
+            times.append(time.perf_counter() - t0)
+        print(f"{name:<13s} {len(batch) / statistics.median(times[1:]):7.1f} images/s")
