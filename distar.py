@@ -1776,9 +1776,7 @@ def mlp_head(sd, prefix=""):
 # LoRA (--lora_rank): diffusers' peft integration. Each trained net is its own frozen base plus an
 # adapter; the reference keeps a base of its own too, since toggling an adapter on a shared base
 # breaks activation checkpointing (backward recomputes a block with the adapter state of then).
-# A checkpoint's generator/ is what diffusers' load_lora_weights reads, plus lora_base.json: a
-# local base inside the run's folder (--tiny's models) relative to generator/, so that it moves
-# with the run; other local bases absolute, hub ids as they are.
+# A checkpoint's generator/ is what diffusers' load_lora_weights reads, plus lora_base.json.
 
 _ATTN = ("to_q", "to_k", "to_v", "to_out.0")
 _FF = ("proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")
@@ -1825,6 +1823,8 @@ def save_lora(unet, path, sd=None):
     getattr(diffusers, pipe).save_lora_weights(path, **{
         f"{prefix}_lora_layers": get_peft_model_state_dict(unet, state_dict=sd),
         f"{prefix}_lora_adapter_metadata": unet.peft_config["default"].to_dict()})
+    # a local base inside the run's folder (--tiny's models) relative to generator/, so that it
+    # moves with the run; other local bases absolute, hub ids as they are
     here = os.path.abspath(path)  # {out_dir}/.tmp-checkpoint-N/generator, renamed at the same depth
     run = os.path.dirname(os.path.dirname(here))
     inside = lambda p: os.path.isabs(p) and os.path.commonpath([p, run]) == run
@@ -1851,12 +1851,9 @@ def lora_base(path):
             for k, v in base.items()}
 
 # -----------------------------------------------------------------------------
-# FSDP (--fsdp): torch's FSDP2 shards the generator, the assistant and the reference, so each of n
-# ranks holds 1/n of every weight, gradient and AdamW state. A unit's weights are all-gathered for
-# its forward and again for its backward, then freed; gradients are reduce-scattered. The text
-# encoders, the VAE and the reward stay whole: ~5 GiB that run once per update on a small batch,
-# and the plan fits without sharding them. Checkpoints stay what diffusers reads (the weights are
-# gathered onto rank 0's CPU to save them); the AdamW states are written as each rank's shards.
+# FSDP (--fsdp): torch's FSDP2 shards the generator, the assistant and the reference (1/n of every
+# weight, gradient and AdamW state per rank). The text encoders, the VAE and the reward stay whole:
+# ~5 GiB that run once per update on a small batch, and the plan fits without sharding them.
 
 FSDP_UNITS = ("BasicTransformerBlock", "ResnetBlock2D", "JointTransformerBlock")  # last: SD3's
 
@@ -1901,12 +1898,10 @@ def shard_nets(world, dist_info):
     return world
 
 def mesh_shape(world_size, per_node):
-    """FSDP's device mesh. One node: (world_size,), every net sharded over all its GPUs. Several
-    nodes of per_node GPUs: (nodes, per_node), HSDP as torchtitan: each node holds a whole copy of
-    each net, sharded over its own GPUs, so the all-gathers of every forward and backward stay on
-    the node's links and only the gradients cross the network (all-reduced between the nodes'
-    shards, 1/per_node of a net per GPU per update). torchrun numbers ranks node by node, so a
-    row of the mesh is a node."""
+    """FSDP's device mesh. One node: (world_size,). Several nodes of per_node GPUs: HSDP as
+    torchtitan, (nodes, per_node): each node holds a whole copy of each net sharded over its GPUs,
+    so the all-gathers stay on the node's links and only gradients cross the network (all-reduced
+    between the nodes' shards). torchrun numbers ranks node by node: a row of the mesh is a node."""
     if 1 < per_node < world_size and world_size % per_node == 0:
         return (world_size // per_node, per_node)
     return (world_size,)
@@ -2034,21 +2029,31 @@ def offline_tokenizer():
 
 def random_parts(sizes, device="cpu"):
     """Random-weight SDXL from config dicts, built on `device` directly: a StableDiffusionXLPipeline
-    (SDXL's scheduler) and the reward's CLIPModel and CLIPProcessor."""
-    from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline,
-                           UNet2DConditionModel)
+    (SDXL's scheduler), or for sizes without a text_encoder_2 (SD1.x/2.x) a StableDiffusionPipeline
+    with SD1.5's scheduler (PNDM, epsilon) or SD2.1's (DDIM, v_prediction) and no safety checker;
+    and the reward's CLIPModel and CLIPProcessor."""
+    from diffusers import (AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, PNDMScheduler,
+                           StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel)
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     tok = offline_tokenizer()
-    ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-               pad_token_id=tok.pad_token_id)
+    ids = {k: getattr(tok, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
     with torch.device(device):
         unet, vae = UNet2DConditionModel(**sizes["unet"]), AutoencoderKL(**sizes["vae"])
         te = CLIPTextModel(CLIPTextConfig(**sizes["text_encoder"], **ids))
-        te2 = CLIPTextModelWithProjection(CLIPTextConfig(**sizes["text_encoder_2"], **ids))
-    sched = EulerDiscreteScheduler(**SDXL_BETAS, steps_offset=1, timestep_spacing="leading")
-    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=te, text_encoder_2=te2, tokenizer=tok,
-                                     tokenizer_2=tok, unet=unet, scheduler=sched)
+        te2 = (CLIPTextModelWithProjection(CLIPTextConfig(**sizes["text_encoder_2"], **ids))
+               if "text_encoder_2" in sizes else None)
+    if te2 is not None:
+        sched = EulerDiscreteScheduler(**SDXL_BETAS, steps_offset=1, timestep_spacing="leading")
+        pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=te, text_encoder_2=te2,
+                                         tokenizer=tok, tokenizer_2=tok, unet=unet, scheduler=sched)
+    else:
+        kw = dict(SDXL_BETAS, steps_offset=1, set_alpha_to_one=False, clip_sample=False)
+        sched = (DDIMScheduler(**kw, prediction_type="v_prediction")
+                 if sizes["prediction_type"] == "v_prediction"
+                 else PNDMScheduler.from_config(dict(kw, skip_prk_steps=True)))  # no clip_sample
+        pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet,
+                                       scheduler=sched, feature_extractor=None, **NO_CHECKER)
     return (pipe, *random_reward(sizes, device))
 
 def random_reward(sizes, device="cpu"):
@@ -2056,8 +2061,7 @@ def random_reward(sizes, device="cpu"):
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
     tok = offline_tokenizer()
-    ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-               pad_token_id=tok.pad_token_id)
+    ids = {k: getattr(tok, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
     clip_sizes = dict(sizes["clip"], text_config={**sizes["clip"]["text_config"], **ids})
     with torch.device(device):
         clip = CLIPModel(CLIPConfig(**clip_sizes))
@@ -2071,15 +2075,14 @@ def tiny_paths(root, model="sdxl", t5=True, v=False):
                                                   "reward_" + name)
 
 def build_tiny(root, model="sdxl", t5=True, v=False):
-    """Tiny random models laid out as the real ones, the same ones every time: {root}/sdxl, a
-    StableDiffusionXLPipeline folder (model sd3: {root}/sd3, or sd3_no_t5 without T5, a
-    StableDiffusion3Pipeline one; model sd: {root}/sd, SD1.5-shaped, or with v sd_v, SD2.1-shaped,
-    a StableDiffusionPipeline one), and {root}/reward (reward_sd3, reward_sd, ...: one a family),
-    a CLIPModel with its processor."""
+    """Tiny random models laid out as the real ones, the same ones every time: a family's pipeline
+    folder (v: SD2.1-shaped, else SD1.5-shaped for model sd) and its reward, a CLIPModel with its
+    processor, where tiny_paths says."""
     with torch.random.fork_rng():  # the caller's RNG untouched
         torch.manual_seed(0)
-        pipe, clip, processor = (random_parts(TINY) if model == "sdxl" else random_sd_parts(
-            TINY_SD_V if v else TINY_SD) if model == "sd" else random_sd3_parts(TINY_SD3, t5=t5))
+        sizes = TINY if model == "sdxl" else TINY_SD_V if v else TINY_SD
+        pipe, clip, processor = (random_sd3_parts(TINY_SD3, t5=t5) if model == "sd3"
+                                 else random_parts(sizes))
     path, reward = tiny_paths(root, model, t5, v)
     pipe.save_pretrained(path)
     clip.save_pretrained(reward)
@@ -2109,8 +2112,8 @@ def dry_run_parts(device, cfg=None):
         raise ConfigError(f"--dry_run --model=sd builds SD1.5 or SD2.1 from their configs: "
                           f"--pretrained={' or '.join(SD_DRY_RUN)}, not {cfg.pretrained}")
     sd3 = model == "sd3"
-    pipe, clip, processor = (random_sd3_parts(sizes, device, cfg.t5) if sd3 else random_sd_parts(
-        sizes, device) if model == "sd" else random_parts(sizes, device))
+    pipe, clip, processor = (random_sd3_parts(sizes, device, cfg.t5) if sd3
+                             else random_parts(sizes, device))
     net = pipe.transformer if sd3 else pipe.unet
     return dict(pipe=pipe, s_ref=net, assistant=copy.deepcopy(net), generator=copy.deepcopy(net),
                 reward_fn=ClipReward(clip, processor),
@@ -2260,8 +2263,7 @@ def random_sd3_parts(sizes, device="cpu", t5=True):
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
     tok, t5_tok = offline_tokenizer(), offline_t5_tokenizer()
-    ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-               pad_token_id=tok.pad_token_id)
+    ids = {k: getattr(tok, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
     with torch.device(device):
         transformer = SD3Transformer2DModel(**sizes["transformer"])
         vae = AutoencoderKL(**sizes["vae"])
@@ -2370,28 +2372,6 @@ SD21 = dict(SD15, name="SD2.1 UNet", prediction_type="v_prediction",  # UNet 865
                 num_attention_heads=16, projection_dim=512, hidden_act="gelu"))
 SD_DRY_RUN = {"stable-diffusion-v1-5/stable-diffusion-v1-5": SD15,
               "stabilityai/stable-diffusion-2-1": SD21}
-
-def random_sd_parts(sizes, device="cpu"):
-    """Random-weight SD1.x/2.x from config dicts, built on `device`: a StableDiffusionPipeline
-    with SD1.5's scheduler (PNDM, epsilon) or SD2.1's (DDIM, v_prediction), no safety checker,
-    and the reward's CLIPModel and processor."""
-    from diffusers import (AutoencoderKL, DDIMScheduler, PNDMScheduler, StableDiffusionPipeline,
-                           UNet2DConditionModel)
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    tok = offline_tokenizer()
-    ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-               pad_token_id=tok.pad_token_id)
-    with torch.device(device):
-        unet, vae = UNet2DConditionModel(**sizes["unet"]), AutoencoderKL(**sizes["vae"])
-        te = CLIPTextModel(CLIPTextConfig(**sizes["text_encoder"], **ids))
-    kw = dict(SDXL_BETAS, steps_offset=1, set_alpha_to_one=False, clip_sample=False)
-    sched = (DDIMScheduler(**kw, prediction_type="v_prediction")
-             if sizes["prediction_type"] == "v_prediction"
-             else PNDMScheduler.from_config(dict(kw, skip_prk_steps=True)))  # no clip_sample arg
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet,
-                                   scheduler=sched, feature_extractor=None, **NO_CHECKER)
-    return (pipe, *random_reward(sizes, device))
 
 # -----------------------------------------------------------------------------
 # speed options, opt-in until timed on a GPU: --compile and --fast_backends
@@ -2679,12 +2659,10 @@ class PartTimer:
         """The world's methods and train's clip_and_step and clock, wrapped until exit."""
         stack, module = contextlib.ExitStack(), sys.modules[__name__]
         for name, part, backward_part in BENCH_PARTS:
-            if name in ("clip_and_step", "clock"):
-                new = self.phase if name == "clock" else self.wrap(clip_and_step, part)
-                stack.enter_context(mock.patch.object(module, name, new))
-            else:
-                fn = self.wrap(getattr(world, name), part, backward_part)
-                stack.enter_context(mock.patch.object(world, name, fn))
+            owner = module if name in ("clip_and_step", "clock") else world
+            new = (self.phase if name == "clock"
+                   else self.wrap(getattr(owner, name), part, backward_part))
+            stack.enter_context(mock.patch.object(owner, name, new))
         return stack
 
 # (what is wrapped, its part, the part of its backward if another)
