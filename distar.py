@@ -349,6 +349,561 @@ def make_toy_world(device="cpu", process="vp"):
 # gap a generator_loss with that weight shows. A row passes when its mean gradient over n_batches
 # batches is within 4 standard errors of the exact one. process "flow": SD3's (1 - s, s) (sigma_t
 # 0.3), the reference read as from a flow net, its exact velocity through eps_from_velocity.
+# --toy runs it first (gradient_check and its table are below the banner).
+
+# -----------------------------------------------------------------------------
+# the SDXL world: the toy's interface with SDXL's UNets, VAE and CLIP text encoders and a CLIP
+# reward. Nets predict eps; scores are s = -eps_hat / sigma_t (the loop converts).
+
+class SDXLWorld(VPProcess):
+    """Algorithm 1 on SDXL. Trained, with fp32 master weights: the generator g_theta (a UNet read at
+    conditioning timestep 399) and the assistant s_psi (a UNet, initialised from the reference),
+    or with --lora_rank a LoRA adapter on each, their bases frozen. Frozen, in bf16 with
+    --precision=bf16: the reference UNet s_ref and the reward CLIP. The VAE (fp32 weights, bf16
+    autocast: fp16 overflows in it) and the text encoders (as in DMD2) are fp32."""
+
+    def __init__(self, cfg, device, rank=0, world_size=1, parts=None):
+        """parts: the components in memory (dry_run_parts) instead of loading cfg's paths."""
+        self.cfg, self.device = cfg, device
+        frozen = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+        self.autocast = autocast_args(cfg, device)  # bf16 autocast with --precision=bf16
+        prompts = read_prompts(cfg.prompts)
+        self.prompts = prompts[rank::world_size] or prompts  # this rank's shard
+        parts = parts or load_parts(cfg, device, frozen)
+        self.pipe = parts["pipe"].to(device)  # text encoders, VAE and scheduler, fp32 as loaded
+        self.vae = self.pipe.vae
+        self.alphas_cumprod = getattr(self.pipe.scheduler, "alphas_cumprod", None)  # VP: alphabar_t
+        self.s_ref = parts["s_ref"].to(device, frozen).eval().requires_grad_(False)
+        for net in [m for m in self.pipe.components.values() if isinstance(m, nn.Module)]:
+            net.requires_grad_(False)  # text encoders, VAE
+        # trained nets in fp32; with --lora_rank frozen bases in `frozen`, fp32 adapters (add_lora)
+        self.generator, self.assistant = (
+            add_lora(parts[k].to(device, frozen), cfg, k) if cfg.lora_rank
+            else parts[k].to(device, torch.float32) for k in ("generator", "assistant"))
+        self.reward_fn = parts["reward_fn"].to(device)
+        self.reward_fn.model.to(frozen)  # its mean/std buffers stay fp32
+        self.set_grad_checkpointing(cfg.grad_checkpointing)
+        r, lat = cfg.resolution, cfg.resolution // 8
+        self.latent_shape = (self.generator.config.in_channels, lat, lat)
+        self.time_ids = torch.tensor([[r, r, 0, 0, r, r]], dtype=torch.float32, device=device)
+
+    def set_grad_checkpointing(self, on):
+        """Recompute activations in backward, in the frozen nets too: they are on the generator's
+        gradient path (diffusers checkpoints whenever grad is enabled, eval mode included)."""
+        for m in (self.generator, self.assistant, self.s_ref, self.vae):
+            m.enable_gradient_checkpointing() if on else m.disable_gradient_checkpointing()
+
+    def sample_cond(self, n):
+        idx = torch.randint(len(self.prompts), (n,)).tolist()  # global RNG: reproducible on resume
+        return self.encode([self.prompts[i] for i in idx])
+
+    @torch.no_grad()
+    def encode(self, prompts):
+        """SDXL's own encode_prompt: the penultimate hidden states of both text encoders,
+        concatenated (B, 77, 2048), and the pooled projection of encoder 2 (B, 1280)."""
+        emb, _, pooled, _ = self.pipe.encode_prompt(prompts, device=self.device,
+                                                    do_classifier_free_guidance=False)
+        return dict(prompts=prompts, embeds=emb.float(), pooled=pooled.float())
+
+    def uncond(self, B):
+        """SDXL's unconditional input, all zeros (force_zeros_for_empty_prompt)."""
+        te, te2 = self.pipe.text_encoder.config, self.pipe.text_encoder_2.config
+        return dict(embeds=torch.zeros(B, 77, te.hidden_size + te2.hidden_size, device=self.device),
+                    pooled=torch.zeros(B, te2.projection_dim, device=self.device))
+
+    def unet(self, net, x, t, cond):
+        """eps_hat = net(x_t, t, c); cond None: the unconditional input."""
+        B = len(x)
+        cond = self.uncond(B) if cond is None else cond
+        t = torch.as_tensor(t, device=x.device).expand(B)
+        added = {"text_embeds": cond["pooled"], "time_ids": self.time_ids.expand(B, 6)}
+        with torch.autocast(**self.autocast):
+            eps = net(x, t, encoder_hidden_states=cond["embeds"], added_cond_kwargs=added).sample
+        return eps.float()
+
+    def generate(self, g, cond, z=None):
+        """The one-step generator as DMD2 and DI* read it, at t = 399: x_0 = (z - s eps_hat) / a."""
+        if z is None:  # (B, 4, R/8, R/8)
+            z = torch.randn(len(cond["prompts"]), *self.latent_shape, device=self.device)
+        ab = self.alphas_cumprod[self.cfg.conditioning_t]
+        eps_hat = self.unet(g, z, self.cfg.conditioning_t, cond)
+        return (z - (1 - ab).sqrt() * eps_hat) / ab.sqrt()  # x_0 = g_theta(z, c)
+
+    def eps_fake(self, s_psi, x_t, t, cond):
+        return self.unet(s_psi, x_t, t, cond)
+
+    def eps_ref(self, x_t, t, cond):
+        return self.unet(self.s_ref, x_t, t, cond)
+
+    def eps_ref_both(self, x_t, t, cond):
+        """(eps_c, eps_u), one call on [x_t; x_t], [c; empty]: larger matmuls, half the launches."""
+        empty = self.uncond(len(x_t))
+        both = {k: torch.cat([cond[k], empty[k]]) for k in empty}  # embeds[, pooled]
+        t = torch.as_tensor(t, device=x_t.device).expand(len(x_t))
+        return self.unet(self.s_ref, torch.cat([x_t, x_t]), torch.cat([t, t]), both).chunk(2)
+
+    def decode(self, x0):
+        with torch.autocast(**self.autocast):  # weights fp32; bf16 has fp32's range, fp16 not
+            img = self.vae.decode(x0 / self.vae.config.scaling_factor).sample
+        return (img.float() / 2 + 0.5).clamp(0, 1)  # (B, 3, R, R) in [0, 1]
+
+    def reward(self, x0, cond):
+        # the reward's text pass runs here, so only the generator phase pays for it
+        return self.reward_fn(self.decode(x0), self.reward_fn.text_features(cond["prompts"]))
+
+    @torch.no_grad()
+    def save_samples(self, path, n=4):
+        """Fixed prompts and noise, so that grids from different steps compare. path None: the
+        forward only (a rank whose generator shards rank 0 needs, --fsdp)."""
+        from diffusers.utils import make_image_grid, numpy_to_pil
+
+        z = torch.randn(n, *self.latent_shape, generator=torch.Generator().manual_seed(1234))
+        cond = self.encode([BUILTIN_PROMPTS[i % len(BUILTIN_PROMPTS)] for i in range(n)])
+        img = self.decode(self.generate(self.generator, cond, z.to(self.device)))  # (n, 3, R, R)
+        if path:
+            images = numpy_to_pil(img.permute(0, 2, 3, 1).cpu().numpy())
+            make_image_grid(images, rows=1, cols=n).save(path)
+
+# The other worlds (below the banner, WORLDS maps --model to them) keep this interface and
+# override only what differs. SD3World (--model=sd3, a flow transformer): sample_t (logit-normal,
+# shifted), coefficients (flow_coefficients), encode and uncond (three text encoders; the empty
+# prompt encoded), unet (its velocity as eps: eps_from_velocity), generate (one Euler step from
+# noise), decode (latents shifted). SDWorld (--model=sd, SD1.x/2.x): encode and uncond (one CLIP,
+# the empty prompt encoded), unet (a v-net's output as eps: eps_from_v), generate (a v-net's
+# a_t z - sigma_t v).
+
+# -----------------------------------------------------------------------------
+# Algorithm 1: the alternating loop, written once and given a world
+# A world holds .generator and .assistant (the trained nets), its process (sample_t(n, device),
+# coefficients(t) = (a_t, sigma_t)), and sample_cond(n), generate(g, cond), eps_fake(s_psi, x_t, t,
+# cond), eps_ref(x_t, t, cond or None), eps_ref_both, reward(x_0, cond); s = -eps / sigma_t.
+#
+# w(t) and c, which the paper leaves open. The distance is on the eps scale, d_t(y) = d(sigma_t y),
+# a distance at every t (so Theorem 3.1 holds), and per element: with Delta = eps_psi - eps_ref and
+# D elements per sample, l2 is ||Delta||^2 / D and pseudo-Huber, with c = huber_c sqrt(D) and
+# weight 1/sqrt(D), is sqrt(||Delta||^2 / D + huber_c^2) - huber_c. Why 1/sqrt(D): its d' has norm
+# <= 1, so 1/D would shrink its x_0-gradient by a further sqrt(D) (~180x from the toy to SDXL at
+# 1024 px); 1/sqrt(D) scales it with D as l2's and KL's do, so alpha_rew's balance carries over.
+# On the score scale the weights are sigma_t / sqrt(D) (with c / sigma_t) and sigma_t^2 / D (l2);
+# KL and the CFG reward take sigma_t / D (x_0-gradient a_t (eps_ref - eps_psi) / D per element),
+# the DSM sigma_t^2 / D (the eps MSE).
+
+def diffuse(world, x0):
+    """t from the world's process, eps ~ N(0, I), x_t = a_t x_0 + sigma_t eps ((B, 1, ...) each)."""
+    t = world.sample_t(len(x0), x0.device)
+    a_t, sigma_t = (c.view(-1, *([1] * (x0.ndim - 1))).to(x0.dtype) for c in world.coefficients(t))
+    eps = torch.randn_like(x0)
+    return t, a_t * x0 + sigma_t * eps, eps, sigma_t
+
+def assistant_loss(world, s_psi, cond):
+    """Algorithm 1, assistant phase: DSM (eq. 2.2) on the frozen generator's samples."""
+    with torch.no_grad():
+        x0 = world.generate(world.generator, cond)  # theta frozen
+    t, x_t, eps, sigma_t = diffuse(world, x0)
+    D = x0[0].numel()
+    score_psi = -world.eps_fake(s_psi, x_t, t, cond) / sigma_t  # s_psi(x_t, t, c)
+    return dsm_loss(score_psi, -eps / sigma_t, weight=sigma_t.flatten() ** 2 / D).mean()
+
+def generator_loss(world, g, cond):
+    """Algorithm 1, generator phase: -alpha_rew r + eq. 3.4 (or KL) + the CFG term (eq. 3.5).
+    Returns the loss and its terms; terms["x0"] is x_0 = g_theta(z, c), where the terms meet."""
+    cfg = world.cfg
+    x0 = world.generate(g, cond)  # x_0 = g_theta(z, c)
+    t, x_t, eps, sigma_t = diffuse(world, x0)  # x_t carries the theta-gradient
+    D, sig = x0[0].numel(), sigma_t.flatten()
+    score = lambda eps_hat: -eps_hat / sigma_t
+    s_fake = lambda x: score(world.eps_fake(world.assistant, x, t, cond))  # s_psi, unwrapped
+    kept = {}  # s_ref(x_t | t, c) as the divergence computed it: choice 1's CFG term reuses it
+
+    def s_c(x):  # s_ref(x_t | t, c)
+        kept["c"] = score(world.eps_ref(x, t, cond))
+        return kept["c"]
+    s_u = lambda x: score(world.eps_ref(x, t, None))  # s_ref(x_t | t, empty)
+    s_ref = s_c
+    if cfg.cfg == "in" and cfg.alpha_cfg != 0:  # choice 2: CFG-enhanced reference, one call
+        s_ref = lambda x: cfg_score(*map(score, world.eps_ref_both(x, t, cond)), 1 + cfg.alpha_cfg)
+    cond_score = score(eps)  # grad log p_t(x_t | x_0)
+    if cfg.divergence == "kl":
+        loss_div = kl_loss(x_t, s_fake, s_ref, weight=sig / D)
+    elif cfg.divergence == "pseudo_huber":  # w = sigma_t / sqrt(D): see the comment above
+        c = cfg.huber_c * math.sqrt(D) / sig  # c on the score scale: eps-scale c / sigma_t
+        loss_div = score_divergence_loss(x_t, cond_score, s_fake, s_ref, "pseudo_huber", c=c,
+                                         weight=sig / math.sqrt(D))
+    else:
+        loss_div = score_divergence_loss(x_t, cond_score, s_fake, s_ref, "l2", weight=sig**2 / D)
+    loss_cfg = torch.zeros_like(loss_div)
+    if cfg.cfg == "out" and cfg.alpha_cfg != 0:  # choice 1: implicit CFG reward (Thm 3.2)
+        loss_cfg = cfg.alpha_cfg * cfg_reward_loss(x_t, lambda x: kept["c"], s_u, weight=sig / D)
+    with torch.set_grad_enabled(cfg.alpha_rew != 0):  # no reward backward when it has no weight
+        reward = world.reward(x0, cond)  # r(x_0, c), (B,)
+    loss_rew = -cfg.alpha_rew * reward
+    loss = (loss_rew + loss_div + loss_cfg).mean()
+    return loss, dict(loss_rew=loss_rew.mean(), loss_div=loss_div.mean(), loss_cfg=loss_cfg.mean(),
+                      reward=reward.mean().detach(), x0=x0)
+
+def generator_backward(world, g, cond):
+    """The generator phase's loss and backward, psi's parameters frozen (not its input). Each
+    term's x_0-gradient is taken on its own and their sum goes back through g_theta: the work of
+    one backward, and the norms log the balance of reward, divergence and CFG."""
+    psi = trained(world.assistant)  # not requires_grad_(True) after: it unfreezes a LoRA's base
+    for p in psi:
+        p.requires_grad_(False)
+    try:
+        loss, terms = generator_loss(world, g, cond)
+        x0, grad = terms.pop("x0"), {}
+        # each term's graph is freed once its gradient is taken; the CFG term's only after the
+        # divergence's, as the two share x_t
+        for k in ("rew", "cfg", "div"):
+            term = terms[f"loss_{k}"]
+            grad[k] = (torch.autograd.grad(term, x0, retain_graph=k == "cfg")[0]
+                       if term.requires_grad else torch.zeros_like(x0))  # (B, C, H, W)
+            terms[f"x0grad_{k}"] = grad[k].norm()
+        x0.backward(grad["rew"] + grad["div"] + grad["cfg"])
+    finally:
+        for p in psi:
+            p.requires_grad_(True)
+    return loss.detach(), {k: v.detach() for k, v in terms.items()}  # the graphs go here
+
+def trained(net):
+    """The weights an optimizer holds: all of a net's, or with --lora_rank its adapter's."""
+    return [p for p in net.parameters() if p.requires_grad]
+
+def make_optimizer(cfg, params, lr):
+    """Fused AdamW: one kernel per step, no whole-net scratch such as foreach's sqrt(v). Under
+    --fsdp the parameters are this rank's shards (DTensors), and so are the Adam states."""
+    return torch.optim.AdamW(params, lr=lr, betas=(cfg.beta1, cfg.beta2),
+                             weight_decay=cfg.weight_decay, fused=True)
+
+class NonFiniteError(RuntimeError):
+    pass
+
+def clip_and_step(opt, net, loss, grad_clip, world_size):
+    """Clip the gradient norm and step, unless the loss or the norm is NaN/Inf on any rank (bf16
+    overflow, a bad batch): then skip the update on every rank, so the ranks stay identical and
+    the weights finite. Returns (grad norm, skipped)."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
+    if hasattr(grad_norm, "full_tensor"):  # --fsdp: the whole net's norm, but as a DTensor,
+        grad_norm = grad_norm.full_tensor()  # which isfinite and the all-reduce below refuse
+    bad = (~torch.isfinite(loss.detach()) | ~torch.isfinite(grad_norm)).float()  # on the device
+    if world_size > 1:
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    skip = bool(bad.item())
+    if not skip:
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    return grad_norm, skip
+
+def train(world, opt_g, opt_psi, dist_info, steps, on_step=None):
+    """Algorithm 1: per step, K_TA assistant updates (DSM, eq. 2.2) with theta frozen, then one
+    generator update with psi's parameters frozen. Every log_interval steps the metrics are
+    all-reduced and returned; on_step(step, metrics or None) is the caller's: log, sample, save."""
+    cfg = world.cfg
+    rank, world_size, device = dist_info
+    g, s_psi = world.generator, world.assistant  # fp32 master weights
+    g_ddp, s_psi_ddp = (data_parallel(m, world_size) for m in (g, s_psi))  # DDP or FSDP's own
+    bar = Progress(steps, rank, device, log=on_step is not None)  # a bar, seconds, peak memory
+    history, skipped, in_a_row = [], 0, dict(g=0, psi=0)  # skips since the last log; streaks
+
+    def update(opt, net, loss, name):
+        nonlocal skipped
+        grad_norm, skip = clip_and_step(opt, net, loss, cfg.grad_clip, world_size)
+        skipped, in_a_row[name] = skipped + skip, (in_a_row[name] + 1) * skip
+        if in_a_row[name] >= cfg.max_skips:  # weights still finite: no checkpoint holds bad ones
+            raise NonFiniteError(f"{in_a_row[name]} {name} updates in a row had a non-finite loss"
+                                 f" or gradient (step {step + 1}); stopping. Try lower learning"
+                                 " rates")
+        return grad_norm
+
+    for step in bar:
+        loss_psi = torch.zeros((), device=device)
+        for _ in range(cfg.assistant_steps):  # assistant phase: theta frozen inside assistant_loss
+            loss_psi = assistant_loss(world, s_psi_ddp, world.sample_cond(cfg.batch_size))
+            loss_psi.backward()
+            update(opt_psi, s_psi, loss_psi, "psi")  # frees psi's grads before the generator phase
+        bar.lap("assistant")
+        loss_g, terms = generator_backward(world, g_ddp, world.sample_cond(cfg.batch_size))
+        grad_norm = update(opt_g, g, loss_g, "g")
+        bar.lap("generator")
+        metrics = None
+        if (step + 1) % cfg.log_interval == 0 or step + 1 == steps.stop:
+            metrics = all_reduce_mean(dict(loss_g=loss_g, **terms, loss_psi=loss_psi.detach(),
+                                           grad_norm=grad_norm), world_size, device)
+            metrics.update(step=step + 1, skipped=skipped, **bar.laps())
+            skipped = 0
+            history.append(metrics)
+            bar.show(metrics)
+        if on_step:
+            on_step(step + 1, metrics)
+    for net in (g, s_psi):
+        assert_ranks_in_sync(net, world_size)
+    return history
+
+# -----------------------------------------------------------------------------
+# DDP: one process per GPU, identical copies of the trained nets
+
+def setup_distributed(cuda=True):
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; nccl on GPUs, gloo on CPU (or cuda=False)."""
+    cuda = cuda and torch.cuda.is_available()
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if cuda else "cpu")
+    check_gpus_per_node(cuda)
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    # ten minutes for training's collectives: a rank that stopped is found out in minutes
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=10),
+                            device_id=device if cuda else None)
+    start_slow_group()  # an hour for loading and for rank 0's checkpoint writes
+    return dist.get_rank(), dist.get_world_size(), device
+
+def data_parallel(net, world_size):
+    """DDP on a trained net, gradients as views into its buckets (no second copy); frozen nets are
+    never wrapped. A net --fsdp sharded (shard_nets) is its own wrapper: it reduce-scatters."""
+    if world_size == 1 or is_sharded(net):
+        return net
+    return DDP(net, gradient_as_bucket_view=True)
+
+def all_reduce_mean(metrics, world_size, device):
+    """Scalars averaged over ranks, on the device: NCCL takes only CUDA tensors."""
+    vals = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=device)
+                        for v in metrics.values()])
+    if world_size > 1:
+        dist.all_reduce(vals)
+        vals /= world_size
+    return dict(zip(metrics, vals.tolist()))
+
+# -----------------------------------------------------------------------------
+# main: the toy and SDXL share fit (optimizers, resume, metrics, samples, checkpoints)
+
+def fit(cfg, world, dist_info, save_samples=None):
+    """Train world from step 0 or from the newest checkpoint, writing to cfg.out_dir."""
+    rank = dist_info[0]
+    start_out_dir(cfg, dist_info)
+    opt_g = make_optimizer(cfg, trained(world.generator), cfg.lr_g)
+    opt_psi = make_optimizer(cfg, trained(world.assistant), cfg.lr_psi)
+    start = load_checkpoint(cfg, world, opt_g, opt_psi, dist_info) if cfg.resume else 0
+    if start and start >= cfg.max_steps:  # a checkpoint was loaded
+        if rank == 0:
+            print(f"resume: the checkpoint is at step {start}, --max_steps={cfg.max_steps}: "
+                  "nothing to train (a larger --max_steps continues the run)")
+        return []
+
+    with outputs(cfg, world, opt_g, opt_psi, dist_info, save_samples, start) as on_step:
+        return train(world, opt_g, opt_psi, dist_info, range(start, cfg.max_steps), on_step)
+
+def run_toy(cfg, dist_info):
+    rank, world_size, device = dist_info
+    ok = torch.ones(1, device=device)  # on the device: NCCL takes only CUDA tensors
+    if rank == 0:  # float64 Monte Carlo, ~2 s; the other ranks wait at the broadcast
+        print_gradient_check(results := gradient_check())
+        if cfg.model == "sd3":  # on request: the same check under SD3's flow process
+            print_gradient_check(flow := gradient_check(process="flow"), "flow")
+            results += flow
+        if cfg.model == "sd":  # on request: the reference read through v-prediction (SD2.1)
+            print_gradient_check(v := gradient_check(process="v"), "v")
+            results += v
+        ok[0] = all(r["ok"] for r in results)
+    if world_size > 1:
+        dist.broadcast(ok, 0)
+    if not ok.item():
+        raise SystemExit("gradient check FAILED: a tractable loss is off beyond Monte-Carlo noise")
+    world = make_toy_world(device, "flow" if cfg.model == "sd3" else "vp")
+    world.cfg = cfg
+    fit(cfg, world, dist_info)
+    if rank == 0:
+        evaluate_toy(world, cfg.out_dir)
+
+def run_sdxl(cfg, dist_info):
+    rank, world_size, device = dist_info
+    cfg = prepare_sdxl_run(cfg, dist_info)  # before anything loads; --tiny: builds its models
+    with all_ok(dist_info):  # one rank's error (a file, a hub, memory) stops every rank (all_ok)
+        world = maybe_compile(WORLDS[cfg.model](cfg, device, rank, world_size))  # --compile
+    world = shard_nets(world, dist_info)  # --fsdp
+    if cfg.bench:  # the cost table instead of training
+        return bench(world, dist_info)
+    fit(cfg, world, dist_info, world.save_samples)
+
+def main(argv):
+    """A run from the command line; returns the exit code (exits: one line per error, not a
+    traceback; 2: bad input, 1: a failed run, 130: Ctrl-C, 0: done)."""
+    with exits() as run:
+        cfg = run.cfg = parse_args(argv)
+        if not cfg.toy:  # the toy loads no library's models: it does without their imports
+            quiet_libraries()
+        # the toy's nets are so small that a GPU only adds launch latency: it runs on the CPU,
+        # with one intra-op thread (threads competing for cores slow it down 10x)
+        rank, world_size, _ = dist_info = setup_distributed(cuda=not cfg.toy)
+        cfg = resolve_resume(cfg, rank)  # --resume with no checkpoint stops; --resume_if_any
+        check_resume(cfg, rank)  # the checkpoint's mode and objective, before anything is written
+        torch.manual_seed(cfg.seed * world_size + rank)
+        if cfg.toy:
+            torch.set_num_threads(1)
+        run_mode = (run_ablation if cfg.ablation else run_toy if cfg.toy
+                    else run_dry_run if cfg.dry_run else run_sdxl)
+        with fast_backends(cfg.fast_backends):  # off: changes nothing
+            run_mode(cfg, dist_info)
+    return run.code
+
+###############################################################################
+# EXTRAS. Tooling around the DI* path above: the command line, checkpoints, the checks before
+# anything loads and the out_dir's rules, loading models with one-line errors, LoRA adapters, SDXL
+# models from configs (tiny ones, and the full size with random weights), speed options, the dry
+# run and the cost table, the toy pictures, and Table 2 in the toy.
+###############################################################################
+
+# -----------------------------------------------------------------------------
+# the DI* path's operations: main's exit codes, train's progress bar, seconds and peak memory,
+# fit's outputs, the checks and messages before SDXL loads, the ranks' sync check, autocast's
+# device rules, the gradient check (what it proves: its comment above the banner) and its table,
+# and the CLIP reward model
+
+@contextlib.contextmanager
+def exits():
+    """main's block, its errors turned into one line and an exit code (run.code): bad input 2,
+    a failed run 1 (every rank stops on these: all_ok), Ctrl-C 130; at the end the ranks leave
+    together."""
+    rank = int(os.environ.get("RANK", 0))
+    first_on_node = int(os.environ.get("LOCAL_RANK", 0)) == 0  # one error line in each node's log
+    run = argparse.Namespace(cfg=None, code=0)
+    try:
+        yield run
+    except (LoadError, ConfigError, NonFiniteError, RankFailed) as e:  # every rank stops here
+        if reports(e, rank, first_on_node):  # one line in each node's log
+            print(f"distar: error: {e}", file=sys.stderr)
+        if dist.is_initialized():  # every rank leaves (all_ok): nothing is left to wait for
+            dist.destroy_process_group()
+        run.code = 2 if isinstance(e, (LoadError, ConfigError)) else 1
+        return
+    except torch.cuda.OutOfMemoryError:  # from the rank that ran out; torchrun stops the others
+        print(f"distar: error: rank {rank} ran out of GPU memory: try a smaller --batch_size, more "
+              "GPUs with --fsdp, or --grad_checkpointing if it is off", file=sys.stderr)
+        run.code = 1
+        return
+    except KeyboardInterrupt as e:  # Ctrl-C: stopped on purpose. torchrun forwards it to every rank
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second one (forwarded) must not cut exit
+        if rank == 0:  # one line per run
+            print(f"distar: {interrupted(run.cfg, getattr(e, 'step', None))}", file=sys.stderr,
+                  flush=True)
+        run.code = 130  # 128 + SIGINT, as a shell reports it
+        return
+    if dist.is_initialized():  # torchrun, even with one process
+        dist.barrier()  # rank 0 has written its files; leave together
+        dist.destroy_process_group()
+
+class Progress:
+    """train's steps: a tqdm bar on rank 0's terminal, each phase's seconds and peak memory (GPU:
+    since the phase began), and with log a metrics line where there is no bar (a log file)."""
+
+    def __init__(self, steps, rank, device, log):
+        self.bar = tqdm(steps, initial=steps.start, total=steps.stop,
+                        disable=None if rank == 0 else True, dynamic_ncols=True)
+        self.rank, self.device, self.log, self.stop = rank, device, log, steps.stop
+
+    def __iter__(self):
+        for step in self.bar:
+            self.sec, self.mem = {}, {}
+            self._reset()
+            yield step
+
+    def _reset(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.t = clock(self.device)  # clock, peak_memory_gb: in the extras, with the dry run
+
+    def lap(self, phase):
+        self.mem[phase] = peak_memory_gb(self.device)
+        self.sec[phase] = clock(self.device) - self.t
+        self._reset()
+
+    def laps(self):
+        return dict(**{f"sec_{k}": v for k, v in self.sec.items()},
+                    **{f"mem_{k}_gb": v for k, v in self.mem.items()})
+
+    def show(self, metrics):
+        self.bar.set_postfix({k: f"{v:.3g}" for k, v in metrics.items() if k != "step"},
+                             refresh=False)
+        if self.log and self.rank == 0 and (self.bar.disable or not sys.stdout.isatty()):
+            print(log_line(metrics, self.stop), flush=True)  # a log file: no bar there
+
+@contextlib.contextmanager
+def outputs(cfg, world, opt_g, opt_psi, dist_info, save_samples, start):
+    """fit's on_step(step, metrics): metrics.jsonl, sample grids, checkpoints; the last step done
+    goes with a Ctrl-C (main's line), and rank 0 says where the run is at the end."""
+    rank, world_size, _ = dist_info
+    reached = [start]
+
+    def on_step(step, metrics):
+        reached[0] = step
+        if metrics and rank == 0:
+            with open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+        last = step == cfg.max_steps
+        if save_samples and (step % cfg.sample_interval == 0 or last):
+            with all_ok(dist_info):  # rank 0's error (memory, disk) stops every rank (all_ok)
+                if rank == 0 or cfg.fsdp:  # --fsdp: every rank's shards run the generator
+                    save_samples(os.path.join(cfg.out_dir, f"samples-{step:06d}.png")
+                                 if rank == 0 else None)
+        if step % cfg.ckpt_interval == 0 or last:
+            save_checkpoint(cfg, step, world, opt_g, opt_psi, dist_info)
+
+    t0 = time.perf_counter()
+    try:
+        yield on_step
+    except KeyboardInterrupt as e:
+        e.step = reached[0]
+        raise
+    if rank == 0:
+        in_sync = ("" if world_size == 1 else ", weights sharded over the ranks" if cfg.fsdp
+                   else ", parameters identical on all ranks")
+        print(f"trained to step {cfg.max_steps} in {time.perf_counter() - t0:.1f} s on "
+              f"{world_size} process(es){in_sync}; in {cfg.out_dir}")
+
+def prepare_sdxl_run(cfg, dist_info):
+    """Before the world loads: the user's files and a GPU (check_sdxl_run), --tiny's models built,
+    the start line, the hub reached once or offline, a hub pipeline's family. Returns cfg."""
+    rank, world_size, device = dist_info
+    with all_ok(dist_info):  # one rank's error (a file, a hub, memory) stops every rank (all_ok)
+        check_sdxl_run(cfg, device)  # the prompts, the out_dir, a GPU: before anything loads
+    if cfg.tiny:
+        cfg = tiny_config(cfg, dist_info)
+    elif rank == 0 and not cfg.bench:
+        prompts = cfg.prompts or f"the {len(BUILTIN_PROMPTS)} built-in ones (no --prompts)"
+        print(f"distar: {cfg.model.upper()} on {world_size} x {device.type}: loading "
+              f"{cfg.pretrained}, {cfg.generator_init or 'its ' + NETS[cfg.model][1]} and "
+              f"{cfg.reward_model}; prompts: {prompts}", flush=True)
+    with all_ok(dist_info):
+        if not cfg.tiny:  # a hub id: reached once, quickly, or offline (a local index: checked)
+            offline_unless_reachable(cfg.pretrained, cfg.generator_init, cfg.reward_model,
+                                     cfg.reward_processor)
+            if not os.path.isdir(cfg.pretrained):
+                check_pipeline(cfg)
+    return cfg
+
+def check_gpus_per_node(cuda):
+    if cuda and int(os.environ.get("LOCAL_WORLD_SIZE", 1)) > torch.cuda.device_count():
+        raise ConfigError(f"--nproc_per_node={os.environ['LOCAL_WORLD_SIZE']} but this node has "
+                          f"{torch.cuda.device_count()} GPU(s): one process per GPU")
+
+def autocast_args(cfg, device):
+    """torch.autocast's arguments: bf16 with --precision=bf16; meta tensors (the dry run's plan)
+    have no autocast, and FLOP counts do not depend on it."""
+    return dict(device_type="cpu" if device.type == "meta" else device.type,
+                dtype=torch.bfloat16, enabled=cfg.precision == "bf16" and device.type != "meta")
+
+def assert_ranks_in_sync(net, world_size):
+    """DDP must keep every rank's copy identical: compare per-tensor fingerprints with rank 0's.
+    A sharded net (--fsdp) has one copy of each weight, split over the ranks: nothing to drift."""
+    if world_size == 1 or is_sharded(net):
+        return
+    fp = torch.stack([torch.stack([p.detach().double().sum(), p.detach().double().square().sum()])
+                      for p in net.parameters()])  # (n_tensors, 2); equal copies, equal sums
+    ref = fp.clone()
+    dist.broadcast(ref, 0)
+    diff = (fp - ref).abs().max()
+    dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+    if diff > 0:
+        raise RuntimeError(f"ranks out of sync: parameter fingerprints differ by {diff.item():.3g}")
+
 def gradient_check(n=2**17, n_batches=16, t=300, c_huber=0.5, alpha_cfg=7.5, seed=0, process="vp"):
     from torch.distributions import MultivariateNormal, kl_divergence
 
@@ -499,10 +1054,6 @@ def print_gradient_check(results, process="vp"):
         print(f"{r['name']:38s} {r['rel']['mu']:8.4f} {r['rel']['A']:8.4f} {r['rel']['all']:8.4f} "
               f"{r['tol']:8.4f}  {verdict if r['ok'] else 'FAILED'}")
 
-# -----------------------------------------------------------------------------
-# the SDXL world: the toy's interface with SDXL's UNets, VAE and CLIP text encoders and a CLIP
-# reward. Nets predict eps; scores are s = -eps_hat / sigma_t (the loop converts).
-
 BUILTIN_PROMPTS = ["a photo of a cat sitting on a windowsill", "the skyline of New York at dusk",
                    "a shiba inu wearing a red scarf", "a volcano exploding next to a marina",
                    "a bowl of ramen, studio lighting", "an astronaut riding a horse on the moon",
@@ -550,483 +1101,6 @@ class ClipReward(nn.Module):
         f = self.model.get_image_features(pixel_values=x).pooler_output.float()
         return (F.normalize(f, dim=-1) * text_features).sum(-1)
 
-class SDXLWorld(VPProcess):
-    """Algorithm 1 on SDXL. Trained, with fp32 master weights: the generator g_theta (a UNet read at
-    conditioning timestep 399) and the assistant s_psi (a UNet, initialised from the reference),
-    or with --lora_rank a LoRA adapter on each, their bases frozen. Frozen, in bf16 with
-    --precision=bf16: the reference UNet s_ref and the reward CLIP. The VAE (fp32 weights, bf16
-    autocast: fp16 overflows in it) and the text encoders (as in DMD2) are fp32."""
-
-    def __init__(self, cfg, device, rank=0, world_size=1, parts=None):
-        """parts: the components in memory (dry_run_parts) instead of loading cfg's paths."""
-        self.cfg, self.device = cfg, device
-        frozen = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
-        # meta tensors (the dry run's plan) have no autocast; FLOP counts do not depend on it
-        self.autocast = dict(device_type="cpu" if device.type == "meta" else device.type,
-                             dtype=torch.bfloat16,
-                             enabled=cfg.precision == "bf16" and device.type != "meta")
-        prompts = read_prompts(cfg.prompts)
-        self.prompts = prompts[rank::world_size] or prompts  # this rank's shard
-        parts = parts or load_parts(cfg, device, frozen)
-        self.pipe = parts["pipe"].to(device)  # text encoders, VAE and scheduler, fp32 as loaded
-        self.vae = self.pipe.vae
-        self.alphas_cumprod = getattr(self.pipe.scheduler, "alphas_cumprod", None)  # VP: alphabar_t
-        self.s_ref = parts["s_ref"].to(device, frozen).eval().requires_grad_(False)
-        for net in [m for m in self.pipe.components.values() if isinstance(m, nn.Module)]:
-            net.requires_grad_(False)  # text encoders, VAE
-        # trained nets in fp32; with --lora_rank frozen bases in `frozen`, fp32 adapters (add_lora)
-        self.generator, self.assistant = (
-            add_lora(parts[k].to(device, frozen), cfg, k) if cfg.lora_rank
-            else parts[k].to(device, torch.float32) for k in ("generator", "assistant"))
-        self.reward_fn = parts["reward_fn"].to(device)
-        self.reward_fn.model.to(frozen)  # its mean/std buffers stay fp32
-        self.set_grad_checkpointing(cfg.grad_checkpointing)
-        r, lat = cfg.resolution, cfg.resolution // 8
-        self.latent_shape = (self.generator.config.in_channels, lat, lat)
-        self.time_ids = torch.tensor([[r, r, 0, 0, r, r]], dtype=torch.float32, device=device)
-
-    def set_grad_checkpointing(self, on):
-        """Recompute activations in backward, in the frozen nets too: they are on the generator's
-        gradient path (diffusers checkpoints whenever grad is enabled, eval mode included)."""
-        for m in (self.generator, self.assistant, self.s_ref, self.vae):
-            m.enable_gradient_checkpointing() if on else m.disable_gradient_checkpointing()
-
-    def sample_cond(self, n):
-        idx = torch.randint(len(self.prompts), (n,)).tolist()  # global RNG: reproducible on resume
-        return self.encode([self.prompts[i] for i in idx])
-
-    @torch.no_grad()
-    def encode(self, prompts):
-        """SDXL's own encode_prompt: the penultimate hidden states of both text encoders,
-        concatenated (B, 77, 2048), and the pooled projection of encoder 2 (B, 1280)."""
-        emb, _, pooled, _ = self.pipe.encode_prompt(prompts, device=self.device,
-                                                    do_classifier_free_guidance=False)
-        return dict(prompts=prompts, embeds=emb.float(), pooled=pooled.float())
-
-    def uncond(self, B):
-        """SDXL's unconditional input, all zeros (force_zeros_for_empty_prompt)."""
-        te, te2 = self.pipe.text_encoder.config, self.pipe.text_encoder_2.config
-        return dict(embeds=torch.zeros(B, 77, te.hidden_size + te2.hidden_size, device=self.device),
-                    pooled=torch.zeros(B, te2.projection_dim, device=self.device))
-
-    def unet(self, net, x, t, cond):
-        """eps_hat = net(x_t, t, c); cond None: the unconditional input."""
-        B = len(x)
-        cond = self.uncond(B) if cond is None else cond
-        t = torch.as_tensor(t, device=x.device).expand(B)
-        added = {"text_embeds": cond["pooled"], "time_ids": self.time_ids.expand(B, 6)}
-        with torch.autocast(**self.autocast):
-            eps = net(x, t, encoder_hidden_states=cond["embeds"], added_cond_kwargs=added).sample
-        return eps.float()
-
-    def generate(self, g, cond, z=None):
-        """The one-step generator as DMD2 and DI* read it, at t = 399: x_0 = (z - s eps_hat) / a."""
-        if z is None:  # (B, 4, R/8, R/8)
-            z = torch.randn(len(cond["prompts"]), *self.latent_shape, device=self.device)
-        ab = self.alphas_cumprod[self.cfg.conditioning_t]
-        eps_hat = self.unet(g, z, self.cfg.conditioning_t, cond)
-        return (z - (1 - ab).sqrt() * eps_hat) / ab.sqrt()  # x_0 = g_theta(z, c)
-
-    def eps_fake(self, s_psi, x_t, t, cond):
-        return self.unet(s_psi, x_t, t, cond)
-
-    def eps_ref(self, x_t, t, cond):
-        return self.unet(self.s_ref, x_t, t, cond)
-
-    def eps_ref_both(self, x_t, t, cond):
-        """(eps_c, eps_u), one call on [x_t; x_t], [c; empty]: larger matmuls, half the launches."""
-        empty = self.uncond(len(x_t))
-        both = {k: torch.cat([cond[k], empty[k]]) for k in empty}  # embeds[, pooled]
-        t = torch.as_tensor(t, device=x_t.device).expand(len(x_t))
-        return self.unet(self.s_ref, torch.cat([x_t, x_t]), torch.cat([t, t]), both).chunk(2)
-
-    def decode(self, x0):
-        with torch.autocast(**self.autocast):  # weights fp32; bf16 has fp32's range, fp16 not
-            img = self.vae.decode(x0 / self.vae.config.scaling_factor).sample
-        return (img.float() / 2 + 0.5).clamp(0, 1)  # (B, 3, R, R) in [0, 1]
-
-    def reward(self, x0, cond):
-        # the reward's text pass runs here, so only the generator phase pays for it
-        return self.reward_fn(self.decode(x0), self.reward_fn.text_features(cond["prompts"]))
-
-    @torch.no_grad()
-    def save_samples(self, path, n=4):
-        """Fixed prompts and noise, so that grids from different steps compare. path None: the
-        forward only (a rank whose generator shards rank 0 needs, --fsdp)."""
-        from diffusers.utils import make_image_grid, numpy_to_pil
-
-        z = torch.randn(n, *self.latent_shape, generator=torch.Generator().manual_seed(1234))
-        cond = self.encode([BUILTIN_PROMPTS[i % len(BUILTIN_PROMPTS)] for i in range(n)])
-        img = self.decode(self.generate(self.generator, cond, z.to(self.device)))  # (n, 3, R, R)
-        if path:
-            images = numpy_to_pil(img.permute(0, 2, 3, 1).cpu().numpy())
-            make_image_grid(images, rows=1, cols=n).save(path)
-
-# -----------------------------------------------------------------------------
-# Algorithm 1: the alternating loop, written once and given a world
-# A world holds .generator and .assistant (the trained nets), its process (sample_t(n, device),
-# coefficients(t) = (a_t, sigma_t)), and sample_cond(n), generate(g, cond), eps_fake(s_psi, x_t, t,
-# cond), eps_ref(x_t, t, cond or None), eps_ref_both, reward(x_0, cond); s = -eps / sigma_t.
-#
-# w(t) and c, which the paper leaves open. The distance is on the eps scale, d_t(y) = d(sigma_t y),
-# a distance at every t (so Theorem 3.1 holds), and per element: with Delta = eps_psi - eps_ref and
-# D elements per sample, l2 is ||Delta||^2 / D and pseudo-Huber, with c = huber_c sqrt(D) and
-# weight 1/sqrt(D), is sqrt(||Delta||^2 / D + huber_c^2) - huber_c. Why 1/sqrt(D): its d' has norm
-# <= 1, so 1/D would shrink its x_0-gradient by a further sqrt(D) (~180x from the toy to SDXL at
-# 1024 px); 1/sqrt(D) scales it with D as l2's and KL's do, so alpha_rew's balance carries over.
-# On the score scale the weights are sigma_t / sqrt(D) (with c / sigma_t) and sigma_t^2 / D (l2);
-# KL and the CFG reward take sigma_t / D (x_0-gradient a_t (eps_ref - eps_psi) / D per element),
-# the DSM sigma_t^2 / D (the eps MSE).
-
-def diffuse(world, x0):
-    """t from the world's process, eps ~ N(0, I), x_t = a_t x_0 + sigma_t eps ((B, 1, ...) each)."""
-    t = world.sample_t(len(x0), x0.device)
-    a_t, sigma_t = (c.view(-1, *([1] * (x0.ndim - 1))).to(x0.dtype) for c in world.coefficients(t))
-    eps = torch.randn_like(x0)
-    return t, a_t * x0 + sigma_t * eps, eps, sigma_t
-
-def assistant_loss(world, s_psi, cond):
-    """Algorithm 1, assistant phase: DSM (eq. 2.2) on the frozen generator's samples."""
-    with torch.no_grad():
-        x0 = world.generate(world.generator, cond)  # theta frozen
-    t, x_t, eps, sigma_t = diffuse(world, x0)
-    D = x0[0].numel()
-    score_psi = -world.eps_fake(s_psi, x_t, t, cond) / sigma_t  # s_psi(x_t, t, c)
-    return dsm_loss(score_psi, -eps / sigma_t, weight=sigma_t.flatten() ** 2 / D).mean()
-
-def generator_loss(world, g, cond):
-    """Algorithm 1, generator phase: -alpha_rew r + eq. 3.4 (or KL) + the CFG term (eq. 3.5).
-    Returns the loss and its terms; terms["x0"] is x_0 = g_theta(z, c), where the terms meet."""
-    cfg = world.cfg
-    x0 = world.generate(g, cond)  # x_0 = g_theta(z, c)
-    t, x_t, eps, sigma_t = diffuse(world, x0)  # x_t carries the theta-gradient
-    D, sig = x0[0].numel(), sigma_t.flatten()
-    score = lambda eps_hat: -eps_hat / sigma_t
-    s_fake = lambda x: score(world.eps_fake(world.assistant, x, t, cond))  # s_psi, unwrapped
-    kept = {}  # s_ref(x_t | t, c) as the divergence computed it: choice 1's CFG term reuses it
-
-    def s_c(x):  # s_ref(x_t | t, c)
-        kept["c"] = score(world.eps_ref(x, t, cond))
-        return kept["c"]
-    s_u = lambda x: score(world.eps_ref(x, t, None))  # s_ref(x_t | t, empty)
-    s_ref = s_c
-    if cfg.cfg == "in" and cfg.alpha_cfg != 0:  # choice 2: CFG-enhanced reference, one call
-        s_ref = lambda x: cfg_score(*map(score, world.eps_ref_both(x, t, cond)), 1 + cfg.alpha_cfg)
-    cond_score = score(eps)  # grad log p_t(x_t | x_0)
-    if cfg.divergence == "kl":
-        loss_div = kl_loss(x_t, s_fake, s_ref, weight=sig / D)
-    elif cfg.divergence == "pseudo_huber":  # w = sigma_t / sqrt(D): see the comment above
-        c = cfg.huber_c * math.sqrt(D) / sig  # c on the score scale: eps-scale c / sigma_t
-        loss_div = score_divergence_loss(x_t, cond_score, s_fake, s_ref, "pseudo_huber", c=c,
-                                         weight=sig / math.sqrt(D))
-    else:
-        loss_div = score_divergence_loss(x_t, cond_score, s_fake, s_ref, "l2", weight=sig**2 / D)
-    loss_cfg = torch.zeros_like(loss_div)
-    if cfg.cfg == "out" and cfg.alpha_cfg != 0:  # choice 1: implicit CFG reward (Thm 3.2)
-        loss_cfg = cfg.alpha_cfg * cfg_reward_loss(x_t, lambda x: kept["c"], s_u, weight=sig / D)
-    with torch.set_grad_enabled(cfg.alpha_rew != 0):  # no reward backward when it has no weight
-        reward = world.reward(x0, cond)  # r(x_0, c), (B,)
-    loss_rew = -cfg.alpha_rew * reward
-    loss = (loss_rew + loss_div + loss_cfg).mean()
-    return loss, dict(loss_rew=loss_rew.mean(), loss_div=loss_div.mean(), loss_cfg=loss_cfg.mean(),
-                      reward=reward.mean().detach(), x0=x0)
-
-def generator_backward(world, g, cond):
-    """The generator phase's loss and backward, psi's parameters frozen (not its input). Each
-    term's x_0-gradient is taken on its own and their sum goes back through g_theta: the work of
-    one backward, and the norms log the balance of reward, divergence and CFG."""
-    psi = trained(world.assistant)  # not requires_grad_(True) after: it unfreezes a LoRA's base
-    for p in psi:
-        p.requires_grad_(False)
-    try:
-        loss, terms = generator_loss(world, g, cond)
-        x0, grad = terms.pop("x0"), {}
-        # each term's graph is freed once its gradient is taken; the CFG term's only after the
-        # divergence's, as the two share x_t
-        for k in ("rew", "cfg", "div"):
-            term = terms[f"loss_{k}"]
-            grad[k] = (torch.autograd.grad(term, x0, retain_graph=k == "cfg")[0]
-                       if term.requires_grad else torch.zeros_like(x0))  # (B, C, H, W)
-            terms[f"x0grad_{k}"] = grad[k].norm()
-        x0.backward(grad["rew"] + grad["div"] + grad["cfg"])
-    finally:
-        for p in psi:
-            p.requires_grad_(True)
-    return loss.detach(), {k: v.detach() for k, v in terms.items()}  # the graphs go here
-
-def trained(net):
-    """The weights an optimizer holds: all of a net's, or with --lora_rank its adapter's."""
-    return [p for p in net.parameters() if p.requires_grad]
-
-def make_optimizer(cfg, params, lr):
-    """Fused AdamW: one kernel per step, no whole-net scratch such as foreach's sqrt(v). Under
-    --fsdp the parameters are this rank's shards (DTensors), and so are the Adam states."""
-    return torch.optim.AdamW(params, lr=lr, betas=(cfg.beta1, cfg.beta2),
-                             weight_decay=cfg.weight_decay, fused=True)
-
-class NonFiniteError(RuntimeError):
-    pass
-
-def clip_and_step(opt, net, loss, grad_clip, world_size):
-    """Clip the gradient norm and step, unless the loss or the norm is NaN/Inf on any rank (bf16
-    overflow, a bad batch): then skip the update on every rank, so the ranks stay identical and
-    the weights finite. Returns (grad norm, skipped)."""
-    grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
-    if hasattr(grad_norm, "full_tensor"):  # --fsdp: the whole net's norm, but as a DTensor,
-        grad_norm = grad_norm.full_tensor()  # which isfinite and the all-reduce below refuse
-    bad = (~torch.isfinite(loss.detach()) | ~torch.isfinite(grad_norm)).float()  # on the device
-    if world_size > 1:
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-    skip = bool(bad.item())
-    if not skip:
-        opt.step()
-    opt.zero_grad(set_to_none=True)
-    return grad_norm, skip
-
-def train(world, opt_g, opt_psi, dist_info, steps, on_step=None):
-    """Algorithm 1: per step, K_TA assistant updates (DSM, eq. 2.2) with theta frozen, then one
-    generator update with psi's parameters frozen. Every log_interval steps the metrics are
-    all-reduced and returned; on_step(step, metrics or None) is the caller's: log, sample, save."""
-    cfg = world.cfg
-    rank, world_size, device = dist_info
-    g, s_psi = world.generator, world.assistant  # fp32 master weights
-    g_ddp, s_psi_ddp = (data_parallel(m, world_size) for m in (g, s_psi))  # DDP or FSDP's own
-    bar = tqdm(steps, initial=steps.start, total=steps.stop, disable=None if rank == 0 else True,
-               dynamic_ncols=True)
-    history, skipped, in_a_row = [], 0, dict(g=0, psi=0)  # skips since the last log; streaks
-
-    def update(opt, net, loss, name):
-        nonlocal skipped
-        grad_norm, skip = clip_and_step(opt, net, loss, cfg.grad_clip, world_size)
-        skipped, in_a_row[name] = skipped + skip, (in_a_row[name] + 1) * skip
-        if in_a_row[name] >= cfg.max_skips:  # weights still finite: no checkpoint holds bad ones
-            raise NonFiniteError(f"{in_a_row[name]} {name} updates in a row had a non-finite loss"
-                                 f" or gradient (step {step + 1}); stopping. Try lower learning"
-                                 " rates")
-        return grad_norm
-
-    for step in bar:
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        t0 = clock(device)  # clock, peak_memory_gb: in the extras, with the dry run
-        loss_psi = torch.zeros((), device=device)
-        for _ in range(cfg.assistant_steps):  # assistant phase: theta frozen inside assistant_loss
-            loss_psi = assistant_loss(world, s_psi_ddp, world.sample_cond(cfg.batch_size))
-            loss_psi.backward()
-            update(opt_psi, s_psi, loss_psi, "psi")  # frees psi's grads before the generator phase
-        mem_psi, t1 = peak_memory_gb(device), clock(device)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        loss_g, terms = generator_backward(world, g_ddp, world.sample_cond(cfg.batch_size))
-        grad_norm = update(opt_g, g, loss_g, "g")
-        t2 = clock(device)
-        metrics = None
-        if (step + 1) % cfg.log_interval == 0 or step + 1 == steps.stop:
-            metrics = all_reduce_mean(dict(loss_g=loss_g, **terms, loss_psi=loss_psi.detach(),
-                                           grad_norm=grad_norm), world_size, device)
-            metrics.update(step=step + 1, skipped=skipped, sec_assistant=t1 - t0,
-                           sec_generator=t2 - t1, mem_assistant_gb=mem_psi,
-                           mem_generator_gb=peak_memory_gb(device))
-            skipped = 0
-            bar.set_postfix({k: f"{v:.3g}" for k, v in metrics.items() if k != "step"},
-                            refresh=False)
-            history.append(metrics)
-            if on_step and rank == 0 and (bar.disable or not sys.stdout.isatty()):  # a log file:
-                print(log_line(metrics, steps.stop), flush=True)  # no bar there (fit's runs only)
-        if on_step:
-            on_step(step + 1, metrics)
-    for net in (g, s_psi):
-        assert_ranks_in_sync(net, world_size)
-    return history
-
-# -----------------------------------------------------------------------------
-# DDP: one process per GPU, identical copies of the trained nets
-
-def setup_distributed(cuda=True):
-    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; nccl on GPUs, gloo on CPU (or cuda=False)."""
-    cuda = cuda and torch.cuda.is_available()
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if cuda else "cpu")
-    if cuda and int(os.environ.get("LOCAL_WORLD_SIZE", 1)) > torch.cuda.device_count():
-        raise ConfigError(f"--nproc_per_node={os.environ['LOCAL_WORLD_SIZE']} but this node has "
-                          f"{torch.cuda.device_count()} GPU(s): one process per GPU")
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    # ten minutes for training's collectives: a rank that stopped is found out in minutes. The
-    # waits for loading and for rank 0's writes (~60 GB checkpoints) take a group of their own
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=10),
-                            device_id=device if cuda else None)
-    start_slow_group()
-    return dist.get_rank(), dist.get_world_size(), device
-
-def data_parallel(net, world_size):
-    """DDP on a trained net, gradients as views into its buckets (no second copy); frozen nets are
-    never wrapped. A net --fsdp sharded (shard_nets) is its own wrapper: it reduce-scatters."""
-    if world_size == 1 or is_sharded(net):
-        return net
-    return DDP(net, gradient_as_bucket_view=True)
-
-def all_reduce_mean(metrics, world_size, device):
-    """Scalars averaged over ranks, on the device: NCCL takes only CUDA tensors."""
-    vals = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=device)
-                        for v in metrics.values()])
-    if world_size > 1:
-        dist.all_reduce(vals)
-        vals /= world_size
-    return dict(zip(metrics, vals.tolist()))
-
-def assert_ranks_in_sync(net, world_size):
-    """DDP must keep every rank's copy identical: compare per-tensor fingerprints with rank 0's.
-    A sharded net (--fsdp) has one copy of each weight, split over the ranks: nothing to drift."""
-    if world_size == 1 or is_sharded(net):
-        return
-    fp = torch.stack([torch.stack([p.detach().double().sum(), p.detach().double().square().sum()])
-                      for p in net.parameters()])  # (n_tensors, 2); equal copies, equal sums
-    ref = fp.clone()
-    dist.broadcast(ref, 0)
-    diff = (fp - ref).abs().max()
-    dist.all_reduce(diff, op=dist.ReduceOp.MAX)
-    if diff > 0:
-        raise RuntimeError(f"ranks out of sync: parameter fingerprints differ by {diff.item():.3g}")
-
-# -----------------------------------------------------------------------------
-# main: the toy and SDXL share fit (optimizers, resume, metrics, samples, checkpoints)
-
-def fit(cfg, world, dist_info, save_samples=None):
-    """Train world from step 0 or from the newest checkpoint, writing to cfg.out_dir."""
-    rank, world_size, _ = dist_info
-    start_out_dir(cfg, dist_info)
-    opt_g = make_optimizer(cfg, trained(world.generator), cfg.lr_g)
-    opt_psi = make_optimizer(cfg, trained(world.assistant), cfg.lr_psi)
-    start = load_checkpoint(cfg, world, opt_g, opt_psi, dist_info) if cfg.resume else 0
-    if start and start >= cfg.max_steps:  # a checkpoint was loaded
-        if rank == 0:
-            print(f"resume: the checkpoint is at step {start}, --max_steps={cfg.max_steps}: "
-                  "nothing to train (a larger --max_steps continues the run)")
-        return []
-
-    reached = [start]  # the last step done, for main's line on Ctrl-C
-
-    def on_step(step, metrics):
-        reached[0] = step
-        if metrics and rank == 0:
-            with open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps(metrics) + "\n")
-        last = step == cfg.max_steps
-        if save_samples and (step % cfg.sample_interval == 0 or last):
-            with all_ok(dist_info):  # rank 0's error (memory, disk) stops every rank (all_ok)
-                if rank == 0 or cfg.fsdp:  # --fsdp: every rank's shards run the generator
-                    save_samples(os.path.join(cfg.out_dir, f"samples-{step:06d}.png")
-                                 if rank == 0 else None)
-        if step % cfg.ckpt_interval == 0 or last:
-            save_checkpoint(cfg, step, world, opt_g, opt_psi, dist_info)
-
-    t0 = time.perf_counter()
-    try:
-        history = train(world, opt_g, opt_psi, dist_info, range(start, cfg.max_steps), on_step)
-    except KeyboardInterrupt as e:
-        e.step = reached[0]
-        raise
-    if rank == 0:
-        in_sync = ("" if world_size == 1 else ", weights sharded over the ranks" if cfg.fsdp
-                   else ", parameters identical on all ranks")
-        print(f"trained to step {cfg.max_steps} in {time.perf_counter() - t0:.1f} s on "
-              f"{world_size} process(es){in_sync}; in {cfg.out_dir}")
-    return history
-
-def run_toy(cfg, dist_info):
-    rank, world_size, device = dist_info
-    ok = torch.ones(1, device=device)  # on the device: NCCL takes only CUDA tensors
-    if rank == 0:  # float64 Monte Carlo, ~2 s; the other ranks wait at the broadcast
-        print_gradient_check(results := gradient_check())
-        if cfg.model == "sd3":  # on request: the same check under SD3's flow process
-            print_gradient_check(flow := gradient_check(process="flow"), "flow")
-            results += flow
-        if cfg.model == "sd":  # on request: the reference read through v-prediction (SD2.1)
-            print_gradient_check(v := gradient_check(process="v"), "v")
-            results += v
-        ok[0] = all(r["ok"] for r in results)
-    if world_size > 1:
-        dist.broadcast(ok, 0)
-    if not ok.item():
-        raise SystemExit("gradient check FAILED: a tractable loss is off beyond Monte-Carlo noise")
-    world = make_toy_world(device, "flow" if cfg.model == "sd3" else "vp")
-    world.cfg = cfg
-    fit(cfg, world, dist_info)
-    if rank == 0:
-        evaluate_toy(world, cfg.out_dir)
-
-def run_sdxl(cfg, dist_info):
-    rank, world_size, device = dist_info
-    with all_ok(dist_info):  # one rank's error (a file, a hub, memory) stops every rank (all_ok)
-        check_sdxl_run(cfg, device)  # the prompts, the out_dir, a GPU: before anything loads
-    if cfg.tiny:
-        cfg = tiny_config(cfg, dist_info)
-    elif rank == 0 and not cfg.bench:
-        prompts = cfg.prompts or f"the {len(BUILTIN_PROMPTS)} built-in ones (no --prompts)"
-        print(f"distar: {cfg.model.upper()} on {world_size} x {device.type}: loading "
-              f"{cfg.pretrained}, {cfg.generator_init or 'its ' + NETS[cfg.model][1]} and "
-              f"{cfg.reward_model}; prompts: {prompts}", flush=True)
-    with all_ok(dist_info):
-        if not cfg.tiny:  # a hub id: reached once, quickly, or offline (a local index: checked)
-            offline_unless_reachable(cfg.pretrained, cfg.generator_init, cfg.reward_model,
-                                     cfg.reward_processor)
-            if not os.path.isdir(cfg.pretrained):
-                check_pipeline(cfg)
-        world = maybe_compile(WORLDS[cfg.model](cfg, device, rank, world_size))  # --compile
-    world = shard_nets(world, dist_info)  # --fsdp
-    if cfg.bench:  # the cost table instead of training
-        return bench(world, dist_info)
-    fit(cfg, world, dist_info, world.save_samples)
-
-def main(argv):
-    rank = int(os.environ.get("RANK", 0))
-    first_on_node = int(os.environ.get("LOCAL_RANK", 0)) == 0  # one error line in each node's log
-    cfg = None
-    try:
-        cfg = parse_args(argv)
-        if not cfg.toy:  # the toy loads no library's models: it does without their imports
-            quiet_libraries()
-        # the toy's nets are so small that a GPU only adds launch latency: it runs on the CPU,
-        # with one intra-op thread (threads competing for cores slow it down 10x)
-        rank, world_size, _ = dist_info = setup_distributed(cuda=not cfg.toy)
-        cfg = resolve_resume(cfg, rank)  # --resume with no checkpoint stops; --resume_if_any
-        check_resume(cfg, rank)  # the checkpoint's mode and objective, before anything is written
-        torch.manual_seed(cfg.seed * world_size + rank)
-        if cfg.toy:
-            torch.set_num_threads(1)
-        run = (run_ablation if cfg.ablation else run_toy if cfg.toy
-               else run_dry_run if cfg.dry_run else run_sdxl)
-        with fast_backends(cfg.fast_backends):  # off: changes nothing
-            run(cfg, dist_info)
-    except (LoadError, ConfigError, NonFiniteError, RankFailed) as e:  # every rank stops here
-        if reports(e, rank, first_on_node):  # one line in each node's log
-            print(f"distar: error: {e}", file=sys.stderr)
-        if dist.is_initialized():  # every rank leaves (all_ok): nothing is left to wait for
-            dist.destroy_process_group()
-        return 2 if isinstance(e, (LoadError, ConfigError)) else 1
-    except torch.cuda.OutOfMemoryError:  # from the rank that ran out; torchrun stops the others
-        print(f"distar: error: rank {rank} ran out of GPU memory: try a smaller --batch_size, more "
-              "GPUs with --fsdp, or --grad_checkpointing if it is off", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt as e:  # Ctrl-C: stopped on purpose. torchrun forwards it to every rank
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second one (forwarded) must not cut exit
-        if rank == 0:  # one line per run
-            print(f"distar: {interrupted(cfg, getattr(e, 'step', None))}", file=sys.stderr,
-                  flush=True)
-        return 130  # 128 + SIGINT, as a shell reports it
-    if dist.is_initialized():  # torchrun, even with one process
-        dist.barrier()  # rank 0 has written its files; leave together
-        dist.destroy_process_group()
-    return 0
-
-###############################################################################
-# EXTRAS. Tooling around the DI* path above: the command line, checkpoints, the checks before
-# anything loads and the out_dir's rules, loading models with one-line errors, LoRA adapters, SDXL
-# models from configs (tiny ones, and the full size with random weights), speed options, the dry
-# run and the cost table, the toy pictures, and Table 2 in the toy.
-###############################################################################
 
 # -----------------------------------------------------------------------------
 # the command line: argparse built from Config; a bad value is one line naming its flag
