@@ -159,38 +159,39 @@ def distance_grad(y, distance="pseudo_huber", c=1.0):
         return y / norm.view(-1, *([1] * (y.ndim - 1)))
     raise ValueError(f"unknown distance {distance!r}")
 
-def score_divergence_loss(x_t, cond_score, fake_score_fn, ref_score_fn, distance="pseudo_huber",
-                          c=1.0, weight=1.0):
-    """Eq. 3.4 / 3.5 (Theorem 3.1): -d'(y_t) . (s_fake(x_t) - cond_score), y_t = s_fake - s_ref.
-    Only the nets' parameters are frozen (sg[theta]): the theta-gradient flows through x_t into
-    d' (both nets) and the second s_fake. Detaching x_t anywhere is a different, wrong gradient."""
-    s_fake = fake_score_fn(x_t)  # s_psi(x_t) ~ s_{p_sg[theta],t}(x_t)
-    y_t = s_fake - ref_score_fn(x_t)  # y_t = s_fake - s_ref
-    return -weight * _dot(distance_grad(y_t, distance, c), s_fake - cond_score)
+def score_divergence_loss(x_t, score_x0, s_psi, s_ref, distance="pseudo_huber", c=1.0,
+                          weight=1.0):
+    """Eq. 3.4 (Theorem 3.1; its term in 3.5): -d'(y_t) . (s_psi(x_t) - score_x0), with
+    y_t = s_psi(x_t) - s_ref(x_t), score_x0 = grad log p_t(x_t | x_0); s_psi, s_ref: functions of
+    x_t. Only the nets' parameters are frozen (sg[theta]): the theta-gradient flows through x_t
+    into d' (both nets) and the second s_psi. Detaching x_t anywhere: a wrong gradient."""
+    s_psi_x = s_psi(x_t)  # s_psi(x_t) ~ s_{p_sg[theta],t}(x_t)
+    y_t = s_psi_x - s_ref(x_t)
+    return -weight * _dot(distance_grad(y_t, distance, c), s_psi_x - score_x0)
 
-def kl_loss(x_t, fake_score_fn, ref_score_fn, weight=1.0):
-    """Diff-Instruct / DI++ baseline: (s_fake(sg[x_t]) - s_ref(sg[x_t])) . x_t, whose theta-gradient
+def kl_loss(x_t, s_psi, s_ref, weight=1.0):
+    """Diff-Instruct / DI++ baseline: (s_psi(sg[x_t]) - s_ref(sg[x_t])) . x_t, whose theta-gradient
     is that of KL(p_theta,t || q_t). No back-propagation through either net."""
     with torch.no_grad():  # sg[x_t]
-        g = fake_score_fn(x_t.detach()) - ref_score_fn(x_t.detach())
-    return weight * _dot(g, x_t)
+        y_t = s_psi(x_t.detach()) - s_ref(x_t.detach())
+    return weight * _dot(y_t, x_t)
 
-def cfg_reward_loss(x_t, cond_score_fn, uncond_score_fn, weight=1.0):
+def cfg_reward_loss(x_t, s_c, s_u, weight=1.0):
     """Theorem 3.2, choice 1 (DI*-Out): -(s_ref(sg[x_t]|c) - s_ref(sg[x_t]|empty)) . x_t, whose
     gradient is MINUS that of the implicit reward (3.7). The + printed in (3.5), (3.6) holds for
     eps-predictions (s = -eps / sigma_t flips the sign); the gradient check prints both."""
     with torch.no_grad():  # sg[x_t]
-        g = cond_score_fn(x_t.detach()) - uncond_score_fn(x_t.detach())
-    return -weight * _dot(g, x_t)
+        grad_r = s_c(x_t.detach()) - s_u(x_t.detach())  # grad_x of (3.7)'s log q_t(x|c) / q_t(x)
+    return -weight * _dot(grad_r, x_t)
 
-def cfg_score(cond_score, uncond_score, scale):
+def cfg_score(s_c, s_u, scale):
     """Choice 2 (DI*-In): the CFG-enhanced reference s_u + scale (s_c - s_u), i.e. the score of
     p(x|c)^scale p(x)^(1-scale). The paper prints s_c + alpha s_u, which is not CFG."""
-    return uncond_score + scale * (cond_score - uncond_score)
+    return s_u + scale * (s_c - s_u)
 
-def dsm_loss(score_pred, cond_score, weight=1.0):
+def dsm_loss(s_psi_x, score_x0, weight=1.0):
     """Denoising score matching, eq. 2.2: weight * ||s_psi(x_t) - grad log p_t(x_t|x_0)||^2."""
-    d = score_pred - cond_score
+    d = s_psi_x - score_x0
     return weight * _dot(d, d)
 
 # -----------------------------------------------------------------------------
@@ -297,11 +298,11 @@ class ToyWorld(VPProcess):
     def sample_cond(self, n):
         return torch.randint(self.K, (n,), device=self.means.device)  # prompts c
 
-    def generate(self, g, cond):
+    def generate(self, g_theta, cond):
         z = torch.randn(len(cond), 2, device=self.means.device, dtype=self.means.dtype)  # z ~ p_z
-        return g(z, cond)  # x_0 = g_theta(z, c), (B, 2)
+        return g_theta(z, cond)  # x_0 = g_theta(z, c), (B, 2)
 
-    def eps_fake(self, s_psi, x_t, t, cond):
+    def eps_psi(self, s_psi, x_t, t, cond):
         return s_psi(x_t, cond, t.float())  # eps_psi(x_t, t, c)
 
     def eps_ref(self, x_t, t, cond):
@@ -421,15 +422,15 @@ class SDXLWorld(VPProcess):
             eps = net(x, t, encoder_hidden_states=cond["embeds"], added_cond_kwargs=added).sample
         return eps.float()
 
-    def generate(self, g, cond, z=None):
+    def generate(self, g_theta, cond, z=None):
         """The one-step generator as DMD2 and DI* read it, at t = 399: x_0 = (z - s eps_hat) / a."""
         if z is None:  # (B, 4, R/8, R/8)
             z = torch.randn(len(cond["prompts"]), *self.latent_shape, device=self.device)
         ab = self.alphas_cumprod[self.cfg.conditioning_t]
-        eps_hat = self.unet(g, z, self.cfg.conditioning_t, cond)
+        eps_hat = self.unet(g_theta, z, self.cfg.conditioning_t, cond)
         return (z - (1 - ab).sqrt() * eps_hat) / ab.sqrt()  # x_0 = g_theta(z, c)
 
-    def eps_fake(self, s_psi, x_t, t, cond):
+    def eps_psi(self, s_psi, x_t, t, cond):
         return self.unet(s_psi, x_t, t, cond)
 
     def eps_ref(self, x_t, t, cond):
@@ -475,18 +476,25 @@ class SDXLWorld(VPProcess):
 # -----------------------------------------------------------------------------
 # Algorithm 1: the alternating loop, written once and given a world
 # A world holds .generator and .assistant (the trained nets), its process (sample_t(n, device),
-# coefficients(t) = (a_t, sigma_t)), and sample_cond(n), generate(g, cond), eps_fake(s_psi, x_t, t,
-# cond), eps_ref(x_t, t, cond or None), eps_ref_both, reward(x_0, cond); s = -eps / sigma_t.
+# coefficients(t) = (a_t, sigma_t)), and sample_cond(n), generate(g_theta, cond),
+# eps_psi(s_psi, x_t, t, cond), eps_ref(x_t, t, cond or None), eps_ref_both, reward(x_0, cond);
+# s = -eps / sigma_t.
 #
-# w(t) and c, which the paper leaves open. The distance is on the eps scale, d_t(y) = d(sigma_t y),
-# a distance at every t (so Theorem 3.1 holds), and per element: with Delta = eps_psi - eps_ref and
-# D elements per sample, l2 is ||Delta||^2 / D and pseudo-Huber, with c = huber_c sqrt(D) and
-# weight 1/sqrt(D), is sqrt(||Delta||^2 / D + huber_c^2) - huber_c. Why 1/sqrt(D): its d' has norm
-# <= 1, so 1/D would shrink its x_0-gradient by a further sqrt(D) (~180x from the toy to SDXL at
-# 1024 px); 1/sqrt(D) scales it with D as l2's and KL's do, so alpha_rew's balance carries over.
-# On the score scale the weights are sigma_t / sqrt(D) (with c / sigma_t) and sigma_t^2 / D (l2);
-# KL and the CFG reward take sigma_t / D (x_0-gradient a_t (eps_ref - eps_psi) / D per element),
-# the DSM sigma_t^2 / D (the eps MSE).
+# Algorithm 1's pi(t), w(t), lambda(t) and c, which the paper leaves open. pi(t): the world's
+# sample_t (VP: t ~ U{t_min..t_max}; SD3: logit-normal). The distance is on the eps scale,
+# d_t(y) = d(sigma_t y), a distance at every t (so Theorem 3.1 holds), and per element: D elements
+# a sample, |.|^2 summed over them, Delta = eps_psi - eps_ref, s = -eps / sigma_t. The weight is
+# w(t) for the generator's terms (eq. 3.4: pseudo-Huber d of eq. 3.8, l2), lambda(t) for DSM:
+#  loss         | weight, score scale   | c, score scale            | the same loss on the eps scale
+#  pseudo-Huber | sigma_t / sqrt(D)     | huber_c sqrt(D) / sigma_t | sqrt(|Delta|^2/D + huber_c^2)
+#               |                       |                           |   - huber_c
+#  l2           | sigma_t^2 / D         |                           | |Delta|^2 / D
+#  KL           | sigma_t / D           |                           | (eps_ref - eps_psi) . x_t / D
+#  CFG (3.6)    | alpha_cfg sigma_t / D |                           | alpha_cfg (eps_c-eps_u).x_t/D
+#  DSM (2.2)    | sigma_t^2 / D         |                           | |eps_psi - eps|^2 / D
+# Why 1/sqrt(D) for pseudo-Huber: its d' has norm <= 1, so 1/D would shrink its x_0-gradient by a
+# further sqrt(D) (~180x from the toy to SDXL at 1024 px); 1/sqrt(D) scales it with D as l2's and
+# KL's weights do, so alpha_rew's balance carries over.
 
 def diffuse(world, x0):
     """t from the world's process, eps ~ N(0, I), x_t = a_t x_0 + sigma_t eps ((B, 1, ...) each)."""
@@ -501,39 +509,41 @@ def assistant_loss(world, s_psi, cond):
         x0 = world.generate(world.generator, cond)  # theta frozen
     t, x_t, eps, sigma_t = diffuse(world, x0)
     D = x0[0].numel()
-    score_psi = -world.eps_fake(s_psi, x_t, t, cond) / sigma_t  # s_psi(x_t, t, c)
+    score_psi = -world.eps_psi(s_psi, x_t, t, cond) / sigma_t  # s_psi(x_t, t, c)
     return dsm_loss(score_psi, -eps / sigma_t, weight=sigma_t.flatten() ** 2 / D).mean()
 
-def generator_loss(world, g, cond):
-    """Algorithm 1, generator phase: -alpha_rew r + eq. 3.4 (or KL) + the CFG term (eq. 3.5).
+def generator_loss(world, g_theta, cond):
+    """Algorithm 1, generator phase, eq. 3.5: -alpha_rew r + the divergence term of eq. 3.4 (or KL)
+    + alpha_cfg times the CFG term of eq. 3.6 (choice 1), or eq. 3.4 against cfg_score (choice 2).
     Returns the loss and its terms; terms["x0"] is x_0 = g_theta(z, c), where the terms meet."""
     cfg = world.cfg
-    x0 = world.generate(g, cond)  # x_0 = g_theta(z, c)
+    x0 = world.generate(g_theta, cond)  # x_0 = g_theta(z, c)
     t, x_t, eps, sigma_t = diffuse(world, x0)  # x_t carries the theta-gradient
-    D, sig = x0[0].numel(), sigma_t.flatten()
-    score = lambda eps_hat: -eps_hat / sigma_t
-    s_fake = lambda x: score(world.eps_fake(world.assistant, x, t, cond))  # s_psi, unwrapped
-    kept = {}  # s_ref(x_t | t, c) as the divergence computed it: choice 1's CFG term reuses it
+    D, sigma_t = x0[0].numel(), sigma_t.flatten()  # sigma_t per sample, (B,)
+    score = lambda eps_hat: -eps_hat / sigma_t.view(-1, *([1] * (x0.ndim - 1)))
+    s_psi = lambda x: score(world.eps_psi(world.assistant, x, t, cond))  # unwrapped: no DDP
+    reuse = {}  # s_ref(x_t | t, c) as the divergence computed it: choice 1's CFG term reuses it
 
     def s_c(x):  # s_ref(x_t | t, c)
-        kept["c"] = score(world.eps_ref(x, t, cond))
-        return kept["c"]
+        reuse["s_c"] = score(world.eps_ref(x, t, cond))
+        return reuse["s_c"]
     s_u = lambda x: score(world.eps_ref(x, t, None))  # s_ref(x_t | t, empty)
     s_ref = s_c
     if cfg.cfg == "in" and cfg.alpha_cfg != 0:  # choice 2: CFG-enhanced reference, one call
         s_ref = lambda x: cfg_score(*map(score, world.eps_ref_both(x, t, cond)), 1 + cfg.alpha_cfg)
-    cond_score = score(eps)  # grad log p_t(x_t | x_0)
+    score_x0 = score(eps)  # grad log p_t(x_t | x_0)
     if cfg.divergence == "kl":
-        loss_div = kl_loss(x_t, s_fake, s_ref, weight=sig / D)
-    elif cfg.divergence == "pseudo_huber":  # w = sigma_t / sqrt(D): see the comment above
-        c = cfg.huber_c * math.sqrt(D) / sig  # c on the score scale: eps-scale c / sigma_t
-        loss_div = score_divergence_loss(x_t, cond_score, s_fake, s_ref, "pseudo_huber", c=c,
-                                         weight=sig / math.sqrt(D))
+        loss_div = kl_loss(x_t, s_psi, s_ref, weight=sigma_t / D)
+    elif cfg.divergence == "pseudo_huber":  # w(t) = sigma_t / sqrt(D): the table above
+        c = cfg.huber_c * math.sqrt(D) / sigma_t  # on the score scale: eps-scale c / sigma_t
+        loss_div = score_divergence_loss(x_t, score_x0, s_psi, s_ref, "pseudo_huber", c=c,
+                                         weight=sigma_t / math.sqrt(D))
     else:
-        loss_div = score_divergence_loss(x_t, cond_score, s_fake, s_ref, "l2", weight=sig**2 / D)
+        loss_div = score_divergence_loss(x_t, score_x0, s_psi, s_ref, "l2", weight=sigma_t**2 / D)
     loss_cfg = torch.zeros_like(loss_div)
     if cfg.cfg == "out" and cfg.alpha_cfg != 0:  # choice 1: implicit CFG reward (Thm 3.2)
-        loss_cfg = cfg.alpha_cfg * cfg_reward_loss(x_t, lambda x: kept["c"], s_u, weight=sig / D)
+        s_c_again = lambda x: reuse["s_c"]  # no second reference call
+        loss_cfg = cfg.alpha_cfg * cfg_reward_loss(x_t, s_c_again, s_u, weight=sigma_t / D)
     with torch.set_grad_enabled(cfg.alpha_rew != 0):  # no reward backward when it has no weight
         reward = world.reward(x0, cond)  # r(x_0, c), (B,)
     loss_rew = -cfg.alpha_rew * reward
@@ -541,7 +551,7 @@ def generator_loss(world, g, cond):
     return loss, dict(loss_rew=loss_rew.mean(), loss_div=loss_div.mean(), loss_cfg=loss_cfg.mean(),
                       reward=reward.mean().detach(), x0=x0)
 
-def generator_backward(world, g, cond):
+def generator_backward(world, g_theta, cond):
     """The generator phase's loss and backward, psi's parameters frozen (not its input). Each
     term's x_0-gradient is taken on its own and their sum goes back through g_theta: the work of
     one backward, and the norms log the balance of reward, divergence and CFG."""
@@ -549,7 +559,7 @@ def generator_backward(world, g, cond):
     for p in psi:
         p.requires_grad_(False)
     try:
-        loss, terms = generator_loss(world, g, cond)
+        loss, terms = generator_loss(world, g_theta, cond)
         x0, grad = terms.pop("x0"), {}
         # each term's graph is freed once its gradient is taken; the CFG term's only after the
         # divergence's, as the two share x_t
@@ -599,8 +609,9 @@ def train(world, opt_g, opt_psi, dist_info, steps, on_step=None):
     all-reduced and returned; on_step(step, metrics or None) is the caller's: log, sample, save."""
     cfg = world.cfg
     rank, world_size, device = dist_info
-    g, s_psi = world.generator, world.assistant  # fp32 master weights
-    g_ddp, s_psi_ddp = (data_parallel(m, world_size) for m in (g, s_psi))  # DDP or FSDP's own
+    g_theta, s_psi = world.generator, world.assistant  # fp32 master weights
+    # DDP broadcasts rank 0's weights when it wraps them: the seeds differ per rank
+    g_ddp, s_psi_ddp = (data_parallel(m, world_size) for m in (g_theta, s_psi))  # DDP or FSDP's own
     bar = Progress(steps, rank, device, log=on_step is not None)  # a bar, seconds, peak memory
     history, skipped, in_a_row = [], 0, dict(g=0, psi=0)  # skips since the last log; streaks
 
@@ -622,7 +633,7 @@ def train(world, opt_g, opt_psi, dist_info, steps, on_step=None):
             update(opt_psi, s_psi, loss_psi, "psi")  # frees psi's grads before the generator phase
         bar.lap("assistant")
         loss_g, terms = generator_backward(world, g_ddp, world.sample_cond(cfg.batch_size))
-        grad_norm = update(opt_g, g, loss_g, "g")
+        grad_norm = update(opt_g, g_theta, loss_g, "g")
         bar.lap("generator")
         metrics = None
         if (step + 1) % cfg.log_interval == 0 or step + 1 == steps.stop:
@@ -634,7 +645,7 @@ def train(world, opt_g, opt_psi, dist_info, steps, on_step=None):
             bar.show(metrics)
         if on_step:
             on_step(step + 1, metrics)
-    for net in (g, s_psi):
+    for net in (g_theta, s_psi):
         assert_ranks_in_sync(net, world_size)
     return history
 
@@ -937,7 +948,7 @@ def gradient_check(n=2**17, n_batches=16, t=300, c_huber=0.5, alpha_cfg=7.5, see
         logp = omega * world.log_prob(x, a, s, 0) + (1 - omega) * world.log_prob(x, a, s, None)
         return torch.autograd.grad(logp.sum(), x)[0]
 
-    def div_33(x_t, ref, distance, c=c_huber):  # (3.3): d(s_theta - s_ref) at frozen x ~ pi_t
+    def div(x_t, ref, distance, c=c_huber):  # divergence (3.3): d(s_theta - s_ref), pi_t frozen
         x = x_t.detach()
         y = gen_score(x, mu, A) - batch[ref]  # s_ref(x): the batch's, computed once
         return _dot(y, y) if distance == "l2" else torch.sqrt(_dot(y, y) + c**2) - c
@@ -954,33 +965,34 @@ def gradient_check(n=2**17, n_batches=16, t=300, c_huber=0.5, alpha_cfg=7.5, see
 
     # generator_backward on this world: x_0 = mu + A z with the batch's z and eps (the first draw
     # after its seed), the check's t, the assistant's eps exact: -sigma_t s_{p_sg[theta],t}
-    batch, sig, D, huber_c = {}, s.item(), 2, 5.0  # c near ||y_t|| (~10 with CFG): c's scale shows
+    batch, D, huber_c = {}, 2, 5.0  # c near ||y_t|| (~10 with CFG): c's scale shows
     world.generate = lambda g, cond: mu + batch["z"] @ A.T
     world.sample_t = lambda n, device: t.expand(n)
-    world.assistant, world.eps_fake = nn.Module(), lambda s_psi, x, t, cond: -s * s_sg(x)
+    world.assistant, world.eps_psi = nn.Module(), lambda s_psi, x, t, cond: -s * s_sg(x)
 
     pieces = {  # exact per-sample objectives of x_t; of x_0, the reward r(x_0, c) = scale x_0[0]
-        "ph": lambda x: div_33(x, "q_c", "pseudo_huber"), "l2": lambda x: div_33(x, "q_c", "l2"),
-        "ph cfg": lambda x: div_33(x, "q_cfg", "pseudo_huber"), "kl": kl_exact,
+        "huber": lambda x: div(x, "ref_c", "pseudo_huber"), "l2": lambda x: div(x, "ref_c", "l2"),
+        "huber cfg": lambda x: div(x, "ref_cfg", "pseudo_huber"), "kl": kl_exact,
         "-r cfg": lambda x: world.log_prob(x, a, s, None) - world.log_prob(x, a, s, 0),  # -(3.7)
         "r": lambda x: world.reward(batch["x0"], 0),
-        "ph cfg c": lambda x: div_33(x, "q_cfg", "pseudo_huber", huber_c * D**0.5 / sig),
-        "ph cfg c_eps": lambda x: div_33(x, "q_cfg", "pseudo_huber", huber_c * D**0.5)}
-    ph = dict(distance="pseudo_huber", c=c_huber)
-    # generator_loss's weights on the score scale (the comment before diffuse); reward 100
-    w_ph, w_l2, w_kl, w_cfg = sig / D**0.5, sig**2 / D, sig / D, alpha_cfg * sig / D
+        "huber cfg c": lambda x: div(x, "ref_cfg", "pseudo_huber", huber_c * D**0.5 / s),
+        "huber cfg c_eps": lambda x: div(x, "ref_cfg", "pseudo_huber", huber_c * D**0.5)}
+    huber = dict(distance="pseudo_huber", c=c_huber)
+    # generator_loss's weights on the score scale (the table before diffuse); reward 100
+    w_huber, w_l2, w_kl, w_cfg = s / D**0.5, s**2 / D, s / D, alpha_cfg * s / D
     in_rew = dict(divergence="pseudo_huber", huber_c=huber_c, alpha_rew=100.0, cfg="in",
                   alpha_cfg=alpha_cfg)
     l2_out = dict(divergence="l2", alpha_rew=0.0, cfg="out", alpha_cfg=alpha_cfg)
     kl_rew = dict(divergence="kl", alpha_rew=100.0, alpha_cfg=0.0)
     rows = [  # (name, tractable loss of (x_t, cond score) or generator_backward's objective,
               #  exact objective {piece: weight}, should match)
-        ("eq 3.4 pseudo-Huber (Thm 3.1)", lambda x, e: score_divergence_loss(x, e, s_sg, s_c, **ph),
-         {"ph": 1}, True),
+        ("eq 3.4 pseudo-Huber (Thm 3.1)",
+         lambda x, e: score_divergence_loss(x, e, s_sg, s_c, **huber),
+         {"huber": 1}, True),
         ("eq 3.4 l2 (Thm 3.1)", lambda x, e: score_divergence_loss(x, e, s_sg, s_c, distance="l2"),
          {"l2": 1}, True),
-        ("  wrong: x_t detached inside d'", lambda x, e: detached(x, e, "d'"), {"ph": 1}, False),
-        ("  wrong: x_t detached in 2nd s_fake", lambda x, e: detached(x, e, "2nd"), {"ph": 1},
+        ("  wrong: x_t detached inside d'", lambda x, e: detached(x, e, "d'"), {"huber": 1}, False),
+        ("  wrong: x_t detached in 2nd s_psi", lambda x, e: detached(x, e, "2nd"), {"huber": 1},
          False),
         ("kl_loss vs closed-form KL", lambda x, e: kl_loss(x, s_sg, s_c), {"kl": 1}, True),
         ("cfg_reward_loss (Thm 3.2, sign -)", lambda x, e: cfg_reward_loss(x, s_c, s_u),
@@ -988,24 +1000,27 @@ def gradient_check(n=2**17, n_batches=16, t=300, c_huber=0.5, alpha_cfg=7.5, see
         ("  printed sign + (eqs 3.5, 3.6)", lambda x, e: -cfg_reward_loss(x, s_c, s_u),
          {"-r cfg": 1}, False),
         ("choice 2: cfg_score reference", lambda x, e: score_divergence_loss(
-            x, e, s_sg, lambda y: cfg_score(s_c(y), s_u(y), omega), **ph), {"ph cfg": 1}, True),
+            x, e, s_sg, lambda y: cfg_score(s_c(y), s_u(y), omega), **huber), {"huber cfg": 1},
+         True),
         ("  printed choice 2: s_c + a s_u", lambda x, e: score_divergence_loss(
-            x, e, s_sg, lambda y: s_c(y) + alpha_cfg * s_u(y), **ph), {"ph cfg": 1}, False),
+            x, e, s_sg, lambda y: s_c(y) + alpha_cfg * s_u(y), **huber), {"huber cfg": 1}, False),
     ] + [("  wrong: v to eps as x_s + s v", lambda x, e: score_divergence_loss(
-        x, e, s_sg, lambda y: ref_score(y, 0, lambda x_s, v, s: x_s + s * v), **ph), {"ph": 1},
+        x, e, s_sg, lambda y: ref_score(y, 0, lambda x_s, v, s: x_s + s * v), **huber),
+        {"huber": 1},
         False)] * (process == "flow") + [("  wrong: v to eps as x_0, a x_t - s v", lambda x, e:
         score_divergence_loss(x, e, s_sg, lambda y: ref_score(
-            y, 0, lambda x_t, v, a, s: a * x_t - s * v), **ph), {"ph": 1}, False)] * (
+            y, 0, lambda x_t, v, a, s: a * x_t - s * v), **huber), {"huber": 1}, False)] * (
         process == "v") + [
-        ("generator_backward: ph, cfg in, reward", in_rew, {"r": -100, "ph cfg c": w_ph}, True),
-        ("  wrong: ph weight sigma_t / D", in_rew, {"r": -100, "ph cfg c": w_kl}, False),
-        ("  wrong: ph c = huber_c sqrt(D)", in_rew, {"r": -100, "ph cfg c_eps": w_ph}, False),
+        ("generator_backward: ph, cfg in, reward", in_rew, {"r": -100, "huber cfg c": w_huber},
+         True),
+        ("  wrong: ph weight sigma_t / D", in_rew, {"r": -100, "huber cfg c": w_kl}, False),
+        ("  wrong: ph c = huber_c sqrt(D)", in_rew, {"r": -100, "huber cfg c_eps": w_huber}, False),
         ("generator_backward: l2, cfg out", l2_out, {"l2": w_l2, "-r cfg": w_cfg}, True),
         ("  wrong: l2 weight sigma_t / D", l2_out, {"l2": w_kl, "-r cfg": w_cfg}, False),
-        ("  wrong: cfg weight a sigma_t^2 / D", l2_out, {"l2": w_l2, "-r cfg": w_cfg * sig}, False),
+        ("  wrong: cfg weight a sigma_t^2 / D", l2_out, {"l2": w_l2, "-r cfg": w_cfg * s}, False),
         ("generator_backward: KL, reward", kl_rew, {"r": -100, "kl": w_kl}, True),
         ("  wrong: KL weight sigma_t^2 / D", kl_rew, {"r": -100, "kl": w_l2}, False)]
-    flat = lambda grads: torch.cat([g.flatten() for g in grads])  # (6,): 2 for mu, 4 for A
+    flat = lambda grads: torch.cat([v.flatten() for v in grads])  # (6,): 2 for mu, 4 for A
     diffs, exacts = [[] for _ in rows], [[] for _ in rows]
     with torch.random.fork_rng(devices=[]):  # generator_backward's draws leave training's stream
         for b in range(n_batches):  # every row sees the same samples: each gradient once a batch
@@ -1015,10 +1030,10 @@ def gradient_check(n=2**17, n_batches=16, t=300, c_huber=0.5, alpha_cfg=7.5, see
             eps, x0 = torch.randn_like(z), mu + z @ A.T  # eps: diffuse's draw
             x_t, batch["x0"] = a * x0 + s * eps, x0  # reparameterised: carry the theta-gradient
             # the exact objectives' references: q_t(. | c)'s score, the CFG-enhanced one's
-            batch.update(q_c=world.score(x_t.detach(), a, s, 0), q_cfg=s_cfg_exact(x_t))
+            batch.update(ref_c=world.score(x_t.detach(), a, s, 0), ref_cfg=s_cfg_exact(x_t))
             done = {}
 
-            def grad(key, loss):  # its theta-gradient, once a batch
+            def theta_grad(key, loss):  # its theta-gradient, once a batch
                 if key not in done and isinstance(loss, dict):  # generator_backward's, in (mu, A)
                     world.cfg, mu.grad, A.grad = replace(Config(), **loss), None, None
                     torch.manual_seed(batch["seed"])
@@ -1028,17 +1043,17 @@ def gradient_check(n=2**17, n_batches=16, t=300, c_huber=0.5, alpha_cfg=7.5, see
                     done[key] = flat(torch.autograd.grad(loss().mean(), (mu, A), retain_graph=True))
                 return done[key]
             for i, (name, tractable, exact, _) in enumerate(rows):
-                g_ex = sum(w * grad(k, lambda: pieces[k](x_t)) for k, w in exact.items())
-                g_tr = (grad(str(tractable), tractable) if isinstance(tractable, dict) else
-                        grad(name, lambda: tractable(x_t, -eps / s)))
-                diffs[i].append(g_tr - g_ex)
-                exacts[i].append(g_ex)
+                grad_ex = sum(w * theta_grad(k, lambda: pieces[k](x_t)) for k, w in exact.items())
+                grad_tr = (theta_grad(str(tractable), tractable) if isinstance(tractable, dict) else
+                        theta_grad(name, lambda: tractable(x_t, -eps / s)))
+                diffs[i].append(grad_tr - grad_ex)
+                exacts[i].append(grad_ex)
     results = []
     for (name, _, _, should_match), diff, exact in zip(rows, diffs, exacts):
-        err, g_ex = torch.stack(diff).mean(0), torch.stack(exact).mean(0)
+        err, grad_ex = torch.stack(diff).mean(0), torch.stack(exact).mean(0)
         se = torch.stack(diff).std(0) / math.sqrt(n_batches)  # standard error of err
-        tol = max(float(4 * se.norm() / g_ex.norm()), 1e-9)  # 1e-9: rounding
-        rel = {k: (err[i].norm() / g_ex[i].norm()).item()
+        tol = max(float(4 * se.norm() / grad_ex.norm()), 1e-9)  # 1e-9: rounding
+        rel = {k: (err[i].norm() / grad_ex[i].norm()).item()
                for k, i in (("all", slice(None)), ("mu", slice(0, 2)), ("A", slice(2, 6)))}
         ok = (rel["all"] <= tol) == should_match
         results.append(dict(name=name, rel=rel, tol=tol, should_match=should_match, ok=ok))
@@ -2763,7 +2778,7 @@ class PartTimer:
 
 # (what is wrapped, its part, the part of its backward if another)
 BENCH_PARTS = [("sample_cond", "text", None), ("generate", "g fwd", "g bwd"),
-               ("eps_fake", "psi", None), ("eps_ref", "ref", None), ("eps_ref_both", "ref", None),
+               ("eps_psi", "psi", None), ("eps_ref", "ref", None), ("eps_ref_both", "ref", None),
                ("reward", "reward", None), ("decode", "vae", None),
                ("clip_and_step", "optim", None), ("clock", None, None)]
 PART_NAMES = ["text", "g fwd", "g bwd", "psi", "ref", "vae", "reward", "optim", "other"]
@@ -2775,7 +2790,7 @@ def unet_baseline_update(world, opt, batch_size):
     cond = world.sample_cond(batch_size)
     t, x_t, eps, _ = diffuse(world, torch.randn(batch_size, *world.latent_shape,
                                                 device=world.device))
-    loss = F.mse_loss(world.eps_fake(world.assistant, x_t, t, cond), eps)
+    loss = F.mse_loss(world.eps_psi(world.assistant, x_t, t, cond), eps)
     loss.backward()
     return clip_and_step(opt, world.assistant, loss, world.cfg.grad_clip, 1)
 
