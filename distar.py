@@ -744,6 +744,7 @@ def main(argv):
         # the toy's nets are so small that a GPU only adds launch latency: it runs on the CPU,
         # with one intra-op thread (threads competing for cores slow it down 10x)
         rank, world_size, _ = dist_info = setup_distributed(cuda=not cfg.toy)
+        run.rank = rank  # the error lines name it
         cfg = resolve_resume(cfg, rank)  # --resume with no checkpoint stops; --resume_if_any
         check_resume(cfg, rank)  # the checkpoint's mode and objective, before anything is written
         torch.manual_seed(cfg.seed * world_size + rank)
@@ -773,26 +774,25 @@ def exits():
     """main's block, its errors turned into one line and an exit code (run.code): bad input 2,
     a failed run 1 (every rank stops on these: all_ok), Ctrl-C 130; at the end the ranks leave
     together."""
-    rank = int(os.environ.get("RANK", 0))
     first_on_node = int(os.environ.get("LOCAL_RANK", 0)) == 0  # one error line in each node's log
-    run = argparse.Namespace(cfg=None, code=0)
+    run = argparse.Namespace(cfg=None, code=0, rank=int(os.environ.get("RANK", 0)))
     try:
         yield run
     except (LoadError, ConfigError, NonFiniteError, RankFailed) as e:  # every rank stops here
-        if reports(e, rank, first_on_node):  # one line in each node's log
+        if reports(e, run.rank, first_on_node):  # one line in each node's log
             print(f"distar: error: {e}", file=sys.stderr)
         if dist.is_initialized():  # every rank leaves (all_ok): nothing is left to wait for
             dist.destroy_process_group()
         run.code = 2 if isinstance(e, (LoadError, ConfigError)) else 1
         return
     except torch.cuda.OutOfMemoryError:  # from the rank that ran out; torchrun stops the others
-        print(f"distar: error: rank {rank} ran out of GPU memory: try a smaller --batch_size, more "
-              "GPUs with --fsdp, or --grad_checkpointing if it is off", file=sys.stderr)
+        print(f"distar: error: rank {run.rank} ran out of GPU memory: try a smaller --batch_size, "
+              "more GPUs with --fsdp, or --grad_checkpointing if it is off", file=sys.stderr)
         run.code = 1
         return
     except KeyboardInterrupt as e:  # Ctrl-C: stopped on purpose. torchrun forwards it to every rank
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second one (forwarded) must not cut exit
-        if rank == 0:  # one line per run
+        if run.rank == 0:  # one line per run
             print(f"distar: {interrupted(run.cfg, getattr(e, 'step', None))}", file=sys.stderr,
                   flush=True)
         run.code = 130  # 128 + SIGINT, as a shell reports it
