@@ -813,18 +813,19 @@ class Progress:
     def __iter__(self):
         for step in self.bar:
             self.sec, self.mem = {}, {}
-            self._reset()
-            yield step
+            self._reset_memory()
+            self.t = clock(self.device)  # clock, peak_memory_gb: with the dry run; --bench's
+            yield step  # PartTimer reads each clock() call as a phase's start
 
-    def _reset(self):
+    def _reset_memory(self):
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        self.t = clock(self.device)  # clock, peak_memory_gb: in the extras, with the dry run
 
     def lap(self, phase):
         self.mem[phase] = peak_memory_gb(self.device)
-        self.sec[phase] = clock(self.device) - self.t
-        self._reset()
+        t = clock(self.device)
+        self.sec[phase], self.t = t - self.t, t
+        self._reset_memory()
 
     def laps(self):
         return dict(**{f"sec_{k}": v for k, v in self.sec.items()},
