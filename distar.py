@@ -159,38 +159,39 @@ def distance_grad(y, distance="pseudo_huber", c=1.0):
         return y / norm.view(-1, *([1] * (y.ndim - 1)))
     raise ValueError(f"unknown distance {distance!r}")
 
-def score_divergence_loss(x_t, cond_score, fake_score_fn, ref_score_fn, distance="pseudo_huber",
-                          c=1.0, weight=1.0):
-    """Eq. 3.4 / 3.5 (Theorem 3.1): -d'(y_t) . (s_fake(x_t) - cond_score), y_t = s_fake - s_ref.
-    Only the nets' parameters are frozen (sg[theta]): the theta-gradient flows through x_t into
-    d' (both nets) and the second s_fake. Detaching x_t anywhere is a different, wrong gradient."""
-    s_fake = fake_score_fn(x_t)  # s_psi(x_t) ~ s_{p_sg[theta],t}(x_t)
-    y_t = s_fake - ref_score_fn(x_t)  # y_t = s_fake - s_ref
-    return -weight * _dot(distance_grad(y_t, distance, c), s_fake - cond_score)
+def score_divergence_loss(x_t, score_x0, s_psi, s_ref, distance="pseudo_huber", c=1.0,
+                          weight=1.0):
+    """Eq. 3.4 (Theorem 3.1; its term in 3.5): -d'(y_t) . (s_psi(x_t) - score_x0), with
+    y_t = s_psi(x_t) - s_ref(x_t), score_x0 = grad log p_t(x_t | x_0); s_psi, s_ref: functions of
+    x_t. Only the nets' parameters are frozen (sg[theta]): the theta-gradient flows through x_t
+    into d' (both nets) and the second s_psi. Detaching x_t anywhere: a wrong gradient."""
+    s_psi_x = s_psi(x_t)  # s_psi(x_t) ~ s_{p_sg[theta],t}(x_t)
+    y_t = s_psi_x - s_ref(x_t)
+    return -weight * _dot(distance_grad(y_t, distance, c), s_psi_x - score_x0)
 
-def kl_loss(x_t, fake_score_fn, ref_score_fn, weight=1.0):
-    """Diff-Instruct / DI++ baseline: (s_fake(sg[x_t]) - s_ref(sg[x_t])) . x_t, whose theta-gradient
+def kl_loss(x_t, s_psi, s_ref, weight=1.0):
+    """Diff-Instruct / DI++ baseline: (s_psi(sg[x_t]) - s_ref(sg[x_t])) . x_t, whose theta-gradient
     is that of KL(p_theta,t || q_t). No back-propagation through either net."""
     with torch.no_grad():  # sg[x_t]
-        g = fake_score_fn(x_t.detach()) - ref_score_fn(x_t.detach())
-    return weight * _dot(g, x_t)
+        y_t = s_psi(x_t.detach()) - s_ref(x_t.detach())
+    return weight * _dot(y_t, x_t)
 
-def cfg_reward_loss(x_t, cond_score_fn, uncond_score_fn, weight=1.0):
+def cfg_reward_loss(x_t, s_c, s_u, weight=1.0):
     """Theorem 3.2, choice 1 (DI*-Out): -(s_ref(sg[x_t]|c) - s_ref(sg[x_t]|empty)) . x_t, whose
     gradient is MINUS that of the implicit reward (3.7). The + printed in (3.5), (3.6) holds for
     eps-predictions (s = -eps / sigma_t flips the sign); the gradient check prints both."""
     with torch.no_grad():  # sg[x_t]
-        g = cond_score_fn(x_t.detach()) - uncond_score_fn(x_t.detach())
-    return -weight * _dot(g, x_t)
+        grad_r = s_c(x_t.detach()) - s_u(x_t.detach())  # grad_x of (3.7)'s log q_t(x|c) / q_t(x)
+    return -weight * _dot(grad_r, x_t)
 
-def cfg_score(cond_score, uncond_score, scale):
+def cfg_score(s_c, s_u, scale):
     """Choice 2 (DI*-In): the CFG-enhanced reference s_u + scale (s_c - s_u), i.e. the score of
     p(x|c)^scale p(x)^(1-scale). The paper prints s_c + alpha s_u, which is not CFG."""
-    return uncond_score + scale * (cond_score - uncond_score)
+    return s_u + scale * (s_c - s_u)
 
-def dsm_loss(score_pred, cond_score, weight=1.0):
+def dsm_loss(s_psi_x, score_x0, weight=1.0):
     """Denoising score matching, eq. 2.2: weight * ||s_psi(x_t) - grad log p_t(x_t|x_0)||^2."""
-    d = score_pred - cond_score
+    d = s_psi_x - score_x0
     return weight * _dot(d, d)
 
 # -----------------------------------------------------------------------------
@@ -297,11 +298,11 @@ class ToyWorld(VPProcess):
     def sample_cond(self, n):
         return torch.randint(self.K, (n,), device=self.means.device)  # prompts c
 
-    def generate(self, g, cond):
+    def generate(self, g_theta, cond):
         z = torch.randn(len(cond), 2, device=self.means.device, dtype=self.means.dtype)  # z ~ p_z
-        return g(z, cond)  # x_0 = g_theta(z, c), (B, 2)
+        return g_theta(z, cond)  # x_0 = g_theta(z, c), (B, 2)
 
-    def eps_fake(self, s_psi, x_t, t, cond):
+    def eps_psi(self, s_psi, x_t, t, cond):
         return s_psi(x_t, cond, t.float())  # eps_psi(x_t, t, c)
 
     def eps_ref(self, x_t, t, cond):
@@ -349,206 +350,11 @@ def make_toy_world(device="cpu", process="vp"):
 # gap a generator_loss with that weight shows. A row passes when its mean gradient over n_batches
 # batches is within 4 standard errors of the exact one. process "flow": SD3's (1 - s, s) (sigma_t
 # 0.3), the reference read as from a flow net, its exact velocity through eps_from_velocity.
-def gradient_check(n=2**17, n_batches=16, t=300, c_huber=0.5, alpha_cfg=7.5, seed=0, process="vp"):
-    from torch.distributions import MultivariateNormal, kl_divergence
-
-    gen, dt = torch.Generator().manual_seed(seed), torch.float64
-    world = (FlowToyWorld if process == "flow" else ToyWorld)(
-        [[(0.0, 1.0)], [(-1.0, -0.5)], [(1.0, -0.5)]], std=0.6, reward_scale=0.003, dtype=dt)
-    t = torch.tensor(t, dtype=dt if process == "flow" else torch.long)
-    a, s = world.coefficients(t)
-    mu = torch.tensor([0.4, 0.2], dtype=dt, requires_grad=True)  # theta = (mu, A), class 0
-    A = torch.tensor([[0.9, 0.3], [-0.2, 0.5]], dtype=dt, requires_grad=True)
-    cov = lambda A: a**2 * A @ A.T + s**2 * torch.eye(2, dtype=dt)  # of p_theta,t
-
-    def gen_score(x, mu, A):  # exact score of p_theta,t at these parameters
-        return -torch.linalg.solve(cov(A), (x - a * mu).T).T
-
-    ref_score = lambda x, c, to_eps=eps_from_velocity: (  # s_ref(x | c); c None: empty
-        world.score(x, a, s, c) if process == "vp"
-        else -to_eps(x, world.velocity(x, a, s, c), s) / s)
-    if process == "v":  # VP read as from a v-net (SD2.1): v = a eps - s x_0 = (eps - s x) / a
-        a, s = world.coefficients(t)  # by Tweedie (eps = -s score), back to eps by eps_from_v
-        ref_score = lambda x, c, to_eps=eps_from_v: -to_eps(
-            x, (-s * world.score(x, a, s, c) - s * x) / a, a, s) / s
-
-    omega = 1 + alpha_cfg
-    s_c = lambda x: ref_score(x, 0)  # s_ref(x | c = 0)
-    s_u = lambda x: ref_score(x, None)  # s_ref(x | empty)
-    s_sg = lambda x: gen_score(x, mu.detach(), A.detach())  # s_{p_sg[theta],t}
-
-    def s_cfg_exact(x):  # grad_x [omega log q_t(x|c) + (1 - omega) log q_t(x)], by autograd
-        x = x.detach().requires_grad_(True)
-        logp = omega * world.log_prob(x, a, s, 0) + (1 - omega) * world.log_prob(x, a, s, None)
-        return torch.autograd.grad(logp.sum(), x)[0]
-
-    def div_33(x_t, ref, distance, c=c_huber):  # (3.3): d(s_theta - s_ref) at frozen x ~ pi_t
-        x = x_t.detach()
-        y = gen_score(x, mu, A) - batch[ref]  # s_ref(x): the batch's, computed once
-        return _dot(y, y) if distance == "l2" else torch.sqrt(_dot(y, y) + c**2) - c
-
-    def detached(x_t, cond, where):  # eq 3.4 pseudo-Huber with x_t detached in one place: wrong
-        x_1, x_2 = (x_t.detach(), x_t) if where == "d'" else (x_t, x_t.detach())
-        d_prime = distance_grad(s_sg(x_1) - s_c(x_1), "pseudo_huber", c_huber)
-        return -_dot(d_prime, s_sg(x_2) - cond)
-
-    def kl_exact(x_t):  # KL(p_theta,t || q_t(. | c = 0)) between two Gaussians, no samples
-        v = a**2 * world.std**2 + s**2  # q_t's variance
-        q_t = MultivariateNormal(a * world.means[0, 0], v * torch.eye(2, dtype=dt))
-        return kl_divergence(MultivariateNormal(a * mu, cov(A)), q_t).expand(len(x_t))
-
-    # generator_backward on this world: x_0 = mu + A z with the batch's z and eps (the first draw
-    # after its seed), the check's t, the assistant's eps exact: -sigma_t s_{p_sg[theta],t}
-    batch, sig, D, huber_c = {}, s.item(), 2, 5.0  # c near ||y_t|| (~10 with CFG): c's scale shows
-    world.generate = lambda g, cond: mu + batch["z"] @ A.T
-    world.sample_t = lambda n, device: t.expand(n)
-    world.assistant, world.eps_fake = nn.Module(), lambda s_psi, x, t, cond: -s * s_sg(x)
-
-    pieces = {  # exact per-sample objectives of x_t; of x_0, the reward r(x_0, c) = scale x_0[0]
-        "ph": lambda x: div_33(x, "q_c", "pseudo_huber"), "l2": lambda x: div_33(x, "q_c", "l2"),
-        "ph cfg": lambda x: div_33(x, "q_cfg", "pseudo_huber"), "kl": kl_exact,
-        "-r cfg": lambda x: world.log_prob(x, a, s, None) - world.log_prob(x, a, s, 0),  # -(3.7)
-        "r": lambda x: world.reward(batch["x0"], 0),
-        "ph cfg c": lambda x: div_33(x, "q_cfg", "pseudo_huber", huber_c * D**0.5 / sig),
-        "ph cfg c_eps": lambda x: div_33(x, "q_cfg", "pseudo_huber", huber_c * D**0.5)}
-    ph = dict(distance="pseudo_huber", c=c_huber)
-    # generator_loss's weights on the score scale (the comment before diffuse); reward 100
-    w_ph, w_l2, w_kl, w_cfg = sig / D**0.5, sig**2 / D, sig / D, alpha_cfg * sig / D
-    in_rew = dict(divergence="pseudo_huber", huber_c=huber_c, alpha_rew=100.0, cfg="in",
-                  alpha_cfg=alpha_cfg)
-    l2_out = dict(divergence="l2", alpha_rew=0.0, cfg="out", alpha_cfg=alpha_cfg)
-    kl_rew = dict(divergence="kl", alpha_rew=100.0, alpha_cfg=0.0)
-    rows = [  # (name, tractable loss of (x_t, cond score) or generator_backward's objective,
-              #  exact objective {piece: weight}, should match)
-        ("eq 3.4 pseudo-Huber (Thm 3.1)", lambda x, e: score_divergence_loss(x, e, s_sg, s_c, **ph),
-         {"ph": 1}, True),
-        ("eq 3.4 l2 (Thm 3.1)", lambda x, e: score_divergence_loss(x, e, s_sg, s_c, distance="l2"),
-         {"l2": 1}, True),
-        ("  wrong: x_t detached inside d'", lambda x, e: detached(x, e, "d'"), {"ph": 1}, False),
-        ("  wrong: x_t detached in 2nd s_fake", lambda x, e: detached(x, e, "2nd"), {"ph": 1},
-         False),
-        ("kl_loss vs closed-form KL", lambda x, e: kl_loss(x, s_sg, s_c), {"kl": 1}, True),
-        ("cfg_reward_loss (Thm 3.2, sign -)", lambda x, e: cfg_reward_loss(x, s_c, s_u),
-         {"-r cfg": 1}, True),
-        ("  printed sign + (eqs 3.5, 3.6)", lambda x, e: -cfg_reward_loss(x, s_c, s_u),
-         {"-r cfg": 1}, False),
-        ("choice 2: cfg_score reference", lambda x, e: score_divergence_loss(
-            x, e, s_sg, lambda y: cfg_score(s_c(y), s_u(y), omega), **ph), {"ph cfg": 1}, True),
-        ("  printed choice 2: s_c + a s_u", lambda x, e: score_divergence_loss(
-            x, e, s_sg, lambda y: s_c(y) + alpha_cfg * s_u(y), **ph), {"ph cfg": 1}, False),
-    ] + [("  wrong: v to eps as x_s + s v", lambda x, e: score_divergence_loss(
-        x, e, s_sg, lambda y: ref_score(y, 0, lambda x_s, v, s: x_s + s * v), **ph), {"ph": 1},
-        False)] * (process == "flow") + [("  wrong: v to eps as x_0, a x_t - s v", lambda x, e:
-        score_divergence_loss(x, e, s_sg, lambda y: ref_score(
-            y, 0, lambda x_t, v, a, s: a * x_t - s * v), **ph), {"ph": 1}, False)] * (
-        process == "v") + [
-        ("generator_backward: ph, cfg in, reward", in_rew, {"r": -100, "ph cfg c": w_ph}, True),
-        ("  wrong: ph weight sigma_t / D", in_rew, {"r": -100, "ph cfg c": w_kl}, False),
-        ("  wrong: ph c = huber_c sqrt(D)", in_rew, {"r": -100, "ph cfg c_eps": w_ph}, False),
-        ("generator_backward: l2, cfg out", l2_out, {"l2": w_l2, "-r cfg": w_cfg}, True),
-        ("  wrong: l2 weight sigma_t / D", l2_out, {"l2": w_kl, "-r cfg": w_cfg}, False),
-        ("  wrong: cfg weight a sigma_t^2 / D", l2_out, {"l2": w_l2, "-r cfg": w_cfg * sig}, False),
-        ("generator_backward: KL, reward", kl_rew, {"r": -100, "kl": w_kl}, True),
-        ("  wrong: KL weight sigma_t^2 / D", kl_rew, {"r": -100, "kl": w_l2}, False)]
-    flat = lambda grads: torch.cat([g.flatten() for g in grads])  # (6,): 2 for mu, 4 for A
-    diffs, exacts = [[] for _ in rows], [[] for _ in rows]
-    with torch.random.fork_rng(devices=[]):  # generator_backward's draws leave training's stream
-        for b in range(n_batches):  # every row sees the same samples: each gradient once a batch
-            z = batch["z"] = torch.randn(n // n_batches, 2, dtype=dt, generator=gen)
-            batch["seed"] = torch.randint(2**62, (), generator=gen).item()
-            torch.manual_seed(batch["seed"])
-            eps, x0 = torch.randn_like(z), mu + z @ A.T  # eps: diffuse's draw
-            x_t, batch["x0"] = a * x0 + s * eps, x0  # reparameterised: carry the theta-gradient
-            # the exact objectives' references: q_t(. | c)'s score, the CFG-enhanced one's
-            batch.update(q_c=world.score(x_t.detach(), a, s, 0), q_cfg=s_cfg_exact(x_t))
-            done = {}
-
-            def grad(key, loss):  # its theta-gradient, once a batch
-                if key not in done and isinstance(loss, dict):  # generator_backward's, in (mu, A)
-                    world.cfg, mu.grad, A.grad = replace(Config(), **loss), None, None
-                    torch.manual_seed(batch["seed"])
-                    generator_backward(world, None, 0)
-                    done[key] = flat((mu.grad, A.grad))
-                elif key not in done:
-                    done[key] = flat(torch.autograd.grad(loss().mean(), (mu, A), retain_graph=True))
-                return done[key]
-            for i, (name, tractable, exact, _) in enumerate(rows):
-                g_ex = sum(w * grad(k, lambda: pieces[k](x_t)) for k, w in exact.items())
-                g_tr = (grad(str(tractable), tractable) if isinstance(tractable, dict) else
-                        grad(name, lambda: tractable(x_t, -eps / s)))
-                diffs[i].append(g_tr - g_ex)
-                exacts[i].append(g_ex)
-    results = []
-    for (name, _, _, should_match), diff, exact in zip(rows, diffs, exacts):
-        err, g_ex = torch.stack(diff).mean(0), torch.stack(exact).mean(0)
-        se = torch.stack(diff).std(0) / math.sqrt(n_batches)  # standard error of err
-        tol = max(float(4 * se.norm() / g_ex.norm()), 1e-9)  # 1e-9: rounding
-        rel = {k: (err[i].norm() / g_ex[i].norm()).item()
-               for k, i in (("all", slice(None)), ("mu", slice(0, 2)), ("A", slice(2, 6)))}
-        ok = (rel["all"] <= tol) == should_match
-        results.append(dict(name=name, rel=rel, tol=tol, should_match=should_match, ok=ok))
-    return results
-
-def print_gradient_check(results, process="vp"):
-    print("gradient check: relative error of each loss's theta-gradient vs the exact one (2-D "
-          f"Gaussians, float64{', the flow process (1 - s, s): SD3' * (process == 'flow')}"
-          f"{', the reference read through v-prediction: SD2.1' * (process == 'v')})")
-    print(f"{'loss':38s} {'mu':>8s} {'A':>8s} {'all':>8s} {'MC tol':>8s}  verdict")
-    for r in results:
-        verdict = "matches" if r["should_match"] else "differs, as it should"
-        print(f"{r['name']:38s} {r['rel']['mu']:8.4f} {r['rel']['A']:8.4f} {r['rel']['all']:8.4f} "
-              f"{r['tol']:8.4f}  {verdict if r['ok'] else 'FAILED'}")
+# --toy runs it first (gradient_check and its table are below the banner).
 
 # -----------------------------------------------------------------------------
 # the SDXL world: the toy's interface with SDXL's UNets, VAE and CLIP text encoders and a CLIP
 # reward. Nets predict eps; scores are s = -eps_hat / sigma_t (the loop converts).
-
-BUILTIN_PROMPTS = ["a photo of a cat sitting on a windowsill", "the skyline of New York at dusk",
-                   "a shiba inu wearing a red scarf", "a volcano exploding next to a marina",
-                   "a bowl of ramen, studio lighting", "an astronaut riding a horse on the moon",
-                   "a watercolor painting of a lighthouse", "a cozy cabin in a snowy forest"]
-
-class ClipReward(nn.Module):
-    """r(x, c) = cos(CLIP_image(x), CLIP_text(c)): PickScore with PickScore_v1, CLIP score with
-    any other CLIPModel. alpha_rew multiplies this raw cosine (~0.22 for PickScore), not the x100
-    logit. model, processor: paths, or a CLIPModel and a CLIPProcessor."""
-
-    def __init__(self, model, processor, dtype=torch.float32):
-        super().__init__()
-        from transformers import AutoProcessor, CLIPModel
-
-        if isinstance(processor, str):
-            processor = load("reward_processor", processor, AutoProcessor.from_pretrained,
-                             processor)
-        if isinstance(model, str):
-            model = load("reward_model", model, CLIPModel.from_pretrained, model, dtype=dtype)
-        self.tokenizer, ip = processor.tokenizer, processor.image_processor
-        self.model = model.to(dtype).requires_grad_(False).eval()
-        self.size = ip.size.get("shortest_edge", ip.size.get("height"))
-        self.crop = (ip.crop_size["height"], ip.crop_size["width"])
-        self.register_buffer("mean", torch.tensor(ip.image_mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(ip.image_std).view(1, 3, 1, 1), persistent=False)
-
-    @torch.no_grad()
-    def text_features(self, prompts):
-        # no attention mask, as in SDXL's encode_prompt: CLIP's text attention is causal and the
-        # features are read at the end token, so the padding after it changes nothing
-        ids = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=77,
-                             return_tensors="pt").input_ids.to(self.mean.device)
-        f = self.model.get_text_features(input_ids=ids).pooler_output.float()
-        return F.normalize(f, dim=-1)  # (B, P)
-
-    def forward(self, images, text_features):
-        """images (B, 3, H, W) in [0, 1] -> cosine similarity (B,), differentiable: the processor's
-        resize of the short side (bicubic), centre crop and mean/std, in torch."""
-        h, w = images.shape[-2:]
-        s = self.size / min(h, w)
-        x = F.interpolate(images, size=(round(h * s), round(w * s)), mode="bicubic", antialias=True)
-        top, left = (x.shape[-2] - self.crop[0]) // 2, (x.shape[-1] - self.crop[1]) // 2
-        x = x[..., top:top + self.crop[0], left:left + self.crop[1]]
-        x = ((x - self.mean) / self.std).to(self.model.dtype)
-        f = self.model.get_image_features(pixel_values=x).pooler_output.float()
-        return (F.normalize(f, dim=-1) * text_features).sum(-1)
 
 class SDXLWorld(VPProcess):
     """Algorithm 1 on SDXL. Trained, with fp32 master weights: the generator g_theta (a UNet read at
@@ -561,10 +367,7 @@ class SDXLWorld(VPProcess):
         """parts: the components in memory (dry_run_parts) instead of loading cfg's paths."""
         self.cfg, self.device = cfg, device
         frozen = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
-        # meta tensors (the dry run's plan) have no autocast; FLOP counts do not depend on it
-        self.autocast = dict(device_type="cpu" if device.type == "meta" else device.type,
-                             dtype=torch.bfloat16,
-                             enabled=cfg.precision == "bf16" and device.type != "meta")
+        self.autocast = autocast_args(cfg, device)  # bf16 autocast with --precision=bf16
         prompts = read_prompts(cfg.prompts)
         self.prompts = prompts[rank::world_size] or prompts  # this rank's shard
         parts = parts or load_parts(cfg, device, frozen)
@@ -619,15 +422,15 @@ class SDXLWorld(VPProcess):
             eps = net(x, t, encoder_hidden_states=cond["embeds"], added_cond_kwargs=added).sample
         return eps.float()
 
-    def generate(self, g, cond, z=None):
+    def generate(self, g_theta, cond, z=None):
         """The one-step generator as DMD2 and DI* read it, at t = 399: x_0 = (z - s eps_hat) / a."""
         if z is None:  # (B, 4, R/8, R/8)
             z = torch.randn(len(cond["prompts"]), *self.latent_shape, device=self.device)
         ab = self.alphas_cumprod[self.cfg.conditioning_t]
-        eps_hat = self.unet(g, z, self.cfg.conditioning_t, cond)
+        eps_hat = self.unet(g_theta, z, self.cfg.conditioning_t, cond)
         return (z - (1 - ab).sqrt() * eps_hat) / ab.sqrt()  # x_0 = g_theta(z, c)
 
-    def eps_fake(self, s_psi, x_t, t, cond):
+    def eps_psi(self, s_psi, x_t, t, cond):
         return self.unet(s_psi, x_t, t, cond)
 
     def eps_ref(self, x_t, t, cond):
@@ -662,21 +465,36 @@ class SDXLWorld(VPProcess):
             images = numpy_to_pil(img.permute(0, 2, 3, 1).cpu().numpy())
             make_image_grid(images, rows=1, cols=n).save(path)
 
+# The other worlds (below the banner, WORLDS maps --model to them) keep this interface and
+# override only what differs. SD3World (--model=sd3, a flow transformer): sample_t (logit-normal,
+# shifted), coefficients (flow_coefficients), encode and uncond (three text encoders; the empty
+# prompt encoded), unet (its velocity as eps: eps_from_velocity), generate (one Euler step from
+# noise), decode (latents shifted). SDWorld (--model=sd, SD1.x/2.x): encode and uncond (one CLIP,
+# the empty prompt encoded), unet (a v-net's output as eps: eps_from_v), generate (a v-net's
+# a_t z - sigma_t v).
+
 # -----------------------------------------------------------------------------
 # Algorithm 1: the alternating loop, written once and given a world
 # A world holds .generator and .assistant (the trained nets), its process (sample_t(n, device),
-# coefficients(t) = (a_t, sigma_t)), and sample_cond(n), generate(g, cond), eps_fake(s_psi, x_t, t,
-# cond), eps_ref(x_t, t, cond or None), eps_ref_both, reward(x_0, cond); s = -eps / sigma_t.
+# coefficients(t) = (a_t, sigma_t)), and sample_cond(n), generate(g_theta, cond),
+# eps_psi(s_psi, x_t, t, cond), eps_ref(x_t, t, cond or None), eps_ref_both, reward(x_0, cond);
+# s = -eps / sigma_t.
 #
-# w(t) and c, which the paper leaves open. The distance is on the eps scale, d_t(y) = d(sigma_t y),
-# a distance at every t (so Theorem 3.1 holds), and per element: with Delta = eps_psi - eps_ref and
-# D elements per sample, l2 is ||Delta||^2 / D and pseudo-Huber, with c = huber_c sqrt(D) and
-# weight 1/sqrt(D), is sqrt(||Delta||^2 / D + huber_c^2) - huber_c. Why 1/sqrt(D): its d' has norm
-# <= 1, so 1/D would shrink its x_0-gradient by a further sqrt(D) (~180x from the toy to SDXL at
-# 1024 px); 1/sqrt(D) scales it with D as l2's and KL's do, so alpha_rew's balance carries over.
-# On the score scale the weights are sigma_t / sqrt(D) (with c / sigma_t) and sigma_t^2 / D (l2);
-# KL and the CFG reward take sigma_t / D (x_0-gradient a_t (eps_ref - eps_psi) / D per element),
-# the DSM sigma_t^2 / D (the eps MSE).
+# Algorithm 1's pi(t), w(t), lambda(t) and c, which the paper leaves open. pi(t): the world's
+# sample_t (VP: t ~ U{t_min..t_max}; SD3: logit-normal). The distance is on the eps scale,
+# d_t(y) = d(sigma_t y), a distance at every t (so Theorem 3.1 holds), and per element: D elements
+# a sample, |.|^2 summed over them, Delta = eps_psi - eps_ref, s = -eps / sigma_t. The weight is
+# w(t) for the generator's terms (eq. 3.4: pseudo-Huber d of eq. 3.8, l2), lambda(t) for DSM:
+#  loss         | weight, score scale   | c, score scale            | the same loss on the eps scale
+#  pseudo-Huber | sigma_t / sqrt(D)     | huber_c sqrt(D) / sigma_t | sqrt(|Delta|^2/D + huber_c^2)
+#               |                       |                           |   - huber_c
+#  l2           | sigma_t^2 / D         |                           | |Delta|^2 / D
+#  KL           | sigma_t / D           |                           | (eps_ref - eps_psi) . x_t / D
+#  CFG (3.6)    | alpha_cfg sigma_t / D |                           | alpha_cfg (eps_c-eps_u).x_t/D
+#  DSM (2.2)    | sigma_t^2 / D         |                           | |eps_psi - eps|^2 / D
+# Why 1/sqrt(D) for pseudo-Huber: its d' has norm <= 1, so 1/D would shrink its x_0-gradient by a
+# further sqrt(D) (~180x from the toy to SDXL at 1024 px); 1/sqrt(D) scales it with D as l2's and
+# KL's weights do, so alpha_rew's balance carries over.
 
 def diffuse(world, x0):
     """t from the world's process, eps ~ N(0, I), x_t = a_t x_0 + sigma_t eps ((B, 1, ...) each)."""
@@ -691,39 +509,41 @@ def assistant_loss(world, s_psi, cond):
         x0 = world.generate(world.generator, cond)  # theta frozen
     t, x_t, eps, sigma_t = diffuse(world, x0)
     D = x0[0].numel()
-    score_psi = -world.eps_fake(s_psi, x_t, t, cond) / sigma_t  # s_psi(x_t, t, c)
+    score_psi = -world.eps_psi(s_psi, x_t, t, cond) / sigma_t  # s_psi(x_t, t, c)
     return dsm_loss(score_psi, -eps / sigma_t, weight=sigma_t.flatten() ** 2 / D).mean()
 
-def generator_loss(world, g, cond):
-    """Algorithm 1, generator phase: -alpha_rew r + eq. 3.4 (or KL) + the CFG term (eq. 3.5).
+def generator_loss(world, g_theta, cond):
+    """Algorithm 1, generator phase, eq. 3.5: -alpha_rew r + the divergence term of eq. 3.4 (or KL)
+    + alpha_cfg times the CFG term of eq. 3.6 (choice 1), or eq. 3.4 against cfg_score (choice 2).
     Returns the loss and its terms; terms["x0"] is x_0 = g_theta(z, c), where the terms meet."""
     cfg = world.cfg
-    x0 = world.generate(g, cond)  # x_0 = g_theta(z, c)
+    x0 = world.generate(g_theta, cond)  # x_0 = g_theta(z, c)
     t, x_t, eps, sigma_t = diffuse(world, x0)  # x_t carries the theta-gradient
-    D, sig = x0[0].numel(), sigma_t.flatten()
-    score = lambda eps_hat: -eps_hat / sigma_t
-    s_fake = lambda x: score(world.eps_fake(world.assistant, x, t, cond))  # s_psi, unwrapped
-    kept = {}  # s_ref(x_t | t, c) as the divergence computed it: choice 1's CFG term reuses it
+    D, sigma_t = x0[0].numel(), sigma_t.flatten()  # sigma_t per sample, (B,)
+    score = lambda eps_hat: -eps_hat / sigma_t.view(-1, *([1] * (x0.ndim - 1)))
+    s_psi = lambda x: score(world.eps_psi(world.assistant, x, t, cond))  # unwrapped: no DDP
+    reuse = {}  # s_ref(x_t | t, c) as the divergence computed it: choice 1's CFG term reuses it
 
     def s_c(x):  # s_ref(x_t | t, c)
-        kept["c"] = score(world.eps_ref(x, t, cond))
-        return kept["c"]
+        reuse["s_c"] = score(world.eps_ref(x, t, cond))
+        return reuse["s_c"]
     s_u = lambda x: score(world.eps_ref(x, t, None))  # s_ref(x_t | t, empty)
     s_ref = s_c
     if cfg.cfg == "in" and cfg.alpha_cfg != 0:  # choice 2: CFG-enhanced reference, one call
         s_ref = lambda x: cfg_score(*map(score, world.eps_ref_both(x, t, cond)), 1 + cfg.alpha_cfg)
-    cond_score = score(eps)  # grad log p_t(x_t | x_0)
+    score_x0 = score(eps)  # grad log p_t(x_t | x_0)
     if cfg.divergence == "kl":
-        loss_div = kl_loss(x_t, s_fake, s_ref, weight=sig / D)
-    elif cfg.divergence == "pseudo_huber":  # w = sigma_t / sqrt(D): see the comment above
-        c = cfg.huber_c * math.sqrt(D) / sig  # c on the score scale: eps-scale c / sigma_t
-        loss_div = score_divergence_loss(x_t, cond_score, s_fake, s_ref, "pseudo_huber", c=c,
-                                         weight=sig / math.sqrt(D))
+        loss_div = kl_loss(x_t, s_psi, s_ref, weight=sigma_t / D)
+    elif cfg.divergence == "pseudo_huber":  # w(t) = sigma_t / sqrt(D): the table above
+        c = cfg.huber_c * math.sqrt(D) / sigma_t  # on the score scale: eps-scale c / sigma_t
+        loss_div = score_divergence_loss(x_t, score_x0, s_psi, s_ref, "pseudo_huber", c=c,
+                                         weight=sigma_t / math.sqrt(D))
     else:
-        loss_div = score_divergence_loss(x_t, cond_score, s_fake, s_ref, "l2", weight=sig**2 / D)
+        loss_div = score_divergence_loss(x_t, score_x0, s_psi, s_ref, "l2", weight=sigma_t**2 / D)
     loss_cfg = torch.zeros_like(loss_div)
     if cfg.cfg == "out" and cfg.alpha_cfg != 0:  # choice 1: implicit CFG reward (Thm 3.2)
-        loss_cfg = cfg.alpha_cfg * cfg_reward_loss(x_t, lambda x: kept["c"], s_u, weight=sig / D)
+        s_c_again = lambda x: reuse["s_c"]  # no second reference call
+        loss_cfg = cfg.alpha_cfg * cfg_reward_loss(x_t, s_c_again, s_u, weight=sigma_t / D)
     with torch.set_grad_enabled(cfg.alpha_rew != 0):  # no reward backward when it has no weight
         reward = world.reward(x0, cond)  # r(x_0, c), (B,)
     loss_rew = -cfg.alpha_rew * reward
@@ -731,7 +551,7 @@ def generator_loss(world, g, cond):
     return loss, dict(loss_rew=loss_rew.mean(), loss_div=loss_div.mean(), loss_cfg=loss_cfg.mean(),
                       reward=reward.mean().detach(), x0=x0)
 
-def generator_backward(world, g, cond):
+def generator_backward(world, g_theta, cond):
     """The generator phase's loss and backward, psi's parameters frozen (not its input). Each
     term's x_0-gradient is taken on its own and their sum goes back through g_theta: the work of
     one backward, and the norms log the balance of reward, divergence and CFG."""
@@ -739,7 +559,7 @@ def generator_backward(world, g, cond):
     for p in psi:
         p.requires_grad_(False)
     try:
-        loss, terms = generator_loss(world, g, cond)
+        loss, terms = generator_loss(world, g_theta, cond)
         x0, grad = terms.pop("x0"), {}
         # each term's graph is freed once its gradient is taken; the CFG term's only after the
         # divergence's, as the two share x_t
@@ -789,10 +609,10 @@ def train(world, opt_g, opt_psi, dist_info, steps, on_step=None):
     all-reduced and returned; on_step(step, metrics or None) is the caller's: log, sample, save."""
     cfg = world.cfg
     rank, world_size, device = dist_info
-    g, s_psi = world.generator, world.assistant  # fp32 master weights
-    g_ddp, s_psi_ddp = (data_parallel(m, world_size) for m in (g, s_psi))  # DDP or FSDP's own
-    bar = tqdm(steps, initial=steps.start, total=steps.stop, disable=None if rank == 0 else True,
-               dynamic_ncols=True)
+    g_theta, s_psi = world.generator, world.assistant  # fp32 master weights
+    # DDP broadcasts rank 0's weights when it wraps them: the seeds differ per rank
+    g_ddp, s_psi_ddp = (data_parallel(m, world_size) for m in (g_theta, s_psi))  # DDP or FSDP's own
+    bar = Progress(steps, rank, device, log=on_step is not None)  # a bar, seconds, peak memory
     history, skipped, in_a_row = [], 0, dict(g=0, psi=0)  # skips since the last log; streaks
 
     def update(opt, net, loss, name):
@@ -806,36 +626,26 @@ def train(world, opt_g, opt_psi, dist_info, steps, on_step=None):
         return grad_norm
 
     for step in bar:
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        t0 = clock(device)  # clock, peak_memory_gb: in the extras, with the dry run
         loss_psi = torch.zeros((), device=device)
         for _ in range(cfg.assistant_steps):  # assistant phase: theta frozen inside assistant_loss
             loss_psi = assistant_loss(world, s_psi_ddp, world.sample_cond(cfg.batch_size))
             loss_psi.backward()
             update(opt_psi, s_psi, loss_psi, "psi")  # frees psi's grads before the generator phase
-        mem_psi, t1 = peak_memory_gb(device), clock(device)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
+        bar.lap("assistant")
         loss_g, terms = generator_backward(world, g_ddp, world.sample_cond(cfg.batch_size))
-        grad_norm = update(opt_g, g, loss_g, "g")
-        t2 = clock(device)
+        grad_norm = update(opt_g, g_theta, loss_g, "g")
+        bar.lap("generator")
         metrics = None
         if (step + 1) % cfg.log_interval == 0 or step + 1 == steps.stop:
             metrics = all_reduce_mean(dict(loss_g=loss_g, **terms, loss_psi=loss_psi.detach(),
                                            grad_norm=grad_norm), world_size, device)
-            metrics.update(step=step + 1, skipped=skipped, sec_assistant=t1 - t0,
-                           sec_generator=t2 - t1, mem_assistant_gb=mem_psi,
-                           mem_generator_gb=peak_memory_gb(device))
+            metrics.update(step=step + 1, skipped=skipped, **bar.laps())
             skipped = 0
-            bar.set_postfix({k: f"{v:.3g}" for k, v in metrics.items() if k != "step"},
-                            refresh=False)
             history.append(metrics)
-            if on_step and rank == 0 and (bar.disable or not sys.stdout.isatty()):  # a log file:
-                print(log_line(metrics, steps.stop), flush=True)  # no bar there (fit's runs only)
+            bar.show(metrics)
         if on_step:
             on_step(step + 1, metrics)
-    for net in (g, s_psi):
+    for net in (g_theta, s_psi):
         assert_ranks_in_sync(net, world_size)
     return history
 
@@ -847,17 +657,14 @@ def setup_distributed(cuda=True):
     cuda = cuda and torch.cuda.is_available()
     if "RANK" not in os.environ:
         return 0, 1, torch.device("cuda" if cuda else "cpu")
-    if cuda and int(os.environ.get("LOCAL_WORLD_SIZE", 1)) > torch.cuda.device_count():
-        raise ConfigError(f"--nproc_per_node={os.environ['LOCAL_WORLD_SIZE']} but this node has "
-                          f"{torch.cuda.device_count()} GPU(s): one process per GPU")
+    check_gpus_per_node(cuda)
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
     if cuda:
         torch.cuda.set_device(device)
-    # ten minutes for training's collectives: a rank that stopped is found out in minutes. The
-    # waits for loading and for rank 0's writes (~60 GB checkpoints) take a group of their own
+    # ten minutes for training's collectives: a rank that stopped is found out in minutes
     dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=10),
                             device_id=device if cuda else None)
-    start_slow_group()
+    start_slow_group()  # an hour for loading and for rank 0's checkpoint writes
     return dist.get_rank(), dist.get_world_size(), device
 
 def data_parallel(net, world_size):
@@ -876,26 +683,12 @@ def all_reduce_mean(metrics, world_size, device):
         vals /= world_size
     return dict(zip(metrics, vals.tolist()))
 
-def assert_ranks_in_sync(net, world_size):
-    """DDP must keep every rank's copy identical: compare per-tensor fingerprints with rank 0's.
-    A sharded net (--fsdp) has one copy of each weight, split over the ranks: nothing to drift."""
-    if world_size == 1 or is_sharded(net):
-        return
-    fp = torch.stack([torch.stack([p.detach().double().sum(), p.detach().double().square().sum()])
-                      for p in net.parameters()])  # (n_tensors, 2); equal copies, equal sums
-    ref = fp.clone()
-    dist.broadcast(ref, 0)
-    diff = (fp - ref).abs().max()
-    dist.all_reduce(diff, op=dist.ReduceOp.MAX)
-    if diff > 0:
-        raise RuntimeError(f"ranks out of sync: parameter fingerprints differ by {diff.item():.3g}")
-
 # -----------------------------------------------------------------------------
 # main: the toy and SDXL share fit (optimizers, resume, metrics, samples, checkpoints)
 
 def fit(cfg, world, dist_info, save_samples=None):
     """Train world from step 0 or from the newest checkpoint, writing to cfg.out_dir."""
-    rank, world_size, _ = dist_info
+    rank = dist_info[0]
     start_out_dir(cfg, dist_info)
     opt_g = make_optimizer(cfg, trained(world.generator), cfg.lr_g)
     opt_psi = make_optimizer(cfg, trained(world.assistant), cfg.lr_psi)
@@ -906,34 +699,8 @@ def fit(cfg, world, dist_info, save_samples=None):
                   "nothing to train (a larger --max_steps continues the run)")
         return []
 
-    reached = [start]  # the last step done, for main's line on Ctrl-C
-
-    def on_step(step, metrics):
-        reached[0] = step
-        if metrics and rank == 0:
-            with open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps(metrics) + "\n")
-        last = step == cfg.max_steps
-        if save_samples and (step % cfg.sample_interval == 0 or last):
-            with all_ok(dist_info):  # rank 0's error (memory, disk) stops every rank (all_ok)
-                if rank == 0 or cfg.fsdp:  # --fsdp: every rank's shards run the generator
-                    save_samples(os.path.join(cfg.out_dir, f"samples-{step:06d}.png")
-                                 if rank == 0 else None)
-        if step % cfg.ckpt_interval == 0 or last:
-            save_checkpoint(cfg, step, world, opt_g, opt_psi, dist_info)
-
-    t0 = time.perf_counter()
-    try:
-        history = train(world, opt_g, opt_psi, dist_info, range(start, cfg.max_steps), on_step)
-    except KeyboardInterrupt as e:
-        e.step = reached[0]
-        raise
-    if rank == 0:
-        in_sync = ("" if world_size == 1 else ", weights sharded over the ranks" if cfg.fsdp
-                   else ", parameters identical on all ranks")
-        print(f"trained to step {cfg.max_steps} in {time.perf_counter() - t0:.1f} s on "
-              f"{world_size} process(es){in_sync}; in {cfg.out_dir}")
-    return history
+    with outputs(cfg, world, opt_g, opt_psi, dist_info, save_samples, start) as on_step:
+        return train(world, opt_g, opt_psi, dist_info, range(start, cfg.max_steps), on_step)
 
 def run_toy(cfg, dist_info):
     rank, world_size, device = dist_info
@@ -959,6 +726,154 @@ def run_toy(cfg, dist_info):
 
 def run_sdxl(cfg, dist_info):
     rank, world_size, device = dist_info
+    cfg = prepare_sdxl_run(cfg, dist_info)  # before anything loads; --tiny: builds its models
+    with all_ok(dist_info):  # one rank's error (a file, a hub, memory) stops every rank (all_ok)
+        world = maybe_compile(WORLDS[cfg.model](cfg, device, rank, world_size))  # --compile
+    world = shard_nets(world, dist_info)  # --fsdp
+    if cfg.bench:  # the cost table instead of training
+        return bench(world, dist_info)
+    fit(cfg, world, dist_info, world.save_samples)
+
+def main(argv):
+    """A run from the command line; returns the exit code (exits: one line per error, not a
+    traceback; 2: bad input, 1: a failed run, 130: Ctrl-C, 0: done)."""
+    with exits() as run:
+        cfg = run.cfg = parse_args(argv)
+        if not cfg.toy:  # the toy loads no library's models: it does without their imports
+            quiet_libraries()
+        # the toy's nets are so small that a GPU only adds launch latency: it runs on the CPU,
+        # with one intra-op thread (threads competing for cores slow it down 10x)
+        rank, world_size, _ = dist_info = setup_distributed(cuda=not cfg.toy)
+        run.rank = rank  # the error lines name it
+        cfg = resolve_resume(cfg, rank)  # --resume with no checkpoint stops; --resume_if_any
+        check_resume(cfg, rank)  # the checkpoint's mode and objective, before anything is written
+        torch.manual_seed(cfg.seed * world_size + rank)
+        if cfg.toy:
+            torch.set_num_threads(1)
+        run_mode = (run_ablation if cfg.ablation else run_toy if cfg.toy
+                    else run_dry_run if cfg.dry_run else run_sdxl)
+        with fast_backends(cfg.fast_backends):  # off: changes nothing
+            run_mode(cfg, dist_info)
+    return run.code
+
+###############################################################################
+# EXTRAS. Tooling around the DI* path above: the command line, checkpoints, the checks before
+# anything loads and the out_dir's rules, loading models with one-line errors, LoRA adapters, SDXL
+# models from configs (tiny ones, and the full size with random weights), speed options, the dry
+# run and the cost table, the toy pictures, and Table 2 in the toy.
+###############################################################################
+
+# -----------------------------------------------------------------------------
+# the DI* path's operations: main's exit codes, train's progress bar, seconds and peak memory,
+# fit's outputs, the checks and messages before SDXL loads, the ranks' sync check, autocast's
+# device rules, the gradient check (what it proves: its comment above the banner) and its table,
+# and the CLIP reward model
+
+@contextlib.contextmanager
+def exits():
+    """main's block, its errors turned into one line and an exit code (run.code): bad input 2,
+    a failed run 1 (every rank stops on these: all_ok), Ctrl-C 130; at the end the ranks leave
+    together."""
+    first_on_node = int(os.environ.get("LOCAL_RANK", 0)) == 0  # one error line in each node's log
+    run = argparse.Namespace(cfg=None, code=0, rank=int(os.environ.get("RANK", 0)))
+    try:
+        yield run
+    except (LoadError, ConfigError, NonFiniteError, RankFailed) as e:  # every rank stops here
+        if reports(e, run.rank, first_on_node):  # one line in each node's log
+            print(f"distar: error: {e}", file=sys.stderr)
+        if dist.is_initialized():  # every rank leaves (all_ok): nothing is left to wait for
+            dist.destroy_process_group()
+        run.code = 2 if isinstance(e, (LoadError, ConfigError)) else 1
+        return
+    except torch.cuda.OutOfMemoryError:  # from the rank that ran out; torchrun stops the others
+        print(f"distar: error: rank {run.rank} ran out of GPU memory: try a smaller --batch_size, "
+              "more GPUs with --fsdp, or --grad_checkpointing if it is off", file=sys.stderr)
+        run.code = 1
+        return
+    except KeyboardInterrupt as e:  # Ctrl-C: stopped on purpose. torchrun forwards it to every rank
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second one (forwarded) must not cut exit
+        if run.rank == 0:  # one line per run
+            print(f"distar: {interrupted(run.cfg, getattr(e, 'step', None))}", file=sys.stderr,
+                  flush=True)
+        run.code = 130  # 128 + SIGINT, as a shell reports it
+        return
+    if dist.is_initialized():  # torchrun, even with one process
+        dist.barrier()  # rank 0 has written its files; leave together
+        dist.destroy_process_group()
+
+class Progress:
+    """train's steps: a tqdm bar on rank 0's terminal, each phase's seconds and peak memory (GPU:
+    since the phase began), and with log a metrics line where there is no bar (a log file)."""
+
+    def __init__(self, steps, rank, device, log):
+        self.bar = tqdm(steps, initial=steps.start, total=steps.stop,
+                        disable=None if rank == 0 else True, dynamic_ncols=True)
+        self.rank, self.device, self.log, self.stop = rank, device, log, steps.stop
+
+    def __iter__(self):
+        for step in self.bar:
+            self.sec, self.mem = {}, {}
+            self._reset_memory()
+            self.t = clock(self.device)  # clock, peak_memory_gb: with the dry run; --bench's
+            yield step  # PartTimer reads each clock() call as a phase's start
+
+    def _reset_memory(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def lap(self, phase):
+        self.mem[phase] = peak_memory_gb(self.device)
+        t = clock(self.device)
+        self.sec[phase], self.t = t - self.t, t
+        self._reset_memory()
+
+    def laps(self):
+        return dict(**{f"sec_{k}": v for k, v in self.sec.items()},
+                    **{f"mem_{k}_gb": v for k, v in self.mem.items()})
+
+    def show(self, metrics):
+        self.bar.set_postfix({k: f"{v:.3g}" for k, v in metrics.items() if k != "step"},
+                             refresh=False)
+        if self.log and self.rank == 0 and (self.bar.disable or not sys.stdout.isatty()):
+            print(log_line(metrics, self.stop), flush=True)  # a log file: no bar there
+
+@contextlib.contextmanager
+def outputs(cfg, world, opt_g, opt_psi, dist_info, save_samples, start):
+    """fit's on_step(step, metrics): metrics.jsonl, sample grids, checkpoints; the last step done
+    goes with a Ctrl-C (main's line), and rank 0 says where the run is at the end."""
+    rank, world_size, _ = dist_info
+    reached = [start]
+
+    def on_step(step, metrics):
+        reached[0] = step
+        if metrics and rank == 0:
+            with open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+        last = step == cfg.max_steps
+        if save_samples and (step % cfg.sample_interval == 0 or last):
+            with all_ok(dist_info):  # rank 0's error (memory, disk) stops every rank (all_ok)
+                if rank == 0 or cfg.fsdp:  # --fsdp: every rank's shards run the generator
+                    save_samples(os.path.join(cfg.out_dir, f"samples-{step:06d}.png")
+                                 if rank == 0 else None)
+        if step % cfg.ckpt_interval == 0 or last:
+            save_checkpoint(cfg, step, world, opt_g, opt_psi, dist_info)
+
+    t0 = time.perf_counter()
+    try:
+        yield on_step
+    except KeyboardInterrupt as e:
+        e.step = reached[0]
+        raise
+    if rank == 0:
+        in_sync = ("" if world_size == 1 else ", weights sharded over the ranks" if cfg.fsdp
+                   else ", parameters identical on all ranks")
+        print(f"trained to step {cfg.max_steps} in {time.perf_counter() - t0:.1f} s on "
+              f"{world_size} process(es){in_sync}; in {cfg.out_dir}")
+
+def prepare_sdxl_run(cfg, dist_info):
+    """Before the world loads: the user's files and a GPU (check_sdxl_run), --tiny's models built,
+    the start line, the hub reached once or offline, a hub pipeline's family. Returns cfg."""
+    rank, world_size, device = dist_info
     with all_ok(dist_info):  # one rank's error (a file, a hub, memory) stops every rank (all_ok)
         check_sdxl_run(cfg, device)  # the prompts, the out_dir, a GPU: before anything loads
     if cfg.tiny:
@@ -974,59 +889,234 @@ def run_sdxl(cfg, dist_info):
                                      cfg.reward_processor)
             if not os.path.isdir(cfg.pretrained):
                 check_pipeline(cfg)
-        world = maybe_compile(WORLDS[cfg.model](cfg, device, rank, world_size))  # --compile
-    world = shard_nets(world, dist_info)  # --fsdp
-    if cfg.bench:  # the cost table instead of training
-        return bench(world, dist_info)
-    fit(cfg, world, dist_info, world.save_samples)
+    return cfg
 
-def main(argv):
-    rank = int(os.environ.get("RANK", 0))
-    first_on_node = int(os.environ.get("LOCAL_RANK", 0)) == 0  # one error line in each node's log
-    cfg = None
-    try:
-        cfg = parse_args(argv)
-        if not cfg.toy:  # the toy loads no library's models: it does without their imports
-            quiet_libraries()
-        # the toy's nets are so small that a GPU only adds launch latency: it runs on the CPU,
-        # with one intra-op thread (threads competing for cores slow it down 10x)
-        rank, world_size, _ = dist_info = setup_distributed(cuda=not cfg.toy)
-        cfg = resolve_resume(cfg, rank)  # --resume with no checkpoint stops; --resume_if_any
-        check_resume(cfg, rank)  # the checkpoint's mode and objective, before anything is written
-        torch.manual_seed(cfg.seed * world_size + rank)
-        if cfg.toy:
-            torch.set_num_threads(1)
-        run = (run_ablation if cfg.ablation else run_toy if cfg.toy
-               else run_dry_run if cfg.dry_run else run_sdxl)
-        with fast_backends(cfg.fast_backends):  # off: changes nothing
-            run(cfg, dist_info)
-    except (LoadError, ConfigError, NonFiniteError, RankFailed) as e:  # every rank stops here
-        if reports(e, rank, first_on_node):  # one line in each node's log
-            print(f"distar: error: {e}", file=sys.stderr)
-        if dist.is_initialized():  # every rank leaves (all_ok): nothing is left to wait for
-            dist.destroy_process_group()
-        return 2 if isinstance(e, (LoadError, ConfigError)) else 1
-    except torch.cuda.OutOfMemoryError:  # from the rank that ran out; torchrun stops the others
-        print(f"distar: error: rank {rank} ran out of GPU memory: try a smaller --batch_size, more "
-              "GPUs with --fsdp, or --grad_checkpointing if it is off", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt as e:  # Ctrl-C: stopped on purpose. torchrun forwards it to every rank
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second one (forwarded) must not cut exit
-        if rank == 0:  # one line per run
-            print(f"distar: {interrupted(cfg, getattr(e, 'step', None))}", file=sys.stderr,
-                  flush=True)
-        return 130  # 128 + SIGINT, as a shell reports it
-    if dist.is_initialized():  # torchrun, even with one process
-        dist.barrier()  # rank 0 has written its files; leave together
-        dist.destroy_process_group()
-    return 0
+def check_gpus_per_node(cuda):
+    if cuda and int(os.environ.get("LOCAL_WORLD_SIZE", 1)) > torch.cuda.device_count():
+        raise ConfigError(f"--nproc_per_node={os.environ['LOCAL_WORLD_SIZE']} but this node has "
+                          f"{torch.cuda.device_count()} GPU(s): one process per GPU")
 
-###############################################################################
-# EXTRAS. Tooling around the DI* path above: the command line, checkpoints, the checks before
-# anything loads and the out_dir's rules, loading models with one-line errors, LoRA adapters, SDXL
-# models from configs (tiny ones, and the full size with random weights), speed options, the dry
-# run and the cost table, the toy pictures, and Table 2 in the toy.
-###############################################################################
+def autocast_args(cfg, device):
+    """torch.autocast's arguments: bf16 with --precision=bf16; meta tensors (the dry run's plan)
+    have no autocast, and FLOP counts do not depend on it."""
+    return dict(device_type="cpu" if device.type == "meta" else device.type,
+                dtype=torch.bfloat16, enabled=cfg.precision == "bf16" and device.type != "meta")
+
+def assert_ranks_in_sync(net, world_size):
+    """DDP must keep every rank's copy identical: compare per-tensor fingerprints with rank 0's.
+    A sharded net (--fsdp) has one copy of each weight, split over the ranks: nothing to drift."""
+    if world_size == 1 or is_sharded(net):
+        return
+    fp = torch.stack([torch.stack([p.detach().double().sum(), p.detach().double().square().sum()])
+                      for p in net.parameters()])  # (n_tensors, 2); equal copies, equal sums
+    ref = fp.clone()
+    dist.broadcast(ref, 0)
+    diff = (fp - ref).abs().max()
+    dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+    if diff > 0:
+        raise RuntimeError(f"ranks out of sync: parameter fingerprints differ by {diff.item():.3g}")
+
+def gradient_check(n=2**17, n_batches=16, t=300, c_huber=0.5, alpha_cfg=7.5, seed=0, process="vp"):
+    from torch.distributions import MultivariateNormal, kl_divergence
+
+    gen, dt = torch.Generator().manual_seed(seed), torch.float64
+    world = (FlowToyWorld if process == "flow" else ToyWorld)(
+        [[(0.0, 1.0)], [(-1.0, -0.5)], [(1.0, -0.5)]], std=0.6, reward_scale=0.003, dtype=dt)
+    t = torch.tensor(t, dtype=dt if process == "flow" else torch.long)
+    a, s = world.coefficients(t)
+    mu = torch.tensor([0.4, 0.2], dtype=dt, requires_grad=True)  # theta = (mu, A), class 0
+    A = torch.tensor([[0.9, 0.3], [-0.2, 0.5]], dtype=dt, requires_grad=True)
+    cov = lambda A: a**2 * A @ A.T + s**2 * torch.eye(2, dtype=dt)  # of p_theta,t
+
+    def gen_score(x, mu, A):  # exact score of p_theta,t at these parameters
+        return -torch.linalg.solve(cov(A), (x - a * mu).T).T
+
+    ref_score = lambda x, c, to_eps=eps_from_velocity: (  # s_ref(x | c); c None: empty
+        world.score(x, a, s, c) if process == "vp"
+        else -to_eps(x, world.velocity(x, a, s, c), s) / s)
+    if process == "v":  # VP read as from a v-net (SD2.1): v = a eps - s x_0 = (eps - s x) / a
+        a, s = world.coefficients(t)  # by Tweedie (eps = -s score), back to eps by eps_from_v
+        ref_score = lambda x, c, to_eps=eps_from_v: -to_eps(
+            x, (-s * world.score(x, a, s, c) - s * x) / a, a, s) / s
+
+    omega = 1 + alpha_cfg
+    s_c = lambda x: ref_score(x, 0)  # s_ref(x | c = 0)
+    s_u = lambda x: ref_score(x, None)  # s_ref(x | empty)
+    s_sg = lambda x: gen_score(x, mu.detach(), A.detach())  # s_{p_sg[theta],t}
+
+    def s_cfg_exact(x):  # grad_x [omega log q_t(x|c) + (1 - omega) log q_t(x)], by autograd
+        x = x.detach().requires_grad_(True)
+        logp = omega * world.log_prob(x, a, s, 0) + (1 - omega) * world.log_prob(x, a, s, None)
+        return torch.autograd.grad(logp.sum(), x)[0]
+
+    def div(x_t, ref, distance, c=c_huber):  # divergence (3.3): d(s_theta - s_ref), pi_t frozen
+        x = x_t.detach()
+        y = gen_score(x, mu, A) - batch[ref]  # s_ref(x): the batch's, computed once
+        return _dot(y, y) if distance == "l2" else torch.sqrt(_dot(y, y) + c**2) - c
+
+    def detached(x_t, cond, where):  # eq 3.4 pseudo-Huber with x_t detached in one place: wrong
+        x_1, x_2 = (x_t.detach(), x_t) if where == "d'" else (x_t, x_t.detach())
+        d_prime = distance_grad(s_sg(x_1) - s_c(x_1), "pseudo_huber", c_huber)
+        return -_dot(d_prime, s_sg(x_2) - cond)
+
+    def kl_exact(x_t):  # KL(p_theta,t || q_t(. | c = 0)) between two Gaussians, no samples
+        v = a**2 * world.std**2 + s**2  # q_t's variance
+        q_t = MultivariateNormal(a * world.means[0, 0], v * torch.eye(2, dtype=dt))
+        return kl_divergence(MultivariateNormal(a * mu, cov(A)), q_t).expand(len(x_t))
+
+    # generator_backward on this world: x_0 = mu + A z with the batch's z and eps (the first draw
+    # after its seed), the check's t, the assistant's eps exact: -sigma_t s_{p_sg[theta],t}
+    batch, D, huber_c = {}, 2, 5.0  # c near ||y_t|| (~10 with CFG): c's scale shows
+    world.generate = lambda g, cond: mu + batch["z"] @ A.T
+    world.sample_t = lambda n, device: t.expand(n)
+    world.assistant, world.eps_psi = nn.Module(), lambda s_psi, x, t, cond: -s * s_sg(x)
+
+    pieces = {  # exact per-sample objectives of x_t; of x_0, the reward r(x_0, c) = scale x_0[0]
+        "huber": lambda x: div(x, "ref_c", "pseudo_huber"), "l2": lambda x: div(x, "ref_c", "l2"),
+        "huber cfg": lambda x: div(x, "ref_cfg", "pseudo_huber"), "kl": kl_exact,
+        "-r cfg": lambda x: world.log_prob(x, a, s, None) - world.log_prob(x, a, s, 0),  # -(3.7)
+        "r": lambda x: world.reward(batch["x0"], 0),
+        "huber cfg c": lambda x: div(x, "ref_cfg", "pseudo_huber", huber_c * D**0.5 / s),
+        "huber cfg c_eps": lambda x: div(x, "ref_cfg", "pseudo_huber", huber_c * D**0.5)}
+    huber = dict(distance="pseudo_huber", c=c_huber)
+    # generator_loss's weights on the score scale (the table before diffuse); reward 100
+    w_huber, w_l2, w_kl, w_cfg = s / D**0.5, s**2 / D, s / D, alpha_cfg * s / D
+    in_rew = dict(divergence="pseudo_huber", huber_c=huber_c, alpha_rew=100.0, cfg="in",
+                  alpha_cfg=alpha_cfg)
+    l2_out = dict(divergence="l2", alpha_rew=0.0, cfg="out", alpha_cfg=alpha_cfg)
+    kl_rew = dict(divergence="kl", alpha_rew=100.0, alpha_cfg=0.0)
+    rows = [  # (name, tractable loss of (x_t, cond score) or generator_backward's objective,
+              #  exact objective {piece: weight}, should match)
+        ("eq 3.4 pseudo-Huber (Thm 3.1)",
+         lambda x, e: score_divergence_loss(x, e, s_sg, s_c, **huber),
+         {"huber": 1}, True),
+        ("eq 3.4 l2 (Thm 3.1)", lambda x, e: score_divergence_loss(x, e, s_sg, s_c, distance="l2"),
+         {"l2": 1}, True),
+        ("  wrong: x_t detached inside d'", lambda x, e: detached(x, e, "d'"), {"huber": 1}, False),
+        ("  wrong: x_t detached in 2nd s_psi", lambda x, e: detached(x, e, "2nd"), {"huber": 1},
+         False),
+        ("kl_loss vs closed-form KL", lambda x, e: kl_loss(x, s_sg, s_c), {"kl": 1}, True),
+        ("cfg_reward_loss (Thm 3.2, sign -)", lambda x, e: cfg_reward_loss(x, s_c, s_u),
+         {"-r cfg": 1}, True),
+        ("  printed sign + (eqs 3.5, 3.6)", lambda x, e: -cfg_reward_loss(x, s_c, s_u),
+         {"-r cfg": 1}, False),
+        ("choice 2: cfg_score reference", lambda x, e: score_divergence_loss(
+            x, e, s_sg, lambda y: cfg_score(s_c(y), s_u(y), omega), **huber), {"huber cfg": 1},
+         True),
+        ("  printed choice 2: s_c + a s_u", lambda x, e: score_divergence_loss(
+            x, e, s_sg, lambda y: s_c(y) + alpha_cfg * s_u(y), **huber), {"huber cfg": 1}, False),
+    ] + [("  wrong: v to eps as x_s + s v", lambda x, e: score_divergence_loss(
+        x, e, s_sg, lambda y: ref_score(y, 0, lambda x_s, v, s: x_s + s * v), **huber),
+        {"huber": 1},
+        False)] * (process == "flow") + [("  wrong: v to eps as x_0, a x_t - s v", lambda x, e:
+        score_divergence_loss(x, e, s_sg, lambda y: ref_score(
+            y, 0, lambda x_t, v, a, s: a * x_t - s * v), **huber), {"huber": 1}, False)] * (
+        process == "v") + [
+        ("generator_backward: ph, cfg in, reward", in_rew, {"r": -100, "huber cfg c": w_huber},
+         True),
+        ("  wrong: ph weight sigma_t / D", in_rew, {"r": -100, "huber cfg c": w_kl}, False),
+        ("  wrong: ph c = huber_c sqrt(D)", in_rew, {"r": -100, "huber cfg c_eps": w_huber}, False),
+        ("generator_backward: l2, cfg out", l2_out, {"l2": w_l2, "-r cfg": w_cfg}, True),
+        ("  wrong: l2 weight sigma_t / D", l2_out, {"l2": w_kl, "-r cfg": w_cfg}, False),
+        ("  wrong: cfg weight a sigma_t^2 / D", l2_out, {"l2": w_l2, "-r cfg": w_cfg * s}, False),
+        ("generator_backward: KL, reward", kl_rew, {"r": -100, "kl": w_kl}, True),
+        ("  wrong: KL weight sigma_t^2 / D", kl_rew, {"r": -100, "kl": w_l2}, False)]
+    flat = lambda grads: torch.cat([v.flatten() for v in grads])  # (6,): 2 for mu, 4 for A
+    diffs, exacts = [[] for _ in rows], [[] for _ in rows]
+    with torch.random.fork_rng(devices=[]):  # generator_backward's draws leave training's stream
+        for b in range(n_batches):  # every row sees the same samples: each gradient once a batch
+            z = batch["z"] = torch.randn(n // n_batches, 2, dtype=dt, generator=gen)
+            batch["seed"] = torch.randint(2**62, (), generator=gen).item()
+            torch.manual_seed(batch["seed"])
+            eps, x0 = torch.randn_like(z), mu + z @ A.T  # eps: diffuse's draw
+            x_t, batch["x0"] = a * x0 + s * eps, x0  # reparameterised: carry the theta-gradient
+            # the exact objectives' references: q_t(. | c)'s score, the CFG-enhanced one's
+            batch.update(ref_c=world.score(x_t.detach(), a, s, 0), ref_cfg=s_cfg_exact(x_t))
+            done = {}
+
+            def theta_grad(key, loss):  # its theta-gradient, once a batch
+                if key not in done and isinstance(loss, dict):  # generator_backward's, in (mu, A)
+                    world.cfg, mu.grad, A.grad = replace(Config(), **loss), None, None
+                    torch.manual_seed(batch["seed"])
+                    generator_backward(world, None, 0)
+                    done[key] = flat((mu.grad, A.grad))
+                elif key not in done:
+                    done[key] = flat(torch.autograd.grad(loss().mean(), (mu, A), retain_graph=True))
+                return done[key]
+            for i, (name, tractable, exact, _) in enumerate(rows):
+                grad_ex = sum(w * theta_grad(k, lambda: pieces[k](x_t)) for k, w in exact.items())
+                grad_tr = (theta_grad(str(tractable), tractable) if isinstance(tractable, dict) else
+                        theta_grad(name, lambda: tractable(x_t, -eps / s)))
+                diffs[i].append(grad_tr - grad_ex)
+                exacts[i].append(grad_ex)
+    results = []
+    for (name, _, _, should_match), diff, exact in zip(rows, diffs, exacts):
+        err, grad_ex = torch.stack(diff).mean(0), torch.stack(exact).mean(0)
+        se = torch.stack(diff).std(0) / math.sqrt(n_batches)  # standard error of err
+        tol = max(float(4 * se.norm() / grad_ex.norm()), 1e-9)  # 1e-9: rounding
+        rel = {k: (err[i].norm() / grad_ex[i].norm()).item()
+               for k, i in (("all", slice(None)), ("mu", slice(0, 2)), ("A", slice(2, 6)))}
+        ok = (rel["all"] <= tol) == should_match
+        results.append(dict(name=name, rel=rel, tol=tol, should_match=should_match, ok=ok))
+    return results
+
+def print_gradient_check(results, process="vp"):
+    print("gradient check: relative error of each loss's theta-gradient vs the exact one (2-D "
+          f"Gaussians, float64{', the flow process (1 - s, s): SD3' * (process == 'flow')}"
+          f"{', the reference read through v-prediction: SD2.1' * (process == 'v')})")
+    print(f"{'loss':38s} {'mu':>8s} {'A':>8s} {'all':>8s} {'MC tol':>8s}  verdict")
+    for r in results:
+        verdict = "matches" if r["should_match"] else "differs, as it should"
+        print(f"{r['name']:38s} {r['rel']['mu']:8.4f} {r['rel']['A']:8.4f} {r['rel']['all']:8.4f} "
+              f"{r['tol']:8.4f}  {verdict if r['ok'] else 'FAILED'}")
+
+BUILTIN_PROMPTS = ["a photo of a cat sitting on a windowsill", "the skyline of New York at dusk",
+                   "a shiba inu wearing a red scarf", "a volcano exploding next to a marina",
+                   "a bowl of ramen, studio lighting", "an astronaut riding a horse on the moon",
+                   "a watercolor painting of a lighthouse", "a cozy cabin in a snowy forest"]
+
+class ClipReward(nn.Module):
+    """r(x, c) = cos(CLIP_image(x), CLIP_text(c)): PickScore with PickScore_v1, CLIP score with
+    any other CLIPModel. alpha_rew multiplies this raw cosine (~0.22 for PickScore), not the x100
+    logit. model, processor: paths, or a CLIPModel and a CLIPProcessor."""
+
+    def __init__(self, model, processor, dtype=torch.float32):
+        super().__init__()
+        from transformers import AutoProcessor, CLIPModel
+
+        if isinstance(processor, str):
+            processor = load("reward_processor", processor, AutoProcessor.from_pretrained,
+                             processor)
+        if isinstance(model, str):
+            model = load("reward_model", model, CLIPModel.from_pretrained, model, dtype=dtype)
+        self.tokenizer, ip = processor.tokenizer, processor.image_processor
+        self.model = model.to(dtype).requires_grad_(False).eval()
+        self.size = ip.size.get("shortest_edge", ip.size.get("height"))
+        self.crop = (ip.crop_size["height"], ip.crop_size["width"])
+        self.register_buffer("mean", torch.tensor(ip.image_mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(ip.image_std).view(1, 3, 1, 1), persistent=False)
+
+    @torch.no_grad()
+    def text_features(self, prompts):
+        # no attention mask, as in SDXL's encode_prompt: CLIP's text attention is causal and the
+        # features are read at the end token, so the padding after it changes nothing
+        ids = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=77,
+                             return_tensors="pt").input_ids.to(self.mean.device)
+        f = self.model.get_text_features(input_ids=ids).pooler_output.float()
+        return F.normalize(f, dim=-1)  # (B, P)
+
+    def forward(self, images, text_features):
+        """images (B, 3, H, W) in [0, 1] -> cosine similarity (B,), differentiable: the processor's
+        resize of the short side (bicubic), centre crop and mean/std, in torch."""
+        h, w = images.shape[-2:]
+        s = self.size / min(h, w)
+        x = F.interpolate(images, size=(round(h * s), round(w * s)), mode="bicubic", antialias=True)
+        top, left = (x.shape[-2] - self.crop[0]) // 2, (x.shape[-1] - self.crop[1]) // 2
+        x = x[..., top:top + self.crop[0], left:left + self.crop[1]]
+        x = ((x - self.mean) / self.std).to(self.model.dtype)
+        f = self.model.get_image_features(pixel_values=x).pooler_output.float()
+        return (F.normalize(f, dim=-1) * text_features).sum(-1)
+
 
 # -----------------------------------------------------------------------------
 # the command line: argparse built from Config; a bad value is one line naming its flag
@@ -2667,7 +2757,7 @@ class PartTimer:
 
 # (what is wrapped, its part, the part of its backward if another)
 BENCH_PARTS = [("sample_cond", "text", None), ("generate", "g fwd", "g bwd"),
-               ("eps_fake", "psi", None), ("eps_ref", "ref", None), ("eps_ref_both", "ref", None),
+               ("eps_psi", "psi", None), ("eps_ref", "ref", None), ("eps_ref_both", "ref", None),
                ("reward", "reward", None), ("decode", "vae", None),
                ("clip_and_step", "optim", None), ("clock", None, None)]
 PART_NAMES = ["text", "g fwd", "g bwd", "psi", "ref", "vae", "reward", "optim", "other"]
@@ -2679,7 +2769,7 @@ def unet_baseline_update(world, opt, batch_size):
     cond = world.sample_cond(batch_size)
     t, x_t, eps, _ = diffuse(world, torch.randn(batch_size, *world.latent_shape,
                                                 device=world.device))
-    loss = F.mse_loss(world.eps_fake(world.assistant, x_t, t, cond), eps)
+    loss = F.mse_loss(world.eps_psi(world.assistant, x_t, t, cond), eps)
     loss.backward()
     return clip_and_step(opt, world.assistant, loss, world.cfg.grad_clip, 1)
 

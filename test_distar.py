@@ -262,7 +262,7 @@ def test_tractable_losses_have_the_exact_gradient(grad_check, name):
 
 
 @pytest.mark.xdist_group("grad_check")
-@pytest.mark.parametrize("name", ["wrong: x_t detached inside d'", "wrong: x_t detached in 2nd s_fake",
+@pytest.mark.parametrize("name", ["wrong: x_t detached inside d'", "wrong: x_t detached in 2nd s_psi",
                                   "printed sign + (eqs 3.5, 3.6)", "printed choice 2: s_c + a s_u",
                                   *GB_WRONG])
 def test_wrong_gradient_variants_are_caught_with_margin(grad_check, name):
@@ -273,14 +273,15 @@ def test_wrong_gradient_variants_are_caught_with_margin(grad_check, name):
 # generator_loss with one weight (or generator_backward with one step) changed, and the row that
 # must then fail: the check drives the code Algorithm 1 runs, not a copy of it
 GB_MUTANTS = [
-    ("generator_loss", "weight=sig / math.sqrt(D)", "weight=sig / D", GB_ROWS[0]),
-    ("generator_loss", "c = cfg.huber_c * math.sqrt(D) / sig", "c = cfg.huber_c * math.sqrt(D)",
+    ("generator_loss", "weight=sigma_t / math.sqrt(D)", "weight=sigma_t / D", GB_ROWS[0]),
+    ("generator_loss", "c = cfg.huber_c * math.sqrt(D) / sigma_t", "c = cfg.huber_c * math.sqrt(D)",
      GB_ROWS[0]),
-    ("generator_loss", "weight=sig**2 / D)", "weight=sig / D)", GB_ROWS[1]),
-    ("generator_loss", 's_u, weight=sig / D)', 's_u, weight=sig**2 / D)', GB_ROWS[1]),
-    ("generator_loss", "kl_loss(x_t, s_fake, s_ref, weight=sig / D)",
-     "kl_loss(x_t, s_fake, s_ref, weight=sig**2 / D)", GB_ROWS[2]),
-    ("generator_loss", 'lambda x: kept["c"], s_u', 'lambda x: s_u(x), s_u', GB_ROWS[1]),
+    ("generator_loss", "weight=sigma_t**2 / D)", "weight=sigma_t / D)", GB_ROWS[1]),
+    ("generator_loss", 's_u, weight=sigma_t / D)', 's_u, weight=sigma_t**2 / D)', GB_ROWS[1]),
+    ("generator_loss", "kl_loss(x_t, s_psi, s_ref, weight=sigma_t / D)",
+     "kl_loss(x_t, s_psi, s_ref, weight=sigma_t**2 / D)", GB_ROWS[2]),
+    ("generator_loss", 's_c_again = lambda x: reuse["s_c"]', 's_c_again = lambda x: s_u(x)',
+     GB_ROWS[1]),
     ("generator_backward", 'grad["rew"] + grad["div"] + grad["cfg"]', 'grad["rew"] + grad["div"]',
      GB_ROWS[1]),
 ]
@@ -470,7 +471,7 @@ def test_assistant_loss_is_the_eps_prediction_mse():
     with torch.no_grad():
         x0 = world.generate(world.generator, cond)
     t, x_t, eps, _ = distar.diffuse(world, x0)
-    mse = (world.eps_fake(world.assistant, x_t, t, cond) - eps).square().mean()
+    mse = (world.eps_psi(world.assistant, x_t, t, cond) - eps).square().mean()
     assert loss.item() == pytest.approx(mse.item(), rel=1e-5)
 
 
@@ -689,7 +690,7 @@ def _two_call_generator_loss(world, cond):
     x0 = world.generate(world.generator, cond)
     t, x_t, eps, sigma_t = distar.diffuse(world, x0)
     D, sig, score = x0[0].numel(), sigma_t.flatten(), lambda e: -e / sigma_t
-    s_fake = lambda x: score(world.eps_fake(world.assistant, x, t, cond))
+    s_fake = lambda x: score(world.eps_psi(world.assistant, x, t, cond))
     s_c = lambda x: score(world.eps_ref(x, t, cond))
     s_u = lambda x: score(world.eps_ref(x, t, None))
     s_ref = s_c if cfg.cfg == "out" else lambda x: distar.cfg_score(s_c(x), s_u(x), 1 + cfg.alpha_cfg)
@@ -808,7 +809,7 @@ def test_generator_loss_terms_are_their_eps_scale_forms(divergence, cfg):
     with torch.no_grad():
         x0 = world.generate(world.generator, cond)
         t, x_t, eps, _ = distar.diffuse(world, x0)
-        eps_psi = world.eps_fake(world.assistant, x_t, t, cond)
+        eps_psi = world.eps_psi(world.assistant, x_t, t, cond)
         eps_c, eps_u = world.eps_ref(x_t, t, cond), world.eps_ref(x_t, t, None)
     D, dot = 2, lambda u, v: (u * v).sum(1)
     delta = eps_psi - (eps_u + (1 + alpha) * (eps_c - eps_u) if cfg == "in" else eps_c)
@@ -2705,7 +2706,7 @@ def test_bench_parts_put_each_forward_and_backward_where_it_runs(tiny, monkeypat
         return f
 
     for name, forward, backward in [("sample_cond", True, False), ("generate", True, True),
-                                    ("eps_fake", False, True), ("eps_ref_both", False, True),
+                                    ("eps_psi", False, True), ("eps_ref_both", False, True),
                                     ("decode", False, True), ("reward", True, False)]:
         monkeypatch.setattr(world, name, napping(getattr(world, name), forward, backward))
     monkeypatch.setattr(distar, "clip_and_step", napping(distar.clip_and_step, True, False))
@@ -3206,7 +3207,7 @@ def test_lora_nets_are_frozen_bf16_bases_with_fp32_adapters_equal_to_the_bases_a
     cond = world.sample_cond(2)
     x_t, t = torch.randn(2, *world.latent_shape), torch.tensor([100, 700])
     with torch.no_grad():  # lora_B starts at zero: the assistant is the reference, exactly
-        assert torch.equal(world.eps_fake(world.assistant, x_t, t, cond), world.eps_ref(x_t, t, cond))
+        assert torch.equal(world.eps_psi(world.assistant, x_t, t, cond), world.eps_ref(x_t, t, cond))
 
 
 def _dmd2_like_world(tiny, state_dicts, *args):
@@ -4329,7 +4330,7 @@ def test_the_sd3_one_step_generator_is_diffusers_sd3_pipeline_at_one_step(tiny_s
 @pytest.mark.xdist_group("sd3_tiny")
 def test_the_sd3_world_draws_logit_normal_shifted_levels_and_hands_the_loop_eps(tiny_sd3):
     """diffuse under SD3World: t = 1000 s with s = shift u / (1 + 2 u), u = sigmoid(N(0, 1)),
-    clamped to [t_min, t_max]; x_t = (1 - s) x_0 + s eps; eps_fake is x_t + (1 - s) v of the net."""
+    clamped to [t_min, t_max]; x_t = (1 - s) x_0 + s eps; eps_psi is x_t + (1 - s) v of the net."""
     world = _sd3_world(tiny_sd3)
     torch.manual_seed(0)
     x0 = torch.randn(4000, 1, 1, 1)
@@ -4345,7 +4346,7 @@ def test_the_sd3_world_draws_logit_normal_shifted_levels_and_hands_the_loop_eps(
     with torch.no_grad():
         v = world.assistant(hidden_states=x, encoder_hidden_states=cond["embeds"],
                             pooled_projections=cond["pooled"], timestep=tt).sample
-        eps_hat = world.eps_fake(world.assistant, x, tt, cond)
+        eps_hat = world.eps_psi(world.assistant, x, tt, cond)
     assert torch.allclose(eps_hat, x + torch.tensor([0.7, 0.3]).view(-1, 1, 1, 1) * v, atol=1e-6)
 
 
