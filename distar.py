@@ -670,9 +670,7 @@ def setup_distributed(cuda=True):
 def data_parallel(net, world_size):
     """DDP on a trained net, gradients as views into its buckets (no second copy); frozen nets are
     never wrapped. A net --fsdp sharded (shard_nets) is its own wrapper: it reduce-scatters."""
-    if world_size == 1 or is_sharded(net):
-        return net
-    return DDP(net, gradient_as_bucket_view=True)
+    return net if world_size == 1 or is_sharded(net) else DDP(net, gradient_as_bucket_view=True)
 
 def all_reduce_mean(metrics, world_size, device):
     """Scalars averaged over ranks, on the device: NCCL takes only CUDA tensors."""
@@ -784,20 +782,17 @@ def exits():
         if dist.is_initialized():  # every rank leaves (all_ok): nothing is left to wait for
             dist.destroy_process_group()
         run.code = 2 if isinstance(e, (LoadError, ConfigError)) else 1
-        return
     except torch.cuda.OutOfMemoryError:  # from the rank that ran out; torchrun stops the others
         print(f"distar: error: rank {run.rank} ran out of GPU memory: try a smaller --batch_size, "
               "more GPUs with --fsdp, or --grad_checkpointing if it is off", file=sys.stderr)
         run.code = 1
-        return
     except KeyboardInterrupt as e:  # Ctrl-C: stopped on purpose. torchrun forwards it to every rank
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second one (forwarded) must not cut exit
         if run.rank == 0:  # one line per run
             print(f"distar: {interrupted(run.cfg, getattr(e, 'step', None))}", file=sys.stderr,
                   flush=True)
         run.code = 130  # 128 + SIGINT, as a shell reports it
-        return
-    if dist.is_initialized():  # torchrun, even with one process
+    if run.code == 0 and dist.is_initialized():  # done, under torchrun (even one process)
         dist.barrier()  # rank 0 has written its files; leave together
         dist.destroy_process_group()
 
@@ -813,19 +808,14 @@ class Progress:
     def __iter__(self):
         for step in self.bar:
             self.sec, self.mem = {}, {}
-            self._reset_memory()
+            peak_memory_gb(self.device, reset=True)
             self.t = clock(self.device)  # clock, peak_memory_gb: with the dry run; --bench's
             yield step  # PartTimer reads each clock() call as a phase's start
 
-    def _reset_memory(self):
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-
     def lap(self, phase):
-        self.mem[phase] = peak_memory_gb(self.device)
+        self.mem[phase] = peak_memory_gb(self.device, reset=True)
         t = clock(self.device)
         self.sec[phase], self.t = t - self.t, t
-        self._reset_memory()
 
     def laps(self):
         return dict(**{f"sec_{k}": v for k, v in self.sec.items()},
@@ -988,8 +978,7 @@ def gradient_check(n=2**17, n_batches=16, t=300, c_huber=0.5, alpha_cfg=7.5, see
     rows = [  # (name, tractable loss of (x_t, cond score) or generator_backward's objective,
               #  exact objective {piece: weight}, should match)
         ("eq 3.4 pseudo-Huber (Thm 3.1)",
-         lambda x, e: score_divergence_loss(x, e, s_sg, s_c, **huber),
-         {"huber": 1}, True),
+         lambda x, e: score_divergence_loss(x, e, s_sg, s_c, **huber), {"huber": 1}, True),
         ("eq 3.4 l2 (Thm 3.1)", lambda x, e: score_divergence_loss(x, e, s_sg, s_c, distance="l2"),
          {"l2": 1}, True),
         ("  wrong: x_t detached inside d'", lambda x, e: detached(x, e, "d'"), {"huber": 1}, False),
@@ -1007,11 +996,10 @@ def gradient_check(n=2**17, n_batches=16, t=300, c_huber=0.5, alpha_cfg=7.5, see
             x, e, s_sg, lambda y: s_c(y) + alpha_cfg * s_u(y), **huber), {"huber cfg": 1}, False),
     ] + [("  wrong: v to eps as x_s + s v", lambda x, e: score_divergence_loss(
         x, e, s_sg, lambda y: ref_score(y, 0, lambda x_s, v, s: x_s + s * v), **huber),
-        {"huber": 1},
-        False)] * (process == "flow") + [("  wrong: v to eps as x_0, a x_t - s v", lambda x, e:
-        score_divergence_loss(x, e, s_sg, lambda y: ref_score(
-            y, 0, lambda x_t, v, a, s: a * x_t - s * v), **huber), {"huber": 1}, False)] * (
-        process == "v") + [
+        {"huber": 1}, False)] * (process == "flow") + [
+        ("  wrong: v to eps as x_0, a x_t - s v", lambda x, e: score_divergence_loss(
+            x, e, s_sg, lambda y: ref_score(y, 0, lambda x_t, v, a, s: a * x_t - s * v), **huber),
+         {"huber": 1}, False)] * (process == "v") + [
         ("generator_backward: ph, cfg in, reward", in_rew, {"r": -100, "huber cfg c": w_huber},
          True),
         ("  wrong: ph weight sigma_t / D", in_rew, {"r": -100, "huber cfg c": w_kl}, False),
@@ -1288,9 +1276,8 @@ def save_checkpoint(cfg, step, world, opt_g, opt_psi, dist_info):
     nets = dict(generator=world.generator, assistant=world.assistant)
     opts = dict(opt_g=(world.generator, opt_g), opt_psi=(world.assistant, opt_psi))
     sharded = is_sharded(world.generator)  # --fsdp
-    rng = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        rng["cuda"] = torch.cuda.get_rng_state(device)
+    rng = dict(cpu=torch.get_rng_state(), **(
+        dict(cuda=torch.cuda.get_rng_state(device)) if device.type == "cuda" else {}))
     rngs = [rng] * world_size
     if world_size > 1:
         dist.all_gather_object(rngs, rng)
@@ -1414,8 +1401,11 @@ def check_sdxl_run(cfg, device):
     out_dir this run may write to, a local --pretrained), free to fix, then a GPU unless asked for
     the CPU. A hub id's pipeline is checked after the start line says what loads (run_sdxl)."""
     read_prompts(cfg.prompts)
-    if not cfg.bench:  # --bench writes no checkpoints
-        check_out_dir(cfg)
+    # a fresh run must not prune or later resume another run's checkpoints (GPU hours each)
+    ckpts = [] if cfg.bench else list_checkpoints(cfg.out_dir)  # --bench writes no checkpoints
+    if ckpts and not (cfg.resume or cfg.overwrite or cfg.tiny):
+        raise LoadError(f"{cfg.out_dir} holds checkpoints of another run (newest {ckpts[-1]}): "
+                        "pass --resume to continue it, or --overwrite to start over")
     if not cfg.tiny and os.path.isdir(cfg.pretrained):  # --tiny builds its own
         check_pipeline(cfg)
     if device.type != "cuda" and not (cfg.tiny or cfg.allow_cpu):
@@ -1423,14 +1413,6 @@ def check_sdxl_run(cfg, device):
         raise ConfigError(f"training {name} needs a GPU and none is visible: try --toy (2-D, "
                           f"seconds), --tiny (tiny random {name}-shaped models) or --dry_run (the "
                           "memory plan); --allow_cpu runs it here anyway")
-
-def check_out_dir(cfg):
-    """A fresh SDXL run must not prune or later resume another run's checkpoints, each of which
-    stands for GPU hours."""
-    ckpts = list_checkpoints(cfg.out_dir)
-    if ckpts and not (cfg.resume or cfg.overwrite or cfg.tiny):
-        raise LoadError(f"{cfg.out_dir} holds checkpoints of another run (newest {ckpts[-1]}): "
-                        "pass --resume to continue it, or --overwrite to start over")
 
 # what a checkpoint must share with the run that resumes it (another world's weights do not fit;
 # --tiny would build its models inside another run's out_dir), and what it may change but is told
@@ -1483,7 +1465,7 @@ def resolve_resume(cfg, rank):
 
 def start_out_dir(cfg, dist_info):
     """Once the models have loaded: unless this run continues a checkpoint, remove what an
-    earlier run wrote (check_out_dir allowed it). Rank 0 removes, the others wait. Then, under
+    earlier run wrote (check_sdxl_run allowed it). Rank 0 removes, the others wait. Then, under
     torchrun, check that every rank sees the same out_dir (shared_out_dir)."""
     rank, world_size, _ = dist_info
     if rank == 0:
@@ -1897,9 +1879,8 @@ def add_lora(unet, cfg, role):
     cast_training_params(unet, torch.float32)  # add_adapter makes them in the base's dtype
     local = lambda p: os.path.abspath(p) if p and os.path.exists(p) else p  # hub ids stay
     gen = role == "generator"
-    unet.lora_base = dict(pretrained=local(cfg.pretrained),
-                          generator_init=local(cfg.generator_init) if gen else "",
-                          variant=cfg.variant if gen else "")
+    unet.lora_base = dict(pretrained=local(cfg.pretrained), variant=cfg.variant if gen else "",
+                          generator_init=local(cfg.generator_init) if gen else "")
     return unet
 
 def save_lora(unet, path, sd=None):
@@ -1965,7 +1946,7 @@ def shard_nets(world, dist_info):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    shape = mesh_shape(dist_info[1], int(os.environ.get("LOCAL_WORLD_SIZE", dist_info[1])))
+    shape = mesh_shape(dist_info[1])
     mesh = init_device_mesh(dist_info[2].type, shape,
                             mesh_dim_names=("replicate", "shard") if len(shape) == 2 else None)
     # --precision=bf16: the fp32 masters are gathered as bf16 (half the traffic), so autocast has
@@ -1976,9 +1957,8 @@ def shard_nets(world, dist_info):
     # all its weights frozen keeps no fp32 gradient type, and its first update fails. train's
     # assistant phase comes first; with --assistant_steps=0 the assistant's first forward is the
     # generator phase's, frozen, but it is then never trained.
-    mp = MixedPrecisionPolicy(**dict(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
-                                     cast_forward_inputs=False) if world.cfg.precision == "bf16"
-                              else {})
+    bf16 = dict(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False)
+    mp = MixedPrecisionPolicy(**bf16 if world.cfg.precision == "bf16" else {})
     for net in (world.generator, world.assistant, world.s_ref):
         for block in net.modules():
             if type(block).__name__ in FSDP_UNITS:
@@ -1987,18 +1967,16 @@ def shard_nets(world, dist_info):
         net.register_forward_hook(reshard_unless_backward)  # after FSDP's own post-forward hook
     return world
 
-def mesh_shape(world_size, per_node):
+def mesh_shape(world_size):
     """FSDP's device mesh. One node: (world_size,). Several nodes of per_node GPUs: HSDP as
     torchtitan, (nodes, per_node): each node holds a whole copy of each net sharded over its GPUs,
     so the all-gathers stay on the node's links and only gradients cross the network (all-reduced
-    between the nodes' shards). torchrun numbers ranks node by node: a row of the mesh is a node."""
+    between the nodes' shards). torchrun numbers ranks node by node: a row of the mesh is a node.
+    per_node: torchrun's, else (the memory plan's) nodes of 8 (--world_size_plan=64: 8x8)."""
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", 0)) or min(world_size, 8)
     if 1 < per_node < world_size and world_size % per_node == 0:
         return (world_size // per_node, per_node)
     return (world_size,)
-
-def plan_gpus_per_node(n_gpus):
-    """The memory plan's GPUs per node: torchrun's, else nodes of 8 (--world_size_plan=64: 8x8)."""
-    return int(os.environ.get("LOCAL_WORLD_SIZE", 0)) or min(n_gpus, 8)
 
 def reshard_unless_backward(net, args, out):
     """FSDP2 keeps a root's weights (conv_in/out, embeddings, proj_in/out) gathered after its
@@ -2077,11 +2055,10 @@ _VAE_BLOCKS = dict(down_block_types=("DownEncoderBlock2D",) * 4, latent_channels
 _TINY_TEXT = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                   num_attention_heads=4, projection_dim=32, max_position_embeddings=77)
 TINY = dict(
-    unet=dict(_UNET_BLOCKS, layers_per_block=1, block_out_channels=(32, 64),
-              down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), norm_num_groups=8,
+    unet=dict(_UNET_BLOCKS, layers_per_block=1, block_out_channels=(32, 64), norm_num_groups=8,
+              down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), cross_attention_dim=64,
               up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
-              cross_attention_dim=64, addition_time_embed_dim=8,
-              projection_class_embeddings_input_dim=32 + 6 * 8),
+              addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 6 * 8),
     vae=dict(_VAE_BLOCKS, block_out_channels=(8, 16, 32, 32), layers_per_block=1,
              norm_num_groups=8),
     text_encoder=_TINY_TEXT, text_encoder_2=_TINY_TEXT,
@@ -2108,14 +2085,15 @@ SDXL = dict(  # parameters: UNet 2,567,463,684, VAE 83,653,863, text 123,060,480
     image=dict())  # CLIPImageProcessor's defaults are CLIP-H's: 224 px, OpenAI mean and std
 
 def offline_tokenizer():
-    """A CLIP BPE tokenizer over single letters, no download: prompts are padded to 77 tokens,
-    so token ids change no cost."""
+    """A CLIP BPE tokenizer over single letters, no download (prompts are padded to 77 tokens,
+    so token ids change no cost), and its special tokens' ids for the text encoders' configs."""
     from transformers import CLIPTokenizer
 
     letters = [ch + end for ch in "abcdefghijklmnopqrstuvwxyz,.!" for end in ("", "</w>")]
     tokens = ["<|startoftext|>", "<|endoftext|>", *letters, "ab</w>"]  # "ab": BPE needs a merge
-    return CLIPTokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=[("a", "b</w>")],
-                         model_max_length=77)
+    tok = CLIPTokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=[("a", "b</w>")],
+                        model_max_length=77)
+    return tok, {k: getattr(tok, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
 
 def random_parts(sizes, device="cpu"):
     """Random-weight SDXL from config dicts, built on `device` directly: a StableDiffusionXLPipeline
@@ -2126,8 +2104,7 @@ def random_parts(sizes, device="cpu"):
                            StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel)
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    tok = offline_tokenizer()
-    ids = {k: getattr(tok, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    tok, ids = offline_tokenizer()
     with torch.device(device):
         unet, vae = UNet2DConditionModel(**sizes["unet"]), AutoencoderKL(**sizes["vae"])
         te = CLIPTextModel(CLIPTextConfig(**sizes["text_encoder"], **ids))
@@ -2150,8 +2127,7 @@ def random_reward(sizes, device="cpu"):
     """The reward's random CLIPModel and its CLIPProcessor (letter tokenizer), from sizes."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    tok = offline_tokenizer()
-    ids = {k: getattr(tok, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    tok, ids = offline_tokenizer()
     clip_sizes = dict(sizes["clip"], text_config={**sizes["clip"]["text_config"], **ids})
     with torch.device(device):
         clip = CLIPModel(CLIPConfig(**clip_sizes))
@@ -2245,8 +2221,7 @@ class SD3World(SDXLWorld):
         shift = self.pipe.scheduler.config.shift
         return (1000 * shift * u / (1 + (shift - 1) * u)).clamp(self.cfg.t_min, self.cfg.t_max)
 
-    def coefficients(self, t):
-        return flow_coefficients(t)
+    coefficients = staticmethod(flow_coefficients)
 
     def uncond(self, B):
         return {k: self.empty[k].expand(B, *self.empty[k].shape[1:]) for k in ("embeds", "pooled")}
@@ -2291,7 +2266,7 @@ def check_pipeline(cfg):
     """Before any weights load: --pretrained's model_index.json (a few hundred bytes) names the
     family --model trains, and for --model=sd3 with --t5 a T5 text encoder. A pipeline whose index
     cannot be read here is left to the loader, which says why in one line."""
-    from diffusers import DiffusionPipeline
+    from diffusers import DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
 
     try:
         index = DiffusionPipeline.load_config(cfg.pretrained)
@@ -2305,8 +2280,22 @@ def check_pipeline(cfg):
     if cfg.model == "sd3" and cfg.t5 and not (index.get("text_encoder_3") or [None])[-1]:
         raise LoadError(f"--pretrained={cfg.pretrained} has no T5 text encoder (text_encoder_3):"
                         " pass --t5=false (zeros in its place, as the pipeline does)")
-    if cfg.model == "sd":
-        check_sd_prediction_type(cfg.pretrained)
+    if cfg.model != "sd":
+        return
+    # diffusers' converter makes SD2.x at 768 px (UNet sample_size 96, cross-attention 1024) a
+    # v-prediction model: a folder with that UNet whose scheduler says otherwise (an older config,
+    # without the key) would train its v as eps. Configs only, before any weights load.
+    try:
+        unet = UNet2DConditionModel.load_config(cfg.pretrained, subfolder="unet")
+        sched = DDPMScheduler.load_config(cfg.pretrained, subfolder="scheduler")
+    except Exception:  # left to the loader, which says why in one line
+        return
+    said = sched.get("prediction_type", "epsilon")
+    if (unet.get("sample_size"), unet.get("cross_attention_dim")) == (96, 1024) and (
+            said != "v_prediction"):
+        raise LoadError(f"--pretrained={cfg.pretrained} has SD2.x's 768 px UNet, a v-prediction "
+                        f"net, but its scheduler says prediction_type={said}: set \"prediction_"
+                        "type\": \"v_prediction\" in its scheduler/scheduler_config.json")
 
 _T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
                feed_forward_proj="gated-gelu", relative_attention_num_buckets=32)
@@ -2352,8 +2341,7 @@ def random_sd3_parts(sizes, device="cpu", t5=True):
                            StableDiffusion3Pipeline)
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-    tok, t5_tok = offline_tokenizer(), offline_t5_tokenizer()
-    ids = {k: getattr(tok, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    (tok, ids), t5_tok = offline_tokenizer(), offline_t5_tokenizer()
     with torch.device(device):
         transformer = SD3Transformer2DModel(**sizes["transformer"])
         vae = AutoencoderKL(**sizes["vae"])
@@ -2421,24 +2409,6 @@ class SDWorld(SDXLWorld):
         return a * z - s * self.output(g, z, self.cfg.conditioning_t, cond)
 
 WORLDS = dict(sdxl=SDXLWorld, sd3=SD3World, sd=SDWorld)
-
-def check_sd_prediction_type(pretrained):
-    """diffusers' converter makes SD2.x at 768 px (UNet sample_size 96, cross-attention 1024) a
-    v-prediction model: a folder with that UNet whose scheduler says otherwise (an older config,
-    without the key) would train its v as eps. Configs only, before any weights load."""
-    from diffusers import DDPMScheduler, UNet2DConditionModel
-
-    try:
-        unet = UNet2DConditionModel.load_config(pretrained, subfolder="unet")
-        sched = DDPMScheduler.load_config(pretrained, subfolder="scheduler")
-    except Exception:  # left to the loader, which says why in one line
-        return
-    said = sched.get("prediction_type", "epsilon")
-    if (unet.get("sample_size"), unet.get("cross_attention_dim")) == (96, 1024) and (
-            said != "v_prediction"):
-        raise LoadError(f"--pretrained={pretrained} has SD2.x's 768 px UNet, a v-prediction net, "
-                        f"but its scheduler says prediction_type={said}: set \"prediction_type\": "
-                        "\"v_prediction\" in its scheduler/scheduler_config.json")
 
 _SD_TINY_UNET = dict(sample_size=8, layers_per_block=1, block_out_channels=(32, 64),
                      norm_num_groups=8, cross_attention_dim=32, attention_head_dim=4,
@@ -2513,12 +2483,15 @@ def clock(device):
         torch.cuda.synchronize(device)
     return time.perf_counter()
 
-def peak_memory_gb(device, reserved=False):
+def peak_memory_gb(device, reserved=False, reset=False):
     """Since the last reset: what tensors held, or with reserved what the caching allocator held
-    (what nvidia-smi shows and what runs out; never less)."""
+    (what nvidia-smi shows and what runs out; never less). reset: a new peak starts after it."""
     if device.type == "cuda":
         peak = torch.cuda.max_memory_reserved if reserved else torch.cuda.max_memory_allocated
-        return peak(device) / 2**30
+        peak = peak(device) / 2**30
+        if reset:
+            torch.cuda.reset_peak_memory_stats(device)
+        return peak
     import resource  # CPU: the process's peak resident set (KiB on Linux)
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
@@ -2533,15 +2506,15 @@ def memory_plan(world, n_gpus, fsdp):
     two fp32 states per trained weight (fused: no scratch). Gradients: one net's at a time (train
     frees them); under DDP both nets' buckets. --lora_rank: the adapters train, the bases are
     frozen. --fsdp divides the three UNets' weights, gradients and AdamW states by the GPUs of a
-    node (mesh_shape; plan_gpus_per_node) and adds the units it gathers: the three roots' own
-    weights (a root's forward spans its net's), two blocks (running and prefetched) and a root's
-    and a block's gradients before the reduce-scatter."""
+    node (mesh_shape) and adds the units it gathers: the three roots' own weights (a root's
+    forward spans its net's), two blocks (running and prefetched) and a root's and a block's
+    gradients before the reduce-scatter."""
     size = lambda params: sum(p.numel() * p.element_size() for p in params)
     dt = lambda params: str(params[0].dtype).removeprefix("torch.")
     frozen = lambda *nets: [p for n in nets for p in n.parameters() if not p.requires_grad]
     g, psi = world.generator, world.assistant
     both, bases = trained(g) + trained(psi), frozen(g, psi)  # bases: only with --lora_rank
-    n = mesh_shape(n_gpus, plan_gpus_per_node(n_gpus))[-1] if fsdp else 1  # ranks a tensor spans
+    n = mesh_shape(n_gpus)[-1] if fsdp else 1  # ranks a tensor spans
     ddp, each = n_gpus > 1 and not fsdp, f", 1/{n} each" if n > 1 else ""
     rows = [(f"generator + assistant {'adapters' if bases else 'weights'} ({dt(both)} masters"
              f"{each})", size(both) // n),
@@ -2551,8 +2524,7 @@ def memory_plan(world, n_gpus, fsdp):
     if bases:
         rows.append((f"generator + assistant bases, frozen ({dt(bases)}{each})", size(bases) // n))
     rows.append((f"reference {'transformer' if world.cfg.model == 'sd3' else 'UNet'} "
-                 f"({dt(frozen(world.s_ref))}{each})",
-                 size(frozen(world.s_ref)) // n))
+                 f"({dt(frozen(world.s_ref))}{each})", size(frozen(world.s_ref)) // n))
     t5 = getattr(world.pipe, "text_encoder_3", None)  # SD3's, unless --t5=false
     clips = [e for e in (world.pipe.text_encoder, getattr(world.pipe, "text_encoder_2", None))
              if e is not None]  # SD1.x/2.x: one
@@ -2623,8 +2595,8 @@ def run_dry_run(cfg, dist_info):
                  f"parameters each (rank {cfg.lora_rank})" if cfg.lora_rank else "")
               + f"; random weights, nothing downloaded\nmemory per GPU before activations, "
               f"{n_gpus} GPU(s), --precision={cfg.precision}"
-              + (f", --fsdp over mesh {mesh_shape(n_gpus, plan_gpus_per_node(n_gpus))}"
-                 if cfg.fsdp else "") + " (GiB = 2^30 bytes):")
+              + (f", --fsdp over mesh {mesh_shape(n_gpus)}" if cfg.fsdp else "")
+              + " (GiB = 2^30 bytes):")
         plan = memory_plan(meta, n_gpus, cfg.fsdp)
         total, extra = sum(b for _, b in plan), gpu_overhead(n_gpus)
         overhead = "CUDA context" + (", NCCL buffers" if n_gpus > 1 else "") + " (estimate)"
@@ -2797,8 +2769,7 @@ def bench(world, dist_info):
                 timer.reset()
                 try:
                     if div == "unet_baseline":
-                        if device.type == "cuda":
-                            torch.cuda.reset_peak_memory_stats(device)
+                        peak_memory_gb(device, reset=True)
                         t0 = clock(device)  # PartTimer.phase
                         unet_baseline_update(world, opts[1], cfg.batch_size)
                         m = dict(sec_unet_baseline=clock(device) - t0,
@@ -2916,8 +2887,7 @@ def save_panels(path, panels, cols, size, lim):
         for pts, colour in layers:
             for x, y in pts[:1500].tolist():
                 if abs(x) <= lim and abs(y) <= lim:
-                    px = left + (x + lim) / (2 * lim) * size
-                    py = top + (lim - y) / (2 * lim) * size
+                    px, py = left + (x + lim) / (2 * lim) * size, top + (lim - y) / (2 * lim) * size
                     draw.ellipse([px - 1.5, py - 1.5, px + 1.5, py + 1.5], fill=colour)
         draw.rectangle([left, top, left + size - 1, top + size - 1], outline=(0, 0, 0))
         draw.text((left + 6, top - band + 4), title, fill=(0, 0, 0))
