@@ -18,8 +18,9 @@ SDXL (defaults: SDXL-base reference, DMD2 one-step init, PickScore reward, bf16,
 $ python distar.py --prompts=prompts.txt                                # one 141 GB GPU
 $ python distar.py --prompts=prompts.txt --lora_rank=64 --batch_size=1  # LoRA: 48 GB (planned)
 $ torchrun --standalone --nproc_per_node=8 distar.py --prompts=prompts.txt --fsdp
-$ torchrun --nnodes=8 --nproc_per_node=8 --node_rank=$NODE_RANK --master_addr=$MASTER_ADDR \\
-    --master_port=29500 distar.py --prompts=prompts.txt --fsdp  # --out_dir on a shared filesystem
+$ GLOO_SOCKET_IFNAME=eth0 torchrun --nnodes=8 --nproc_per_node=8 --node_rank=$NODE_RANK \\
+    --master_addr=$MASTER_ADDR --master_port=29500 distar.py --prompts=prompts.txt --fsdp
+  (on every node: --out_dir on a shared filesystem, GLOO_SOCKET_IFNAME the nodes' interface)
 Continue a stopped run: the same command with --resume (a scheduler's requeue: --resume_if_any).
 SD3/SD3.5 (flow matching; SD3.5-medium, one Euler step from noise): --model=sd3 on any of these;
 SD1.5/SD2.1 (512/768 px, eps or v-prediction; one 48 GB GPU, planned): --model=sd.
