@@ -1963,7 +1963,8 @@ def test_help_gives_each_modes_defaults_and_the_multi_node_command_as_typed(help
     assert r.returncode == 0
     text = r.stdout
     # the backslash and the line break a shell needs, not one joined line
-    assert "--master_addr=$MASTER_ADDR \\\n    --master_port=29500 distar.py" in text
+    assert "GLOO_SOCKET_IFNAME=eth0 torchrun --nnodes=8 --nproc_per_node=8 --node_rank=$NODE_RANK \\\n" \
+           "    --master_addr=$MASTER_ADDR --master_port=29500 distar.py" in text
     assert "python distar.py --help" not in text  # not an instruction to run what is running
     modes = text.split("each mode replaces these defaults")[1]
     listed = dict(re.findall(r"^  --(\w+) +(.*(?:\n {15}\S.*)*)", modes, re.M))
