@@ -365,8 +365,7 @@ class SDXLWorld(VPProcess):
     autocast: fp16 overflows in it) and the text encoders (as in DMD2) are fp32."""
 
     def __init__(self, cfg, device, rank=0, world_size=1, parts=None):
-        """parts: the components in memory (dry_run_parts) instead of loading cfg's paths; the three
-        nets on `device`, or on meta until shard_nets loads them into their shards (--fsdp)."""
+        """parts: components in memory (dry_run_parts), not cfg's paths; nets on device or meta."""
         self.cfg, self.device = cfg, device
         frozen = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
         self.autocast = autocast_args(cfg, device)  # bf16 autocast with --precision=bf16
@@ -1673,26 +1672,26 @@ def load_parts(cfg, device, frozen):
         transformer=None, **no_t5, dtype=dict(default=torch.float32, text_encoder_3=frozen)))
     return dict(pipe=load("pretrained", cfg.pretrained, pipe.from_pretrained, cfg.pretrained,
                           **pipe_kw).to(device),
-                **{k: load_unet(cfg, k, frozen, None if cfg.fsdp else device)
+                **{k: load_unet(cfg, k, frozen, torch.device("meta") if cfg.fsdp else device)
                    for k in ("s_ref", "assistant", "generator")},
                 reward_fn=ClipReward(cfg.reward_model, cfg.reward_processor, frozen).to(device))
 
-def load_unet(cfg, role, frozen, device=None):
-    """The reference or the assistant (`pretrained`'s UNet, SD3: transformer) or the generator
-    (--generator_init) as load_parts loads it: the reference, and LoRA bases, in `frozen`, the
-    trained nets in fp32; on `device`, or with device None on meta, from its config, no weights
-    read (--fsdp: shard_nets loads them into the shards, load_into_shards)."""
+def load_unet(cfg, role, frozen, device):
+    """The reference, assistant (`pretrained`'s) or generator (--generator_init) as load_parts loads
+    it: the reference and LoRA bases in `frozen`, else fp32, on `device`; on meta built from its
+    config, no weights read (--fsdp: load_into_shards reads them on rank 0)."""
     path, variant = (cfg.generator_init, cfg.variant or None) if role == "generator" else ("", None)
     dtype = frozen if role == "s_ref" or cfg.lora_rank else torch.float32
-    net = load_generator(path, cfg.pretrained, variant, dtype, model=cfg.model, meta=device is None)
-    return net if device is None else net.to(device)
+    meta = torch.device(device).type == "meta"  # buffers stay real: meta_net computes them
+    net = load_generator(path, cfg.pretrained, variant, dtype, model=cfg.model, meta=meta)
+    return net if meta else net.to(device)
 
 STATE_DICTS = (".bin", ".pt", ".pth", ".safetensors")  # a UNet's weights as one file
 NETS = dict(sdxl=("UNet2DConditionModel", "unet"), sd3=("SD3Transformer2DModel", "transformer"),
             sd=("UNet2DConditionModel", "unet"))
 
-def load_generator(path, pretrained, variant=None, dtype=None, flag="generator_init", model="sdxl",
-                   meta=False):
+def load_generator(path, pretrained, variant=None, dtype=torch.float32, flag="generator_init",
+                   model="sdxl", meta=False):
     """A one-step generator's UNet (--model=sd3: transformer) in `dtype` (default fp32), in any form
     one is published in: "": the UNet of `pretrained`; a diffusers UNet folder, or a pipeline
     folder holding unet/ (both with `variant`, e.g. fp16); a state-dict (unet_from_state_dict).
@@ -1700,7 +1699,6 @@ def load_generator(path, pretrained, variant=None, dtype=None, flag="generator_i
     import diffusers
 
     cls, sub = getattr(diffusers, NETS[model][0]), NETS[model][1]
-    dtype = dtype or torch.float32
     unet = lambda folder, sub: (meta_net(cls, cls.load_config(folder, subfolder=sub)).to(dtype)
                                 if meta else cls.from_pretrained(folder, subfolder=sub,
                                                                  variant=variant, dtype=dtype))
@@ -1714,8 +1712,7 @@ def load_generator(path, pretrained, variant=None, dtype=None, flag="generator_i
 def unet_from_state_dict(path, pretrained, model="sdxl", meta=False):
     """A UNet (--model=sd3: transformer) from a .bin/.pt/.pth/.safetensors file, local or on the hub
     as owner/repo/path/in/repo (DMD2's tianweiy/DMD2/dmd2_sdxl_1step_unet_fp16.bin); its config:
-    the config.json beside it if any (a release's unet/ folder), else `pretrained`'s unet/'s.
-    meta: on the meta device, the file not read."""
+    the config.json beside it if any (a release's unet/ folder), else `pretrained`'s unet/'s."""
     import diffusers
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError
@@ -1955,8 +1952,7 @@ def shard_nets(world, dist_info):
     """--fsdp (else the world as it was): fully_shard each UNet as torchtitan does, one unit per
     transformer and resnet block, then the root (embeddings, conv_in/out, norms), over the ranks
     or, on several nodes, over each node's (mesh_shape). After activation checkpointing and
-    --compile are set up, before the optimizers exist: they hold the shards. A net built on meta
-    (load_parts) then gets its shards' memory and weights (load_into_shards), torchtitan's order."""
+    --compile are set up, before the optimizers exist (they hold the shards); load_into_shards."""
     if not world.cfg.fsdp:
         return world
     if not dist.is_initialized():
@@ -1990,19 +1986,18 @@ def shard_nets(world, dist_info):
     return world
 
 def load_into_shards(world, role, dist_info):
-    """A sharded net built on meta gets its shards' memory (1/N of it per rank) and its weights:
-    rank 0 alone reads them whole on the CPU as load_parts would (one net at a time, so a node's
-    memory holds one copy, not one per rank), with --lora_rank its adapter too (add_lora: rank 0's
-    init for every rank, lora_B zero), and broadcasts them; each rank keeps its shards. No rank puts
-    a whole net on a GPU. A failed read is one line on every rank, agreed before the broadcast."""
-    net, sd = getattr(world, role), {}
+    """A sharded net built on meta (load_parts) gets its shards' memory, 1/N per rank (no GPU holds
+    it whole), then its weights: rank 0 alone reads it whole on the CPU as load_parts would, one net
+    at a time (a node holds one copy, not one per rank), with --lora_rank add_lora's adapter (rank
+    0's init for all, lora_B zero), and broadcasts it. A failed read: one line on every rank."""
+    net, sd, cfg = getattr(world, role), {}, world.cfg
     buffers = dict(net.named_buffers())  # real (meta_net); to_empty leaves them uninitialised
     net.to_empty(device=world.device)
     for k, b in net.named_buffers():  # those not in the state dict keep their computed values
         b.copy_(buffers[k])
     with all_ok(dist_info):
         if dist_info[0] == 0:
-            cfg, whole = world.cfg, load_unet(world.cfg, role, world.s_ref.dtype, "cpu")  # frozen
+            whole = load_unet(cfg, role, world.s_ref.dtype, "cpu")  # s_ref's: the frozen dtype
             sd = (add_lora(whole, cfg, role) if cfg.lora_rank and role != "s_ref" else whole
                   ).state_dict()
     load_state_dict(net, sd, from_rank0=True)

@@ -1600,6 +1600,32 @@ def test_fsdp_start_up_builds_the_nets_on_meta_and_loads_rank_0s_read_into_the_s
     assert r1["errors"] == [("RankFailed", "rank 0 failed: its error is in its node's log", None)]
 
 
+def test_fsdp_start_up_keeps_the_buffers_the_state_dict_leaves_out(tmp_path, monkeypatch):
+    """An SD3 transformer without pos_embed_max_size computes pos_embed as a non-persistent buffer:
+    not in the state dict rank 0 broadcasts, so to_empty would leave it uninitialised. One gloo
+    rank, in-process: the three nets built on meta, sharded and loaded keep the constructor's."""
+    import torch.distributed as dist
+    from types import SimpleNamespace
+    from diffusers import SD3Transformer2DModel
+
+    whole = SD3Transformer2DModel(**dict(distar.TINY_SD3["transformer"], pos_embed_max_size=None))
+    assert "pos_embed.pos_embed" not in whole.state_dict() and whole.pos_embed.pos_embed.abs().sum() > 0
+    whole.save_pretrained(tmp_path / "transformer")
+    monkeypatch.setenv("RANK", "0")  # --fsdp wants torchrun's ranks
+    cfg = distar.parse_args(["--tiny", "--fsdp", "--model=sd3", f"--pretrained={tmp_path}", "--generator_init="])
+    nets = {role: distar.load_unet(cfg, role, torch.float32, "meta") for role in ("generator", "assistant", "s_ref")}
+    assert all(p.is_meta for n in nets.values() for p in n.parameters())
+    cpu = torch.device("cpu")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        distar.shard_nets(SimpleNamespace(cfg=cfg, device=cpu, **nets), (0, 1, cpu))
+        for net in nets.values():
+            assert torch.equal(net.pos_embed.pos_embed, whole.pos_embed.pos_embed)
+            assert all(torch.equal(v.full_tensor(), whole.state_dict()[k]) for k, v in net.state_dict().items())
+    finally:
+        dist.destroy_process_group()
+
+
 # FSDP on gloo costs ~1 s a step and ~2 s a checkpoint: 2 steps (one assistant update each), a
 # checkpoint after each: the SIGKILL comes after the first, the resumed run does the second
 FSDP_LORA_ARGS = ["--tiny", "--max_steps=2", "--ckpt_interval=1", "--sample_interval=100",
