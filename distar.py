@@ -366,7 +366,7 @@ class SDXLWorld(VPProcess):
     autocast: fp16 overflows in it) and the text encoders (as in DMD2) are fp32."""
 
     def __init__(self, cfg, device, rank=0, world_size=1, parts=None):
-        """parts: the components in memory (dry_run_parts) instead of loading cfg's paths."""
+        """parts: components in memory (dry_run_parts), not cfg's paths; nets on device or meta."""
         self.cfg, self.device = cfg, device
         frozen = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
         self.autocast = autocast_args(cfg, device)  # bf16 autocast with --precision=bf16
@@ -376,13 +376,13 @@ class SDXLWorld(VPProcess):
         self.pipe = parts["pipe"].to(device)  # text encoders, VAE and scheduler, fp32 as loaded
         self.vae = self.pipe.vae
         self.alphas_cumprod = getattr(self.pipe.scheduler, "alphas_cumprod", None)  # VP: alphabar_t
-        self.s_ref = parts["s_ref"].to(device, frozen).eval().requires_grad_(False)
+        self.s_ref = parts["s_ref"].to(frozen).eval().requires_grad_(False)
         for net in [m for m in self.pipe.components.values() if isinstance(m, nn.Module)]:
             net.requires_grad_(False)  # text encoders, VAE
         # trained nets in fp32; with --lora_rank frozen bases in `frozen`, fp32 adapters (add_lora)
         self.generator, self.assistant = (
-            add_lora(parts[k].to(device, frozen), cfg, k) if cfg.lora_rank
-            else parts[k].to(device, torch.float32) for k in ("generator", "assistant"))
+            add_lora(parts[k].to(frozen), cfg, k) if cfg.lora_rank
+            else parts[k].to(torch.float32) for k in ("generator", "assistant"))
         self.reward_fn = parts["reward_fn"].to(device)
         self.reward_fn.model.to(frozen)  # its mean/std buffers stay fp32
         self.set_grad_checkpointing(cfg.grad_checkpointing)
@@ -1663,51 +1663,58 @@ def load(flag, value, fn, *args, **kwargs):
 def load_parts(cfg, device, frozen):
     """SDXLWorld's (SD3World's) components from cfg's paths, each moved to `device` as soon as it is
     loaded (a node's CPU memory holds one UNet at a time per rank); frozen nets in dtype `frozen`,
-    SD3's T5 (unless --t5=false) too, as it loads."""
+    SD3's T5 (unless --t5=false) too, as it loads. --fsdp: the three nets on meta (load_unet)."""
     import diffusers
 
-    net, sub = NETS[cfg.model]
-    pipe, net = getattr(diffusers, PIPELINES[cfg.model]), getattr(diffusers, net)
-    trained = frozen if cfg.lora_rank else torch.float32  # a LoRA's base is frozen
-    get = lambda cls, **kw: load("pretrained", cfg.pretrained, cls.from_pretrained, cfg.pretrained,
-                                 **kw).to(device)
+    pipe = getattr(diffusers, PIPELINES[cfg.model])
     no_t5 = {} if cfg.t5 else dict(text_encoder_3=None, tokenizer_3=None)
     pipe_kw = (dict(unet=None, **(NO_CHECKER if cfg.model == "sd" else {}), dtype=torch.float32)
                if cfg.model != "sd3" else dict(
         transformer=None, **no_t5, dtype=dict(default=torch.float32, text_encoder_3=frozen)))
-    return dict(pipe=get(pipe, **pipe_kw), s_ref=get(net, subfolder=sub, dtype=frozen),
-                assistant=get(net, subfolder=sub, dtype=trained),
-                generator=load_generator(cfg.generator_init, cfg.pretrained, cfg.variant or None,
-                                         trained, model=cfg.model).to(device),
+    return dict(pipe=load("pretrained", cfg.pretrained, pipe.from_pretrained, cfg.pretrained,
+                          **pipe_kw).to(device),
+                **{k: load_unet(cfg, k, frozen, torch.device("meta") if cfg.fsdp else device)
+                   for k in ("s_ref", "assistant", "generator")},
                 reward_fn=ClipReward(cfg.reward_model, cfg.reward_processor, frozen).to(device))
+
+def load_unet(cfg, role, frozen, device):
+    """The reference, assistant (`pretrained`'s) or generator (--generator_init) as load_parts loads
+    it: the reference and LoRA bases in `frozen`, else fp32, on `device`; on meta built from its
+    config, no weights read (--fsdp: load_into_shards reads them on rank 0)."""
+    path, variant = (cfg.generator_init, cfg.variant or None) if role == "generator" else ("", None)
+    dtype = frozen if role == "s_ref" or cfg.lora_rank else torch.float32
+    meta = torch.device(device).type == "meta"  # buffers stay real: meta_net computes them
+    net = load_generator(path, cfg.pretrained, variant, dtype, model=cfg.model, meta=meta)
+    return net if meta else net.to(device)
 
 STATE_DICTS = (".bin", ".pt", ".pth", ".safetensors")  # a UNet's weights as one file
 NETS = dict(sdxl=("UNet2DConditionModel", "unet"), sd3=("SD3Transformer2DModel", "transformer"),
             sd=("UNet2DConditionModel", "unet"))
 
-def load_generator(path, pretrained, variant=None, dtype=None, flag="generator_init", model="sdxl"):
+def load_generator(path, pretrained, variant=None, dtype=torch.float32, flag="generator_init",
+                   model="sdxl", meta=False):
     """A one-step generator's UNet (--model=sd3: transformer) in `dtype` (default fp32), in any form
     one is published in: "": the UNet of `pretrained`; a diffusers UNet folder, or a pipeline
-    folder holding unet/ (both with `variant`, e.g. fp16); a state-dict (unet_from_state_dict)."""
+    folder holding unet/ (both with `variant`, e.g. fp16); a state-dict (unet_from_state_dict).
+    meta: built on the meta device from its config, its weights not read."""
     import diffusers
 
     cls, sub = getattr(diffusers, NETS[model][0]), NETS[model][1]
-    dtype = dtype or torch.float32
-    unet = lambda folder, sub: cls.from_pretrained(folder, subfolder=sub, variant=variant,
-                                                   dtype=dtype)
+    unet = lambda folder, sub: (meta_net(cls, cls.load_config(folder, subfolder=sub)).to(dtype)
+                                if meta else cls.from_pretrained(folder, subfolder=sub,
+                                                                 variant=variant, dtype=dtype))
     if not path:
         return load("pretrained", pretrained, unet, pretrained, sub)
     if path.endswith(STATE_DICTS):
-        return load(flag, path, unet_from_state_dict, path, pretrained, model).to(dtype)
+        return load(flag, path, unet_from_state_dict, path, pretrained, model, meta).to(dtype)
     sub = sub if os.path.isdir(os.path.join(path, sub)) else None  # a pipeline folder
     return load(flag, path, unet, path, sub)
 
-def unet_from_state_dict(path, pretrained, model="sdxl"):
+def unet_from_state_dict(path, pretrained, model="sdxl", meta=False):
     """A UNet (--model=sd3: transformer) from a .bin/.pt/.pth/.safetensors file, local or on the hub
     as owner/repo/path/in/repo (DMD2's tianweiy/DMD2/dmd2_sdxl_1step_unet_fp16.bin); its config:
     the config.json beside it if any (a release's unet/ folder), else `pretrained`'s unet/'s."""
     import diffusers
-    from accelerate import init_empty_weights
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError
     from safetensors.torch import load_file
@@ -1718,7 +1725,7 @@ def unet_from_state_dict(path, pretrained, model="sdxl"):
             raise FileNotFoundError("no such file")
         parts = path.split("/")
         repo = "/".join(parts[:2])
-        file = hf_hub_download(repo, "/".join(parts[2:]))
+        file = path if meta else hf_hub_download(repo, "/".join(parts[2:]))
         try:
             config = hf_hub_download(repo, "/".join(parts[2:-1] + ["config.json"]))
         except EntryNotFoundError:  # none beside it (or offline and not cached)
@@ -1726,12 +1733,19 @@ def unet_from_state_dict(path, pretrained, model="sdxl"):
     cls, sub = getattr(diffusers, NETS[model][0]), NETS[model][1]
     config = (cls.load_config(config) if os.path.isfile(config)
               else load("pretrained", pretrained, cls.load_config, pretrained, subfolder=sub))
-    sd = (load_file(file) if file.endswith(".safetensors")
-          else torch.load(file, map_location="cpu", weights_only=True))
-    with init_empty_weights():  # parameters on meta: no random init of weights about to go
-        unet = cls.from_config(config)
-    unet.load_state_dict(sd, strict=True, assign=True)  # the file's tensors become parameters
+    unet = meta_net(cls, config)  # no random init of weights about to go
+    if not meta:  # the file's tensors become its parameters
+        unet.load_state_dict(load_file(file) if file.endswith(".safetensors") else torch.load(
+            file, map_location="cpu", weights_only=True), strict=True, assign=True)
     return unet
+
+def meta_net(cls, config):
+    """A diffusers net from its config, its parameters on meta (no memory, no init); its buffers
+    real (accelerate's default), as the net's constructor computes them."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        return cls.from_config(config)
 
 def read_prompts(path):
     if not path:
@@ -1939,7 +1953,7 @@ def shard_nets(world, dist_info):
     """--fsdp (else the world as it was): fully_shard each UNet as torchtitan does, one unit per
     transformer and resnet block, then the root (embeddings, conv_in/out, norms), over the ranks
     or, on several nodes, over each node's (mesh_shape). After activation checkpointing and
-    --compile are set up, before the optimizers exist: they hold the shards."""
+    --compile are set up, before the optimizers exist (they hold the shards); load_into_shards."""
     if not world.cfg.fsdp:
         return world
     if not dist.is_initialized():
@@ -1961,13 +1975,33 @@ def shard_nets(world, dist_info):
     # generator phase's, frozen, but it is then never trained.
     bf16 = dict(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False)
     mp = MixedPrecisionPolicy(**bf16 if world.cfg.precision == "bf16" else {})
-    for net in (world.generator, world.assistant, world.s_ref):
+    for role in ("generator", "assistant", "s_ref"):
+        net = getattr(world, role)
         for block in net.modules():
             if type(block).__name__ in FSDP_UNITS:
                 fully_shard(block, mesh=mesh, mp_policy=mp)
         fully_shard(net, mesh=mesh, mp_policy=mp)
         net.register_forward_hook(reshard_unless_backward)  # after FSDP's own post-forward hook
+        if next(net.parameters()).is_meta:
+            load_into_shards(world, role, dist_info)
     return world
+
+def load_into_shards(world, role, dist_info):
+    """A sharded net built on meta (load_parts) gets its shards' memory, 1/N per rank (no GPU holds
+    it whole), then its weights: rank 0 alone reads it whole on the CPU as load_parts would, one net
+    at a time (a node holds one copy, not one per rank), with --lora_rank add_lora's adapter (rank
+    0's init for all, lora_B zero), and broadcasts it. A failed read: one line on every rank."""
+    net, sd, cfg = getattr(world, role), {}, world.cfg
+    buffers = dict(net.named_buffers())  # real (meta_net); to_empty leaves them uninitialised
+    net.to_empty(device=world.device)
+    for k, b in net.named_buffers():  # those not in the state dict keep their computed values
+        b.copy_(buffers[k])
+    with all_ok(dist_info):
+        if dist_info[0] == 0:
+            whole = load_unet(cfg, role, world.s_ref.dtype, "cpu")  # s_ref's: the frozen dtype
+            sd = (add_lora(whole, cfg, role) if cfg.lora_rank and role != "s_ref" else whole
+                  ).state_dict()
+    load_state_dict(net, sd, from_rank0=True)
 
 def mesh_shape(world_size):
     """FSDP's device mesh. One node: (world_size,). Several nodes of per_node GPUs: HSDP as
@@ -2004,12 +2038,10 @@ def gather_state_dict(net):
 def unsharded(net, sd):
     """A plain copy of a sharded diffusers net with the weights sd, for save_pretrained, which
     cannot save a sharded one. Built on meta: sd's tensors become its parameters."""
-    from accelerate import init_empty_weights
     from torch.distributed.fsdp import FSDPModule
 
     cls = next(c for c in type(net).__mro__ if not issubclass(c, FSDPModule))  # the net's own
-    with init_empty_weights():
-        copy = cls.from_config(net.config)
+    copy = meta_net(cls, net.config)
     copy.load_state_dict(sd, assign=True)
     return copy
 

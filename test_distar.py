@@ -1510,6 +1510,122 @@ def test_fsdp_resume_reads_the_weights_on_rank_0_alone_and_a_bad_read_falls_back
     assert "nothing to train" in p.stdout
 
 
+def _fsdp_start_up(path, truncated, rank):  # torchrun_here's setup: run_sdxl's start-up, watched
+    """run_sdxl on each rank without its checks and fit, three times: whole UNets, LoRA (bf16: the
+    frozen dtype), and a --generator_init whose weights file is truncated. Shims record whether each
+    UNet is built on meta, deny rank 1 every UNet read, count rank 0's earlier reads still alive at
+    each read, and keep the adapters add_lora gave rank 0's reads; fit's stand-in keeps this rank's
+    shards of every net (dim 0: rank 0's then rank 1's rows); each error is kept. All to path.{rank}."""
+    import weakref
+    from diffusers import UNet2DConditionModel
+
+    got, reads = dict(built=[], alive=[], adapters=[], worlds=[], errors=[]), []
+    init, from_pretrained, add_lora = (UNet2DConditionModel.__init__, UNet2DConditionModel.from_pretrained,
+                                       distar.add_lora)
+
+    @functools.wraps(init)
+    def built(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        got["built"].append(all(p.is_meta for p in self.parameters()))
+
+    def read(*args, **kwargs):
+        if rank:
+            raise PermissionError("rank 1 read a UNet")
+        got["alive"].append(sum(r() is not None for r in reads))
+        reads.append(weakref.ref(net := from_pretrained(*args, **kwargs)))
+        return net
+
+    def adapter(unet, cfg, role):
+        out = add_lora(unet, cfg, role)
+        if not next(unet.parameters()).is_meta:  # rank 0's read, not the world's net on meta
+            got["adapters"].append({k: v.clone() for k, v in unet.state_dict().items() if ".lora_" in k})
+        return out
+
+    def fit(cfg, world, dist_info, save_samples):
+        got["worlds"].append({role: {k: v.to_local() for k, v in getattr(world, role).state_dict().items()}
+                              for role in ("generator", "assistant", "s_ref")})
+
+    def start_ups(cfg, dist_info):
+        for c in (cfg, replace(cfg, lora_rank=4, precision="bf16"), replace(cfg, generator_init=truncated)):
+            try:
+                run_sdxl(c, dist_info)
+            except Exception as e:
+                got["errors"].append((type(e).__name__, str(e), getattr(e, "first_to_fail", None)))
+        torch.save(got, f"{path}.{rank}")
+    UNet2DConditionModel.__init__, UNet2DConditionModel.from_pretrained = built, read
+    run_sdxl, distar.run_sdxl, distar.prepare_sdxl_run = distar.run_sdxl, start_ups, lambda cfg, d: cfg
+    distar.add_lora, distar.fit = adapter, fit
+
+
+@pytest.mark.xdist_group("fsdp_lora")
+def test_fsdp_start_up_builds_the_nets_on_meta_and_loads_rank_0s_read_into_the_shards(tiny, tmp_path):
+    """--fsdp's start-up on 2 ranks: rank 1 builds every UNet on meta and reads none (its reads
+    raise); rank 0 reads each net whole on the CPU only after its last read is freed; the sharded
+    weights are the files' bit for bit (bf16 with --precision=bf16 where frozen), with --lora_rank
+    the adapters rank 0's init (fp32, lora_B zero). A truncated weights file, which rank 0 alone
+    reads, is one error on rank 0 and RankFailed on rank 1, not a hang in the broadcast."""
+    import shutil
+
+    sdxl, reward = tiny
+    truncated = tmp_path / "unet"
+    shutil.copytree(os.path.join(sdxl, "unet"), truncated)
+    weights = truncated / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:weights.stat().st_size // 2])
+    out = tmp_path / "start_up"
+    p = torchrun_here("--tiny", "--fsdp", f"--pretrained={sdxl}", "--generator_init=", f"--reward_model={reward}",
+                      f"--reward_processor={reward}", "--lora_alpha=2", f"--out_dir={tmp_path}", timeout=120,
+                      setup=functools.partial(_fsdp_start_up, str(out), str(truncated)))
+    assert p.returncode == 0, p.stderr[-3000:]
+    r0, r1 = (torch.load(f"{out}.{r}", weights_only=False) for r in (0, 1))
+    assert len(r1["built"]) >= 3 * 3 and all(r1["built"]) and not r1["alive"]  # 3 nets a world, all on meta
+    assert r0["alive"] == [0] * 7  # 3 reads a world, the third world's first fails
+    files = _unet_weights(os.path.join(sdxl, "unet"))  # the reference's, assistant's, generator's init
+    whole, lora = ({role: {k: torch.cat([v, r1["worlds"][i][role][k]]) for k, v in sd.items()}
+                    for role, sd in r0["worlds"][i].items()} for i in range(2))  # both ranks' shards
+    for role, sd in whole.items():
+        assert sd.keys() == files.keys() and all(torch.equal(sd[k], files[k]) for k in sd), role
+    for role, sd in lora.items():
+        base = {k.replace(".base_layer", ""): v for k, v in sd.items() if ".lora_" not in k}
+        assert base.keys() == files.keys(), role
+        assert all(v.dtype == torch.bfloat16 and torch.equal(v, files[k].bfloat16()) for k, v in base.items())
+        adapter = {k: v for k, v in sd.items() if ".lora_" in k}
+        assert bool(adapter) == (role != "s_ref")
+        if adapter:
+            init = r0["adapters"][role == "assistant"]
+            assert adapter.keys() == init.keys() and all(torch.equal(v, init[k]) for k, v in adapter.items())
+            assert all(v.dtype == torch.float32 for v in adapter.values())
+            assert all((v.abs().sum() > 0) == (".lora_A." in k) for k, v in adapter.items())
+    assert [e[0] for e in r0["errors"]] == ["LoadError"] and r0["errors"][0][2] is True
+    assert r0["errors"][0][1].startswith(f"cannot load --generator_init={truncated}: ")
+    assert r1["errors"] == [("RankFailed", "rank 0 failed: its error is in its node's log", None)]
+
+
+def test_fsdp_start_up_keeps_the_buffers_the_state_dict_leaves_out(tmp_path, monkeypatch):
+    """An SD3 transformer without pos_embed_max_size computes pos_embed as a non-persistent buffer:
+    not in the state dict rank 0 broadcasts, so to_empty would leave it uninitialised. One gloo
+    rank, in-process: the three nets built on meta, sharded and loaded keep the constructor's."""
+    import torch.distributed as dist
+    from types import SimpleNamespace
+    from diffusers import SD3Transformer2DModel
+
+    whole = SD3Transformer2DModel(**dict(distar.TINY_SD3["transformer"], pos_embed_max_size=None))
+    assert "pos_embed.pos_embed" not in whole.state_dict() and whole.pos_embed.pos_embed.abs().sum() > 0
+    whole.save_pretrained(tmp_path / "transformer")
+    monkeypatch.setenv("RANK", "0")  # --fsdp wants torchrun's ranks
+    cfg = distar.parse_args(["--tiny", "--fsdp", "--model=sd3", f"--pretrained={tmp_path}", "--generator_init="])
+    nets = {role: distar.load_unet(cfg, role, torch.float32, "meta") for role in ("generator", "assistant", "s_ref")}
+    assert all(p.is_meta for n in nets.values() for p in n.parameters())
+    cpu = torch.device("cpu")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        distar.shard_nets(SimpleNamespace(cfg=cfg, device=cpu, **nets), (0, 1, cpu))
+        for net in nets.values():
+            assert torch.equal(net.pos_embed.pos_embed, whole.pos_embed.pos_embed)
+            assert all(torch.equal(v.full_tensor(), whole.state_dict()[k]) for k, v in net.state_dict().items())
+    finally:
+        dist.destroy_process_group()
+
+
 # FSDP on gloo costs ~1 s a step and ~2 s a checkpoint: 2 steps (one assistant update each), a
 # checkpoint after each: the SIGKILL comes after the first, the resumed run does the second
 FSDP_LORA_ARGS = ["--tiny", "--max_steps=2", "--ckpt_interval=1", "--sample_interval=100",
@@ -1661,7 +1777,7 @@ def test_fsdp_bf16_gathers_bf16_weights_and_gives_autocasts_gradients_to_bf16_ro
     cpu = torch.device("cpu")
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
     try:
-        parts = distar.load_parts(cfg, cpu, torch.bfloat16)
+        parts = distar.load_parts(replace(cfg, fsdp=False), cpu, torch.bfloat16)  # whole, for both
         grads, seen = {}, {}
         for name in ("autocast", "fsdp"):
             torch.manual_seed(1)  # the same LoRA init in both worlds, whatever ran before
