@@ -1321,17 +1321,14 @@ def save_checkpoint(cfg, step, world, opt_g, opt_psi, dist_info):
                 shutil.rmtree(gone)
 
 def load_checkpoint(cfg, world, opt_g, opt_psi, dist_info):
-    """Restore the newest complete checkpoint in out_dir that loads (one whose weights do not,
-    truncated by a crash, is said and the one before it tried); returns the step to go on from."""
-    rank, world_size, device = dist_info
+    """Restore the newest complete checkpoint in out_dir (there is one: resolve_resume) that loads
+    (one whose weights do not, truncated by a crash, is said and the one before it tried); returns
+    the step to go on from."""
+    world_size = dist_info[1]
     chosen = [list_checkpoints(cfg.out_dir)]
     if world_size > 1:  # rank 0's list, so that every rank continues the same checkpoint
         dist.broadcast_object_list(chosen, 0)
     paths = chosen[0]
-    if not paths:
-        if rank == 0:
-            print(f"resume: no complete checkpoint in {cfg.out_dir}; starting at step 0")
-        return 0
     for i in reversed(range(len(paths))):
         try:
             with all_ok(dist_info):  # all ranks go on from one checkpoint, or all go back one
@@ -1433,10 +1430,6 @@ def check_resume(cfg, rank):
         return
     with open(os.path.join(ckpts[-1], "state.json")) as f:
         saved = {**asdict(Config()), **json.load(f)["config"]}  # a key added since: its default
-    if saved.get("zero"):  # ZeroRedundancyOptimizer's per-rank files, which --fsdp replaced
-        raise LoadError(f"--resume: {ckpts[-1]} holds --zero AdamW shards, which distar no "
-                        "longer reads: start another --out_dir (its generator/ serves as "
-                        "--generator_init)")
     now = asdict(cfg)
     lora = saved["lora_rank"] and now["lora_rank"]  # an adapter's shape, if both have one
     differ = [k for k in MODE_KEYS
