@@ -771,9 +771,8 @@ def main(argv):
 
 @contextlib.contextmanager
 def exits():
-    """main's block, its errors turned into one line and an exit code (run.code): bad input 2,
-    a failed run 1 (every rank stops on these: all_ok), Ctrl-C 130; at the end the ranks leave
-    together."""
+    """main's block, its errors turned into one line and run.code (main's docstring lists the
+    codes); at the end the ranks leave together."""
     first_on_node = int(os.environ.get("LOCAL_RANK", 0)) == 0  # one error line in each node's log
     run = argparse.Namespace(cfg=None, code=0, rank=int(os.environ.get("RANK", 0)))
     try:
@@ -1699,15 +1698,14 @@ def load_generator(path, pretrained, variant=None, dtype=torch.float32, flag="ge
     if not path:
         return load("pretrained", pretrained, unet, pretrained, sub)
     if path.endswith(STATE_DICTS):
-        return load(flag, path, unet_from_state_dict, path, pretrained, model, meta).to(dtype)
+        return load(flag, path, unet_from_state_dict, path, pretrained, cls, sub, meta).to(dtype)
     sub = sub if os.path.isdir(os.path.join(path, sub)) else None  # a pipeline folder
     return load(flag, path, unet, path, sub)
 
-def unet_from_state_dict(path, pretrained, model="sdxl", meta=False):
-    """A UNet (--model=sd3: transformer) from a .bin/.pt/.pth/.safetensors file, local or on the hub
-    as owner/repo/path/in/repo (DMD2's tianweiy/DMD2/dmd2_sdxl_1step_unet_fp16.bin); its config:
-    the config.json beside it if any (a release's unet/ folder), else `pretrained`'s unet/'s."""
-    import diffusers
+def unet_from_state_dict(path, pretrained, cls, sub, meta=False):
+    """A UNet (cls, --model=sd3's transformer) from a .bin/.pt/.pth/.safetensors file, local or on
+    the hub as owner/repo/path/in/repo (DMD2's tianweiy/DMD2/dmd2_sdxl_1step_unet_fp16.bin); its
+    config: the config.json beside it if any (a release's unet/ folder), else `pretrained`'s sub's."""
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError
     from safetensors.torch import load_file
@@ -1723,7 +1721,6 @@ def unet_from_state_dict(path, pretrained, model="sdxl", meta=False):
             config = hf_hub_download(repo, "/".join(parts[2:-1] + ["config.json"]))
         except EntryNotFoundError:  # none beside it (or offline and not cached)
             config = ""
-    cls, sub = getattr(diffusers, NETS[model][0]), NETS[model][1]
     config = (cls.load_config(config) if os.path.isfile(config)
               else load("pretrained", pretrained, cls.load_config, pretrained, subfolder=sub))
     unet = meta_net(cls, config)  # no random init of weights about to go
