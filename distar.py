@@ -1705,7 +1705,7 @@ def load_generator(path, pretrained, variant=None, dtype=torch.float32, flag="ge
 def unet_from_state_dict(path, pretrained, cls, sub, meta=False):
     """A UNet (cls, --model=sd3's transformer) from a .bin/.pt/.pth/.safetensors file, local or on
     the hub as owner/repo/path/in/repo (DMD2's tianweiy/DMD2/dmd2_sdxl_1step_unet_fp16.bin); its
-    config: the config.json beside it if any (a release's unet/ folder), else `pretrained`'s sub's."""
+    config: the config.json beside it if any (a release's unet/ folder), else pretrained's sub's."""
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError
     from safetensors.torch import load_file
