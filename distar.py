@@ -1343,6 +1343,7 @@ def load_checkpoint(cfg, world, opt_g, opt_psi, dist_info):
             err = LoadError(f"--resume: {paths[0]} does not load ({first_line(e)})")
             err.first_to_fail = e.first_to_fail
             raise err from None
+    return 0  # none left: deleted since resolve_resume looked, so start at step 0
 
 def restore_checkpoint(cfg, world, opt_g, opt_psi, dist_info, path):
     rank, world_size, device = dist_info
