@@ -135,7 +135,7 @@ class Config:
 # each world's problem size replaces the defaults; flags on the command line still win
 TOY_DEFAULTS = dict(batch_size=256, max_steps=500, lr_g=1e-3, lr_psi=3e-3, assistant_steps=4,
                     weight_decay=0.0, log_interval=100, ckpt_interval=1000, out_dir="out_toy")
-ABLATION_DEFAULTS = dict(max_steps=500)  # twelve toy runs in under 2 minutes on 2 CPU cores
+ABLATION_DEFAULTS = dict(max_steps=500)  # twelve toy runs in under a minute on 2 CPU cores
 TINY_DEFAULTS = dict(resolution=64, max_steps=4, lr_g=1e-4, lr_psi=1e-4, assistant_steps=2,
                      precision="fp32", grad_checkpointing=False, log_interval=1, ckpt_interval=2,
                      sample_interval=2, out_dir="out_tiny")

@@ -1878,9 +1878,9 @@ def _class_energy_ratios(path):
 @pytest.mark.parametrize("model", ["sdxl", "sd3"])
 def test_toy_without_reward_or_cfg_converges_to_the_reference(tmp_path, model):
     # 500 steps, the toy's: past ~400 the ratio sits at its noise floor (constant lr). The
-    # largest of the 3 classes' ratios, train() seeded 0-11 alone: 0.007-0.022; this command line
-    # (seed 0): 0.008. Under the flow process (sd3, exact flow references), seeds 0-5: 0.009-0.018,
-    # this command line 0.015. Spikes (a 3-layer net's seed 6: 0.037 at 600 steps) come at any step
+    # largest of the 3 classes' ratios, train() seeded 0-11 alone: 0.005-0.019; this command line
+    # (seed 0): 0.007. Under the flow process (sd3, exact flow references), seeds 0-5: 0.009-0.021,
+    # this command line 0.009. Spikes (a 3-layer net's seed 6: 0.037 at 600 steps) come at any step
     p = run_here("--toy", f"--model={model}", "--alpha_rew=0", "--alpha_cfg=0", "--max_steps=500",
                  f"--out_dir={tmp_path}")
     assert p.returncode == 0, p.stderr[-2000:]
