@@ -242,8 +242,7 @@ class ToyNet(nn.Module):
         self.use_t = use_t
         self.emb = nn.Embedding(n_classes, 16)
         d_in = 2 + 16 + (16 if use_t else 0)
-        # two hidden layers of 64: 128 units or a third layer cost 1.4x the time each and fit no
-        # better in 500 steps
+        # two hidden layers of 64: 128 units or a third layer cost 1.4x the time, fit no better
         self.net = nn.Sequential(nn.Linear(d_in, width), nn.SiLU(), nn.Linear(width, width),
                                  nn.SiLU(), nn.Linear(width, 2))
 
