@@ -1221,7 +1221,7 @@ def parse_args(argv):
 # checkpoints, written whole or not at all. {out_dir}/checkpoint-{step:06d}/ holds generator/ and
 # assistant/ (diffusers UNet folders; with --lora_rank the adapters, see save_lora; the toy's nets
 # as model.safetensors), state.pt (optimizer and RNG states; under --fsdp RNG states only, the
-# AdamW states in optimizer/, each rank's shards, save_sharded_optimizers) and state.json (step,
+# AdamW states in optimizer/, each rank's shards, sharded_optimizers) and state.json (step,
 # config), written last. Rank 0 writes into a hidden folder and renames it into place, so a crash
 # never leaves a checkpoint that looks complete nor harms an earlier one.
 
@@ -1295,7 +1295,7 @@ def save_checkpoint(cfg, step, world, opt_g, opt_psi, dist_info):
     # --fsdp: every rank writes its own AdamW shards (DCP: a collective, so outside all_ok; it
     # reports one rank's failure on every rank), and takes part in gathering the weights
     if sharded:
-        save_sharded_optimizers(opts, os.path.join(tmp, "optimizer"))
+        sharded_optimizers(opts, os.path.join(tmp, "optimizer"))
     gathered = {k: gather_state_dict(net) if sharded else None for k, net in nets.items()}
     with all_ok(dist_info):  # every file is written
         if rank == 0:
@@ -1372,7 +1372,7 @@ def restore_checkpoint(cfg, world, opt_g, opt_psi, dist_info, path):
         for k, net in nets.items():
             load_state_dict(net, full.pop(k, {}), strict=not getattr(net, "peft_config", None),
                             from_rank0=True)
-        load_sharded_optimizers(opts, os.path.join(path, "optimizer"))  # resharded if need be
+        sharded_optimizers(opts, os.path.join(path, "optimizer"), load=True)  # resharded if need be
     for name, (_, opt) in opts.items():
         if name in state:
             opt.load_state_dict(state[name])
@@ -2049,27 +2049,21 @@ def load_state_dict(net, sd, strict=True, from_rank0=False):
     return set_model_state_dict(net, sd, options=StateDictOptions(
         full_state_dict=True, strict=strict, broadcast_from_rank0=from_rank0))
 
-def save_sharded_optimizers(opts, path):
-    """--fsdp: the AdamW states, each rank writing its own shards (torch.distributed.checkpoint);
-    nothing is gathered: one SDXL UNet's whole AdamW state is ~19 GiB. opts: {name: (net, opt)}."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-
-    # its plans and the wait for the slowest rank's write go through the hour-long gloo group:
-    # tens of GB on a shared filesystem may take longer than training's 10-minute collectives
-    dcp.save({k: get_optimizer_state_dict(net, opt) for k, (net, opt) in opts.items()},
-             checkpoint_id=path, process_group=SLOW_GROUP)
-
-def load_sharded_optimizers(opts, path):
-    """save_sharded_optimizers' inverse; DCP reshards, so another number of ranks resumes too."""
+def sharded_optimizers(opts, path, load=False):
+    """--fsdp: the AdamW states saved (load: loaded) with torch.distributed.checkpoint, each rank
+    writing (reading) its own shards; nothing is gathered: one SDXL UNet's whole AdamW state is
+    ~19 GiB. DCP reshards, so another number of ranks resumes too. opts: {name: (net, opt)}."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (get_optimizer_state_dict,
                                                          set_optimizer_state_dict)
 
     state = {k: get_optimizer_state_dict(net, opt) for k, (net, opt) in opts.items()}
-    dcp.load(state, checkpoint_id=path, process_group=SLOW_GROUP)  # in place, into the shards
-    for k, (net, opt) in opts.items():
-        set_optimizer_state_dict(net, opt, state[k])
+    # its plans and the wait for the slowest rank's write go through the hour-long gloo group:
+    # tens of GB on a shared filesystem may take longer than training's 10-minute collectives
+    (dcp.load if load else dcp.save)(state, checkpoint_id=path, process_group=SLOW_GROUP)
+    if load:  # dcp.load filled state in place, shard by shard: now into the optimizers
+        for k, (net, opt) in opts.items():
+            set_optimizer_state_dict(net, opt, state[k])
 
 # -----------------------------------------------------------------------------
 # SDXL-architecture models from configs: tiny (--tiny, the tests) and full size (--dry_run,

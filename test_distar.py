@@ -898,8 +898,8 @@ def test_collectives_time_out_in_minutes_and_the_waits_for_rank_0s_writes_in_an_
     monkeypatch.setattr(dcp_state, "get_optimizer_state_dict", lambda net, opt: {})
     monkeypatch.setattr(dcp_state, "set_optimizer_state_dict", lambda net, opt, sd: None)
     waits.clear()
-    distar.save_sharded_optimizers(dict(opt_g=(None, None)), str(tmp_path / "optimizer"))
-    distar.load_sharded_optimizers(dict(opt_g=(None, None)), str(tmp_path / "optimizer"))
+    distar.sharded_optimizers(dict(opt_g=(None, None)), str(tmp_path / "optimizer"))
+    distar.sharded_optimizers(dict(opt_g=(None, None)), str(tmp_path / "optimizer"), load=True)
     assert waits == ["slow"] * 2
 
 
