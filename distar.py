@@ -1868,8 +1868,7 @@ LORA_TARGETS = dict(attn=_ATTN, attn_ff=_ATTN + _FF, all=_ATTN + _FF + _CONV)  #
 # SD3: diffusers' SD3 LoRA example's eight attention projections (image and text streams, here in
 # both attention modules of SD3.5's dual-attention blocks) and both streams' feed-forward layers;
 # a transformer has no convolutions, so all is attn_ff
-_SD3_ATTN = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
-             "to_add_out")
+_SD3_ATTN = _ATTN + ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 _SD3_FF = ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")
 SD3_LORA_TARGETS = dict(attn=_SD3_ATTN, attn_ff=_SD3_ATTN + _SD3_FF, all=_SD3_ATTN + _SD3_FF)
 LORA_FILE, LORA_BASE = "pytorch_lora_weights.safetensors", "lora_base.json"
